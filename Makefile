@@ -1,0 +1,57 @@
+# Accord — the two Quickstart commands are `make demo` and `make test`; each installs
+# what it needs (.venv, Accord and its dependencies) by itself.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all venv protos check-protos lint typecheck unit integration test demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Generated code comes only from here.
+protos: $(STAMP)
+	$(PY) protos/generate.py
+
+# CI: regenerating must leave no diff.
+check-protos: $(STAMP)
+	@$(PY) protos/generate.py >/dev/null 2>&1
+	@git diff --exit-code --stat -- protos/ || { echo "protos: generated code is stale; run 'make protos' and commit"; exit 1; }
+	@test -z "$$(git status --porcelain --untracked-files=all -- protos/ | grep -v __pycache__)" || { git status --short -- protos/; echo "protos: generated files not committed"; exit 1; }
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+# The whole suite: generated code fresh, lint, types, then every test.
+test: check-protos lint typecheck
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The whole topology on this machine, a workload, a summary.
+demo: $(STAMP)
+	$(VENV)/bin/accord demo
+
+bench: $(STAMP)
+	$(PY) -m bench.run --out bench/results.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

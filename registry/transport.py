@@ -1,0 +1,129 @@
+"""Every gRPC server and channel in Accord is built here, from one set of settings.
+
+Transport security is switched on for every link at once: with a certificate and key,
+servers serve TLS; with a CA as well, they demand client certificates (mTLS) and channels
+present theirs. Plain text is allowed only when no certificate is configured, and then
+only towards loopback addresses (refused otherwise, so a misconfiguration is loud).
+
+Settings come from ``ACCORD_TLS_CERT``, ``ACCORD_TLS_KEY``, ``ACCORD_TLS_CA`` (file paths)
+or are passed explicitly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+#: Limit on any single gRPC message, in both directions (documented in the README).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.enable_retries", 0),
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransportSettings:
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> TransportSettings:
+        def p(name: str) -> Path | None:
+            v = os.environ.get(name)
+            return Path(v) if v else None
+
+        return cls(cert=p("ACCORD_TLS_CERT"), key=p("ACCORD_TLS_KEY"), ca=p("ACCORD_TLS_CA"))
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None and self.key is not None
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.so_reuseport", 0),
+        *extra,
+    ]
+
+
+def make_server(
+    settings: TransportSettings | None = None,
+    *,
+    options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[aio.ServerInterceptor] = (),
+) -> tuple[aio.Server, TransportSettings]:
+    """A grpc.aio server with Accord's limits; bind it with :func:`bind`."""
+    settings = settings or TransportSettings.from_env()
+    server = aio.server(options=server_options(options), interceptors=list(interceptors))
+    return server, settings
+
+
+def bind(server: aio.Server, address: str, settings: TransportSettings) -> int:
+    """Binds the address (port 0 picks a free one) and returns the port."""
+    if settings.tls:
+        assert settings.cert is not None and settings.key is not None
+        creds = grpc.ssl_server_credentials(
+            [(settings.key.read_bytes(), settings.cert.read_bytes())],
+            root_certificates=settings.ca.read_bytes() if settings.ca else None,
+            require_client_auth=settings.ca is not None,
+        )
+        return server.add_secure_port(address, creds)
+    if not is_loopback(address):
+        raise ValueError(
+            f"refusing to serve plain text on non-loopback address {address}: "
+            "set ACCORD_TLS_CERT and ACCORD_TLS_KEY"
+        )
+    return server.add_insecure_port(address)
+
+
+def make_channel(
+    address: str,
+    settings: TransportSettings | None = None,
+    *,
+    options: Sequence[tuple[str, Any]] = (),
+) -> aio.Channel:
+    """A grpc.aio channel to address, secured like every other link."""
+    settings = settings or TransportSettings.from_env()
+    opts = [*_CHANNEL_OPTIONS, *options]
+    if settings.tls or settings.ca is not None:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=settings.ca.read_bytes() if settings.ca else None,
+            private_key=settings.key.read_bytes() if settings.key and settings.ca else None,
+            certificate_chain=settings.cert.read_bytes() if settings.cert and settings.ca else None,
+        )
+        return aio.secure_channel(address, creds, options=opts)
+    if not is_loopback(address):
+        raise ValueError(
+            f"refusing a plain-text channel to non-loopback address {address}: "
+            "set ACCORD_TLS_CA (and a client certificate for mTLS)"
+        )
+    return aio.insecure_channel(address, options=opts)
