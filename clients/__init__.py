@@ -1,0 +1,35 @@
+"""The clients package owns everything that calls Accord from outside: the client SDK
+(async first, a sync wrapper), the ``accord`` command line, the demo, and (later) the
+load generator and the chaos harness. It talks to coordinators only over gRPC."""
+
+from clients._client import AccordClient, Branch, BranchResult, Transaction, TxnResult
+from clients._errors import (
+    AccordClientError,
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    TransactionAborted,
+    UnavailableError,
+)
+from clients._sync import SyncAccordClient
+
+__all__ = [
+    "AccordClient",
+    "AccordClientError",
+    "AlreadyExistsError",
+    "Branch",
+    "BranchResult",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "ResourceExhaustedError",
+    "SyncAccordClient",
+    "Transaction",
+    "TransactionAborted",
+    "TxnResult",
+    "UnavailableError",
+]

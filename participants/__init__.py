@@ -1,0 +1,72 @@
+"""The participant SDK: implement ``accord.v1.Participant`` by writing business logic only.
+
+What it owns: the barrier (exactly-once effects, abort-before-prepare refusal), the
+branch table (prepared branches survive a crash), fencing (lower coordinator epochs
+refused), group commit on SQLite (WAL, ``synchronous=FULL``), the in-doubt resolver
+(presumed abort: ask the coordinator about branches held prepared too long) and the
+gRPC server (health checking and reflection on). What it must not touch: the
+coordinator's state, the registry's internals.
+
+Two ways to write a participant::
+
+    app = ParticipantApp("inventory")
+
+    @app.prepare("reserve")
+    def reserve(conn: sqlite3.Connection, call: BranchCall) -> Vote | None:
+        ...  # check; hold; raise Refuse("out of stock") for a no vote
+
+    class Inventory(Participant):
+        def prepare(self, conn: sqlite3.Connection, call: BranchCall) -> Vote | None: ...
+
+and serve either with ``async with ParticipantServer(app, db=path) as srv`` or
+``await serve(app, db=path, listen="127.0.0.1:7101")``.
+
+The example participants live in subpackages (``participants.bank``).
+"""
+
+from participants._app import (
+    Participant,
+    ParticipantApp,
+    PhaseHandler,
+    PrepareHandler,
+    SetupHandler,
+)
+from participants._barrier import BranchRecord, BranchState
+from participants._resolver import InDoubtResolver
+from participants._server import (
+    PARTICIPANT_SERVICE_NAME,
+    ParticipantServer,
+    ServiceInstaller,
+    serve,
+)
+from participants._service import ParticipantService
+from participants._servicer import ParticipantServicer
+from participants._store import Store, StoreError, StoreStats
+from participants._types import BranchCall, NotYet, Op, Refuse, Result, Status, Vote
+
+__all__ = [
+    "PARTICIPANT_SERVICE_NAME",
+    "BranchCall",
+    "BranchRecord",
+    "BranchState",
+    "InDoubtResolver",
+    "NotYet",
+    "Op",
+    "Participant",
+    "ParticipantApp",
+    "ParticipantServer",
+    "ParticipantService",
+    "ParticipantServicer",
+    "PhaseHandler",
+    "PrepareHandler",
+    "Refuse",
+    "Result",
+    "ServiceInstaller",
+    "SetupHandler",
+    "Status",
+    "Store",
+    "StoreError",
+    "StoreStats",
+    "Vote",
+    "serve",
+]

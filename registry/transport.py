@@ -96,13 +96,13 @@ def bind(server: aio.Server, address: str, settings: TransportSettings) -> int:
             root_certificates=settings.ca.read_bytes() if settings.ca else None,
             require_client_auth=settings.ca is not None,
         )
-        return server.add_secure_port(address, creds)
+        return int(server.add_secure_port(address, creds))
     if not is_loopback(address):
         raise ValueError(
             f"refusing to serve plain text on non-loopback address {address}: "
             "set ACCORD_TLS_CERT and ACCORD_TLS_KEY"
         )
-    return server.add_insecure_port(address)
+    return int(server.add_insecure_port(address))
 
 
 def make_channel(

@@ -1,0 +1,201 @@
+"""The bare grpc.aio baseline of a two-branch 2PC: the same processes and call pattern as
+Accord, and no logic at all (no WAL, no database, no state, no retries).
+
+    python -m bench.baseline participant --listen 127.0.0.1:0
+    python -m bench.baseline coordinator --listen 127.0.0.1:0 \\
+        --service bank-a=HOST:PORT --service bank-b=HOST:PORT
+
+The "coordinator" serves ``accord.v1.Coordinator/Execute``: per request it sends Prepare
+to every branch's participant in parallel, then Commit to all of them in parallel (one
+channel per participant, reused), and answers with a ``TransactionResponse`` shaped like
+Accord's (gid, state, one status per branch). The "participants" serve
+``accord.v1.Participant`` Prepare/Commit and answer an empty ``BranchResponse`` at once.
+The real accord.v1 messages are used everywhere, so serialisation costs the same as in
+Accord. Like Accord's processes, each runs on uvloop, is built through
+:mod:`registry.transport`, prints ``listening on HOST:PORT`` once it serves and stops on
+SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+from grpc import aio
+
+import accord.v1 as pb
+from bench._loop import run_uvloop
+from registry.transport import TransportSettings, bind, make_channel, make_server
+
+#: Participant call timeout, as Accord's coordinator sets one on every call.
+CALL_TIMEOUT_S = 5.0
+
+
+async def _unimplemented(self: object, request: object, context: Any) -> Any:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the baseline")
+
+
+async def _unimplemented_stream(self: object, request: object, context: Any) -> AsyncIterator[Any]:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the baseline")
+    yield None  # pragma: no cover - makes this an async generator
+
+
+class BareParticipant(pb.ParticipantServicer):
+    """Votes yes and commits without looking at the request."""
+
+    Execute = Compensate = _unimplemented
+
+    async def Prepare(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
+        return pb.BranchResponse()
+
+    async def Commit(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
+        return pb.BranchResponse()
+
+    async def Abort(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
+        return pb.BranchResponse()
+
+
+class BareCoordinator(pb.CoordinatorServicer):
+    """Execute = Prepare on every branch in parallel, then Commit on every branch in
+    parallel. Nothing is validated, logged or remembered."""
+
+    Begin = Enlist = Commit = Abort = GetTransaction = ListTransactions = _unimplemented
+    QueryOutcome = _unimplemented
+    WatchTransaction = _unimplemented_stream
+
+    def __init__(self, services: dict[str, str], advertise: str) -> None:
+        self._channels: list[aio.Channel] = []
+        self._stubs: dict[str, Any] = {}
+        for name, address in services.items():
+            channel = make_channel(address)
+            self._channels.append(channel)
+            self._stubs[name] = self._stubs[address] = pb.ParticipantStub(channel)
+        self._advertise = advertise
+        self._seq = itertools.count(1)
+        self._prefix = f"{os.getpid():x}"
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+    async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.TransactionResponse:
+        seq = next(self._seq)
+        gid = f"{self._prefix}-{seq:08x}"
+        now_ms = int(time.time() * 1000)
+        calls: list[tuple[Any, pb.BranchRequest]] = []
+        for i, branch in enumerate(request.branches, 1):
+            stub = self._stubs[branch.service or branch.address]
+            calls.append(
+                (
+                    stub,
+                    pb.BranchRequest(
+                        gid=gid,
+                        branch_id=branch.branch_id or f"b{i}",
+                        operation=branch.operation,
+                        payload=branch.payload,
+                        shard="0",
+                        epoch=1,
+                        coordinator_address=self._advertise,
+                    ),
+                )
+            )
+        await asyncio.gather(*(s.Prepare(r, timeout=CALL_TIMEOUT_S) for s, r in calls))
+        await asyncio.gather(*(s.Commit(r, timeout=CALL_TIMEOUT_S) for s, r in calls))
+        return pb.TransactionResponse(
+            transaction=pb.Transaction(
+                gid=gid,
+                protocol=pb.PROTOCOL_TWO_PHASE_COMMIT,
+                state=pb.TXN_STATE_COMMITTED,
+                branches=[
+                    pb.BranchStatus(
+                        branch=branch,
+                        state=pb.BRANCH_STATE_COMMITTED,
+                        attempts=2,
+                        resolved_address=branch.address or branch.service,
+                    )
+                    for branch in request.branches
+                ],
+                idempotency_key=request.idempotency_key,
+                created_unix_ms=now_ms,
+                deadline_unix_ms=now_ms + 30_000,
+                lsn=seq,
+            )
+        )
+
+
+def parse_services(specs: Sequence[str]) -> dict[str, str]:
+    """``NAME=HOST:PORT`` items as a dict."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, address = spec.partition("=")
+        if not sep or not name or not address:
+            raise ValueError(f"--service wants NAME=HOST:PORT, got {spec!r}")
+        out[name] = address
+    return out
+
+
+async def serve(role: str, listen: str, services: dict[str, str]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    settings = TransportSettings.from_env()
+    server, settings = make_server(settings)
+    port = bind(server, listen, settings)
+    if not port:
+        raise OSError(f"cannot listen on {listen}")
+    host = listen.rsplit(":", 1)[0]
+    coordinator: BareCoordinator | None = None
+    if role == "coordinator":
+        coordinator = BareCoordinator(services, f"{host}:{port}")
+        pb.add_CoordinatorServicer_to_server(coordinator, server)
+    else:
+        pb.add_ParticipantServicer_to_server(BareParticipant(), server)
+    await server.start()
+    print(f"listening on {host}:{port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(1.0)
+        if coordinator is not None:
+            await coordinator.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.baseline",
+        description="Bare grpc.aio 2PC call pattern (the benchmark baseline).",
+    )
+    parser.add_argument("role", choices=["coordinator", "participant"])
+    parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any free)")
+    parser.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="coordinator only: a participant (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        services = parse_services(args.service)
+        if args.role == "coordinator" and not services:
+            raise ValueError("the coordinator needs at least one --service")
+        run_uvloop(serve(args.role, args.listen, services))
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"baseline {args.role}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

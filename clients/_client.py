@@ -1,0 +1,276 @@
+"""The client SDK: run a 2PC from another service in a few lines.
+
+    async with AccordClient("127.0.0.1:7070") as accord:
+        result = await accord.execute([
+            Branch(service="bank-a", operation="debit", payload={"account": "a-1", "amount": 5}),
+            Branch(service="bank-b", operation="credit", payload={"account": "b-1", "amount": 5}),
+        ], idempotency_key="order-42")
+        assert result.committed
+
+Protobuf stays at the edge: results are plain frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+from grpc import aio
+
+import accord.v1 as pb
+from clients._errors import AccordClientError, TransactionAborted, from_rpc_error
+from registry.transport import TransportSettings, make_channel
+
+T = TypeVar("T")
+
+_STATE_NAMES = {v: k.removeprefix("TXN_STATE_") for k, v in pb.TxnState.items()}
+_BRANCH_STATE_NAMES = {v: k.removeprefix("BRANCH_STATE_") for k, v in pb.BranchState.items()}
+FINAL_STATES = frozenset({"COMMITTED", "ABORTED"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Branch:
+    """One branch: an operation on a participant service (by registry name) or address."""
+
+    operation: str
+    service: str = ""
+    address: str = ""
+    payload: bytes | dict[str, Any] | list[Any] = b""
+    branch_id: str = ""
+
+    def to_pb(self) -> pb.Branch:
+        payload = self.payload
+        if not isinstance(payload, bytes):
+            payload = json.dumps(payload, separators=(",", ":")).encode()
+        return pb.Branch(
+            service=self.service,
+            address=self.address,
+            operation=self.operation,
+            payload=payload,
+            branch_id=self.branch_id,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BranchResult:
+    branch_id: str
+    service: str
+    address: str
+    operation: str
+    state: str
+    attempts: int
+    last_error: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TxnResult:
+    gid: str
+    state: str
+    reason: str = ""
+    lsn: int = 0
+    idempotency_key: str = ""
+    one_phase: bool = False
+    created_unix_ms: int = 0
+    deadline_unix_ms: int = 0
+    branches: tuple[BranchResult, ...] = field(default=())
+
+    @property
+    def committed(self) -> bool:
+        """The commit decision is durable (phase two may still be finishing)."""
+        return self.state in ("COMMITTED", "COMMITTING")
+
+    @property
+    def aborted(self) -> bool:
+        return self.state in ("ABORTED", "ABORTING")
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @classmethod
+    def from_pb(cls, t: pb.Transaction) -> TxnResult:
+        return cls(
+            gid=t.gid,
+            state=_STATE_NAMES.get(t.state, str(t.state)),
+            reason=t.reason,
+            lsn=t.lsn,
+            idempotency_key=t.idempotency_key,
+            one_phase=t.one_phase,
+            created_unix_ms=t.created_unix_ms,
+            deadline_unix_ms=t.deadline_unix_ms,
+            branches=tuple(
+                BranchResult(
+                    branch_id=b.branch.branch_id,
+                    service=b.branch.service,
+                    address=b.resolved_address or b.branch.address,
+                    operation=b.branch.operation,
+                    state=_BRANCH_STATE_NAMES.get(b.state, str(b.state)),
+                    attempts=b.attempts,
+                    last_error=b.last_error,
+                )
+                for b in t.branches
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gid": self.gid,
+            "state": self.state,
+            "reason": self.reason,
+            "lsn": self.lsn,
+            "idempotency_key": self.idempotency_key,
+            "one_phase": self.one_phase,
+            "created_unix_ms": self.created_unix_ms,
+            "deadline_unix_ms": self.deadline_unix_ms,
+            "branches": [b.__dict__ for b in self.branches],
+        }
+
+
+async def _call(work: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await work()
+    except aio.AioRpcError as e:
+        raise from_rpc_error(e) from e
+
+
+class Transaction:
+    """An interactive 2PC transaction: enlist branches, then commit or abort."""
+
+    def __init__(self, client: AccordClient, gid: str) -> None:
+        self.client = client
+        self.gid = gid
+
+    async def enlist(self, branch: Branch) -> str:
+        return await self.client.enlist(self.gid, branch)
+
+    async def commit(self) -> TxnResult:
+        return await self.client.commit(self.gid)
+
+    async def abort(self, reason: str = "") -> TxnResult:
+        return await self.client.abort(self.gid, reason)
+
+
+class _TransactionScope:
+    def __init__(self, client: AccordClient, timeout_ms: int, key: str) -> None:
+        self._client, self._timeout_ms, self._key = client, timeout_ms, key
+        self.tx: Transaction | None = None
+        self.result: TxnResult | None = None
+
+    async def __aenter__(self) -> Transaction:
+        self.tx = await self._client.begin(timeout_ms=self._timeout_ms, idempotency_key=self._key)
+        return self.tx
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self.tx is not None
+        if exc is not None:
+            with contextlib.suppress(AccordClientError):
+                await self.tx.abort(f"client error: {exc_type.__name__ if exc_type else ''}")
+            return
+        self.result = await self.tx.commit()
+        if not self.result.committed:
+            raise TransactionAborted(f"transaction {self.tx.gid} aborted: {self.result.reason}")
+
+
+class AccordClient:
+    """Async client of one coordinator. Use as ``async with`` or call :meth:`close`."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        transport: TransportSettings | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.address = address
+        self._channel = make_channel(address, transport)
+        self._stub = pb.CoordinatorStub(self._channel)
+        self._timeout = timeout_s
+
+    async def __aenter__(self) -> AccordClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def wait_ready(self, timeout_s: float = 10.0) -> None:
+        import asyncio
+
+        async with asyncio.timeout(timeout_s):
+            await self._channel.channel_ready()
+
+    # 2PC, interactive
+    async def begin(self, *, timeout_ms: int = 0, idempotency_key: str = "") -> Transaction:
+        req = pb.BeginRequest(idempotency_key=idempotency_key, timeout_ms=timeout_ms)
+        resp = await _call(lambda: self._stub.Begin(req, timeout=self._timeout))
+        return Transaction(self, resp.gid)
+
+    def transaction(self, *, timeout_ms: int = 0, idempotency_key: str = "") -> _TransactionScope:
+        """``async with client.transaction() as tx: await tx.enlist(...)`` commits on exit
+        (raising :class:`TransactionAborted` if it aborted) and aborts on an exception."""
+        return _TransactionScope(self, timeout_ms, idempotency_key)
+
+    async def enlist(self, gid: str, branch: Branch) -> str:
+        req = pb.EnlistRequest(gid=gid, branch=branch.to_pb())
+        resp = await _call(lambda: self._stub.Enlist(req, timeout=self._timeout))
+        return str(resp.branch_id)
+
+    async def commit(self, gid: str) -> TxnResult:
+        req = pb.CommitRequest(gid=gid)
+        resp = await _call(lambda: self._stub.Commit(req, timeout=self._timeout))
+        return TxnResult.from_pb(resp.transaction)
+
+    async def abort(self, gid: str, reason: str = "") -> TxnResult:
+        req = pb.AbortRequest(gid=gid, reason=reason)
+        resp = await _call(lambda: self._stub.Abort(req, timeout=self._timeout))
+        return TxnResult.from_pb(resp.transaction)
+
+    # 2PC, one shot
+    async def execute(
+        self, branches: Sequence[Branch], *, idempotency_key: str = "", timeout_ms: int = 0
+    ) -> TxnResult:
+        req = pb.ExecuteRequest(
+            idempotency_key=idempotency_key,
+            timeout_ms=timeout_ms,
+            branches=[b.to_pb() for b in branches],
+        )
+        resp = await _call(lambda: self._stub.Execute(req, timeout=self._timeout))
+        return TxnResult.from_pb(resp.transaction)
+
+    # reads
+    async def get(self, gid: str) -> TxnResult:
+        req = pb.GetTransactionRequest(gid=gid)
+        return TxnResult.from_pb(
+            await _call(lambda: self._stub.GetTransaction(req, timeout=self._timeout))
+        )
+
+    async def list(
+        self, *, states: Sequence[str] = (), limit: int = 100, page_token: str = ""
+    ) -> tuple[list[TxnResult], str]:
+        try:
+            codes = [pb.TxnState.Value(f"TXN_STATE_{s.upper()}") for s in states]
+        except ValueError as e:
+            raise ValueError(f"unknown state in {list(states)}: {e}") from None
+        req = pb.ListTransactionsRequest(states=codes, limit=limit, page_token=page_token)
+        resp = await _call(lambda: self._stub.ListTransactions(req, timeout=self._timeout))
+        return [TxnResult.from_pb(t) for t in resp.transactions], resp.next_page_token
+
+    async def watch(self, gid: str) -> AsyncIterator[TxnResult]:
+        """Yields the transaction's state now, then after every change, until final."""
+        stream = self._stub.WatchTransaction(pb.WatchTransactionRequest(gid=gid))
+        try:
+            async for event in stream:
+                yield TxnResult.from_pb(event.transaction)
+        except aio.AioRpcError as e:
+            raise from_rpc_error(e) from e

@@ -1,0 +1,395 @@
+"""The ``accord`` command line: one entry point whose subcommands delegate to the
+packages. Every option can also be set through an ``ACCORD_*`` environment variable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="accord",
+    help="Accord: a distributed transaction coordinator (2PC and sagas) over gRPC.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+participant_app = typer.Typer(help="Run a participant service.", no_args_is_help=True)
+txn_app = typer.Typer(help="Run and inspect transactions on a coordinator.", no_args_is_help=True)
+app.add_typer(participant_app, name="participant")
+app.add_typer(txn_app, name="txn")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Runs a coroutine on uvloop where available (faster gRPC I/O), else asyncio."""
+    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    from clients._logs import configure
+
+    configure(level=level, fmt=fmt)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+LogLevel = Annotated[str, typer.Option(envvar="ACCORD_LOG_LEVEL", help="debug|info|warning|error")]
+LogFormat = Annotated[str, typer.Option(envvar="ACCORD_LOG_FORMAT", help="text|json")]
+
+
+# ---------------------------------------------------------------- coordinator
+
+
+@app.command()
+def coordinator(
+    listen: Annotated[
+        str, typer.Option(envvar="ACCORD_LISTEN", help="host:port (port 0 picks one)")
+    ] = "127.0.0.1:7070",
+    wal_dir: Annotated[Path, typer.Option(envvar="ACCORD_WAL_DIR", help="WAL directory")] = Path(
+        "accord-wal"
+    ),
+    coordinator_id: Annotated[
+        str, typer.Option("--id", envvar="ACCORD_ID", help="coordinator id")
+    ] = "accord-1",
+    service: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="ACCORD_SERVICES",
+            help="static service map: NAME=HOST:PORT[,HOST:PORT] or @file.json (repeatable)",
+        ),
+    ] = None,
+    default_timeout_ms: Annotated[int, typer.Option(envvar="ACCORD_DEFAULT_TIMEOUT_MS")] = 30_000,
+    max_inflight: Annotated[int, typer.Option(envvar="ACCORD_MAX_INFLIGHT")] = 10_000,
+    max_branches: Annotated[int, typer.Option(envvar="ACCORD_MAX_BRANCHES")] = 64,
+    max_payload_bytes: Annotated[int, typer.Option(envvar="ACCORD_MAX_PAYLOAD_BYTES")] = 256 * 1024,
+    call_timeout_s: Annotated[float, typer.Option(envvar="ACCORD_CALL_TIMEOUT_S")] = 5.0,
+    retry_initial_s: Annotated[float, typer.Option(envvar="ACCORD_RETRY_INITIAL_S")] = 0.02,
+    retry_max_s: Annotated[float, typer.Option(envvar="ACCORD_RETRY_MAX_S")] = 2.0,
+    checkpoint_every: Annotated[int, typer.Option(envvar="ACCORD_CHECKPOINT_EVERY")] = 100_000,
+    segment_bytes: Annotated[int, typer.Option(envvar="ACCORD_SEGMENT_BYTES")] = 64 * 1024 * 1024,
+    log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
+) -> None:
+    """Run a coordinator: replay its WAL, finish what was unfinished, serve."""
+    from coordinator import CoordinatorConfig, Limits, RetryPolicy, ServerSettings, serve
+    from registry import StaticRegistry
+
+    setup_logging(log_level, log_format)
+    try:
+        registry = StaticRegistry.parse(service or [])
+    except (ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    config = CoordinatorConfig(
+        coordinator_id=coordinator_id,
+        default_timeout_ms=default_timeout_ms,
+        call_timeout_s=call_timeout_s,
+        retry=RetryPolicy(initial_s=retry_initial_s, max_s=retry_max_s),
+        limits=Limits(
+            max_inflight=max_inflight,
+            max_branches=max_branches,
+            max_payload_bytes=max_payload_bytes,
+        ),
+        checkpoint_every=checkpoint_every,
+        segment_size=segment_bytes,
+    )
+    settings = ServerSettings(listen=listen, wal_dir=wal_dir, config=config)
+    try:
+        run_async(serve(settings, registry=registry))
+    except Exception as e:  # one line, non-zero: the log has the details
+        logging.getLogger("accord").exception("coordinator failed")
+        raise fail(f"coordinator: {e}") from None
+
+
+# ---------------------------------------------------------------- participants
+
+
+@participant_app.command("bank")
+def participant_bank(
+    listen: Annotated[str, typer.Option(envvar="ACCORD_LISTEN")] = "127.0.0.1:7101",
+    db: Annotated[Path, typer.Option(envvar="ACCORD_DB", help="SQLite file")] = Path("bank.db"),
+    service: Annotated[str, typer.Option(envvar="ACCORD_SERVICE", help="service name")] = "bank",
+    accounts: Annotated[
+        int, typer.Option(envvar="ACCORD_ACCOUNTS", help="accounts to create if missing")
+    ] = 0,
+    initial_balance: Annotated[int, typer.Option(envvar="ACCORD_INITIAL_BALANCE")] = 0,
+    in_doubt_after_s: Annotated[
+        float,
+        typer.Option(
+            envvar="ACCORD_IN_DOUBT_AFTER_S",
+            help="ask the coordinator about a branch prepared this long",
+        ),
+    ] = 10.0,
+    log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
+) -> None:
+    """Run the bank participant (accounts in SQLite; debit, credit, balance)."""
+    from participants.bank import serve_bank
+
+    setup_logging(log_level, log_format)
+    try:
+        run_async(
+            serve_bank(
+                listen,
+                db,
+                service=service,
+                accounts=accounts,
+                initial_balance=initial_balance,
+                in_doubt_after_s=in_doubt_after_s,
+            )
+        )
+    except Exception as e:
+        logging.getLogger("accord").exception("participant failed")
+        raise fail(f"participant: {e}") from None
+
+
+# ---------------------------------------------------------------- txn
+
+Coordinator = Annotated[
+    str, typer.Option("--coordinator", "-c", envvar="ACCORD_COORDINATOR", help="host:port")
+]
+JsonOut = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def _client_call(address: str, fn: Any) -> Any:
+    from clients import AccordClient, AccordClientError
+
+    async def go() -> Any:
+        async with AccordClient(address) as client:
+            return await fn(client)
+
+    try:
+        return run_async(go())
+    except AccordClientError as e:
+        raise fail(str(e)) from None
+    except ValueError as e:
+        raise fail(str(e)) from None
+
+
+def _print_txn(result: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    table = Table(title=f"transaction {result.gid}", show_header=True)
+    table.add_column("branch")
+    table.add_column("target")
+    table.add_column("operation")
+    table.add_column("state")
+    table.add_column("attempts", justify="right")
+    for b in result.branches:
+        table.add_row(b.branch_id, b.address, b.operation, b.state, str(b.attempts))
+    console.print(
+        f"state: [bold]{result.state}[/bold]"
+        + (f"  reason: {result.reason}" if result.reason else "")
+    )
+    if result.branches:
+        console.print(table)
+
+
+def _branch(spec: str) -> Any:
+    """TARGET/OPERATION[:PAYLOAD]; TARGET is a service name, or HOST:PORT."""
+    from clients import Branch
+
+    target, sep, rest = spec.partition("/")
+    op, _, payload = rest.partition(":")
+    if not sep or not target or not op:
+        raise fail(
+            f"branch {spec!r}: expected SERVICE/OPERATION[:PAYLOAD] or HOST:PORT/OPERATION[:PAYLOAD]"
+        )
+    if ":" in target:
+        return Branch(address=target, operation=op, payload=payload.encode())
+    return Branch(service=target, operation=op, payload=payload.encode())
+
+
+@txn_app.command("begin")
+def txn_begin(
+    coordinator: Coordinator = "127.0.0.1:7070",
+    timeout_ms: int = 0,
+    idempotency_key: str = "",
+    as_json: JsonOut = False,
+) -> None:
+    """Begin an interactive 2PC transaction; prints its gid."""
+    tx = _client_call(
+        coordinator, lambda c: c.begin(timeout_ms=timeout_ms, idempotency_key=idempotency_key)
+    )
+    print(json.dumps({"gid": tx.gid}) if as_json else tx.gid)
+
+
+@txn_app.command("enlist")
+def txn_enlist(
+    gid: str,
+    branch: Annotated[
+        str, typer.Argument(help="SERVICE/OPERATION[:PAYLOAD] or HOST:PORT/OPERATION[:PAYLOAD]")
+    ],
+    coordinator: Coordinator = "127.0.0.1:7070",
+    branch_id: str = "",
+    as_json: JsonOut = False,
+) -> None:
+    """Enlist a branch in an ACTIVE transaction."""
+    from dataclasses import replace
+
+    b = replace(_branch(branch), branch_id=branch_id)
+    bid = _client_call(coordinator, lambda c: c.enlist(gid, b))
+    print(json.dumps({"gid": gid, "branch_id": bid}) if as_json else bid)
+
+
+@txn_app.command("commit")
+def txn_commit(
+    gid: str, coordinator: Coordinator = "127.0.0.1:7070", as_json: JsonOut = False
+) -> None:
+    """Commit: prepare every branch, decide, commit. Exit 1 if it aborted."""
+    result = _client_call(coordinator, lambda c: c.commit(gid))
+    _print_txn(result, as_json)
+    if not result.committed:
+        raise typer.Exit(1)
+
+
+@txn_app.command("abort")
+def txn_abort(
+    gid: str,
+    coordinator: Coordinator = "127.0.0.1:7070",
+    reason: str = "",
+    as_json: JsonOut = False,
+) -> None:
+    """Abort a transaction that is not decided yet."""
+    _print_txn(_client_call(coordinator, lambda c: c.abort(gid, reason)), as_json)
+
+
+@txn_app.command("execute")
+def txn_execute(
+    branches: Annotated[list[str], typer.Argument(help="SERVICE/OPERATION[:PAYLOAD] ...")],
+    coordinator: Coordinator = "127.0.0.1:7070",
+    idempotency_key: str = "",
+    timeout_ms: int = 0,
+    as_json: JsonOut = False,
+) -> None:
+    """Begin + enlist + commit in one call. Exit 1 if it aborted."""
+    bs = [_branch(b) for b in branches]
+    result = _client_call(
+        coordinator, lambda c: c.execute(bs, idempotency_key=idempotency_key, timeout_ms=timeout_ms)
+    )
+    _print_txn(result, as_json)
+    if not result.committed:
+        raise typer.Exit(1)
+
+
+@txn_app.command("get")
+def txn_get(
+    gid: str, coordinator: Coordinator = "127.0.0.1:7070", as_json: JsonOut = False
+) -> None:
+    """Show one transaction."""
+    _print_txn(_client_call(coordinator, lambda c: c.get(gid)), as_json)
+
+
+@txn_app.command("list")
+def txn_list(
+    coordinator: Coordinator = "127.0.0.1:7070",
+    state: Annotated[list[str] | None, typer.Option(help="only these states (repeatable)")] = None,
+    limit: int = 100,
+    page_token: str = "",
+    as_json: JsonOut = False,
+) -> None:
+    """List transactions, oldest first."""
+    txns, token = _client_call(
+        coordinator, lambda c: c.list(states=state or [], limit=limit, page_token=page_token)
+    )
+    if as_json:
+        print(json.dumps({"transactions": [t.to_dict() for t in txns], "next_page_token": token}))
+        return
+    table = Table(show_header=True)
+    for col in ("gid", "state", "branches", "reason"):
+        table.add_column(col)
+    for t in txns:
+        table.add_row(t.gid, t.state, str(len(t.branches)), t.reason)
+    console.print(table)
+    if token:
+        console.print(f"next page: --page-token {token}")
+
+
+@txn_app.command("watch")
+def txn_watch(
+    gid: str, coordinator: Coordinator = "127.0.0.1:7070", as_json: JsonOut = False
+) -> None:
+    """Stream a transaction's state changes until it ends."""
+
+    async def go(c: Any) -> None:
+        async for t in c.watch(gid):
+            if as_json:
+                print(json.dumps(t.to_dict()), flush=True)
+            else:
+                console.print(
+                    f"lsn {t.lsn:>8}  {t.state}" + (f"  ({t.reason})" if t.reason else "")
+                )
+
+    _client_call(coordinator, go)
+
+
+# ---------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    transfers: Annotated[int, typer.Option(help="number of transfers")] = 400,
+    concurrency: Annotated[int, typer.Option(help="transfers in flight")] = 32,
+    accounts: Annotated[int, typer.Option(help="accounts per bank")] = 20,
+    initial_balance: int = 1000,
+    seed: int = 7,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="keep data here (default: a temp dir)")
+    ] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """The whole topology on this machine (a coordinator, two bank participants), a
+    workload of concurrent transfers, and a summary."""
+    from clients._demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        transfers=transfers,
+        concurrency=concurrency,
+        accounts=accounts,
+        initial_balance=initial_balance,
+        seed=seed,
+        data_dir=data_dir,
+    )
+    try:
+        summary = run_demo(settings, console=None if as_json else console)
+    except Exception as e:
+        raise fail(f"demo: {e}") from None
+    if as_json:
+        print(json.dumps(summary))
+    if summary["total_before"] != summary["total_after"] or summary["errors"]:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

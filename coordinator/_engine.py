@@ -1,0 +1,719 @@
+"""The transaction engine: one engine for every protocol.
+
+The engine owns persistence (the WAL), timers, retries, idempotency keys, watchers and
+recovery. A protocol module (``_twopc``) only decides which branches get which call next
+and which state comes after. Every state change goes through :meth:`Engine.transition`:
+check the state table, append the record, wait until it is durable, then change memory
+and tell anyone. Recovery rebuilds the transactions from the WAL and hands every
+unfinished one to the same driver that runs live ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
+
+import accord.v1 as pb
+from coordinator import _validate as v
+from coordinator._calls import CallResult, ParticipantCalls, Verdict
+from coordinator._config import CoordinatorConfig
+from coordinator._errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    IllegalTransition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from coordinator._failpoints import Failpoints
+from coordinator._model import BranchRt, Txn
+from coordinator._records import RT_ABORT, RT_BEGIN, RT_COMMIT, RT_END, RT_PREPARE, RecordType
+from coordinator._states import BranchState, TxnState, allowed
+
+log = logging.getLogger("accord.coordinator.engine")
+
+
+class WalLike(Protocol):
+    """What the engine needs of the WAL (``coordinator.wal.WAL`` in production)."""
+
+    @property
+    def last_lsn(self) -> int: ...
+
+    def submit(
+        self, rtype: int, payload: bytes, *, sync: bool
+    ) -> tuple[int, asyncio.Future[None]]: ...
+
+    async def checkpoint(self, image: bytes, lsn: int) -> None: ...
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int: ...
+
+
+class SystemClock:
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+
+class Caller(Protocol):
+    """What the engine needs to reach participants (``ParticipantCalls``)."""
+
+    def resolve(self, service: str, address: str) -> str: ...
+
+    def known(self, service: str) -> bool: ...
+
+    async def call(
+        self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
+    ) -> CallResult: ...
+
+
+def _digest(*parts: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(len(p).to_bytes(4, "little"))
+        h.update(p)
+    return h.digest()
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        wal: WalLike,
+        calls: Caller | ParticipantCalls,
+        config: CoordinatorConfig | None = None,
+        clock: Clock | None = None,
+        failpoints: Failpoints | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._wal = wal
+        self._calls = calls
+        self.config = config or CoordinatorConfig()
+        self._clock = clock or SystemClock()
+        self._fp = failpoints or Failpoints()
+        self._rand = rand
+        self._txns: dict[str, Txn] = {}
+        self._live: set[str] = set()
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._keys: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._records_since_checkpoint = 0
+        self._checkpointing = False
+        self._closed = False
+        # Imported here to keep the mode pluggable without an import cycle.
+        from coordinator._twopc import TwoPhaseCommit
+
+        self._twopc = TwoPhaseCommit(self)
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, gid: str) -> Txn:
+        txn = self._txns.get(gid)
+        if txn is None:
+            raise NotFound(f"unknown transaction {gid!r}")
+        return txn
+
+    @property
+    def inflight(self) -> int:
+        return len(self._live)
+
+    def list(
+        self, states: Sequence[TxnState], limit: int, page_token: str
+    ) -> tuple[list[Txn], str]:
+        wanted = set(states)
+        gids = sorted(g for g in self._txns if g > page_token)
+        out: list[Txn] = []
+        for gid in gids:
+            txn = self._txns[gid]
+            if wanted and txn.state not in wanted:
+                continue
+            out.append(txn)
+            if len(out) == limit:
+                return out, gid
+        return out, ""
+
+    def query_outcome(self, gid: str) -> int:
+        txn = self._txns.get(gid)
+        if txn is None:
+            # Recovery has finished before the server answers anything: a gid we do not
+            # know was never decided to commit (presumed abort).
+            return pb.OUTCOME_ABORTED
+        if txn.state in (TxnState.COMMITTING, TxnState.COMMITTED):
+            return pb.OUTCOME_COMMITTED
+        if txn.state in (TxnState.ABORTING, TxnState.ABORTED):
+            return pb.OUTCOME_ABORTED
+        return pb.OUTCOME_IN_PROGRESS
+
+    async def watch(self, gid: str) -> AsyncIterator[pb.TransactionEvent]:
+        txn = self.get(gid)
+        queue: asyncio.Queue[pb.TransactionEvent | None] = asyncio.Queue(
+            self.config.limits.watch_queue
+        )
+        txn.watchers.append(queue)
+        try:
+            yield self._event(txn)
+            if txn.state.final:
+                return
+            while True:
+                event = await queue.get()
+                if event is None:
+                    return
+                yield event
+                if TxnState(event.state).final:
+                    return
+        finally:
+            if queue in txn.watchers:
+                txn.watchers.remove(queue)
+
+    # ------------------------------------------------------------------ client API
+
+    async def begin(self, *, key: str, timeout_ms: int) -> Txn:
+        v.check_key(key, self.config.limits)
+        timeout_ms = v.check_timeout(timeout_ms, self.config)
+        digest = _digest(b"begin", str(timeout_ms).encode())
+        if key:
+            existing = self._by_key(key, digest)
+            if existing is not None:
+                return existing
+        self._check_capacity()
+        now = self._clock.now_ms()
+        txn = Txn(gid=self._new_gid(now), key=key, digest=digest, created_ms=now)
+        txn.deadline_ms = now + timeout_ms
+        rec = pb.WalBegin(
+            gid=txn.gid,
+            idempotency_key=key,
+            request_digest=digest,
+            created_unix_ms=now,
+            deadline_unix_ms=txn.deadline_ms,
+        )
+        self._admit(txn)
+        txn.rec_begin = rec
+        lsn = await self._append(RT_BEGIN, rec, sync=False)
+        txn.lsn = lsn
+        self._arm_expiry(txn)
+        return txn
+
+    async def enlist(self, gid: str, branch: pb.Branch) -> str:
+        txn = self.get(gid)
+        v.check_branch(branch, self.config.limits)
+        if txn.claimed != TxnState.ACTIVE:
+            raise FailedPrecondition(
+                f"transaction {gid} is {txn.claimed.name}: branches can only be enlisted "
+                "while it is ACTIVE"
+            )
+        self._check_service(branch)
+        new = self._branch_rt(branch, len(txn.branches))
+        old = txn.branch(new.branch_id)
+        if old is not None:
+            if old.same_spec(new):
+                return old.branch_id
+            raise AlreadyExists(
+                f"branch {new.branch_id!r} is already enlisted with another request"
+            )
+        if len(txn.branches) >= self.config.limits.max_branches:
+            raise ResourceExhausted(
+                f"transaction {gid} already has {len(txn.branches)} branches "
+                f"(limit {self.config.limits.max_branches})"
+            )
+        # Nothing is logged yet: no participant has heard of this branch, so a crash
+        # before Commit loses nothing that would need undoing (presumed abort).
+        txn.branches.append(new)
+        return new.branch_id
+
+    async def commit(self, gid: str) -> Txn:
+        txn = self.get(gid)
+        if txn.claimed == TxnState.ACTIVE:
+            # Losing a race with Abort or another Commit is fine: report the outcome.
+            with contextlib.suppress(IllegalTransition):
+                await self._start(txn)
+        return await self._outcome(txn)
+
+    async def abort(self, gid: str, reason: str) -> Txn:
+        txn = self.get(gid)
+        reason = reason or "aborted by the client"
+        if txn.claimed == TxnState.ACTIVE:
+            try:
+                await self.transition(txn, TxnState.ABORTING, reason=reason)
+            except IllegalTransition:
+                pass
+            else:
+                self._spawn_driver(txn)
+        elif txn.claimed == TxnState.PREPARING:
+            txn.reason = txn.reason or reason
+            txn.abort_requested.set()
+        await txn.decided.wait()
+        if txn.state in (TxnState.COMMITTING, TxnState.COMMITTED):
+            raise FailedPrecondition(f"transaction {gid} is already committed")
+        return await self._outcome(txn)
+
+    async def execute(self, *, key: str, timeout_ms: int, branches: Sequence[pb.Branch]) -> Txn:
+        limits = self.config.limits
+        v.check_key(key, limits)
+        timeout_ms = v.check_timeout(timeout_ms, self.config)
+        v.check_branch_count(len(branches), limits)
+        rts: list[BranchRt] = []
+        seen: set[str] = set()
+        for i, b in enumerate(branches):
+            v.check_branch(b, limits, f"branches[{i}]")
+            rt = self._branch_rt(b, i)
+            if rt.branch_id in seen:
+                raise v.InvalidArgument(f"branches[{i}]: duplicate branch_id {rt.branch_id!r}")
+            seen.add(rt.branch_id)
+            rts.append(rt)
+        for b in branches:
+            self._check_service(b)
+        digest = b""
+        if key:
+            digest = _digest(
+                b"execute",
+                str(timeout_ms).encode(),
+                *(b.SerializeToString(deterministic=True) for b in branches),
+            )
+            existing = self._by_key(key, digest)
+            if existing is not None:
+                return await self._outcome(existing)
+        self._check_capacity()
+        now = self._clock.now_ms()
+        txn = Txn(gid=self._new_gid(now), key=key, digest=digest, created_ms=now)
+        txn.deadline_ms = now + timeout_ms
+        txn.branches = rts
+        self._admit(txn)
+        try:
+            await self._start(txn)
+        except BaseException:
+            if txn.claimed == TxnState.ACTIVE:
+                self._forget(txn)
+            raise
+        return await self._outcome(txn)
+
+    # ------------------------------------------------------------------ transitions
+
+    async def transition(
+        self,
+        txn: Txn,
+        new: TxnState,
+        *,
+        reason: str = "",
+        commit_branches: Sequence[str] = (),
+    ) -> int:
+        """Check the table, log the change, wait for durability, then apply it."""
+        old = txn.claimed
+        if not allowed(old, new):
+            raise IllegalTransition(
+                f"transaction {txn.gid}: {old.name} -> {new.name} is not allowed"
+            )
+        rtype, record, sync = self._record_for(txn, new, reason, commit_branches)
+        txn.claimed = new
+        try:
+            lsn = await self._append(rtype, record, sync=sync)
+        except BaseException:
+            txn.claimed = old
+            raise
+        if reason and not txn.reason:
+            txn.reason = reason
+        txn.state = new
+        txn.lsn = lsn
+        if new.decided:
+            txn.decided.set()
+        if new.final:
+            self._finish(txn)
+        if txn.watchers:
+            self._publish(txn)
+        return lsn
+
+    def _record_for(
+        self, txn: Txn, new: TxnState, reason: str, commit_branches: Sequence[str]
+    ) -> tuple[RecordType, _Record, bool]:
+        if new == TxnState.PREPARING:
+            rec_p = pb.WalPrepare(
+                gid=txn.gid,
+                idempotency_key=txn.key,
+                request_digest=txn.digest,
+                created_unix_ms=txn.created_ms,
+                deadline_unix_ms=txn.deadline_ms,
+                branches=[b.spec() for b in txn.branches],
+                resolved_addresses=[b.resolved for b in txn.branches],
+                one_phase=txn.one_phase,
+            )
+            txn.rec_prepare = rec_p
+            # Rides the group commit: written before the first Prepare, not forced.
+            return RT_PREPARE, rec_p, False
+        if new == TxnState.COMMITTING:
+            rec_c = pb.WalCommit(gid=txn.gid, branch_ids=list(commit_branches))
+            txn.rec_commit = rec_c
+            return RT_COMMIT, rec_c, True  # the one forced record: the decision
+        if new == TxnState.ABORTING:
+            rec_a = pb.WalAbort(gid=txn.gid, reason=reason)
+            txn.rec_abort = rec_a
+            return RT_ABORT, rec_a, False  # presumed abort: never forced
+        rec_e = pb.WalEnd(gid=txn.gid, state=int(new), reason=reason or txn.reason)  # type: ignore[arg-type]
+        txn.rec_end = rec_e
+        return RT_END, rec_e, False  # lazy
+
+    async def _append(self, rtype: RecordType, record: _Record, *, sync: bool) -> int:
+        try:
+            lsn, done = self._wal.submit(int(rtype), record.SerializeToString(), sync=sync)
+        except Exception as e:  # WalFatalError and friends: the log cannot take it
+            raise Unavailable(f"cannot make the change durable: {e}") from e
+        self._records_since_checkpoint += 1
+        if self._records_since_checkpoint >= self.config.checkpoint_every:
+            self._maybe_checkpoint()
+        try:
+            await done
+        except Exception as e:
+            raise Unavailable(f"cannot make the change durable: {e}") from e
+        return lsn
+
+    # ------------------------------------------------------------------ driving
+
+    async def _start(self, txn: Txn) -> None:
+        """ACTIVE -> PREPARING: resolve instances, log the branch list, start the driver."""
+        for b in txn.branches:
+            b.resolved = self._calls.resolve(b.service, b.address)
+        txn.one_phase = len(txn.branches) == 1
+        if txn.expiry is not None:
+            txn.expiry.cancel()
+            txn.expiry = None
+        await self.transition(txn, TxnState.PREPARING)
+        self._spawn_driver(txn)
+
+    def _spawn_driver(self, txn: Txn) -> None:
+        if txn.driver is not None and not txn.driver.done():
+            return
+        task = asyncio.get_running_loop().create_task(self._drive(txn), name=f"drive-{txn.gid}")
+        txn.driver = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drive(self, txn: Txn) -> None:
+        try:
+            await self._twopc.run(txn)
+        except Unavailable as e:
+            log.error("gid=%s stopped: %s", txn.gid, e)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("gid=%s driver failed", txn.gid)
+
+    async def _outcome(self, txn: Txn) -> Txn:
+        """Waits for the decision, then (bounded) for phase two to finish."""
+        await txn.decided.wait()
+        if not txn.finished.is_set():
+            try:
+                async with asyncio.timeout(self.config.phase_two_wait_s):
+                    await txn.finished.wait()
+            except TimeoutError:
+                pass  # decided; phase two goes on in the background
+        return txn
+
+    async def call_branch(
+        self,
+        txn: Txn,
+        branch: BranchRt,
+        method: str,
+        *,
+        deadline_ms: int | None,
+        one_phase: bool = False,
+        stop: asyncio.Event | None = None,
+    ) -> CallResult | None:
+        """Calls until the participant gives a final answer (OK or NO). Retryable
+        answers back off with jitter; returns None when the deadline passes or ``stop``
+        is set first."""
+        cfg = self.config
+        request = pb.BranchRequest(
+            gid=txn.gid,
+            branch_id=branch.branch_id,
+            operation=branch.operation,
+            payload=branch.payload,
+            shard=cfg.shard,
+            epoch=cfg.epoch,
+            coordinator_address=cfg.advertise_address,
+            one_phase=one_phase,
+        )
+        attempt = 0
+        while True:
+            attempt += 1
+            branch.attempts += 1
+            timeout = cfg.call_timeout_s
+            if deadline_ms is not None:
+                left = (deadline_ms - self._clock.now_ms()) / 1000
+                if left <= 0:
+                    return None
+                timeout = min(timeout, left)
+            result = await self._calls.call(method, branch.resolved, request, timeout)
+            if result.verdict != Verdict.RETRY:
+                return result
+            branch.last_error = result.detail
+            delay = cfg.retry.delay(attempt, self._rand())
+            if deadline_ms is not None and self._clock.now_ms() + delay * 1000 >= deadline_ms:
+                return None
+            if stop is not None:
+                try:
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
+                    return None
+                except TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(delay)
+
+    # ------------------------------------------------------------------ recovery
+
+    def replay(self, checkpoint: bytes | None, records: Sequence[tuple[int, int, bytes]]) -> None:
+        """Rebuilds every transaction from a checkpoint image and the records after it.
+        Call before serving; then :meth:`resume` drives the unfinished ones."""
+        if checkpoint:
+            image = pb.CheckpointImage.FromString(checkpoint)
+            for entry in image.transactions:
+                lsn = image.lsn
+                if entry.HasField("begin"):
+                    self._apply(RT_BEGIN, entry.begin, lsn)
+                if entry.HasField("prepare"):
+                    self._apply(RT_PREPARE, entry.prepare, lsn)
+                if entry.HasField("commit"):
+                    self._apply(RT_COMMIT, entry.commit, lsn)
+                if entry.HasField("abort"):
+                    self._apply(RT_ABORT, entry.abort, lsn)
+                if entry.HasField("end"):
+                    self._apply(RT_END, entry.end, lsn)
+        for lsn, rtype, payload in records:
+            kind = RecordType(rtype)
+            self._apply(kind, kind.decode(payload), lsn)
+
+    def _apply(self, rtype: RecordType, rec: _Record, lsn: int) -> None:
+        gid: str = rec.gid
+        txn = self._txns.get(gid)
+        if rtype in (RT_BEGIN, RT_PREPARE):
+            assert isinstance(rec, pb.WalBegin | pb.WalPrepare)
+            if txn is None:
+                txn = Txn(gid=gid)
+                self._admit(txn)
+            txn.key = rec.idempotency_key
+            txn.digest = rec.request_digest
+            txn.created_ms = rec.created_unix_ms
+            txn.deadline_ms = rec.deadline_unix_ms
+            if isinstance(rec, pb.WalBegin):
+                txn.rec_begin = rec
+            else:
+                txn.rec_prepare = rec
+                txn.one_phase = rec.one_phase
+                txn.branches = [
+                    BranchRt(
+                        branch_id=b.branch_id,
+                        service=b.service,
+                        address=b.address,
+                        operation=b.operation,
+                        payload=b.payload,
+                        resolved=rec.resolved_addresses[i]
+                        if i < len(rec.resolved_addresses)
+                        else "",
+                    )
+                    for i, b in enumerate(rec.branches)
+                ]
+                self._set(txn, TxnState.PREPARING, lsn)
+            if txn.key:
+                self._keys[txn.key] = gid
+            txn.lsn = lsn
+            return
+        if txn is None:
+            log.warning("WAL record %s at lsn %d for unknown gid %s ignored", rtype.name, lsn, gid)
+            return
+        if isinstance(rec, pb.WalCommit):
+            txn.rec_commit = rec
+            self._set(txn, TxnState.COMMITTING, lsn)
+        elif isinstance(rec, pb.WalAbort):
+            txn.rec_abort = rec
+            txn.reason = txn.reason or rec.reason
+            self._set(txn, TxnState.ABORTING, lsn)
+        elif isinstance(rec, pb.WalEnd):
+            txn.rec_end = rec
+            txn.reason = txn.reason or rec.reason
+            self._set(txn, TxnState(rec.state), lsn)
+            self._finish(txn)
+
+    @staticmethod
+    def _set(txn: Txn, state: TxnState, lsn: int) -> None:
+        txn.state = txn.claimed = state
+        txn.lsn = lsn
+        if state.decided:
+            txn.decided.set()
+        if state == TxnState.COMMITTING and txn.rec_commit is not None:
+            phase_two = set(txn.rec_commit.branch_ids)
+            for b in txn.branches:
+                b.state = (
+                    BranchState.PREPARED if b.branch_id in phase_two else BranchState.READ_ONLY
+                )
+        if state.final:
+            final = BranchState.COMMITTED if state == TxnState.COMMITTED else BranchState.ABORTED
+            for b in txn.branches:
+                if b.state in (BranchState.PENDING, BranchState.PREPARED):
+                    b.state = final
+
+    async def resume(self) -> int:
+        """Drives every unfinished transaction to its end, through the live code path."""
+        unfinished = [self._txns[g] for g in sorted(self._live)]
+        for txn in unfinished:
+            if txn.state == TxnState.ACTIVE:
+                await self.transition(
+                    txn, TxnState.ABORTING, reason="coordinator restarted before Commit"
+                )
+            elif txn.state == TxnState.PREPARING and not txn.one_phase:
+                await self.transition(
+                    txn,
+                    TxnState.ABORTING,
+                    reason="coordinator restarted before a decision (presumed abort)",
+                )
+            self._spawn_driver(txn)
+        if unfinished:
+            log.info("recovery: driving %d unfinished transactions", len(unfinished))
+        return len(unfinished)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _admit(self, txn: Txn) -> None:
+        self._txns[txn.gid] = txn
+        self._live.add(txn.gid)
+        if txn.key:
+            self._keys[txn.key] = txn.gid
+
+    def _forget(self, txn: Txn) -> None:
+        self._txns.pop(txn.gid, None)
+        self._live.discard(txn.gid)
+        if txn.key and self._keys.get(txn.key) == txn.gid:
+            del self._keys[txn.key]
+
+    def _finish(self, txn: Txn) -> None:
+        txn.finished.set()
+        txn.decided.set()
+        if txn.expiry is not None:
+            txn.expiry.cancel()
+            txn.expiry = None
+        self._live.discard(txn.gid)
+        self._finished[txn.gid] = None
+        while len(self._finished) > self.config.retain_finished:
+            old, _ = self._finished.popitem(last=False)
+            gone = self._txns.pop(old, None)
+            if gone is not None and gone.key and self._keys.get(gone.key) == old:
+                del self._keys[gone.key]
+
+    def _by_key(self, key: str, digest: bytes) -> Txn | None:
+        gid = self._keys.get(key)
+        if gid is None:
+            return None
+        txn = self._txns[gid]
+        if txn.digest != digest:
+            raise AlreadyExists(
+                f"idempotency key {key!r} was used for a different request (transaction {gid})"
+            )
+        return txn
+
+    def _check_capacity(self) -> None:
+        if len(self._live) >= self.config.limits.max_inflight:
+            raise ResourceExhausted(
+                f"{len(self._live)} transactions in flight (limit {self.config.limits.max_inflight})"
+            )
+
+    def _check_service(self, branch: pb.Branch) -> None:
+        if not branch.address and not self._calls.known(branch.service):
+            raise Unavailable(f"no live instance of participant service {branch.service!r}")
+
+    @staticmethod
+    def _branch_rt(branch: pb.Branch, index: int) -> BranchRt:
+        return BranchRt(
+            branch_id=branch.branch_id or f"b{index + 1}",
+            service=branch.service,
+            address=branch.address,
+            operation=branch.operation,
+            payload=branch.payload,
+        )
+
+    def _new_gid(self, now_ms: int) -> str:
+        return f"{now_ms:012x}{os.urandom(8).hex()}"
+
+    def _arm_expiry(self, txn: Txn) -> None:
+        delay = max(0.0, (txn.deadline_ms - self._clock.now_ms()) / 1000)
+        txn.expiry = asyncio.get_running_loop().call_later(delay, self._expire, txn)
+
+    def _expire(self, txn: Txn) -> None:
+        txn.expiry = None
+        if txn.claimed != TxnState.ACTIVE:
+            return
+
+        async def expire() -> None:
+            try:
+                await self.transition(
+                    txn, TxnState.ABORTING, reason="deadline passed before Commit"
+                )
+            except IllegalTransition:
+                return
+            self._spawn_driver(txn)
+
+        task = asyncio.get_running_loop().create_task(expire())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _event(self, txn: Txn) -> pb.TransactionEvent:
+        return pb.TransactionEvent(
+            gid=txn.gid,
+            lsn=txn.lsn,
+            state=int(txn.state),  # type: ignore[arg-type]
+            unix_ms=self._clock.now_ms(),
+            transaction=txn.to_pb(),
+        )
+
+    def _publish(self, txn: Txn) -> None:
+        event = self._event(txn)
+        for q in list(txn.watchers):
+            try:
+                q.put_nowait(event)
+            except asyncio.QueueFull:
+                txn.watchers.remove(q)  # a watcher too slow to keep up is dropped
+                while not q.empty():
+                    q.get_nowait()
+                q.put_nowait(None)
+
+    def _maybe_checkpoint(self) -> None:
+        if self._checkpointing or self._closed:
+            return
+        self._checkpointing = True
+        self._records_since_checkpoint = 0
+        # The image must reflect every record up to `lsn`: records are attached to their
+        # transaction when submitted, and nothing awaits between here and the snapshot.
+        lsn = self._wal.last_lsn
+        entries = [self._txns[g].checkpoint_entry() for g in self._live]
+        entries += [self._txns[g].checkpoint_entry() for g in self._finished if self._txns[g].key]
+        image = pb.CheckpointImage(lsn=lsn, transactions=entries).SerializeToString()
+
+        async def run() -> None:
+            try:
+                await self._wal.checkpoint(image, lsn)
+                log.info("checkpoint at lsn %d: %d transactions", lsn, len(entries))
+            except Exception:
+                log.exception("checkpoint at lsn %d failed", lsn)
+            finally:
+                self._checkpointing = False
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for txn in self._txns.values():
+            if txn.expiry is not None:
+                txn.expiry.cancel()
+
+
+_Record = pb.WalBegin | pb.WalPrepare | pb.WalCommit | pb.WalAbort | pb.WalEnd

@@ -1,0 +1,114 @@
+"""In-memory transaction objects: the engine's view of every live and recently finished
+transaction, rebuilt from the WAL on start-up."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import accord.v1 as pb
+from coordinator._states import BranchState, TxnState
+
+
+@dataclass(kw_only=True)
+class BranchRt:
+    branch_id: str
+    service: str
+    address: str
+    operation: str
+    payload: bytes
+    resolved: str = ""
+    state: BranchState = BranchState.PENDING
+    attempts: int = 0
+    last_error: str = ""
+
+    def spec(self) -> pb.Branch:
+        return pb.Branch(
+            service=self.service,
+            address=self.address,
+            operation=self.operation,
+            payload=self.payload,
+            branch_id=self.branch_id,
+        )
+
+    def same_spec(self, other: BranchRt) -> bool:
+        return (self.service, self.address, self.operation, self.payload) == (
+            other.service,
+            other.address,
+            other.operation,
+            other.payload,
+        )
+
+
+@dataclass(kw_only=True, eq=False)
+class Txn:
+    gid: str
+    protocol: int = pb.PROTOCOL_TWO_PHASE_COMMIT
+    key: str = ""
+    digest: bytes = b""
+    created_ms: int = 0
+    deadline_ms: int = 0
+    state: TxnState = TxnState.ACTIVE
+    #: The state a transition in flight is making durable (== state when none is).
+    claimed: TxnState = TxnState.ACTIVE
+    branches: list[BranchRt] = field(default_factory=list)
+    reason: str = ""
+    lsn: int = 0
+    one_phase: bool = False
+    #: The records that rebuild this transaction (for checkpoints).
+    rec_begin: pb.WalBegin | None = None
+    rec_prepare: pb.WalPrepare | None = None
+    rec_commit: pb.WalCommit | None = None
+    rec_abort: pb.WalAbort | None = None
+    rec_end: pb.WalEnd | None = None
+    #: Set once the transaction reaches a final state.
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set when the outcome is decided (COMMITTING/ABORTING or final).
+    decided: asyncio.Event = field(default_factory=asyncio.Event)
+    abort_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    watchers: list[asyncio.Queue[pb.TransactionEvent | None]] = field(default_factory=list)
+    driver: asyncio.Task[None] | None = None
+    expiry: asyncio.TimerHandle | None = None
+
+    def branch(self, branch_id: str) -> BranchRt | None:
+        for b in self.branches:
+            if b.branch_id == branch_id:
+                return b
+        return None
+
+    def to_pb(self) -> pb.Transaction:
+        return pb.Transaction(
+            gid=self.gid,
+            protocol=self.protocol,  # type: ignore[arg-type]
+            state=int(self.state),  # type: ignore[arg-type]
+            branches=[
+                pb.BranchStatus(
+                    branch=b.spec(),
+                    state=int(b.state),  # type: ignore[arg-type]
+                    attempts=b.attempts,
+                    last_error=b.last_error,
+                    resolved_address=b.resolved,
+                )
+                for b in self.branches
+            ],
+            idempotency_key=self.key,
+            created_unix_ms=self.created_ms,
+            deadline_unix_ms=self.deadline_ms,
+            reason=self.reason,
+            lsn=self.lsn,
+            one_phase=self.one_phase,
+        )
+
+    def checkpoint_entry(self) -> pb.CheckpointTxn:
+        entry = pb.CheckpointTxn()
+        if self.rec_begin is not None:
+            entry.begin.CopyFrom(self.rec_begin)
+        if self.rec_prepare is not None:
+            entry.prepare.CopyFrom(self.rec_prepare)
+        if self.rec_commit is not None:
+            entry.commit.CopyFrom(self.rec_commit)
+        if self.rec_abort is not None:
+            entry.abort.CopyFrom(self.rec_abort)
+        if self.rec_end is not None:
+            entry.end.CopyFrom(self.rec_end)
+        return entry

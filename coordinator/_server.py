@@ -1,0 +1,318 @@
+"""The coordinator's gRPC transport: handlers only translate between protobuf and the
+engine, and one table maps domain errors to status codes. Also the server's lifecycle:
+open the WAL, replay it, serve, resume unfinished transactions, stop gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import accord.v1 as pb
+from coordinator._calls import ParticipantCalls
+from coordinator._config import CoordinatorConfig
+from coordinator._engine import Engine
+from coordinator._errors import (
+    AccordError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from coordinator._failpoints import Failpoints
+from coordinator._states import TxnState
+from coordinator.wal import WAL
+from registry import Registry, StaticRegistry
+from registry.transport import TransportSettings, bind, make_server
+
+log = logging.getLogger("accord.coordinator")
+
+_STATUS: dict[type[AccordError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+T = TypeVar("T")
+
+
+def status_for(error: AccordError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        code = _STATUS.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _guard(context: aio.ServicerContext[Any, Any], work: Awaitable[T]) -> T:
+    """Runs a handler body; domain errors become their status, anything unexpected
+    becomes INTERNAL with the traceback logged (never sent)."""
+    try:
+        return await work
+    except AccordError as e:
+        await context.abort(status_for(e), str(e))
+    except (asyncio.CancelledError, aio.AbortError):
+        raise
+    except Exception:
+        log.exception("internal error")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the coordinator's log)")
+    raise AssertionError("unreachable")
+
+
+class CoordinatorServicer(pb.CoordinatorServicer):
+    def __init__(self, engine: Engine) -> None:
+        self._e = engine
+
+    async def Begin(self, request: pb.BeginRequest, context: Any) -> pb.BeginResponse:
+        txn = await _guard(
+            context, self._e.begin(key=request.idempotency_key, timeout_ms=request.timeout_ms)
+        )
+        return pb.BeginResponse(gid=txn.gid, deadline_unix_ms=txn.deadline_ms)
+
+    async def Enlist(self, request: pb.EnlistRequest, context: Any) -> pb.EnlistResponse:
+        bid = await _guard(context, self._enlist(request))
+        return pb.EnlistResponse(branch_id=bid)
+
+    async def _enlist(self, request: pb.EnlistRequest) -> str:
+        _need_gid(request.gid)
+        if not request.HasField("branch"):
+            raise InvalidArgument("branch is required")
+        return await self._e.enlist(request.gid, request.branch)
+
+    async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.TransactionResponse:
+        _gid = request.gid
+        txn = await _guard(context, self._with_gid(_gid, self._e.commit))
+        return pb.TransactionResponse(transaction=txn.to_pb())
+
+    async def Abort(self, request: pb.AbortRequest, context: Any) -> pb.TransactionResponse:
+        async def run() -> Any:
+            _need_gid(request.gid)
+            return await self._e.abort(request.gid, request.reason)
+
+        txn = await _guard(context, run())
+        return pb.TransactionResponse(transaction=txn.to_pb())
+
+    async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.TransactionResponse:
+        txn = await _guard(
+            context,
+            self._e.execute(
+                key=request.idempotency_key,
+                timeout_ms=request.timeout_ms,
+                branches=request.branches,
+            ),
+        )
+        return pb.TransactionResponse(transaction=txn.to_pb())
+
+    async def GetTransaction(
+        self, request: pb.GetTransactionRequest, context: Any
+    ) -> pb.Transaction:
+        async def run() -> pb.Transaction:
+            _need_gid(request.gid)
+            return self._e.get(request.gid).to_pb()
+
+        return await _guard(context, run())
+
+    async def ListTransactions(
+        self, request: pb.ListTransactionsRequest, context: Any
+    ) -> pb.ListTransactionsResponse:
+        async def run() -> pb.ListTransactionsResponse:
+            limits = self._e.config.limits
+            if request.limit > limits.max_list:
+                raise InvalidArgument(f"limit {request.limit} is over {limits.max_list}")
+            try:
+                states = [TxnState(s) for s in request.states]
+            except ValueError as e:
+                raise InvalidArgument(f"states: {e}") from None
+            txns, token = self._e.list(states, request.limit or 100, request.page_token)
+            return pb.ListTransactionsResponse(
+                transactions=[t.to_pb() for t in txns], next_page_token=token
+            )
+
+        return await _guard(context, run())
+
+    async def WatchTransaction(
+        self, request: pb.WatchTransactionRequest, context: Any
+    ) -> AsyncIterator[pb.TransactionEvent]:
+        try:
+            _need_gid(request.gid)
+            stream = self._e.watch(request.gid)
+            first = await anext(stream)
+        except AccordError as e:
+            await context.abort(status_for(e), str(e))
+            return
+        yield first
+        async for event in stream:
+            yield event
+
+    async def QueryOutcome(
+        self, request: pb.QueryOutcomeRequest, context: Any
+    ) -> pb.QueryOutcomeResponse:
+        async def run() -> pb.QueryOutcomeResponse:
+            _need_gid(request.gid)
+            return pb.QueryOutcomeResponse(outcome=self._e.query_outcome(request.gid))  # type: ignore[arg-type]
+
+        return await _guard(context, run())
+
+    @staticmethod
+    async def _with_gid(gid: str, fn: Callable[[str], Awaitable[T]]) -> T:
+        _need_gid(gid)
+        return await fn(gid)
+
+
+def _need_gid(gid: str) -> None:
+    if not gid:
+        raise InvalidArgument("gid is required")
+    if len(gid) > 128:
+        raise InvalidArgument("gid is longer than 128 characters")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    listen: str = "127.0.0.1:7070"
+    wal_dir: Path = Path("accord-wal")
+    config: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    grace_s: float = 5.0
+
+
+def _fail_stop(exc: BaseException) -> None:
+    """The WAL could not make a record durable: stop now, answer nothing more."""
+    log.critical("WAL failure, stopping the coordinator (fail-stop): %s", exc)
+    for h in logging.getLogger().handlers:
+        h.flush()
+    sys.stderr.flush()
+    os._exit(70)
+
+
+class CoordinatorServer:
+    """``async with CoordinatorServer(settings, registry=...) as srv:`` opens the WAL,
+    replays it, serves on ``srv.port`` and drives recovery; leaving the block stops
+    gracefully. ``stop()`` is safe to call twice."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        registry: Registry | None = None,
+        transport: TransportSettings | None = None,
+        failpoints: Failpoints | None = None,
+        on_fatal: Callable[[BaseException], None] = _fail_stop,
+    ) -> None:
+        self.settings = settings
+        self._registry = registry or StaticRegistry()
+        self._transport = transport or TransportSettings.from_env()
+        self._fp = failpoints if failpoints is not None else Failpoints.from_env()
+        self._on_fatal = on_fatal
+        self.port = 0
+        self.engine: Engine | None = None
+        self._server: aio.Server | None = None
+        self._wal: WAL | None = None
+        self._calls: ParticipantCalls | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        s = self.settings
+        wal, recovered = await WAL.open(
+            s.wal_dir,
+            segment_size=s.config.segment_size,
+            failpoints=self._fp,
+            on_fatal=self._on_fatal,
+        )
+        self._wal = wal
+        for note in recovered.repaired:
+            log.warning("WAL repaired: %s", note)
+        await self._registry.start()
+        self._calls = ParticipantCalls(registry=self._registry, transport=self._transport)
+        server, _ = make_server(self._transport)
+        self.port = bind(server, s.listen, self._transport)
+        host = s.listen.rsplit(":", 1)[0]
+        config = s.config
+        if not config.advertise_address:
+            config = replace(config, advertise_address=f"{host}:{self.port}")
+        engine = Engine(wal=wal, calls=self._calls, config=config, failpoints=self._fp)
+        engine.replay(
+            recovered.checkpoint, [(r.lsn, r.rtype, r.payload) for r in recovered.records]
+        )
+        self.engine = engine
+        pb.add_CoordinatorServicer_to_server(CoordinatorServicer(engine), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = (
+            pb.coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        await server.start()
+        self._server = server
+        pending = await engine.resume()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(names[0], health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "coordinator %s serving on %s:%d (wal %s, %d records replayed, %d unfinished)",
+            config.coordinator_id,
+            host,
+            self.port,
+            s.wal_dir,
+            len(recovered.records),
+            pending,
+        )
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._server is not None:
+            await self._server.stop(self.settings.grace_s)
+        if self.engine is not None:
+            await self.engine.close()
+        if self._calls is not None:
+            await self._calls.close()
+        await self._registry.close()
+        if self._wal is not None:
+            await self._wal.close()
+
+    async def __aenter__(self) -> CoordinatorServer:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(settings: ServerSettings, *, registry: Registry | None = None) -> None:
+    """Runs a coordinator until SIGTERM or SIGINT. Prints ``listening on HOST:PORT``."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with CoordinatorServer(settings, registry=registry) as srv:
+        host = settings.listen.rsplit(":", 1)[0]
+        print(f"listening on {host}:{srv.port}", flush=True)
+        await stop.wait()
+        log.info("stopping (signal)")

@@ -1,0 +1,205 @@
+"""Serving a participant: the gRPC server (Participant service, health checking,
+reflection, and any extra services such as an admin API on the same port), the store
+and the in-doubt resolver, started and stopped together. Signals are handled in one
+place, :func:`serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import accord.v1 as pb
+from participants._app import Participant, ParticipantApp
+from participants._resolver import InDoubtResolver
+from participants._service import ParticipantService
+from participants._servicer import ParticipantServicer
+from participants._store import Store
+from registry.transport import TransportSettings, bind, make_server
+
+log = logging.getLogger("accord.participant")
+
+#: Adds an extra servicer to the server (e.g. an admin API) and returns its full service
+#: name (for health checking and reflection).
+ServiceInstaller = Callable[[aio.Server, ParticipantService], str]
+
+PARTICIPANT_SERVICE_NAME: str = pb.participant_pb2.DESCRIPTOR.services_by_name[
+    "Participant"
+].full_name
+
+
+class ParticipantServer:
+    """``async with ParticipantServer(app, db=path) as srv: ... srv.port``.
+
+    Stopping is graceful (in-flight calls get ``grace_s`` seconds) and safe to call twice.
+    """
+
+    def __init__(
+        self,
+        logic: Participant | ParticipantApp,
+        *,
+        db: Path | str,
+        listen: str = "127.0.0.1:0",
+        in_doubt_after_s: float = 10.0,
+        resolver_interval_s: float | None = None,
+        grace_s: float = 5.0,
+        max_batch: int = 256,
+        transport: TransportSettings | None = None,
+        services: Sequence[ServiceInstaller] = (),
+        server_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.listen = listen
+        self.grace_s = grace_s
+        self.service = ParticipantService(logic, Store(db, max_batch=max_batch))
+        self.resolver = InDoubtResolver(
+            self.service,
+            after_s=in_doubt_after_s,
+            interval_s=resolver_interval_s,
+            transport=transport,
+        )
+        self._transport = transport
+        self._installers = tuple(services)
+        self._server_options = tuple(server_options)
+        self._server: aio.Server | None = None
+        self._health: Any = None
+        self._port = 0
+        self._state = "new"
+
+    @property
+    def store(self) -> Store:
+        return self.service.store
+
+    @property
+    def port(self) -> int:
+        if not self._port:
+            raise RuntimeError("participant server is not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as bound (the real port when listening on port 0)."""
+        return f"{self.listen.rsplit(':', 1)[0]}:{self.port}"
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"participant server already {self._state}")
+        self._state = "starting"
+        await self.service.open()
+        try:
+            server, settings = make_server(self._transport, options=self._server_options)
+            pb.add_ParticipantServicer_to_server(ParticipantServicer(self.service), server)
+            names = [PARTICIPANT_SERVICE_NAME]
+            names += [install(server, self.service) for install in self._installers]
+            self._health = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+            reflection.enable_server_reflection(
+                [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            )
+            self._port = bind(server, self.listen, settings)
+            if not self._port:
+                raise OSError(f"cannot listen on {self.listen}")
+            await server.start()
+            self._server = server
+            for name in ["", *names]:
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        except BaseException:
+            await self.service.close()
+            self._state = "stopped"
+            raise
+        self.resolver.start()
+        self._state = "serving"
+        log.info(
+            "event=serving service=%s address=%s db=%s in_doubt_after_s=%s",
+            self.service.service,
+            self.address,
+            self.store.path,
+            self.resolver.after_s,
+        )
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        if self._state in ("stopping", "stopped", "new"):
+            self._state = "stopped" if self._state == "new" else self._state
+            return
+        self._state = "stopping"
+        grace = self.grace_s if grace_s is None else grace_s
+        try:
+            if self._health is not None:
+                await self._health.enter_graceful_shutdown()
+            await self.resolver.close()
+            if self._server is not None:
+                await self._server.stop(grace)
+        finally:
+            # In-flight calls are answered (or cancelled) by now; queued writes finish.
+            await self.service.close()
+            self._state = "stopped"
+            stats = self.store.stats
+            log.info(
+                "event=stopped service=%s writes=%d commits=%d max_batch=%d",
+                self.service.service,
+                stats.jobs,
+                stats.commits,
+                stats.max_batch,
+            )
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def __aenter__(self) -> ParticipantServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(
+    logic: Participant | ParticipantApp,
+    *,
+    db: Path | str,
+    listen: str = "127.0.0.1:0",
+    in_doubt_after_s: float = 10.0,
+    resolver_interval_s: float | None = None,
+    grace_s: float = 5.0,
+    transport: TransportSettings | None = None,
+    services: Sequence[ServiceInstaller] = (),
+    ready: Callable[[ParticipantServer], None] | None = None,
+) -> None:
+    """Serves until SIGTERM or SIGINT, then stops gracefully. ``ready`` is called once
+    the server accepts calls (e.g. to print the bound address)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with ParticipantServer(
+            logic,
+            db=db,
+            listen=listen,
+            in_doubt_after_s=in_doubt_after_s,
+            resolver_interval_s=resolver_interval_s,
+            grace_s=grace_s,
+            transport=transport,
+            services=services,
+        ) as server:
+            if ready is not None:
+                ready(server)
+            await stop.wait()
+            log.info("event=signal service=%s action=graceful_stop", server.service.service)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

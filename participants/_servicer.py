@@ -1,0 +1,95 @@
+"""The accord.v1.Participant gRPC servicer: a thin translation between protobuf and the
+transport-neutral :class:`~participants._service.ParticipantService`. The one table
+mapping results to gRPC status codes lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+
+import accord.v1 as pb
+from participants._service import ParticipantService
+from participants._types import BranchCall, Op, Status
+
+log = logging.getLogger("accord.participant")
+
+#: The participant result contract (DESIGN, participant.proto).
+_CODES: dict[Status, grpc.StatusCode] = {
+    Status.REFUSED: grpc.StatusCode.ABORTED,
+    Status.NOT_YET: grpc.StatusCode.FAILED_PRECONDITION,
+    Status.FENCED: grpc.StatusCode.FAILED_PRECONDITION,
+    Status.CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
+    Status.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Status.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+_TRACE_KEYS = ("traceparent", "tracestate")
+
+
+def to_call(request: pb.BranchRequest, metadata: Iterable[tuple[str, Any]] | None) -> BranchCall:
+    """A BranchRequest as a plain value. The trace context comes from the request, or
+    else from the call's gRPC metadata."""
+    trace = dict(request.trace_context)
+    if metadata and not trace.get("traceparent"):
+        for key, value in metadata:
+            if key in _TRACE_KEYS and isinstance(value, str):
+                trace.setdefault(key, value)
+    return BranchCall(
+        gid=request.gid,
+        branch_id=request.branch_id,
+        operation=request.operation,
+        payload=request.payload,
+        shard=request.shard,
+        epoch=request.epoch,
+        coordinator_address=request.coordinator_address,
+        one_phase=request.one_phase,
+        trace_context=MappingProxyType(trace),
+    )
+
+
+class ParticipantServicer(pb.ParticipantServicer):
+    def __init__(self, service: ParticipantService) -> None:
+        self._service = service
+
+    async def Prepare(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
+        return await self._handle(Op.PREPARE, request, context)
+
+    async def Commit(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
+        return await self._handle(Op.COMMIT, request, context)
+
+    async def Abort(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
+        return await self._handle(Op.ABORT, request, context)
+
+    async def Execute(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
+        return await self._handle(Op.EXECUTE, request, context)
+
+    async def Compensate(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
+        return await self._handle(Op.COMPENSATE, request, context)
+
+    async def _handle(self, op: Op, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
+        call = to_call(request, context.invocation_metadata())
+        try:
+            result = await self._service.call(op, call)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The traceback goes to the log, never to the caller; INTERNAL is retryable.
+            log.exception(
+                "event=%s gid=%s branch=%s status=INTERNAL", op.value, call.gid, call.branch_id
+            )
+            context.set_code(grpc.StatusCode.INTERNAL)
+            context.set_details(f"{op.value} failed: internal error in the participant")
+            return pb.BranchResponse()
+        if result.status is Status.OK:
+            return pb.BranchResponse(
+                read_only=result.read_only, message=result.message, result=result.result
+            )
+        # set_code rather than context.abort(): no exception on the hot path of a no vote.
+        context.set_code(_CODES[result.status])
+        context.set_details(result.message)
+        return pb.BranchResponse(message=result.message)

@@ -1,0 +1,279 @@
+"""The participant's SQLite database, and the one thread that writes it.
+
+Blocking SQLite work never runs on the event loop. One writer thread owns the write
+connection and does group commit: it takes every job waiting in its queue (up to
+``max_batch``), runs each in its own SAVEPOINT inside one transaction (a job that raises
+rolls back only its savepoint), COMMITs once (one fsync for the whole batch: WAL mode,
+``synchronous=FULL``), and only then answers every caller, with one
+``loop.call_soon_threadsafe`` per batch. A caller is never answered before its change is
+durable.
+
+Reads run on a second thread with its own connection (WAL readers do not block the
+writer) and see only committed data.
+
+A failed COMMIT is fatal (fail-stop): the batch's callers get :class:`StoreError` and so
+does every later write, because after a failed fsync nobody knows what is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+log = logging.getLogger("accord.participant.store")
+
+#: A slow COMMIT (fsync) is worth a warning.
+SLOW_COMMIT_S = 0.5
+
+
+class StoreError(RuntimeError):
+    """participants: the store cannot make changes durable (or is closed)."""
+
+
+@dataclass
+class StoreStats:
+    """Counters of the writer thread (read them from any thread; they only grow)."""
+
+    jobs: int = 0
+    commits: int = 0
+    max_batch: int = 0
+    commit_seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection configured like every connection of the store."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: the WAL is fsynced at every COMMIT, so an answered change survives power loss.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    if readonly:
+        conn.execute("PRAGMA query_only=ON")
+    return conn
+
+
+class Store:
+    """The SQLite file of one participant. Use :meth:`write` and :meth:`read` from the
+    event loop; the functions they are given run on the store's threads."""
+
+    def __init__(self, path: Path | str, *, max_batch: int = 256) -> None:
+        self.path = Path(path)
+        self.max_batch = max_batch
+        self.stats = StoreStats()
+        # None is the stop sentinel.
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._read_conn: sqlite3.Connection | None = None
+        self._broken: BaseException | None = None
+        self._closed = False
+
+    async def open(self, setup: Callable[[sqlite3.Connection], object] | None = None) -> None:
+        """Opens (creating) the database and starts the threads; ``setup`` runs first, on
+        the writer thread, in autocommit mode (schema creation)."""
+        self._loop = asyncio.get_running_loop()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._writer, args=(setup, ready), name=f"accord-writer:{self.path.name}"
+        )
+        self._thread.daemon = True
+        self._thread.start()
+        await ready
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="accord-reader")
+        self._read_conn = await self._loop.run_in_executor(
+            self._reader, lambda: connect(self.path, readonly=True)
+        )
+
+    async def write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Runs ``fn`` in its own savepoint of the next group commit; returns its result
+        once durable. If ``fn`` raises, its changes are rolled back and the exception is
+        raised here (after the batch committed). ``fn`` may call :func:`undo_job` to
+        discard its own changes so far and go on."""
+        if self._broken is not None:
+            raise StoreError(f"participants: store failed: {self._broken}")
+        if self._closed or self._loop is None:
+            raise StoreError("participants: store is closed")
+        future: asyncio.Future[_T] = self._loop.create_future()
+        future.add_done_callback(_retrieve)
+        self._queue.put(_Job(fn, future))
+        # A cancelled caller does not cancel the job: it runs, commits, and its answer is
+        # dropped. The barrier makes the coordinator's retry see the recorded result.
+        return await asyncio.shield(future)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Runs ``fn`` on the reader thread (committed data only)."""
+        if self._reader is None or self._read_conn is None or self._loop is None:
+            raise StoreError("participants: store is closed")
+        conn = self._read_conn
+        return await self._loop.run_in_executor(self._reader, _read_txn, conn, fn)
+
+    async def close(self) -> None:
+        """Finishes the queued jobs, then stops the threads. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(thread.join)
+        if self._reader is not None:
+            reader, conn = self._reader, self._read_conn
+            self._reader, self._read_conn = None, None
+            if conn is not None:
+                await asyncio.get_running_loop().run_in_executor(reader, conn.close)
+            reader.shutdown(wait=True)
+
+    # -- writer thread ------------------------------------------------------------------
+
+    def _writer(
+        self, setup: Callable[[sqlite3.Connection], object] | None, ready: asyncio.Future[None]
+    ) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            conn = connect(self.path)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, ready, None, exc)
+            return
+        try:
+            if setup is not None:
+                # Autocommit mode, so setup may use executescript (which COMMITs first);
+                # schema statements are idempotent (IF NOT EXISTS) anyway.
+                setup(conn)
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+        except BaseException as exc:
+            conn.close()
+            loop.call_soon_threadsafe(_settle, ready, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, ready, None, None)
+        try:
+            self._run(conn, loop)
+        finally:
+            conn.close()
+
+    def _run(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            try:
+                answers = self._commit_batch(conn, batch)
+            except BaseException as exc:  # BEGIN or SAVEPOINT failed (e.g. locked)
+                log.error("event=batch_failed path=%s error=%r", self.path, exc)
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                err = StoreError(f"participants: batch failed: {exc}")
+                answers = [(job, None, err) for job in batch]
+            loop.call_soon_threadsafe(_deliver, answers)
+
+    def _commit_batch(
+        self, conn: sqlite3.Connection, batch: list[_Job]
+    ) -> list[tuple[_Job, Any, BaseException | None]]:
+        if self._broken is not None:
+            err = StoreError(f"participants: store failed: {self._broken}")
+            return [(job, None, err) for job in batch]
+        answers: list[tuple[_Job, Any, BaseException | None]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        for job in batch:
+            conn.execute("SAVEPOINT accord_job")
+            try:
+                value = job.fn(conn)
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK TO accord_job")
+                    conn.execute("RELEASE accord_job")
+                    answers.append((job, None, exc))
+                    continue
+                # SQLite rolled back the whole transaction (e.g. disk full): the batch's
+                # earlier jobs are lost too. Nobody has been answered yet, so fail them
+                # all (they are retried), and go on in a fresh transaction.
+                lost = StoreError(f"participants: transaction rolled back by SQLite: {exc}")
+                answers = [(j, None, lost if e is None else e) for j, _, e in answers]
+                answers.append((job, None, exc))
+                conn.execute("BEGIN IMMEDIATE")
+                continue
+            conn.execute("RELEASE accord_job")
+            answers.append((job, value, None))
+        started = time.monotonic()
+        try:
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            self._broken = exc
+            log.critical("event=commit_failed path=%s error=%r (fail-stop)", self.path, exc)
+            err = StoreError(f"participants: commit failed: {exc}")
+            return [(job, None, err) for job in batch]
+        elapsed = time.monotonic() - started
+        if elapsed > SLOW_COMMIT_S:
+            log.warning("event=slow_commit seconds=%.3f batch=%d", elapsed, len(batch))
+        stats = self.stats
+        stats.jobs += len(batch)
+        stats.commits += 1
+        stats.commit_seconds += elapsed
+        stats.max_batch = max(stats.max_batch, len(batch))
+        return answers
+
+
+def undo_job(conn: sqlite3.Connection) -> None:
+    """Discards the calling job's changes so far; the job goes on (in its savepoint)
+    and may write again. For use inside a function given to :meth:`Store.write`."""
+    conn.execute("ROLLBACK TO accord_job")
+
+
+def _read_txn(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    # One read transaction, so fn sees one consistent snapshot.
+    conn.execute("BEGIN")
+    try:
+        return fn(conn)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _settle(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(value)
+    else:
+        future.set_exception(exc)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # Marks the exception as retrieved: a caller that was cancelled never awaits it.
+    if not future.cancelled():
+        future.exception()
+
+
+def _deliver(answers: list[tuple[_Job, Any, BaseException | None]]) -> None:
+    for job, value, exc in answers:
+        _settle(job.future, value, exc)

@@ -1,0 +1,41 @@
+"""The example bank participant: accounts with balances in SQLite, moved only by 2PC
+branches through the participant SDK.
+
+Operations (payload ``{"account": "bank-0", "amount": 10}``):
+
+- ``debit``: prepare holds the amount (refused with "insufficient funds" when
+  ``balance - held < amount``), commit applies it and writes the ledger, abort releases.
+- ``credit``: prepare checks that the account exists, commit adds (and writes the
+  ledger), abort does nothing.
+- ``balance`` (payload ``{"account": ...}``): a read; votes read-only.
+
+Seeded accounts are named ``<service>-<index>`` (:func:`account_id`). The admin API
+(``accord.bank.v1.Bank``: OpenAccounts, GetBalances) is served on the same port.
+
+Run it with the :func:`serve_bank` coroutine (the ``accord participant bank`` command) or
+``python -m participants.bank --listen 127.0.0.1:0 --db FILE [--service NAME]
+[--accounts N --initial-balance X]``; it prints ``listening on HOST:PORT`` once serving.
+"""
+
+from participants.bank._admin import BANK_SERVICE_NAME, BankAdmin, install_admin
+from participants.bank._logic import SCHEMA, Movement, bank_app, parse
+from participants.bank._main import (
+    account_id,
+    main,
+    seed_accounts,
+    serve_bank,
+)
+
+__all__ = [
+    "BANK_SERVICE_NAME",
+    "SCHEMA",
+    "BankAdmin",
+    "Movement",
+    "account_id",
+    "bank_app",
+    "install_admin",
+    "main",
+    "parse",
+    "seed_accounts",
+    "serve_bank",
+]

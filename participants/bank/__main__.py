@@ -1,0 +1,3 @@
+from participants.bank._main import main
+
+raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""Helpers for the bank integration tests: bank participant processes started with
+``python -m participants.bank`` (port read from their first stdout line, stopped by PID),
+a fake coordinator answering only ``QueryOutcome``, and request builders."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+import accord.bank.v1 as bankpb
+import accord.v1 as pb
+from registry.transport import bind, make_channel, make_server
+
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class BankProcess:
+    """One ``python -m participants.bank`` process and a channel to it."""
+
+    db: Path
+    log: Path
+    args: list[str]
+    proc: asyncio.subprocess.Process
+    address: str
+    channel: aio.Channel = field(init=False)
+    participant: pb.ParticipantStub = field(init=False)
+    admin: bankpb.BankStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = make_channel(self.address)
+        self.participant = pb.ParticipantStub(self.channel)
+        self.admin = bankpb.BankStub(self.channel)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def balances(self) -> dict[str, tuple[int, int]]:
+        reply = await self.admin.GetBalances(bankpb.GetBalancesRequest(), timeout=5)
+        return {a.id: (a.balance, a.held) for a in reply.accounts}
+
+    async def summary(self) -> bankpb.GetBalancesResponse:
+        reply: bankpb.GetBalancesResponse = await self.admin.GetBalances(
+            bankpb.GetBalancesRequest(), timeout=5
+        )
+        return reply
+
+    async def stop(self) -> int:
+        """SIGTERM, wait, SIGKILL if it does not stop in time; returns the exit code."""
+        await self.channel.close()
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+    async def crash(self) -> None:
+        """SIGKILL: no cleanup, no flush, as a real crash."""
+        await self.channel.close()
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+class BankProcesses:
+    """Starts bank processes and stops every one of them at teardown (by PID)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[BankProcess] = []
+
+    async def start(
+        self,
+        db: Path,
+        *,
+        service: str = "bank",
+        accounts: int = 0,
+        initial_balance: int = 0,
+        in_doubt_after_s: float = 10.0,
+    ) -> BankProcess:
+        args = [
+            sys.executable,
+            "-m",
+            "participants.bank",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            str(db),
+            "--service",
+            service,
+            "--accounts",
+            str(accounts),
+            "--initial-balance",
+            str(initial_balance),
+            "--in-doubt-after-s",
+            str(in_doubt_after_s),
+            "--log-level",
+            "INFO",
+        ]
+        return await self._spawn(db, args)
+
+    async def restart(self, old: BankProcess) -> BankProcess:
+        """A new process on the same database and arguments (a new port)."""
+        if old.proc.returncode is None:
+            await old.stop()
+        return await self._spawn(old.db, old.args)
+
+    async def _spawn(self, db: Path, args: list[str]) -> BankProcess:
+        log = self.workdir / f"bank-{len(self.started)}.log"
+        with log.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *args, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=self.workdir
+            )
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise AssertionError(f"bank did not start in time; log:\n{log.read_text()}") from None
+        text = line.decode().strip()
+        if not text.startswith("listening on "):
+            await proc.wait()
+            raise AssertionError(f"bank failed to start ({text!r}); log:\n{log.read_text()}")
+        bank = BankProcess(
+            db=db, log=log, args=args, proc=proc, address=text.removeprefix("listening on ")
+        )
+        self.started.append(bank)
+        return bank
+
+    async def stop_all(self) -> None:
+        for bank in self.started:
+            await bank.stop()
+
+
+def payload(account: str, amount: int | None = None) -> bytes:
+    body: dict[str, Any] = {"account": account}
+    if amount is not None:
+        body["amount"] = amount
+    return json.dumps(body).encode()
+
+
+def branch(
+    gid: str,
+    branch_id: str,
+    operation: str,
+    account: str,
+    amount: int | None = None,
+    *,
+    coordinator_address: str = "",
+    shard: str = "",
+    epoch: int = 0,
+) -> pb.BranchRequest:
+    return pb.BranchRequest(
+        gid=gid,
+        branch_id=branch_id,
+        operation=operation,
+        payload=payload(account, amount),
+        coordinator_address=coordinator_address,
+        shard=shard,
+        epoch=epoch,
+    )
+
+
+async def status_of(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status of a call (OK or the error's code and details)."""
+    try:
+        await call
+    except aio.AioRpcError as err:
+        return err.code(), err.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def assert_eventually(
+    check: Callable[[], Awaitable[bool]], *, within: float = 15.0, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {within}s")
+        await asyncio.sleep(0.05)
+
+
+class FakeCoordinator:
+    """A gRPC server implementing only ``Coordinator.QueryOutcome``, from a table of
+    outcomes; a gid not in the table answers UNAVAILABLE."""
+
+    def __init__(self, outcomes: dict[str, pb.Outcome.ValueType]) -> None:
+        self.outcomes = outcomes
+        self.queries: list[str] = []
+        self.address = ""
+        self._server: aio.Server | None = None
+
+    async def start(self) -> FakeCoordinator:
+        method = grpc.unary_unary_rpc_method_handler(
+            self._query_outcome,
+            request_deserializer=pb.QueryOutcomeRequest.FromString,
+            response_serializer=pb.QueryOutcomeResponse.SerializeToString,
+        )
+        server, settings = make_server()
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "accord.v1.Coordinator", {"QueryOutcome": method}
+                ),
+            )
+        )
+        port = bind(server, "127.0.0.1:0", settings)
+        await server.start()
+        self._server, self.address = server, f"127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(None)
+            self._server = None
+
+    async def _query_outcome(
+        self, request: pb.QueryOutcomeRequest, context: Any
+    ) -> pb.QueryOutcomeResponse:
+        self.queries.append(request.gid)
+        if request.gid not in self.outcomes:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "recovering")
+        return pb.QueryOutcomeResponse(outcome=self.outcomes[request.gid])
