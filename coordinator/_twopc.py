@@ -102,15 +102,15 @@ class TwoPhaseCommit:
             targets = set(txn.rec_commit.branch_ids)
             todo = [b for b in txn.branches if b.branch_id in targets]
             done_state, final = BranchState.COMMITTED, TxnState.COMMITTED
-        elif txn.rec_prepare is None:
-            todo = []  # aborted before Commit: no participant has heard of it
         else:
+            done_state, final = BranchState.ABORTED, TxnState.ABORTED
             todo = [
                 b
                 for b in txn.branches
                 if b.state not in (BranchState.REFUSED, BranchState.READ_ONLY, BranchState.ABORTED)
             ]
-            done_state, final = BranchState.ABORTED, TxnState.ABORTED
+            if txn.rec_prepare is None:
+                todo = []  # aborted before Commit: no participant has heard of it
         acked = 0
 
         async def finish(b: BranchRt) -> None:
