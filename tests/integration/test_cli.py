@@ -1,0 +1,108 @@
+"""The `accord` command line against real processes: txn subcommands with --json, exit
+codes, health checking and reflection, and `accord demo --json`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.integration.conftest import Cluster, balances, open_accounts
+
+
+def accord(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "clients.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+async def test_txn_commands(cluster: Cluster) -> None:
+    a, b = cluster.bank("bank-a"), cluster.bank("bank-b")
+    await open_accounts(a.address, {"x": 50})
+    await open_accounts(b.address, {"y": 0})
+    coord = cluster.coordinator({"bank-a": a.address, "bank-b": b.address})
+    c = ["--coordinator", coord.address]
+
+    gid = json.loads(accord("txn", "begin", *c, "--json").stdout)["gid"]
+    out = accord("txn", "enlist", gid, 'bank-a/debit:{"account":"x","amount":20}', *c, "--json")
+    assert json.loads(out.stdout)["branch_id"] == "b1"
+    accord("txn", "enlist", gid, f'{b.address}/credit:{{"account":"y","amount":20}}', *c)
+    committed = json.loads(accord("txn", "commit", gid, *c, "--json").stdout)
+    assert committed["state"] == "COMMITTED" and len(committed["branches"]) == 2
+
+    got = json.loads(accord("txn", "get", gid, *c, "--json").stdout)
+    assert got["gid"] == gid and got["state"] == "COMMITTED"
+    watched = [
+        json.loads(line) for line in accord("txn", "watch", gid, *c, "--json").stdout.splitlines()
+    ]
+    assert watched[-1]["state"] == "COMMITTED"
+
+    # A transfer larger than the balance aborts: exit code 1, reason given.
+    big = accord(
+        "txn",
+        "execute",
+        'bank-a/debit:{"account":"x","amount":1000}',
+        'bank-b/credit:{"account":"y","amount":1000}',
+        *c,
+        "--json",
+        check=False,
+    )
+    assert big.returncode == 1
+    assert "insufficient" in json.loads(big.stdout)["reason"]
+
+    gid2 = accord("txn", "begin", *c).stdout.strip()
+    aborted = json.loads(accord("txn", "abort", gid2, *c, "--reason", "cli test", "--json").stdout)
+    assert aborted["state"] == "ABORTED" and aborted["reason"] == "cli test"
+
+    listed = json.loads(accord("txn", "list", *c, "--state", "ABORTED", "--json").stdout)
+    assert {t["gid"] for t in listed["transactions"]} >= {gid2}
+    assert all(t["state"] == "ABORTED" for t in listed["transactions"])
+
+    missing = accord("txn", "get", "no-such-gid", *c, check=False)
+    assert missing.returncode != 0 and "NOT_FOUND" in missing.stderr
+    assert (await balances(a.address)).total == 30 and (await balances(b.address)).total == 20
+
+    async with grpc.aio.insecure_channel(coord.address) as ch:
+        h = await health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="accord.v1.Coordinator")
+        )
+        assert h.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        responses = refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = [s.name async for r in responses for s in r.list_services_response.service]
+        assert "accord.v1.Coordinator" in names
+
+
+def test_help_and_bad_flags() -> None:
+    for cmd in (
+        ["--help"],
+        ["coordinator", "--help"],
+        ["participant", "bank", "--help"],
+        ["txn", "--help"],
+        ["demo", "--help"],
+    ):
+        assert accord(*cmd).stdout.strip()
+    bad = accord("coordinator", "--service", "no-equals-sign", check=False)
+    assert bad.returncode != 0 and "service map" in bad.stderr
+
+
+def test_demo_json() -> None:
+    out = accord("demo", "--json", "--transfers", "60", "--concurrency", "8")
+    summary = json.loads(out.stdout)
+    assert summary["committed"] + summary["aborted"] == 60
+    assert summary["committed"] > 0 and summary["aborted"] > 0
+    assert summary["total_before"] == summary["total_after"] > 0
+    assert summary["errors"] == []
