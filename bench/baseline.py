@@ -68,7 +68,7 @@ class BareCoordinator(pb.CoordinatorServicer):
     parallel. Nothing is validated, logged or remembered."""
 
     Begin = Enlist = Commit = Abort = GetTransaction = ListTransactions = _unimplemented
-    QueryOutcome = _unimplemented
+    QueryOutcome = StartSaga = CancelSaga = RetryTransaction = _unimplemented
     WatchTransaction = _unimplemented_stream
 
     def __init__(self, services: dict[str, str], advertise: str) -> None:

@@ -32,6 +32,7 @@ class CallResult:
     read_only: bool = False
     detail: str = ""
     code: grpc.StatusCode = grpc.StatusCode.OK
+    result: bytes = b""
 
 
 _EXPECTED_RETRY = frozenset(
@@ -90,7 +91,12 @@ class ParticipantCalls:
             if code not in _EXPECTED_RETRY:
                 log.warning("unexpected participant status, will retry: %s", detail)
             return CallResult(Verdict.RETRY, detail=detail, code=code)
-        return CallResult(Verdict.OK, read_only=response.read_only, detail=response.message)
+        return CallResult(
+            Verdict.OK,
+            read_only=response.read_only,
+            detail=response.message,
+            result=response.result,
+        )
 
     async def close(self) -> None:
         for channel in self._channels:

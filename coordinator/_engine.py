@@ -34,8 +34,19 @@ from coordinator._errors import (
     Unavailable,
 )
 from coordinator._failpoints import Failpoints
-from coordinator._model import BranchRt, Txn
-from coordinator._records import RT_ABORT, RT_BEGIN, RT_COMMIT, RT_END, RT_PREPARE, RecordType
+from coordinator._model import BranchRt, StepRt, Txn
+from coordinator._records import (
+    RT_ABORT,
+    RT_BEGIN,
+    RT_COMMIT,
+    RT_END,
+    RT_PREPARE,
+    RT_SAGA_START,
+    RT_SAGA_STATE,
+    RT_SAGA_STEP,
+    Record,
+    RecordType,
+)
 from coordinator._states import BranchState, TxnState, allowed
 
 log = logging.getLogger("accord.coordinator.engine")
@@ -111,9 +122,11 @@ class Engine:
         self._gid_prefix = os.urandom(4).hex()
         self._gid_seq = 0
         # Imported here to keep the mode pluggable without an import cycle.
+        from coordinator._saga import SagaMode
         from coordinator._twopc import TwoPhaseCommit
 
         self._twopc = TwoPhaseCommit(self)
+        self._saga = SagaMode(self)
 
     # ------------------------------------------------------------------ queries
 
@@ -296,6 +309,105 @@ class Engine:
             raise
         return await self._outcome(txn)
 
+    # ------------------------------------------------------------------ sagas
+
+    async def start_saga(
+        self, *, key: str, timeout_ms: int, definition: pb.SagaDefinition, wait: bool
+    ) -> Txn:
+        v.check_key(key, self.config.limits)
+        timeout_ms = v.check_timeout(timeout_ms, self.config)
+        v.check_saga(definition, self.config)
+        for step in definition.steps:
+            if not step.address and not self._calls.known(step.service):
+                raise Unavailable(f"no live instance of participant service {step.service!r}")
+        digest = b""
+        if key:
+            digest = _digest(
+                b"saga", str(timeout_ms).encode(), definition.SerializeToString(deterministic=True)
+            )
+            existing = self._by_key(key, digest)
+            if existing is not None:
+                return await self._settled(existing) if wait else existing
+        self._check_capacity()
+        now = self._clock.now_ms()
+        rec = pb.WalSagaStart(
+            gid=self._new_gid(now),
+            idempotency_key=key,
+            request_digest=digest,
+            created_unix_ms=now,
+            deadline_unix_ms=now + timeout_ms,
+            definition=definition,
+            resolved_addresses=[
+                self._calls.resolve(st.service, st.address) for st in definition.steps
+            ],
+        )
+        txn = self._saga.build(rec)
+        self._admit(txn)
+        try:
+            txn.lsn = await self._append(RT_SAGA_START, rec, sync=False)
+        except BaseException:
+            self._forget(txn)
+            raise
+        if txn.watchers:
+            self._publish(txn)
+        self._spawn_driver(txn)
+        return await self._settled(txn) if wait else txn
+
+    async def cancel_saga(self, gid: str, reason: str) -> Txn:
+        txn = self.get(gid)
+        if txn.protocol != pb.PROTOCOL_SAGA:
+            raise FailedPrecondition(f"transaction {gid} is not a saga (use Abort)")
+        if txn.claimed in (TxnState.COMPLETED,) or self._saga.pivot_done(txn):
+            raise FailedPrecondition(
+                f"saga {gid} is past its pivot ({txn.claimed.name}): it can only go forward"
+            )
+        if txn.claimed == TxnState.RUNNING:
+            txn.reason = txn.reason or reason or "cancelled by the client"
+            txn.abort_requested.set()
+        return await self._settled(txn)
+
+    async def retry(self, gid: str) -> Txn:
+        txn = self.get(gid)
+        if txn.claimed != TxnState.STUCK:
+            raise FailedPrecondition(
+                f"transaction {gid} is {txn.claimed.name}: only a STUCK saga can be retried"
+            )
+        await self.transition(txn, TxnState.COMPENSATING, reason="retried by an operator")
+        for st in txn.steps:
+            st.compensation_attempts = 0
+        self._spawn_driver(txn)
+        return await self._settled(txn)
+
+    async def _settled(self, txn: Txn) -> Txn:
+        await txn.decided.wait()
+        return txn
+
+    async def log_step(
+        self,
+        txn: Txn,
+        step: StepRt,
+        state: BranchState,
+        *,
+        sync: bool,
+        error: str = "",
+        result: bytes = b"",
+    ) -> None:
+        """A saga step's state change: logged (forced for a step start), then applied."""
+        rec = pb.WalSagaStep(
+            gid=txn.gid,
+            step=step.index,
+            state=int(state),  # type: ignore[arg-type]
+            attempts=step.attempts,
+            error=error,
+            result=result,
+        )
+        txn.rec_steps[step.index] = rec
+        lsn = await self._append(RT_SAGA_STEP, rec, sync=sync)
+        self._saga.apply_step(step, rec)
+        txn.lsn = lsn
+        if txn.watchers:
+            self._publish(txn)
+
     # ------------------------------------------------------------------ transitions
 
     async def transition(
@@ -319,6 +431,9 @@ class Engine:
         except BaseException:
             txn.claimed = old
             raise
+        if old == TxnState.STUCK:
+            txn.decided = asyncio.Event()
+            txn.reason = ""
         if reason and not txn.reason:
             txn.reason = reason
         txn.state = new
@@ -334,6 +449,10 @@ class Engine:
     def _record_for(
         self, txn: Txn, new: TxnState, reason: str, commit_branches: Sequence[str]
     ) -> tuple[RecordType, _Record, bool]:
+        if txn.protocol == pb.PROTOCOL_SAGA:
+            rec_s = pb.WalSagaState(gid=txn.gid, state=int(new), reason=reason)  # type: ignore[arg-type]
+            txn.rec_saga_state = rec_s
+            return RT_SAGA_STATE, rec_s, False
         if new == TxnState.PREPARING:
             rec_p = pb.WalPrepare(
                 gid=txn.gid,
@@ -397,7 +516,10 @@ class Engine:
 
     async def _drive(self, txn: Txn) -> None:
         try:
-            await self._twopc.run(txn)
+            if txn.protocol == pb.PROTOCOL_SAGA:
+                await self._saga.run(txn)
+            else:
+                await self._twopc.run(txn)
         except Unavailable as e:
             log.error("gid=%s stopped: %s", txn.gid, e)
         except asyncio.CancelledError:
@@ -486,6 +608,12 @@ class Engine:
                     self._apply(RT_ABORT, entry.abort, lsn)
                 if entry.HasField("end"):
                     self._apply(RT_END, entry.end, lsn)
+                if entry.HasField("saga"):
+                    self._apply(RT_SAGA_START, entry.saga, lsn)
+                    for step in entry.steps:
+                        self._apply(RT_SAGA_STEP, step, lsn)
+                if entry.HasField("saga_state"):
+                    self._apply(RT_SAGA_STATE, entry.saga_state, lsn)
         for lsn, rtype, payload in records:
             kind = RecordType(rtype)
             self._apply(kind, kind.decode(payload), lsn)
@@ -493,6 +621,12 @@ class Engine:
     def _apply(self, rtype: RecordType, rec: _Record, lsn: int) -> None:
         gid: str = rec.gid
         txn = self._txns.get(gid)
+        if isinstance(rec, pb.WalSagaStart):
+            if txn is None:
+                txn = self._saga.build(rec)
+                self._admit(txn)
+            txn.lsn = lsn
+            return
         if rtype in (RT_BEGIN, RT_PREPARE):
             assert isinstance(rec, pb.WalBegin | pb.WalPrepare)
             if txn is None:
@@ -535,6 +669,17 @@ class Engine:
             txn.rec_abort = rec
             txn.reason = txn.reason or rec.reason
             self._set(txn, TxnState.ABORTING, lsn)
+        elif isinstance(rec, pb.WalSagaStep):
+            step = txn.steps[rec.step]
+            txn.rec_steps[rec.step] = rec
+            self._saga.apply_step(step, rec)
+            txn.lsn = lsn
+        elif isinstance(rec, pb.WalSagaState):
+            txn.rec_saga_state = rec
+            txn.reason = rec.reason or txn.reason
+            self._set(txn, TxnState(rec.state), lsn)
+            if txn.state.final:
+                self._finish(txn)
         elif isinstance(rec, pb.WalEnd):
             txn.rec_end = rec
             txn.reason = txn.reason or rec.reason
@@ -547,6 +692,8 @@ class Engine:
         txn.lsn = lsn
         if state.decided:
             txn.decided.set()
+        elif txn.decided.is_set():  # a STUCK saga retried by an operator
+            txn.decided = asyncio.Event()
         if state == TxnState.COMMITTING and txn.rec_commit is not None:
             phase_two = set(txn.rec_commit.branch_ids)
             for b in txn.branches:
@@ -563,6 +710,10 @@ class Engine:
         """Drives every unfinished transaction to its end, through the live code path."""
         unfinished = [self._txns[g] for g in sorted(self._live)]
         for txn in unfinished:
+            if txn.protocol == pb.PROTOCOL_SAGA:
+                if txn.state != TxnState.STUCK:  # STUCK waits for an operator
+                    self._spawn_driver(txn)
+                continue
             if txn.state == TxnState.ACTIVE:
                 await self.transition(
                     txn, TxnState.ABORTING, reason="coordinator restarted before Commit"
@@ -721,4 +872,4 @@ class Engine:
                 txn.expiry.cancel()
 
 
-_Record = pb.WalBegin | pb.WalPrepare | pb.WalCommit | pb.WalAbort | pb.WalEnd
+_Record = Record

@@ -40,6 +40,36 @@ class BranchRt:
         )
 
 
+@dataclass(kw_only=True)
+class StepRt:
+    """A saga step at run time."""
+
+    index: int
+    spec: pb.SagaStep
+    resolved: str = ""
+    state: BranchState = BranchState.PENDING
+    attempts: int = 0
+    compensation_attempts: int = 0
+    last_error: str = ""
+    result: bytes = b""
+    #: Steps that depend on this one (for reverse-order compensation).
+    dependents: list[int] = field(default_factory=list)
+    deps: list[int] = field(default_factory=list)
+    #: This step or one of its ancestors is the pivot: never compensated.
+    after_pivot: bool = False
+
+    def to_pb(self) -> pb.StepStatus:
+        return pb.StepStatus(
+            step=self.spec,
+            state=int(self.state),  # type: ignore[arg-type]
+            attempts=self.attempts,
+            compensation_attempts=self.compensation_attempts,
+            last_error=self.last_error,
+            result=self.result,
+            resolved_address=self.resolved,
+        )
+
+
 @dataclass(kw_only=True, eq=False)
 class Txn:
     gid: str
@@ -61,6 +91,11 @@ class Txn:
     rec_commit: pb.WalCommit | None = None
     rec_abort: pb.WalAbort | None = None
     rec_end: pb.WalEnd | None = None
+    #: Sagas: the steps, and the records that rebuild them.
+    steps: list[StepRt] = field(default_factory=list)
+    rec_saga: pb.WalSagaStart | None = None
+    rec_steps: dict[int, pb.WalSagaStep] = field(default_factory=dict)
+    rec_saga_state: pb.WalSagaState | None = None
     #: Set once the transaction reaches a final state.
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set when the outcome is decided (COMMITTING/ABORTING or final).
@@ -97,6 +132,7 @@ class Txn:
             reason=self.reason,
             lsn=self.lsn,
             one_phase=self.one_phase,
+            steps=[st.to_pb() for st in self.steps],
         )
 
     def checkpoint_entry(self) -> pb.CheckpointTxn:
@@ -111,4 +147,9 @@ class Txn:
             entry.abort.CopyFrom(self.rec_abort)
         if self.rec_end is not None:
             entry.end.CopyFrom(self.rec_end)
+        if self.rec_saga is not None:
+            entry.saga.CopyFrom(self.rec_saga)
+            entry.steps.extend(self.rec_steps[i] for i in sorted(self.rec_steps))
+        if self.rec_saga_state is not None:
+            entry.saga_state.CopyFrom(self.rec_saga_state)
         return entry

@@ -120,6 +120,34 @@ class CoordinatorServicer(pb.CoordinatorServicer):
         )
         return pb.TransactionResponse(transaction=txn.to_pb())
 
+    async def StartSaga(self, request: pb.StartSagaRequest, context: Any) -> pb.TransactionResponse:
+        txn = await _guard(
+            context,
+            self._e.start_saga(
+                key=request.idempotency_key,
+                timeout_ms=request.timeout_ms,
+                definition=request.definition,
+                wait=request.wait,
+            ),
+        )
+        return pb.TransactionResponse(transaction=txn.to_pb())
+
+    async def CancelSaga(
+        self, request: pb.CancelSagaRequest, context: Any
+    ) -> pb.TransactionResponse:
+        async def run() -> Any:
+            _need_gid(request.gid)
+            return await self._e.cancel_saga(request.gid, request.reason)
+
+        txn = await _guard(context, run())
+        return pb.TransactionResponse(transaction=txn.to_pb())
+
+    async def RetryTransaction(
+        self, request: pb.RetryTransactionRequest, context: Any
+    ) -> pb.TransactionResponse:
+        txn = await _guard(context, self._with_gid(request.gid, self._e.retry))
+        return pb.TransactionResponse(transaction=txn.to_pb())
+
     async def GetTransaction(
         self, request: pb.GetTransactionRequest, context: Any
     ) -> pb.Transaction:

@@ -20,18 +20,25 @@ class TxnState(enum.IntEnum):
     ABORTING = pb.TXN_STATE_ABORTING
     COMMITTED = pb.TXN_STATE_COMMITTED
     ABORTED = pb.TXN_STATE_ABORTED
+    RUNNING = pb.TXN_STATE_RUNNING
+    COMPENSATING = pb.TXN_STATE_COMPENSATING
+    COMPLETED = pb.TXN_STATE_COMPLETED
+    COMPENSATED = pb.TXN_STATE_COMPENSATED
+    STUCK = pb.TXN_STATE_STUCK
 
     @property
     def final(self) -> bool:
-        return self in (TxnState.COMMITTED, TxnState.ABORTED)
+        return self in _FINAL
 
     @property
     def decided(self) -> bool:
-        """The outcome is fixed (durable decision or final state)."""
-        return self in (TxnState.COMMITTING, TxnState.ABORTING, *_FINAL)
+        """What a waiting client is told about: a durable 2PC decision, a final state,
+        or a saga that is STUCK (waiting for an operator)."""
+        return self in _DECIDED
 
 
-_FINAL = (TxnState.COMMITTED, TxnState.ABORTED)
+_FINAL = frozenset({TxnState.COMMITTED, TxnState.ABORTED, TxnState.COMPLETED, TxnState.COMPENSATED})
+_DECIDED = _FINAL | {TxnState.COMMITTING, TxnState.ABORTING, TxnState.STUCK}
 
 
 class BranchState(enum.IntEnum):
@@ -41,6 +48,12 @@ class BranchState(enum.IntEnum):
     REFUSED = pb.BRANCH_STATE_REFUSED
     COMMITTED = pb.BRANCH_STATE_COMMITTED
     ABORTED = pb.BRANCH_STATE_ABORTED
+    RUNNING = pb.BRANCH_STATE_RUNNING
+    SUCCEEDED = pb.BRANCH_STATE_SUCCEEDED
+    FAILED = pb.BRANCH_STATE_FAILED
+    COMPENSATING = pb.BRANCH_STATE_COMPENSATING
+    COMPENSATED = pb.BRANCH_STATE_COMPENSATED
+    SKIPPED = pb.BRANCH_STATE_SKIPPED
 
 
 S = TxnState
@@ -58,6 +71,15 @@ TRANSITIONS: dict[tuple[TxnState, TxnState], str] = {
     (S.PREPARING, S.ABORTED): "a one-phase commit said no (nothing else is held)",
     (S.COMMITTING, S.COMMITTED): "every phase-two Commit acknowledged (END, lazy)",
     (S.ABORTING, S.ABORTED): "every phase-two Abort acknowledged (END, lazy)",
+    # Sagas (a saga is created RUNNING by its SAGA_START record):
+    (S.RUNNING, S.COMPLETED): "every step done",
+    (
+        S.RUNNING,
+        S.COMPENSATING,
+    ): "a step failed for good, CancelSaga, or the deadline, before the pivot",
+    (S.COMPENSATING, S.COMPENSATED): "every step that ran is compensated",
+    (S.COMPENSATING, S.STUCK): "a compensation failed past its retry policy",
+    (S.STUCK, S.COMPENSATING): "an operator's RetryTransaction",
 }
 
 

@@ -12,7 +12,14 @@ _BRANCH_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):[0-9]{1,5}$")
 
-__all__ = ["InvalidArgument", "check_branch", "check_branch_count", "check_key", "check_timeout"]
+__all__ = [
+    "InvalidArgument",
+    "check_branch",
+    "check_branch_count",
+    "check_key",
+    "check_saga",
+    "check_timeout",
+]
 
 
 def check_key(key: str, limits: Limits) -> None:
@@ -62,3 +69,125 @@ def check_branch(branch: pb.Branch, limits: Limits, where: str = "branch") -> No
         raise InvalidArgument(
             f"{where}: branch_id {branch.branch_id!r} must be 1-64 characters of [A-Za-z0-9_.-]"
         )
+
+
+_STATUS_NAMES = frozenset(
+    {
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    }
+)
+
+
+def check_saga(definition: pb.SagaDefinition, config: CoordinatorConfig) -> None:
+    """A saga definition: named steps, each a valid branch target, a DAG of
+    dependencies, at most one pivot, and a compensation for every step that may have to
+    be undone (every step that is not the pivot or after it)."""
+    limits = config.limits
+    steps = definition.steps
+    check_branch_count(len(steps), limits)
+    names: dict[str, int] = {}
+    pivots = 0
+    for i, st in enumerate(steps):
+        where = f"steps[{i}]"
+        if not _BRANCH_ID.match(st.name):
+            raise InvalidArgument(
+                f"{where}: name {st.name!r} must be 1-64 characters of [A-Za-z0-9_.-]"
+            )
+        if st.name in names:
+            raise InvalidArgument(f"{where}: duplicate step name {st.name!r}")
+        names[st.name] = i
+        check_branch(
+            pb.Branch(
+                service=st.service, address=st.address, operation=st.action, payload=st.payload
+            ),
+            limits,
+            where,
+        )
+        if st.compensation and (
+            len(st.compensation) > limits.max_name_chars or not _NAME.match(st.compensation)
+        ):
+            raise InvalidArgument(f"{where}: compensation {st.compensation!r} is not a valid name")
+        if len(st.compensation_payload) > limits.max_payload_bytes:
+            raise InvalidArgument(
+                f"{where}: compensation_payload is over {limits.max_payload_bytes} bytes"
+            )
+        if st.timeout_ms > limits.max_timeout_ms:
+            raise InvalidArgument(f"{where}: timeout_ms is over {limits.max_timeout_ms}")
+        r = st.retry
+        if (
+            r.max_attempts > 1000
+            or r.max_interval_ms > limits.max_timeout_ms
+            or r.initial_interval_ms > limits.max_timeout_ms
+        ):
+            raise InvalidArgument(
+                f"{where}: retry policy out of range (max_attempts <= 1000, intervals <= {limits.max_timeout_ms} ms)"
+            )
+        if r.multiplier and not 1.0 <= r.multiplier <= 10.0:
+            raise InvalidArgument(f"{where}: retry multiplier must be between 1 and 10")
+        for code in r.final_codes:
+            if code not in _STATUS_NAMES:
+                raise InvalidArgument(f"{where}: {code!r} is not a gRPC status code name")
+        pivots += st.pivot
+    if pivots > 1:
+        raise InvalidArgument("a saga has at most one pivot step")
+    for i, st in enumerate(steps):
+        for dep in st.depends_on:
+            if dep not in names:
+                raise InvalidArgument(f"steps[{i}] ({st.name}): depends on unknown step {dep!r}")
+            if dep == st.name:
+                raise InvalidArgument(f"steps[{i}] ({st.name}): depends on itself")
+    order = topological_order(definition)
+    after = after_pivot(definition, order)
+    for i, st in enumerate(steps):
+        if not after[i] and not st.compensation:
+            raise InvalidArgument(
+                f"steps[{i}] ({st.name}): a compensation is required for every step before the pivot"
+            )
+
+
+def topological_order(definition: pb.SagaDefinition) -> list[int]:
+    """Step indices in dependency order; INVALID_ARGUMENT names a cycle."""
+    names = {st.name: i for i, st in enumerate(definition.steps)}
+    state = [0] * len(definition.steps)  # 0 new, 1 on the path, 2 done
+    order: list[int] = []
+
+    def visit(i: int, path: list[str]) -> None:
+        if state[i] == 2:
+            return
+        if state[i] == 1:
+            cycle = [*path[path.index(definition.steps[i].name) :], definition.steps[i].name]
+            raise InvalidArgument(f"the steps form a cycle: {' -> '.join(cycle)}")
+        state[i] = 1
+        for dep in definition.steps[i].depends_on:
+            visit(names[dep], [*path, definition.steps[i].name])
+        state[i] = 2
+        order.append(i)
+
+    for i in range(len(definition.steps)):
+        visit(i, [])
+    return order
+
+
+def after_pivot(definition: pb.SagaDefinition, order: list[int]) -> list[bool]:
+    """Whether each step is the pivot or depends (transitively) on it."""
+    names = {st.name: i for i, st in enumerate(definition.steps)}
+    after = [False] * len(definition.steps)
+    for i in order:  # dependencies first
+        st = definition.steps[i]
+        after[i] = st.pivot or any(after[names[d]] for d in st.depends_on)
+    return after

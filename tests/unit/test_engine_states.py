@@ -15,6 +15,13 @@ from coordinator._records import RecordType
 from tests.unit._fakes import FakeCalls, FakeClock, FakeWal
 
 ALL_PAIRS = list(itertools.product(TxnState, TxnState))
+SAGA_STATES = {
+    TxnState.RUNNING,
+    TxnState.COMPENSATING,
+    TxnState.COMPLETED,
+    TxnState.COMPENSATED,
+    TxnState.STUCK,
+}
 EXPECTED_RECORD = {
     TxnState.PREPARING: (RecordType.PREPARE, False),
     TxnState.COMMITTING: (RecordType.COMMIT, True),  # the only forced record
@@ -30,7 +37,8 @@ def make_engine(wal: FakeWal | None = None) -> tuple[Engine, FakeWal]:
 
 
 def txn_in(state: TxnState) -> Txn:
-    t = Txn(gid="g1", state=state, claimed=state)
+    protocol = pb.PROTOCOL_SAGA if state in SAGA_STATES else pb.PROTOCOL_TWO_PHASE_COMMIT
+    t = Txn(gid="g1", state=state, claimed=state, protocol=protocol)
     t.branches = [BranchRt(branch_id="b1", service="s", address="", operation="op", payload=b"")]
     return t
 
@@ -45,6 +53,11 @@ def test_table_is_what_the_protocol_needs() -> None:
         (TxnState.PREPARING, TxnState.ABORTED),
         (TxnState.COMMITTING, TxnState.COMMITTED),
         (TxnState.ABORTING, TxnState.ABORTED),
+        (TxnState.RUNNING, TxnState.COMPLETED),
+        (TxnState.RUNNING, TxnState.COMPENSATING),
+        (TxnState.COMPENSATING, TxnState.COMPENSATED),
+        (TxnState.COMPENSATING, TxnState.STUCK),
+        (TxnState.STUCK, TxnState.COMPENSATING),
     }
     # Nothing leaves a final state, and no decision is ever reversed.
     for old, new in TRANSITIONS:
@@ -64,10 +77,14 @@ async def test_transition(old: TxnState, new: TxnState) -> None:
         lsn = await engine.transition(txn, new, reason="r", commit_branches=["b1"])
         assert txn.state == new and txn.claimed == new and txn.lsn == lsn
         (_, rtype, payload, sync) = wal.records[-1]
-        assert (RecordType(rtype), sync) == EXPECTED_RECORD[new]
+        if old in SAGA_STATES:
+            # A saga's own state changes ride the group commit (step starts are forced).
+            assert (RecordType(rtype), sync) == (RecordType.SAGA_STATE, False)
+        else:
+            assert (RecordType(rtype), sync) == EXPECTED_RECORD[new]
         decoded = RecordType(rtype).decode(payload)
         assert decoded.gid == "g1"
-        assert txn.decided.is_set() == new.decided
+        assert txn.decided.is_set() == new.decided  # STUCK counts: a client waits for it
         assert txn.finished.is_set() == new.final
     else:
         with pytest.raises(IllegalTransition):

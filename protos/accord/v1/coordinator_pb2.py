@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from accord.v1 import types_pb2 as accord_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61\x63\x63ord/v1/coordinator.proto\x12\taccord.v1\x1a\x15\x61\x63\x63ord/v1/types.proto\";\n\x0c\x42\x65ginRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"6\n\rBeginResponse\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x02 \x01(\x03\"?\n\rEnlistRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12!\n\x06\x62ranch\x18\x02 \x01(\x0b\x32\x11.accord.v1.Branch\"#\n\x0e\x45nlistResponse\x12\x11\n\tbranch_id\x18\x01 \x01(\t\"\x1c\n\rCommitRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"+\n\x0c\x41\x62ortRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"b\n\x0e\x45xecuteRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12#\n\x08\x62ranches\x18\x03 \x03(\x0b\x32\x11.accord.v1.Branch\"B\n\x13TransactionResponse\x12+\n\x0btransaction\x18\x01 \x01(\x0b\x32\x16.accord.v1.Transaction\"$\n\x15GetTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"a\n\x17ListTransactionsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.accord.v1.TxnState\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x18ListTransactionsResponse\x12,\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x16.accord.v1.Transaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x17WatchTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"\"\n\x13QueryOutcomeRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\";\n\x14QueryOutcomeResponse\x12#\n\x07outcome\x18\x01 \x01(\x0e\x32\x12.accord.v1.Outcome*g\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMMITTED\x10\x01\x12\x13\n\x0fOUTCOME_ABORTED\x10\x02\x12\x17\n\x13OUTCOME_IN_PROGRESS\x10\x03\x32\xa5\x05\n\x0b\x43oordinator\x12:\n\x05\x42\x65gin\x12\x17.accord.v1.BeginRequest\x1a\x18.accord.v1.BeginResponse\x12=\n\x06\x45nlist\x12\x18.accord.v1.EnlistRequest\x1a\x19.accord.v1.EnlistResponse\x12\x42\n\x06\x43ommit\x12\x18.accord.v1.CommitRequest\x1a\x1e.accord.v1.TransactionResponse\x12@\n\x05\x41\x62ort\x12\x17.accord.v1.AbortRequest\x1a\x1e.accord.v1.TransactionResponse\x12\x44\n\x07\x45xecute\x12\x19.accord.v1.ExecuteRequest\x1a\x1e.accord.v1.TransactionResponse\x12J\n\x0eGetTransaction\x12 .accord.v1.GetTransactionRequest\x1a\x16.accord.v1.Transaction\x12[\n\x10ListTransactions\x12\".accord.v1.ListTransactionsRequest\x1a#.accord.v1.ListTransactionsResponse\x12U\n\x10WatchTransaction\x12\".accord.v1.WatchTransactionRequest\x1a\x1b.accord.v1.TransactionEvent0\x01\x12O\n\x0cQueryOutcome\x12\x1e.accord.v1.QueryOutcomeRequest\x1a\x1f.accord.v1.QueryOutcomeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61\x63\x63ord/v1/coordinator.proto\x12\taccord.v1\x1a\x15\x61\x63\x63ord/v1/types.proto\";\n\x0c\x42\x65ginRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"6\n\rBeginResponse\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x02 \x01(\x03\"?\n\rEnlistRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12!\n\x06\x62ranch\x18\x02 \x01(\x0b\x32\x11.accord.v1.Branch\"#\n\x0e\x45nlistResponse\x12\x11\n\tbranch_id\x18\x01 \x01(\t\"\x1c\n\rCommitRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"+\n\x0c\x41\x62ortRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"b\n\x0e\x45xecuteRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12#\n\x08\x62ranches\x18\x03 \x03(\x0b\x32\x11.accord.v1.Branch\"|\n\x10StartSagaRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12-\n\ndefinition\x18\x03 \x01(\x0b\x32\x19.accord.v1.SagaDefinition\x12\x0c\n\x04wait\x18\x04 \x01(\x08\"0\n\x11\x43\x61ncelSagaRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x17RetryTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"B\n\x13TransactionResponse\x12+\n\x0btransaction\x18\x01 \x01(\x0b\x32\x16.accord.v1.Transaction\"$\n\x15GetTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"a\n\x17ListTransactionsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.accord.v1.TxnState\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x18ListTransactionsResponse\x12,\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x16.accord.v1.Transaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x17WatchTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"\"\n\x13QueryOutcomeRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\";\n\x14QueryOutcomeResponse\x12#\n\x07outcome\x18\x01 \x01(\x0e\x32\x12.accord.v1.Outcome*g\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMMITTED\x10\x01\x12\x13\n\x0fOUTCOME_ABORTED\x10\x02\x12\x17\n\x13OUTCOME_IN_PROGRESS\x10\x03\x32\x93\x07\n\x0b\x43oordinator\x12:\n\x05\x42\x65gin\x12\x17.accord.v1.BeginRequest\x1a\x18.accord.v1.BeginResponse\x12=\n\x06\x45nlist\x12\x18.accord.v1.EnlistRequest\x1a\x19.accord.v1.EnlistResponse\x12\x42\n\x06\x43ommit\x12\x18.accord.v1.CommitRequest\x1a\x1e.accord.v1.TransactionResponse\x12@\n\x05\x41\x62ort\x12\x17.accord.v1.AbortRequest\x1a\x1e.accord.v1.TransactionResponse\x12\x44\n\x07\x45xecute\x12\x19.accord.v1.ExecuteRequest\x1a\x1e.accord.v1.TransactionResponse\x12J\n\x0eGetTransaction\x12 .accord.v1.GetTransactionRequest\x1a\x16.accord.v1.Transaction\x12[\n\x10ListTransactions\x12\".accord.v1.ListTransactionsRequest\x1a#.accord.v1.ListTransactionsResponse\x12U\n\x10WatchTransaction\x12\".accord.v1.WatchTransactionRequest\x1a\x1b.accord.v1.TransactionEvent0\x01\x12H\n\tStartSaga\x12\x1b.accord.v1.StartSagaRequest\x1a\x1e.accord.v1.TransactionResponse\x12J\n\nCancelSaga\x12\x1c.accord.v1.CancelSagaRequest\x1a\x1e.accord.v1.TransactionResponse\x12V\n\x10RetryTransaction\x12\".accord.v1.RetryTransactionRequest\x1a\x1e.accord.v1.TransactionResponse\x12O\n\x0cQueryOutcome\x12\x1e.accord.v1.QueryOutcomeRequest\x1a\x1f.accord.v1.QueryOutcomeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accord.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=900
-  _globals['_OUTCOME']._serialized_end=1003
+  _globals['_OUTCOME']._serialized_start=1116
+  _globals['_OUTCOME']._serialized_end=1219
   _globals['_BEGINREQUEST']._serialized_start=65
   _globals['_BEGINREQUEST']._serialized_end=124
   _globals['_BEGINRESPONSE']._serialized_start=126
@@ -48,20 +48,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ABORTREQUEST']._serialized_end=357
   _globals['_EXECUTEREQUEST']._serialized_start=359
   _globals['_EXECUTEREQUEST']._serialized_end=457
-  _globals['_TRANSACTIONRESPONSE']._serialized_start=459
-  _globals['_TRANSACTIONRESPONSE']._serialized_end=525
-  _globals['_GETTRANSACTIONREQUEST']._serialized_start=527
-  _globals['_GETTRANSACTIONREQUEST']._serialized_end=563
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=565
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=662
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=664
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=761
-  _globals['_WATCHTRANSACTIONREQUEST']._serialized_start=763
-  _globals['_WATCHTRANSACTIONREQUEST']._serialized_end=801
-  _globals['_QUERYOUTCOMEREQUEST']._serialized_start=803
-  _globals['_QUERYOUTCOMEREQUEST']._serialized_end=837
-  _globals['_QUERYOUTCOMERESPONSE']._serialized_start=839
-  _globals['_QUERYOUTCOMERESPONSE']._serialized_end=898
-  _globals['_COORDINATOR']._serialized_start=1006
-  _globals['_COORDINATOR']._serialized_end=1683
+  _globals['_STARTSAGAREQUEST']._serialized_start=459
+  _globals['_STARTSAGAREQUEST']._serialized_end=583
+  _globals['_CANCELSAGAREQUEST']._serialized_start=585
+  _globals['_CANCELSAGAREQUEST']._serialized_end=633
+  _globals['_RETRYTRANSACTIONREQUEST']._serialized_start=635
+  _globals['_RETRYTRANSACTIONREQUEST']._serialized_end=673
+  _globals['_TRANSACTIONRESPONSE']._serialized_start=675
+  _globals['_TRANSACTIONRESPONSE']._serialized_end=741
+  _globals['_GETTRANSACTIONREQUEST']._serialized_start=743
+  _globals['_GETTRANSACTIONREQUEST']._serialized_end=779
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=781
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=878
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=880
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=977
+  _globals['_WATCHTRANSACTIONREQUEST']._serialized_start=979
+  _globals['_WATCHTRANSACTIONREQUEST']._serialized_end=1017
+  _globals['_QUERYOUTCOMEREQUEST']._serialized_start=1019
+  _globals['_QUERYOUTCOMEREQUEST']._serialized_end=1053
+  _globals['_QUERYOUTCOMERESPONSE']._serialized_start=1055
+  _globals['_QUERYOUTCOMERESPONSE']._serialized_end=1114
+  _globals['_COORDINATOR']._serialized_start=1222
+  _globals['_COORDINATOR']._serialized_end=2137
 # @@protoc_insertion_point(module_scope)

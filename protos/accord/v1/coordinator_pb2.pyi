@@ -209,6 +209,79 @@ class ExecuteRequest(_message.Message):
 Global___ExecuteRequest: _TypeAlias = ExecuteRequest  # noqa: Y015
 
 @_typing.final
+class StartSagaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    timeout_ms: _builtins.int
+    """Deadline of the whole saga before the pivot: past it, a saga still running forward
+    is compensated. 0 means the coordinator's default.
+    """
+    wait: _builtins.bool
+    @_builtins.property
+    def definition(self) -> _types_pb2.SagaDefinition: ...
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        timeout_ms: _builtins.int = ...,
+        definition: _types_pb2.SagaDefinition | None = ...,
+        wait: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "idempotency_key", b"idempotency_key", "timeout_ms", b"timeout_ms", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartSagaRequest: _TypeAlias = StartSagaRequest  # noqa: Y015
+
+@_typing.final
+class CancelSagaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    gid: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        gid: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gid", b"gid", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelSagaRequest: _TypeAlias = CancelSagaRequest  # noqa: Y015
+
+@_typing.final
+class RetryTransactionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GID_FIELD_NUMBER: _builtins.int
+    gid: _builtins.str
+    def __init__(
+        self,
+        *,
+        gid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gid", b"gid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryTransactionRequest: _TypeAlias = RetryTransactionRequest  # noqa: Y015
+
+@_typing.final
 class TransactionResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -75,6 +75,21 @@ class CoordinatorStub:
                 request_serializer=accord_dot_v1_dot_coordinator__pb2.WatchTransactionRequest.SerializeToString,
                 response_deserializer=accord_dot_v1_dot_types__pb2.TransactionEvent.FromString,
                 _registered_method=True)
+        self.StartSaga = channel.unary_unary(
+                '/accord.v1.Coordinator/StartSaga',
+                request_serializer=accord_dot_v1_dot_coordinator__pb2.StartSagaRequest.SerializeToString,
+                response_deserializer=accord_dot_v1_dot_coordinator__pb2.TransactionResponse.FromString,
+                _registered_method=True)
+        self.CancelSaga = channel.unary_unary(
+                '/accord.v1.Coordinator/CancelSaga',
+                request_serializer=accord_dot_v1_dot_coordinator__pb2.CancelSagaRequest.SerializeToString,
+                response_deserializer=accord_dot_v1_dot_coordinator__pb2.TransactionResponse.FromString,
+                _registered_method=True)
+        self.RetryTransaction = channel.unary_unary(
+                '/accord.v1.Coordinator/RetryTransaction',
+                request_serializer=accord_dot_v1_dot_coordinator__pb2.RetryTransactionRequest.SerializeToString,
+                response_deserializer=accord_dot_v1_dot_coordinator__pb2.TransactionResponse.FromString,
+                _registered_method=True)
         self.QueryOutcome = channel.unary_unary(
                 '/accord.v1.Coordinator/QueryOutcome',
                 request_serializer=accord_dot_v1_dot_coordinator__pb2.QueryOutcomeRequest.SerializeToString,
@@ -142,6 +157,29 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartSaga(self, request, context):
+        """Starts a saga. Returns at once with its gid (and state RUNNING), or with wait set,
+        once it has ended (COMPLETED, COMPENSATED or STUCK). Retry-safe with an idempotency
+        key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelSaga(self, request, context):
+        """Compensates what has run, unless the pivot has completed (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryTransaction(self, request, context):
+        """Operator action on a STUCK saga: compensation is tried again with a fresh budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def QueryOutcome(self, request, context):
         """Asked by a participant holding a branch prepared for too long (presumed abort):
         the outcome of gid. A coordinator that has finished recovery and does not know the
@@ -193,6 +231,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.WatchTransaction,
                     request_deserializer=accord_dot_v1_dot_coordinator__pb2.WatchTransactionRequest.FromString,
                     response_serializer=accord_dot_v1_dot_types__pb2.TransactionEvent.SerializeToString,
+            ),
+            'StartSaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartSaga,
+                    request_deserializer=accord_dot_v1_dot_coordinator__pb2.StartSagaRequest.FromString,
+                    response_serializer=accord_dot_v1_dot_coordinator__pb2.TransactionResponse.SerializeToString,
+            ),
+            'CancelSaga': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelSaga,
+                    request_deserializer=accord_dot_v1_dot_coordinator__pb2.CancelSagaRequest.FromString,
+                    response_serializer=accord_dot_v1_dot_coordinator__pb2.TransactionResponse.SerializeToString,
+            ),
+            'RetryTransaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryTransaction,
+                    request_deserializer=accord_dot_v1_dot_coordinator__pb2.RetryTransactionRequest.FromString,
+                    response_serializer=accord_dot_v1_dot_coordinator__pb2.TransactionResponse.SerializeToString,
             ),
             'QueryOutcome': grpc.unary_unary_rpc_method_handler(
                     servicer.QueryOutcome,
@@ -416,6 +469,87 @@ class Coordinator:
             '/accord.v1.Coordinator/WatchTransaction',
             accord_dot_v1_dot_coordinator__pb2.WatchTransactionRequest.SerializeToString,
             accord_dot_v1_dot_types__pb2.TransactionEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartSaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accord.v1.Coordinator/StartSaga',
+            accord_dot_v1_dot_coordinator__pb2.StartSagaRequest.SerializeToString,
+            accord_dot_v1_dot_coordinator__pb2.TransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelSaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accord.v1.Coordinator/CancelSaga',
+            accord_dot_v1_dot_coordinator__pb2.CancelSagaRequest.SerializeToString,
+            accord_dot_v1_dot_coordinator__pb2.TransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accord.v1.Coordinator/RetryTransaction',
+            accord_dot_v1_dot_coordinator__pb2.RetryTransactionRequest.SerializeToString,
+            accord_dot_v1_dot_coordinator__pb2.TransactionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,15 @@ class CoordinatorStub:
     """Streams the transaction's current state, then every change, ending after a final
     state.
     """
+    StartSaga: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.StartSagaRequest, _coordinator_pb2.TransactionResponse]
+    """Starts a saga. Returns at once with its gid (and state RUNNING), or with wait set,
+    once it has ended (COMPLETED, COMPENSATED or STUCK). Retry-safe with an idempotency
+    key.
+    """
+    CancelSaga: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CancelSagaRequest, _coordinator_pb2.TransactionResponse]
+    """Compensates what has run, unless the pivot has completed (FAILED_PRECONDITION)."""
+    RetryTransaction: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RetryTransactionRequest, _coordinator_pb2.TransactionResponse]
+    """Operator action on a STUCK saga: compensation is tried again with a fresh budget."""
     QueryOutcome: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.QueryOutcomeRequest, _coordinator_pb2.QueryOutcomeResponse]
     """Asked by a participant holding a branch prepared for too long (presumed abort):
     the outcome of gid. A coordinator that has finished recovery and does not know the
@@ -91,6 +100,15 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Streams the transaction's current state, then every change, ending after a final
     state.
     """
+    StartSaga: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.StartSagaRequest, _coordinator_pb2.TransactionResponse]  # type: ignore[assignment]
+    """Starts a saga. Returns at once with its gid (and state RUNNING), or with wait set,
+    once it has ended (COMPLETED, COMPENSATED or STUCK). Retry-safe with an idempotency
+    key.
+    """
+    CancelSaga: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CancelSagaRequest, _coordinator_pb2.TransactionResponse]  # type: ignore[assignment]
+    """Compensates what has run, unless the pivot has completed (FAILED_PRECONDITION)."""
+    RetryTransaction: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RetryTransactionRequest, _coordinator_pb2.TransactionResponse]  # type: ignore[assignment]
+    """Operator action on a STUCK saga: compensation is tried again with a fresh budget."""
     QueryOutcome: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.QueryOutcomeRequest, _coordinator_pb2.QueryOutcomeResponse]  # type: ignore[assignment]
     """Asked by a participant holding a branch prepared for too long (presumed abort):
     the outcome of gid. A coordinator that has finished recovery and does not know the
@@ -165,6 +183,33 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         """Streams the transaction's current state, then every change, ending after a final
         state.
         """
+
+    @_abc_1.abstractmethod
+    def StartSaga(
+        self,
+        request: _coordinator_pb2.StartSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.TransactionResponse, _abc.Awaitable[_coordinator_pb2.TransactionResponse]]:
+        """Starts a saga. Returns at once with its gid (and state RUNNING), or with wait set,
+        once it has ended (COMPLETED, COMPENSATED or STUCK). Retry-safe with an idempotency
+        key.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelSaga(
+        self,
+        request: _coordinator_pb2.CancelSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.TransactionResponse, _abc.Awaitable[_coordinator_pb2.TransactionResponse]]:
+        """Compensates what has run, unless the pivot has completed (FAILED_PRECONDITION)."""
+
+    @_abc_1.abstractmethod
+    def RetryTransaction(
+        self,
+        request: _coordinator_pb2.RetryTransactionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.TransactionResponse, _abc.Awaitable[_coordinator_pb2.TransactionResponse]]:
+        """Operator action on a STUCK saga: compensation is tried again with a fresh budget."""
 
     @_abc_1.abstractmethod
     def QueryOutcome(

@@ -24,25 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x63\x63ord/v1/types.proto\x12\taccord.v1\"a\n\x06\x42ranch\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x11\n\tbranch_id\x18\x05 \x01(\t\"\x98\x01\n\x0c\x42ranchStatus\x12!\n\x06\x62ranch\x18\x01 \x01(\x0b\x32\x11.accord.v1.Branch\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.accord.v1.BranchState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x18\n\x10resolved_address\x18\x05 \x01(\t\"\x8c\x02\n\x0bTransaction\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12%\n\x08protocol\x18\x02 \x01(\x0e\x32\x13.accord.v1.Protocol\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.accord.v1.TxnState\x12)\n\x08\x62ranches\x18\x04 \x03(\x0b\x32\x17.accord.v1.BranchStatus\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x07 \x01(\x03\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0b\n\x03lsn\x18\t \x01(\x04\x12\x11\n\tone_phase\x18\n \x01(\x08\"\x8e\x01\n\x10TransactionEvent\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0b\n\x03lsn\x18\x02 \x01(\x04\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.accord.v1.TxnState\x12\x0f\n\x07unix_ms\x18\x04 \x01(\x03\x12+\n\x0btransaction\x18\x05 \x01(\x0b\x32\x16.accord.v1.Transaction*V\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x1d\n\x19PROTOCOL_TWO_PHASE_COMMIT\x10\x01\x12\x11\n\rPROTOCOL_SAGA\x10\x02*\xb6\x01\n\x08TxnState\x12\x19\n\x15TXN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10TXN_STATE_ACTIVE\x10\x01\x12\x17\n\x13TXN_STATE_PREPARING\x10\x02\x12\x18\n\x14TXN_STATE_COMMITTING\x10\x03\x12\x16\n\x12TXN_STATE_ABORTING\x10\x04\x12\x17\n\x13TXN_STATE_COMMITTED\x10\x05\x12\x15\n\x11TXN_STATE_ABORTED\x10\x06*\xcc\x01\n\x0b\x42ranchState\x12\x1c\n\x18\x42RANCH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42RANCH_STATE_PENDING\x10\x01\x12\x19\n\x15\x42RANCH_STATE_PREPARED\x10\x02\x12\x1a\n\x16\x42RANCH_STATE_READ_ONLY\x10\x03\x12\x18\n\x14\x42RANCH_STATE_REFUSED\x10\x04\x12\x1a\n\x16\x42RANCH_STATE_COMMITTED\x10\x05\x12\x18\n\x14\x42RANCH_STATE_ABORTED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x63\x63ord/v1/types.proto\x12\taccord.v1\"\x82\x01\n\x0bRetryPolicy\x12\x1b\n\x13initial_interval_ms\x18\x01 \x01(\r\x12\x12\n\nmultiplier\x18\x02 \x01(\x01\x12\x17\n\x0fmax_interval_ms\x18\x03 \x01(\r\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\r\x12\x13\n\x0b\x66inal_codes\x18\x05 \x03(\t\"\xed\x01\n\x08SagaStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x14\n\x0c\x63ompensation\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x1c\n\x14\x63ompensation_payload\x18\x07 \x01(\x0c\x12\x12\n\ndepends_on\x18\x08 \x03(\t\x12%\n\x05retry\x18\t \x01(\x0b\x32\x16.accord.v1.RetryPolicy\x12\x12\n\ntimeout_ms\x18\n \x01(\r\x12\r\n\x05pivot\x18\x0b \x01(\x08\"4\n\x0eSagaDefinition\x12\"\n\x05steps\x18\x01 \x03(\x0b\x32\x13.accord.v1.SagaStep\"\xc5\x01\n\nStepStatus\x12!\n\x04step\x18\x01 \x01(\x0b\x32\x13.accord.v1.SagaStep\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.accord.v1.BranchState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x1d\n\x15\x63ompensation_attempts\x18\x04 \x01(\r\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x0e\n\x06result\x18\x06 \x01(\x0c\x12\x18\n\x10resolved_address\x18\x07 \x01(\t\"a\n\x06\x42ranch\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x11\n\tbranch_id\x18\x05 \x01(\t\"\x98\x01\n\x0c\x42ranchStatus\x12!\n\x06\x62ranch\x18\x01 \x01(\x0b\x32\x11.accord.v1.Branch\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.accord.v1.BranchState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x18\n\x10resolved_address\x18\x05 \x01(\t\"\xb2\x02\n\x0bTransaction\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12%\n\x08protocol\x18\x02 \x01(\x0e\x32\x13.accord.v1.Protocol\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.accord.v1.TxnState\x12)\n\x08\x62ranches\x18\x04 \x03(\x0b\x32\x17.accord.v1.BranchStatus\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x07 \x01(\x03\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0b\n\x03lsn\x18\t \x01(\x04\x12\x11\n\tone_phase\x18\n \x01(\x08\x12$\n\x05steps\x18\x0b \x03(\x0b\x32\x15.accord.v1.StepStatus\"\x8e\x01\n\x10TransactionEvent\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0b\n\x03lsn\x18\x02 \x01(\x04\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.accord.v1.TxnState\x12\x0f\n\x07unix_ms\x18\x04 \x01(\x03\x12+\n\x0btransaction\x18\x05 \x01(\x0b\x32\x16.accord.v1.Transaction*V\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x1d\n\x19PROTOCOL_TWO_PHASE_COMMIT\x10\x01\x12\x11\n\rPROTOCOL_SAGA\x10\x02*\xb2\x02\n\x08TxnState\x12\x19\n\x15TXN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10TXN_STATE_ACTIVE\x10\x01\x12\x17\n\x13TXN_STATE_PREPARING\x10\x02\x12\x18\n\x14TXN_STATE_COMMITTING\x10\x03\x12\x16\n\x12TXN_STATE_ABORTING\x10\x04\x12\x17\n\x13TXN_STATE_COMMITTED\x10\x05\x12\x15\n\x11TXN_STATE_ABORTED\x10\x06\x12\x15\n\x11TXN_STATE_RUNNING\x10\x07\x12\x1a\n\x16TXN_STATE_COMPENSATING\x10\x08\x12\x17\n\x13TXN_STATE_COMPLETED\x10\t\x12\x19\n\x15TXN_STATE_COMPENSATED\x10\n\x12\x13\n\x0fTXN_STATE_STUCK\x10\x0b*\xf2\x02\n\x0b\x42ranchState\x12\x1c\n\x18\x42RANCH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42RANCH_STATE_PENDING\x10\x01\x12\x19\n\x15\x42RANCH_STATE_PREPARED\x10\x02\x12\x1a\n\x16\x42RANCH_STATE_READ_ONLY\x10\x03\x12\x18\n\x14\x42RANCH_STATE_REFUSED\x10\x04\x12\x1a\n\x16\x42RANCH_STATE_COMMITTED\x10\x05\x12\x18\n\x14\x42RANCH_STATE_ABORTED\x10\x06\x12\x18\n\x14\x42RANCH_STATE_RUNNING\x10\x07\x12\x1a\n\x16\x42RANCH_STATE_SUCCEEDED\x10\x08\x12\x17\n\x13\x42RANCH_STATE_FAILED\x10\t\x12\x1d\n\x19\x42RANCH_STATE_COMPENSATING\x10\n\x12\x1c\n\x18\x42RANCH_STATE_COMPENSATED\x10\x0b\x12\x18\n\x14\x42RANCH_STATE_SKIPPED\x10\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accord.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROTOCOL']._serialized_start=706
-  _globals['_PROTOCOL']._serialized_end=792
-  _globals['_TXNSTATE']._serialized_start=795
-  _globals['_TXNSTATE']._serialized_end=977
-  _globals['_BRANCHSTATE']._serialized_start=980
-  _globals['_BRANCHSTATE']._serialized_end=1184
-  _globals['_BRANCH']._serialized_start=36
-  _globals['_BRANCH']._serialized_end=133
-  _globals['_BRANCHSTATUS']._serialized_start=136
-  _globals['_BRANCHSTATUS']._serialized_end=288
-  _globals['_TRANSACTION']._serialized_start=291
-  _globals['_TRANSACTION']._serialized_end=559
-  _globals['_TRANSACTIONEVENT']._serialized_start=562
-  _globals['_TRANSACTIONEVENT']._serialized_end=704
+  _globals['_PROTOCOL']._serialized_start=1371
+  _globals['_PROTOCOL']._serialized_end=1457
+  _globals['_TXNSTATE']._serialized_start=1460
+  _globals['_TXNSTATE']._serialized_end=1766
+  _globals['_BRANCHSTATE']._serialized_start=1769
+  _globals['_BRANCHSTATE']._serialized_end=2139
+  _globals['_RETRYPOLICY']._serialized_start=37
+  _globals['_RETRYPOLICY']._serialized_end=167
+  _globals['_SAGASTEP']._serialized_start=170
+  _globals['_SAGASTEP']._serialized_end=407
+  _globals['_SAGADEFINITION']._serialized_start=409
+  _globals['_SAGADEFINITION']._serialized_end=461
+  _globals['_STEPSTATUS']._serialized_start=464
+  _globals['_STEPSTATUS']._serialized_end=661
+  _globals['_BRANCH']._serialized_start=663
+  _globals['_BRANCH']._serialized_end=760
+  _globals['_BRANCHSTATUS']._serialized_start=763
+  _globals['_BRANCHSTATUS']._serialized_end=915
+  _globals['_TRANSACTION']._serialized_start=918
+  _globals['_TRANSACTION']._serialized_end=1224
+  _globals['_TRANSACTIONEVENT']._serialized_start=1227
+  _globals['_TRANSACTIONEVENT']._serialized_end=1369
 # @@protoc_insertion_point(module_scope)

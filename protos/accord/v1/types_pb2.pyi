@@ -56,6 +56,18 @@ class _TxnStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TxnState.Val
     """final"""
     TXN_STATE_ABORTED: _TxnState.ValueType  # 6
     """final"""
+    TXN_STATE_RUNNING: _TxnState.ValueType  # 7
+    """Sagas:
+    steps running forward
+    """
+    TXN_STATE_COMPENSATING: _TxnState.ValueType  # 8
+    """a step failed (or CancelSaga): compensating"""
+    TXN_STATE_COMPLETED: _TxnState.ValueType  # 9
+    """final: every step done"""
+    TXN_STATE_COMPENSATED: _TxnState.ValueType  # 10
+    """final: every step that ran (before the pivot) undone"""
+    TXN_STATE_STUCK: _TxnState.ValueType  # 11
+    """a compensation failed past its policy: operator action"""
 
 class TxnState(_TxnState, metaclass=_TxnStateEnumTypeWrapper):
     """Global transaction state. The allowed changes are fixed by the coordinator's state
@@ -76,6 +88,18 @@ TXN_STATE_COMMITTED: TxnState.ValueType  # 5
 """final"""
 TXN_STATE_ABORTED: TxnState.ValueType  # 6
 """final"""
+TXN_STATE_RUNNING: TxnState.ValueType  # 7
+"""Sagas:
+steps running forward
+"""
+TXN_STATE_COMPENSATING: TxnState.ValueType  # 8
+"""a step failed (or CancelSaga): compensating"""
+TXN_STATE_COMPLETED: TxnState.ValueType  # 9
+"""final: every step done"""
+TXN_STATE_COMPENSATED: TxnState.ValueType  # 10
+"""final: every step that ran (before the pivot) undone"""
+TXN_STATE_STUCK: TxnState.ValueType  # 11
+"""a compensation failed past its policy: operator action"""
 Global___TxnState: _TypeAlias = TxnState  # noqa: Y015
 
 class _BranchState:
@@ -95,6 +119,20 @@ class _BranchStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BranchSta
     """voted no (ABORTED)"""
     BRANCH_STATE_COMMITTED: _BranchState.ValueType  # 5
     BRANCH_STATE_ABORTED: _BranchState.ValueType  # 6
+    BRANCH_STATE_RUNNING: _BranchState.ValueType  # 7
+    """Saga steps:
+    action sent (it may have taken effect)
+    """
+    BRANCH_STATE_SUCCEEDED: _BranchState.ValueType  # 8
+    """action done"""
+    BRANCH_STATE_FAILED: _BranchState.ValueType  # 9
+    """action failed for good (or never could run)"""
+    BRANCH_STATE_COMPENSATING: _BranchState.ValueType  # 10
+    """compensation sent"""
+    BRANCH_STATE_COMPENSATED: _BranchState.ValueType  # 11
+    """compensation done"""
+    BRANCH_STATE_SKIPPED: _BranchState.ValueType  # 12
+    """never started: nothing to undo"""
 
 class BranchState(_BranchState, metaclass=_BranchStateEnumTypeWrapper): ...
 
@@ -109,7 +147,188 @@ BRANCH_STATE_REFUSED: BranchState.ValueType  # 4
 """voted no (ABORTED)"""
 BRANCH_STATE_COMMITTED: BranchState.ValueType  # 5
 BRANCH_STATE_ABORTED: BranchState.ValueType  # 6
+BRANCH_STATE_RUNNING: BranchState.ValueType  # 7
+"""Saga steps:
+action sent (it may have taken effect)
+"""
+BRANCH_STATE_SUCCEEDED: BranchState.ValueType  # 8
+"""action done"""
+BRANCH_STATE_FAILED: BranchState.ValueType  # 9
+"""action failed for good (or never could run)"""
+BRANCH_STATE_COMPENSATING: BranchState.ValueType  # 10
+"""compensation sent"""
+BRANCH_STATE_COMPENSATED: BranchState.ValueType  # 11
+"""compensation done"""
+BRANCH_STATE_SKIPPED: BranchState.ValueType  # 12
+"""never started: nothing to undo"""
 Global___BranchState: _TypeAlias = BranchState  # noqa: Y015
+
+@_typing.final
+class RetryPolicy(_message.Message):
+    """Retry policy of a saga step (action and compensation alike)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INITIAL_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    MULTIPLIER_FIELD_NUMBER: _builtins.int
+    MAX_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    FINAL_CODES_FIELD_NUMBER: _builtins.int
+    initial_interval_ms: _builtins.int
+    """default 100"""
+    multiplier: _builtins.float
+    """default 2.0"""
+    max_interval_ms: _builtins.int
+    """default 10000"""
+    max_attempts: _builtins.int
+    """Attempts before giving up (0 = default 5). After the pivot, actions are retried
+    without limit.
+    """
+    @_builtins.property
+    def final_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """gRPC status code names that end the step at once as failed (ABORTED always does),
+        e.g. ["INVALID_ARGUMENT", "NOT_FOUND"].
+        """
+
+    def __init__(
+        self,
+        *,
+        initial_interval_ms: _builtins.int = ...,
+        multiplier: _builtins.float = ...,
+        max_interval_ms: _builtins.int = ...,
+        max_attempts: _builtins.int = ...,
+        final_codes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_codes", b"final_codes", "initial_interval_ms", b"initial_interval_ms", "max_attempts", b"max_attempts", "max_interval_ms", b"max_interval_ms", "multiplier", b"multiplier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
+
+@_typing.final
+class SagaStep(_message.Message):
+    """One step of a saga: an action and its compensation on a participant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    COMPENSATION_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    COMPENSATION_PAYLOAD_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    PIVOT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """unique in the saga ([A-Za-z0-9_.-], <= 64)"""
+    service: _builtins.str
+    """exactly one of service and address"""
+    address: _builtins.str
+    action: _builtins.str
+    """the participant's operation for Execute"""
+    compensation: _builtins.str
+    """the operation for Compensate; required before the pivot"""
+    payload: _builtins.bytes
+    """sent with the action"""
+    compensation_payload: _builtins.bytes
+    """sent with the compensation (default: payload)"""
+    timeout_ms: _builtins.int
+    """per attempt (default: the coordinator's call timeout)"""
+    pivot: _builtins.bool
+    """after this step completes the saga only goes forward"""
+    @_builtins.property
+    def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """step names; the definition must be a DAG"""
+
+    @_builtins.property
+    def retry(self) -> Global___RetryPolicy: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        service: _builtins.str = ...,
+        address: _builtins.str = ...,
+        action: _builtins.str = ...,
+        compensation: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        compensation_payload: _builtins.bytes = ...,
+        depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        retry: Global___RetryPolicy | None = ...,
+        timeout_ms: _builtins.int = ...,
+        pivot: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry", b"retry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "address", b"address", "compensation", b"compensation", "compensation_payload", b"compensation_payload", "depends_on", b"depends_on", "name", b"name", "payload", b"payload", "pivot", b"pivot", "retry", b"retry", "service", b"service", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SagaStep: _TypeAlias = SagaStep  # noqa: Y015
+
+@_typing.final
+class SagaDefinition(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___SagaStep]: ...
+    def __init__(
+        self,
+        *,
+        steps: _abc.Iterable[Global___SagaStep] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SagaDefinition: _TypeAlias = SagaDefinition  # noqa: Y015
+
+@_typing.final
+class StepStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    COMPENSATION_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    RESOLVED_ADDRESS_FIELD_NUMBER: _builtins.int
+    state: Global___BranchState.ValueType
+    attempts: _builtins.int
+    """action attempts"""
+    compensation_attempts: _builtins.int
+    last_error: _builtins.str
+    result: _builtins.bytes
+    """what the action returned"""
+    resolved_address: _builtins.str
+    @_builtins.property
+    def step(self) -> Global___SagaStep: ...
+    def __init__(
+        self,
+        *,
+        step: Global___SagaStep | None = ...,
+        state: Global___BranchState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        compensation_attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        result: _builtins.bytes = ...,
+        resolved_address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "compensation_attempts", b"compensation_attempts", "last_error", b"last_error", "resolved_address", b"resolved_address", "result", b"result", "state", b"state", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepStatus: _TypeAlias = StepStatus  # noqa: Y015
 
 @_typing.final
 class Branch(_message.Message):
@@ -201,6 +420,7 @@ class Transaction(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     LSN_FIELD_NUMBER: _builtins.int
     ONE_PHASE_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     protocol: Global___Protocol.ValueType
     state: Global___TxnState.ValueType
@@ -215,6 +435,10 @@ class Transaction(_message.Message):
     """True when the single-branch one-phase optimisation was used."""
     @_builtins.property
     def branches(self) -> _containers.RepeatedCompositeFieldContainer[Global___BranchStatus]: ...
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepStatus]:
+        """Sagas: each step's state, in definition order."""
+
     def __init__(
         self,
         *,
@@ -228,10 +452,11 @@ class Transaction(_message.Message):
         reason: _builtins.str = ...,
         lsn: _builtins.int = ...,
         one_phase: _builtins.bool = ...,
+        steps: _abc.Iterable[Global___StepStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branches", b"branches", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "lsn", b"lsn", "one_phase", b"one_phase", "protocol", b"protocol", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branches", b"branches", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "lsn", b"lsn", "one_phase", b"one_phase", "protocol", b"protocol", "reason", b"reason", "state", b"state", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

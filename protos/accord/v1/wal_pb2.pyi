@@ -184,6 +184,113 @@ class WalEnd(_message.Message):
 Global___WalEnd: _TypeAlias = WalEnd  # noqa: Y015
 
 @_typing.final
+class WalSagaStart(_message.Message):
+    """A saga's definition: written (forced together with its first step start)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    RESOLVED_ADDRESSES_FIELD_NUMBER: _builtins.int
+    gid: _builtins.str
+    idempotency_key: _builtins.str
+    request_digest: _builtins.bytes
+    created_unix_ms: _builtins.int
+    deadline_unix_ms: _builtins.int
+    @_builtins.property
+    def definition(self) -> _types_pb2.SagaDefinition: ...
+    @_builtins.property
+    def resolved_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        gid: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        request_digest: _builtins.bytes = ...,
+        created_unix_ms: _builtins.int = ...,
+        deadline_unix_ms: _builtins.int = ...,
+        definition: _types_pb2.SagaDefinition | None = ...,
+        resolved_addresses: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "definition", b"definition", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WalSagaStart: _TypeAlias = WalSagaStart  # noqa: Y015
+
+@_typing.final
+class WalSagaStep(_message.Message):
+    """One step's state change. A step start (RUNNING, COMPENSATING) is forced before the
+    call is sent; results ride the group commit.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    gid: _builtins.str
+    step: _builtins.int
+    """index in the definition"""
+    state: _types_pb2.BranchState.ValueType
+    attempts: _builtins.int
+    error: _builtins.str
+    result: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        gid: _builtins.str = ...,
+        step: _builtins.int = ...,
+        state: _types_pb2.BranchState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        error: _builtins.str = ...,
+        result: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "gid", b"gid", "result", b"result", "state", b"state", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WalSagaStep: _TypeAlias = WalSagaStep  # noqa: Y015
+
+@_typing.final
+class WalSagaState(_message.Message):
+    """The saga's own state change (RUNNING -> COMPENSATING -> COMPENSATED / STUCK ...)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    gid: _builtins.str
+    state: _types_pb2.TxnState.ValueType
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        gid: _builtins.str = ...,
+        state: _types_pb2.TxnState.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gid", b"gid", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WalSagaState: _TypeAlias = WalSagaState  # noqa: Y015
+
+@_typing.final
 class WalCheckpoint(_message.Message):
     """Points to a checkpoint file that holds every unfinished transaction as of `lsn`."""
 
@@ -241,6 +348,9 @@ class CheckpointTxn(_message.Message):
     COMMIT_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    SAGA_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    SAGA_STATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def begin(self) -> Global___WalBegin: ...
     @_builtins.property
@@ -253,6 +363,14 @@ class CheckpointTxn(_message.Message):
     def end(self) -> Global___WalEnd:
         """finished transactions kept for idempotency look-ups"""
 
+    @_builtins.property
+    def saga(self) -> Global___WalSagaStart: ...
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___WalSagaStep]:
+        """the latest record of each step"""
+
+    @_builtins.property
+    def saga_state(self) -> Global___WalSagaState: ...
     def __init__(
         self,
         *,
@@ -261,10 +379,13 @@ class CheckpointTxn(_message.Message):
         commit: Global___WalCommit | None = ...,
         abort: Global___WalAbort | None = ...,
         end: Global___WalEnd | None = ...,
+        saga: Global___WalSagaStart | None = ...,
+        steps: _abc.Iterable[Global___WalSagaStep] | None = ...,
+        saga_state: Global___WalSagaState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "begin", b"begin", "commit", b"commit", "end", b"end", "prepare", b"prepare"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "begin", b"begin", "commit", b"commit", "end", b"end", "prepare", b"prepare", "saga", b"saga", "saga_state", b"saga_state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "begin", b"begin", "commit", b"commit", "end", b"end", "prepare", b"prepare"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "begin", b"begin", "commit", b"commit", "end", b"end", "prepare", b"prepare", "saga", b"saga", "saga_state", b"saga_state", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

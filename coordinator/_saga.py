@@ -1,0 +1,303 @@
+"""Orchestrated sagas: which step runs next, and what to undo.
+
+Persistence, timers and recovery are the engine's; this module sequences steps. Steps
+whose dependencies have all succeeded run in parallel. A step start is forced to the
+WAL before its action is sent (a lost start record would leave an effect nobody undoes);
+results ride the group commit (a lost result is learned again by re-sending the action,
+which the participant's barrier answers with what it already did).
+
+Forward: a step's action is retried under its policy; ``ABORTED`` or a code in the
+policy's ``final_codes`` fails it for good. Once the pivot has succeeded the saga only
+goes forward: later steps are retried until they succeed. A failure before that (or
+CancelSaga, or the deadline) turns the saga to COMPENSATING.
+
+Backward: every step whose action was sent and not definitely refused (it may have taken
+effect) is compensated, a step only after every step that depends on it, in parallel
+where the DAG allows. A compensation that keeps failing past its policy leaves the saga
+STUCK for an operator (RetryTransaction), never silently half-done. The same ``run``
+drives live sagas and sagas found unfinished in the WAL after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import accord.v1 as pb
+from coordinator._calls import CallResult, Verdict
+from coordinator._model import StepRt, Txn
+from coordinator._states import BranchState, TxnState
+from coordinator._validate import after_pivot, topological_order
+
+if TYPE_CHECKING:
+    from coordinator._engine import Engine
+
+log = logging.getLogger("accord.coordinator.saga")
+
+DEFAULT_ATTEMPTS = 5
+DEFAULT_INITIAL_MS = 100
+DEFAULT_MAX_MS = 10_000
+
+#: The step may have taken effect: it must be compensated if the saga goes back.
+_MAY_HAVE_RUN = frozenset({BranchState.RUNNING, BranchState.SUCCEEDED, BranchState.COMPENSATING})
+
+
+class SagaMode:
+    def __init__(self, engine: Engine) -> None:
+        self._e = engine
+        self._fp = engine._fp
+
+    # ------------------------------------------------------------------ model
+
+    def build(self, rec: pb.WalSagaStart) -> Txn:
+        """A saga's in-memory form from its SAGA_START record (live or replayed)."""
+        d = rec.definition
+        names = {st.name: i for i, st in enumerate(d.steps)}
+        after = after_pivot(d, topological_order(d))
+        steps = [
+            StepRt(
+                index=i,
+                spec=st,
+                resolved=rec.resolved_addresses[i]
+                if i < len(rec.resolved_addresses)
+                else st.address,
+                deps=[names[n] for n in st.depends_on],
+                after_pivot=after[i],
+            )
+            for i, st in enumerate(d.steps)
+        ]
+        for st in steps:
+            for dep in st.deps:
+                steps[dep].dependents.append(st.index)
+        txn = Txn(
+            gid=rec.gid,
+            protocol=pb.PROTOCOL_SAGA,
+            key=rec.idempotency_key,
+            digest=rec.request_digest,
+            created_ms=rec.created_unix_ms,
+            deadline_ms=rec.deadline_unix_ms,
+            state=TxnState.RUNNING,
+            claimed=TxnState.RUNNING,
+            steps=steps,
+            rec_saga=rec,
+        )
+        return txn
+
+    @staticmethod
+    def apply_step(step: StepRt, rec: pb.WalSagaStep) -> None:
+        step.state = BranchState(rec.state)
+        if rec.state in (
+            pb.BRANCH_STATE_RUNNING,
+            pb.BRANCH_STATE_SUCCEEDED,
+            pb.BRANCH_STATE_FAILED,
+        ):
+            step.attempts = max(step.attempts, rec.attempts)
+        if rec.error:
+            step.last_error = rec.error
+        if rec.result:
+            step.result = rec.result
+
+    @staticmethod
+    def pivot_done(txn: Txn) -> bool:
+        return any(st.spec.pivot and st.state == BranchState.SUCCEEDED for st in txn.steps)
+
+    # ------------------------------------------------------------------ driving
+
+    async def run(self, txn: Txn) -> None:
+        if txn.state == TxnState.RUNNING:
+            await self._forward(txn)
+        if txn.state == TxnState.COMPENSATING:
+            await self._backward(txn)
+
+    async def _forward(self, txn: Txn) -> None:
+        tasks: dict[int, asyncio.Task[bool]] = {}
+        failed: list[str] = []
+        loop = asyncio.get_running_loop()
+        stop = loop.create_task(txn.abort_requested.wait())
+        try:
+            while True:
+                if not failed and not txn.abort_requested.is_set():
+                    for st in txn.steps:
+                        again = st.state == BranchState.FAILED and self.pivot_done(txn)
+                        if again:
+                            tasks.pop(st.index, None)  # past the pivot: run it again
+                        if st.index in tasks or not (
+                            again or st.state in (BranchState.PENDING, BranchState.RUNNING)
+                        ):
+                            continue
+                        if all(txn.steps[d].state == BranchState.SUCCEEDED for d in st.deps):
+                            tasks[st.index] = loop.create_task(self._step(txn, st))
+                running = {t for t in tasks.values() if not t.done()}
+                if not running:
+                    break
+                timeout = None
+                if not self.pivot_done(txn) and txn.deadline_ms:
+                    timeout = max(0.0, (txn.deadline_ms - self._e._clock.now_ms()) / 1000)
+                done, _ = await asyncio.wait(
+                    {*running, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for i, t in tasks.items():
+                    if t in done and not t.result():
+                        failed.append(
+                            f"step {txn.steps[i].spec.name} failed: {txn.steps[i].last_error}"
+                        )
+                if self.pivot_done(txn):
+                    failed.clear()  # past the pivot nothing fails: steps retry until done
+                    continue
+                if failed or txn.abort_requested.is_set() or not done:
+                    if not done:
+                        failed.append("deadline passed before the saga completed")
+                    # Steps still in flight may or may not take effect: stop them and
+                    # compensate them with the rest (their state stays RUNNING).
+                    for t in running:
+                        t.cancel()
+                    await asyncio.gather(*running, return_exceptions=True)
+                    break
+        finally:
+            stop.cancel()
+        if all(st.state == BranchState.SUCCEEDED for st in txn.steps):
+            await self._e.transition(txn, TxnState.COMPLETED)
+            return
+        reason = failed[0] if failed else (txn.reason or "cancelled by the client")
+        await self._e.transition(txn, TxnState.COMPENSATING, reason=reason)
+
+    async def _step(self, txn: Txn, st: StepRt) -> bool:
+        """Runs one action to a final answer; False when it failed for good (or its
+        attempts ran out before the pivot)."""
+        await self._e.log_step(txn, st, BranchState.RUNNING, sync=True)
+        await self._fp.acheck("before_step_send")
+        # The pivot, and everything after it, must reach a definite answer.
+        forever = st.after_pivot
+        result = await self._attempts(
+            txn, st, st.spec.action, st.spec.payload, forever=forever, compensation=False
+        )
+        await self._fp.acheck("after_step_result")
+        if result is None:
+            return False  # attempts exhausted: outcome unknown, state stays RUNNING
+        if result.verdict == Verdict.OK:
+            await self._e.log_step(txn, st, BranchState.SUCCEEDED, sync=False, result=result.result)
+            return True
+        if forever:
+            raise AssertionError("a step after the pivot cannot fail")  # pragma: no cover
+        await self._e.log_step(txn, st, BranchState.FAILED, sync=False, error=result.detail)
+        return False
+
+    async def _backward(self, txn: Txn) -> None:
+        todo = {
+            st.index
+            for st in txn.steps
+            if st.state in _MAY_HAVE_RUN and not (st.after_pivot and self.pivot_done(txn))
+        }
+        for st in txn.steps:
+            if st.state == BranchState.PENDING:
+                st.state = BranchState.SKIPPED
+        stuck: list[str] = []
+        done_count = 0
+        loop = asyncio.get_running_loop()
+        tasks: dict[int, asyncio.Task[bool]] = {}
+        while True:
+            for i in sorted(todo):
+                if i in tasks:
+                    continue
+                st = txn.steps[i]
+                # Reverse dependency order: only after every dependent is undone.
+                if all(
+                    d not in todo or (d in tasks and tasks[d].done() and tasks[d].result())
+                    for d in st.dependents
+                ):
+                    tasks[i] = loop.create_task(self._compensate(txn, st))
+            running = {t for t in tasks.values() if not t.done()}
+            if not running:
+                break
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t.result():
+                    done_count += 1
+                    if done_count == 1:
+                        await self._fp.acheck("mid_compensation")
+        for i in todo:
+            task = tasks.get(i)
+            if task is None or not task.result():
+                st = txn.steps[i]
+                stuck.append(
+                    f"compensation of step {st.spec.name} failed: {st.last_error or 'blocked by a failed dependent'}"
+                )
+        if stuck:
+            log.error("gid=%s saga STUCK: %s", txn.gid, "; ".join(stuck))
+            await self._e.transition(txn, TxnState.STUCK, reason=stuck[0])
+            return
+        await self._e.transition(txn, TxnState.COMPENSATED)
+
+    async def _compensate(self, txn: Txn, st: StepRt) -> bool:
+        if st.state == BranchState.COMPENSATED:
+            return True
+        await self._e.log_step(txn, st, BranchState.COMPENSATING, sync=False)
+        payload = st.spec.compensation_payload or st.spec.payload
+        result = await self._attempts(
+            txn, st, st.spec.compensation, payload, forever=False, compensation=True
+        )
+        if result is None or result.verdict != Verdict.OK:
+            if result is not None:
+                st.last_error = result.detail
+            return False
+        await self._e.log_step(txn, st, BranchState.COMPENSATED, sync=False)
+        return True
+
+    async def _attempts(
+        self,
+        txn: Txn,
+        st: StepRt,
+        operation: str,
+        payload: bytes,
+        *,
+        forever: bool,
+        compensation: bool,
+    ) -> CallResult | None:
+        """Calls until a final answer. Returns None when the attempts run out."""
+        policy = st.spec.retry
+        max_attempts = policy.max_attempts or DEFAULT_ATTEMPTS
+        initial = (policy.initial_interval_ms or DEFAULT_INITIAL_MS) / 1000
+        cap = (policy.max_interval_ms or DEFAULT_MAX_MS) / 1000
+        mult = policy.multiplier or 2.0
+        final_codes = set(policy.final_codes)
+        attempt_s = (
+            (st.spec.timeout_ms / 1000) if st.spec.timeout_ms else self._e.config.call_timeout_s
+        )
+        cfg = self._e.config
+        request = pb.BranchRequest(
+            gid=txn.gid,
+            branch_id=st.spec.name,
+            operation=operation,
+            payload=payload,
+            shard=cfg.shard,
+            epoch=cfg.epoch,
+            coordinator_address=cfg.advertise_address,
+        )
+        method = "Compensate" if compensation else "Execute"
+        n = 0
+        while True:
+            n += 1
+            if compensation:
+                st.compensation_attempts += 1
+            else:
+                st.attempts += 1
+            forever = forever or (not compensation and self.pivot_done(txn))
+            result = await self._e._calls.call(method, st.resolved, request, attempt_s)
+            if result.verdict == Verdict.OK:
+                return result
+            final = result.verdict == Verdict.NO or result.code.name in final_codes
+            st.last_error = result.detail
+            if final and not forever and not compensation:
+                return result
+            if n >= max_attempts and not forever:
+                return None
+            if final and forever:
+                log.error(
+                    "gid=%s step %s after the pivot refused (%s); retrying",
+                    txn.gid,
+                    st.spec.name,
+                    result.detail,
+                )
+            delay = min(cap, initial * mult ** (n - 1)) * (0.5 + self._e._rand() / 2)
+            await asyncio.sleep(delay)
