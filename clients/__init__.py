@@ -2,7 +2,15 @@
 (async first, a sync wrapper), the ``accord`` command line, the demo, and (later) the
 load generator and the chaos harness. It talks to coordinators only over gRPC."""
 
-from clients._client import AccordClient, Branch, BranchResult, Transaction, TxnResult
+from clients._client import (
+    AccordClient,
+    Branch,
+    BranchResult,
+    SagaStep,
+    StepResult,
+    Transaction,
+    TxnResult,
+)
 from clients._errors import (
     AccordClientError,
     AlreadyExistsError,
@@ -27,6 +35,8 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "ResourceExhaustedError",
+    "SagaStep",
+    "StepResult",
     "SyncAccordClient",
     "Transaction",
     "TransactionAborted",

@@ -29,7 +29,8 @@ T = TypeVar("T")
 
 _STATE_NAMES = {v: k.removeprefix("TXN_STATE_") for k, v in pb.TxnState.items()}
 _BRANCH_STATE_NAMES = {v: k.removeprefix("BRANCH_STATE_") for k, v in pb.BranchState.items()}
-FINAL_STATES = frozenset({"COMMITTED", "ABORTED"})
+FINAL_STATES = frozenset({"COMMITTED", "ABORTED", "COMPLETED", "COMPENSATED"})
+_PROTOCOL_NAMES = {v: k.removeprefix("PROTOCOL_") for k, v in pb.Protocol.items()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +56,110 @@ class Branch:
         )
 
 
+def _encode(payload: bytes | dict[str, Any] | list[Any] | str) -> bytes:
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, str):
+        return payload.encode()
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SagaStep:
+    """One saga step: an action and its compensation on a participant service."""
+
+    name: str
+    action: str
+    compensation: str = ""
+    service: str = ""
+    address: str = ""
+    payload: bytes | dict[str, Any] | list[Any] | str = b""
+    #: Sent with the compensation; the action's payload when None.
+    compensation_payload: bytes | dict[str, Any] | list[Any] | str | None = None
+    depends_on: tuple[str, ...] = ()
+    pivot: bool = False
+    timeout_ms: int = 0
+    max_attempts: int = 0
+    initial_interval_ms: int = 0
+    max_interval_ms: int = 0
+    multiplier: float = 0.0
+    final_codes: tuple[str, ...] = ()
+
+    def to_pb(self) -> pb.SagaStep:
+        return pb.SagaStep(
+            name=self.name,
+            service=self.service,
+            address=self.address,
+            action=self.action,
+            compensation=self.compensation,
+            payload=_encode(self.payload),
+            compensation_payload=b""
+            if self.compensation_payload is None
+            else _encode(self.compensation_payload),
+            depends_on=list(self.depends_on),
+            retry=pb.RetryPolicy(
+                initial_interval_ms=self.initial_interval_ms,
+                multiplier=self.multiplier,
+                max_interval_ms=self.max_interval_ms,
+                max_attempts=self.max_attempts,
+                final_codes=list(self.final_codes),
+            ),
+            timeout_ms=self.timeout_ms,
+            pivot=self.pivot,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SagaStep:
+        """From the JSON form used by ``accord txn saga --file``."""
+        retry = d.get("retry") or {}
+        known = {
+            "name",
+            "action",
+            "compensation",
+            "service",
+            "address",
+            "payload",
+            "compensation_payload",
+            "depends_on",
+            "pivot",
+            "timeout_ms",
+            "retry",
+        }
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"step {d.get('name')!r}: unknown fields {sorted(unknown)}")
+        return cls(
+            name=str(d["name"]),
+            action=str(d["action"]),
+            compensation=str(d.get("compensation", "")),
+            service=str(d.get("service", "")),
+            address=str(d.get("address", "")),
+            payload=d.get("payload", b""),
+            compensation_payload=d.get("compensation_payload"),
+            depends_on=tuple(d.get("depends_on", ())),
+            pivot=bool(d.get("pivot", False)),
+            timeout_ms=int(d.get("timeout_ms", 0)),
+            max_attempts=int(retry.get("max_attempts", 0)),
+            initial_interval_ms=int(retry.get("initial_interval_ms", 0)),
+            max_interval_ms=int(retry.get("max_interval_ms", 0)),
+            multiplier=float(retry.get("multiplier", 0.0)),
+            final_codes=tuple(retry.get("final_codes", ())),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepResult:
+    name: str
+    service: str
+    address: str
+    action: str
+    state: str
+    attempts: int
+    compensation_attempts: int
+    last_error: str
+    result: bytes
+
+
 @dataclass(frozen=True, kw_only=True)
 class BranchResult:
     branch_id: str
@@ -77,6 +182,8 @@ class TxnResult:
     created_unix_ms: int = 0
     deadline_unix_ms: int = 0
     branches: tuple[BranchResult, ...] = field(default=())
+    steps: tuple[StepResult, ...] = field(default=())
+    protocol: str = "TWO_PHASE_COMMIT"
 
     @property
     def committed(self) -> bool:
@@ -90,6 +197,18 @@ class TxnResult:
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
+
+    @property
+    def completed(self) -> bool:
+        return self.state == "COMPLETED"
+
+    @property
+    def compensated(self) -> bool:
+        return self.state == "COMPENSATED"
+
+    @property
+    def stuck(self) -> bool:
+        return self.state == "STUCK"
 
     @classmethod
     def from_pb(cls, t: pb.Transaction) -> TxnResult:
@@ -114,6 +233,21 @@ class TxnResult:
                 )
                 for b in t.branches
             ),
+            steps=tuple(
+                StepResult(
+                    name=st.step.name,
+                    service=st.step.service,
+                    address=st.resolved_address or st.step.address,
+                    action=st.step.action,
+                    state=_BRANCH_STATE_NAMES.get(st.state, str(st.state)),
+                    attempts=st.attempts,
+                    compensation_attempts=st.compensation_attempts,
+                    last_error=st.last_error,
+                    result=st.result,
+                )
+                for st in t.steps
+            ),
+            protocol=_PROTOCOL_NAMES.get(t.protocol, str(t.protocol)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,7 +260,11 @@ class TxnResult:
             "one_phase": self.one_phase,
             "created_unix_ms": self.created_unix_ms,
             "deadline_unix_ms": self.deadline_unix_ms,
+            "protocol": self.protocol,
             "branches": [b.__dict__ for b in self.branches],
+            "steps": [
+                {**st.__dict__, "result": st.result.decode(errors="replace")} for st in self.steps
+            ],
         }
 
 
@@ -246,6 +384,38 @@ class AccordClient:
             branches=[b.to_pb() for b in branches],
         )
         resp = await _call(lambda: self._stub.Execute(req, timeout=self._timeout))
+        return TxnResult.from_pb(resp.transaction)
+
+    # sagas
+    async def start_saga(
+        self,
+        steps: Sequence[SagaStep],
+        *,
+        idempotency_key: str = "",
+        timeout_ms: int = 0,
+        wait: bool = True,
+    ) -> TxnResult:
+        """Starts a saga; with wait (the default) returns once it has ended
+        (COMPLETED, COMPENSATED, or STUCK waiting for an operator)."""
+        req = pb.StartSagaRequest(
+            idempotency_key=idempotency_key,
+            timeout_ms=timeout_ms,
+            definition=pb.SagaDefinition(steps=[s.to_pb() for s in steps]),
+            wait=wait,
+        )
+        timeout = None if wait else self._timeout
+        resp = await _call(lambda: self._stub.StartSaga(req, timeout=timeout))
+        return TxnResult.from_pb(resp.transaction)
+
+    async def cancel_saga(self, gid: str, reason: str = "") -> TxnResult:
+        req = pb.CancelSagaRequest(gid=gid, reason=reason)
+        resp = await _call(lambda: self._stub.CancelSaga(req))
+        return TxnResult.from_pb(resp.transaction)
+
+    async def retry(self, gid: str) -> TxnResult:
+        """Operator action: compensate a STUCK saga again."""
+        req = pb.RetryTransactionRequest(gid=gid)
+        resp = await _call(lambda: self._stub.RetryTransaction(req))
         return TxnResult.from_pb(resp.transaction)
 
     # reads

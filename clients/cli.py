@@ -193,6 +193,25 @@ def _print_txn(result: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result.to_dict()))
         return
+    if result.steps:
+        steps = Table(title=f"saga {result.gid}", show_header=True)
+        for col in ("step", "target", "action", "state", "attempts", "last error"):
+            steps.add_column(col)
+        for st in result.steps:
+            steps.add_row(
+                st.name,
+                st.address,
+                st.action,
+                st.state,
+                f"{st.attempts}+{st.compensation_attempts}",
+                st.last_error,
+            )
+        console.print(
+            f"state: [bold]{result.state}[/bold]"
+            + (f"  reason: {result.reason}" if result.reason else "")
+        )
+        console.print(steps)
+        return
     table = Table(title=f"transaction {result.gid}", show_header=True)
     table.add_column("branch")
     table.add_column("target")
@@ -296,6 +315,60 @@ def txn_execute(
         raise typer.Exit(1)
 
 
+@txn_app.command("saga")
+def txn_saga(
+    file: Annotated[Path, typer.Option("--file", "-f", help="saga definition (JSON)")],
+    coordinator: Coordinator = "127.0.0.1:7070",
+    idempotency_key: str = "",
+    timeout_ms: int = 0,
+    wait: Annotated[bool, typer.Option(help="wait until the saga ends")] = True,
+    as_json: JsonOut = False,
+) -> None:
+    """Start a saga from a JSON file: {"steps": [{"name", "service" or "address",
+    "action", "compensation", "payload", "depends_on": [...], "pivot", "timeout_ms",
+    "retry": {"max_attempts", "initial_interval_ms", "max_interval_ms", "multiplier",
+    "final_codes"}}], "timeout_ms": N}. Exit 1 unless it COMPLETED (or is running)."""
+    from clients import SagaStep
+
+    try:
+        doc = json.loads(file.read_text())
+        steps = [SagaStep.from_dict(d) for d in doc["steps"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise fail(f"{file}: {e}") from None
+    timeout_ms = timeout_ms or int(doc.get("timeout_ms", 0))
+    result = _client_call(
+        coordinator,
+        lambda c: c.start_saga(
+            steps, idempotency_key=idempotency_key, timeout_ms=timeout_ms, wait=wait
+        ),
+    )
+    _print_txn(result, as_json)
+    if wait and not result.completed:
+        raise typer.Exit(1)
+
+
+@txn_app.command("cancel")
+def txn_cancel(
+    gid: str,
+    coordinator: Coordinator = "127.0.0.1:7070",
+    reason: str = "",
+    as_json: JsonOut = False,
+) -> None:
+    """Cancel a saga before its pivot: what ran is compensated."""
+    _print_txn(_client_call(coordinator, lambda c: c.cancel_saga(gid, reason)), as_json)
+
+
+@txn_app.command("retry")
+def txn_retry(
+    gid: str, coordinator: Coordinator = "127.0.0.1:7070", as_json: JsonOut = False
+) -> None:
+    """Operator action: try a STUCK saga's compensations again. Exit 1 if still stuck."""
+    result = _client_call(coordinator, lambda c: c.retry(gid))
+    _print_txn(result, as_json)
+    if result.stuck:
+        raise typer.Exit(1)
+
+
 @txn_app.command("get")
 def txn_get(
     gid: str, coordinator: Coordinator = "127.0.0.1:7070", as_json: JsonOut = False
@@ -308,13 +381,15 @@ def txn_get(
 def txn_list(
     coordinator: Coordinator = "127.0.0.1:7070",
     state: Annotated[list[str] | None, typer.Option(help="only these states (repeatable)")] = None,
+    stuck: Annotated[bool, typer.Option("--stuck", help="only STUCK sagas")] = False,
     limit: int = 100,
     page_token: str = "",
     as_json: JsonOut = False,
 ) -> None:
     """List transactions, oldest first."""
+    states = [*(state or []), *(["STUCK"] if stuck else [])]
     txns, token = _client_call(
-        coordinator, lambda c: c.list(states=state or [], limit=limit, page_token=page_token)
+        coordinator, lambda c: c.list(states=states, limit=limit, page_token=page_token)
     )
     if as_json:
         print(json.dumps({"transactions": [t.to_dict() for t in txns], "next_page_token": token}))

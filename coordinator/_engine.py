@@ -434,7 +434,7 @@ class Engine:
         if old == TxnState.STUCK:
             txn.decided = asyncio.Event()
             txn.reason = ""
-        if reason and not txn.reason:
+        if reason and (not txn.reason or new == TxnState.STUCK):
             txn.reason = reason
         txn.state = new
         txn.lsn = lsn

@@ -1,0 +1,275 @@
+"""Sagas through the engine with a fake WAL and scripted participants (fast tier)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import accord.v1 as pb
+from coordinator import (
+    AlreadyExists,
+    BranchState,
+    CoordinatorConfig,
+    Engine,
+    FailedPrecondition,
+    InvalidArgument,
+    TxnState,
+)
+from coordinator._calls import CallResult, Verdict
+from coordinator._model import Txn
+from coordinator._records import RecordType
+from tests.unit._fakes import FakeCalls, FakeClock, FakeWal
+
+FAST_RETRY = pb.RetryPolicy(initial_interval_ms=1, max_interval_ms=2, max_attempts=3)
+OK = CallResult(Verdict.OK)
+NO = CallResult(Verdict.NO, detail="no cars left")
+BUSY = CallResult(Verdict.RETRY, detail="UNAVAILABLE")
+
+
+def step(name: str, *deps: str, pivot: bool = False, compensation: str = "undo") -> pb.SagaStep:
+    return pb.SagaStep(
+        name=name,
+        service="svc",
+        action="do",
+        compensation=compensation,
+        payload=name.encode(),
+        depends_on=list(deps),
+        retry=FAST_RETRY,
+        pivot=pivot,
+    )
+
+
+class TimedCalls(FakeCalls):
+    """Records when each call starts and ends, to observe real concurrency."""
+
+    def __init__(
+        self, answers: dict[tuple[str, str], list[CallResult]] | None = None, delay: float = 0.02
+    ) -> None:
+        super().__init__(answers or {})
+        self.delay = delay
+        self.spans: dict[tuple[str, str], tuple[float, float]] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def call(
+        self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
+    ) -> CallResult:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        await asyncio.sleep(self.delay)
+        self.in_flight -= 1
+        result = await super().call(method, address, request, attempt_s)
+        self.spans[(method, request.branch_id)] = (t0, loop.time())
+        return result
+
+
+def make(calls: FakeCalls) -> tuple[Engine, FakeWal]:
+    wal = FakeWal()
+    return Engine(wal=wal, calls=calls, config=CoordinatorConfig(), clock=FakeClock()), wal
+
+
+def steps_of(txn: Txn) -> dict[str, BranchState]:
+    return {s.spec.name: s.state for s in txn.steps}
+
+
+async def start(e: Engine, *steps: pb.SagaStep, key: str = "") -> Txn:
+    return await e.start_saga(
+        key=key, timeout_ms=0, definition=pb.SagaDefinition(steps=steps), wait=True
+    )
+
+
+async def test_independent_steps_run_in_parallel_and_dependents_wait() -> None:
+    calls = TimedCalls()
+    e, wal = make(calls)
+    txn = await start(e, step("a"), step("b"), step("c", "a", "b"))
+    assert txn.state == TxnState.COMPLETED
+    assert calls.max_in_flight == 2  # a and b together, observed
+    a, b, c = (calls.spans[("Execute", n)] for n in "abc")
+    assert c[0] >= max(a[1], b[1])  # c only after both
+    # Every step start was forced before its action was sent.
+    starts = [r for r in wal.records if RecordType(r[1]) == RecordType.SAGA_STEP and r[3]]
+    assert len(starts) == 3
+
+
+async def test_failure_compensates_in_reverse_dependency_order() -> None:
+    calls = TimedCalls({("Execute", "car"): [NO]})
+    e, _ = make(calls)
+    txn = await start(e, step("flight"), step("hotel", "flight"), step("car", "hotel"))
+    assert txn.state == TxnState.COMPENSATED
+    assert "no cars left" in txn.reason
+    assert steps_of(txn) == {
+        "flight": BranchState.COMPENSATED,
+        "hotel": BranchState.COMPENSATED,
+        "car": BranchState.FAILED,
+    }
+    comp = [b for m, b, _ in calls.log if m == "Compensate"]
+    assert comp == ["hotel", "flight"]  # reverse order; the refused car is not compensated
+
+
+async def test_parallel_compensation_where_the_dag_allows() -> None:
+    calls = TimedCalls({("Execute", "d"): [NO]})
+    e, _ = make(calls)
+    txn = await start(e, step("a"), step("b"), step("d", "a", "b"))
+    assert txn.state == TxnState.COMPENSATED
+    ca, cb = calls.spans[("Compensate", "a")], calls.spans[("Compensate", "b")]
+    assert ca[0] < cb[1] and cb[0] < ca[1]  # overlapping
+
+
+async def test_exhausted_retries_compensate_the_unknown_step_too() -> None:
+    calls = TimedCalls({("Execute", "b"): [BUSY]}, delay=0)
+    e, _ = make(calls)
+    txn = await start(e, step("a"), step("b", "a"))
+    assert txn.state == TxnState.COMPENSATED
+    assert [b for m, b, _ in calls.log if m == "Execute"].count("b") == 3  # max_attempts
+    # b's answer never came: it may have run, so it is compensated as well, first.
+    assert [b for m, b, _ in calls.log if m == "Compensate"] == ["b", "a"]
+
+
+async def test_after_the_pivot_only_forward() -> None:
+    calls = TimedCalls({("Execute", "ship"): [NO, BUSY, BUSY, BUSY, BUSY, OK]}, delay=0)
+    e, _ = make(calls)
+    txn = await start(
+        e, step("pay"), step("charge", "pay", pivot=True), step("ship", "charge", compensation="")
+    )
+    assert txn.state == TxnState.COMPLETED
+    assert not [m for m, _, _ in calls.log if m == "Compensate"]
+    with pytest.raises(FailedPrecondition):
+        await e.cancel_saga(txn.gid, "too late")
+
+
+async def test_failing_compensation_is_stuck_then_retried_by_an_operator() -> None:
+    calls = TimedCalls({("Execute", "b"): [NO], ("Compensate", "a"): [BUSY]}, delay=0)
+    e, _ = make(calls)
+    txn = await start(e, step("a"), step("b", "a"))
+    assert txn.state == TxnState.STUCK
+    assert "compensation of step a" in txn.reason
+    stuck, _ = e.list([TxnState.STUCK], 10, "")
+    assert [t.gid for t in stuck] == [txn.gid]
+    calls.answers[("Compensate", "a")] = [OK]
+    again = await e.retry(txn.gid)
+    assert again.state == TxnState.COMPENSATED
+    with pytest.raises(FailedPrecondition):
+        await e.retry(txn.gid)
+
+
+async def test_cancel_before_the_pivot_compensates_what_ran() -> None:
+    calls = TimedCalls(delay=0.05)
+    e, _ = make(calls)
+    txn = await e.start_saga(
+        key="",
+        timeout_ms=0,
+        definition=pb.SagaDefinition(steps=[step("a"), step("b", "a")]),
+        wait=False,
+    )
+    await asyncio.sleep(0.07)  # a done, b in flight
+    out = await e.cancel_saga(txn.gid, "user cancelled")
+    assert out.state == TxnState.COMPENSATED and out.reason == "user cancelled"
+    assert set(b for m, b, _ in calls.log if m == "Compensate") >= {"a"}
+
+
+async def test_deadline_compensates() -> None:
+    clock = FakeClock()
+
+    class Slow(TimedCalls):
+        async def call(
+            self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
+        ) -> CallResult:
+            if method == "Execute" and request.branch_id == "b":
+                clock.now += 10_000
+                await asyncio.sleep(5)
+            return await super().call(method, address, request, attempt_s)
+
+    calls = Slow(delay=0)
+    e = Engine(wal=FakeWal(), calls=calls, config=CoordinatorConfig(), clock=clock)
+    d = pb.SagaDefinition(steps=[step("a"), step("b", "a")])
+    txn = await asyncio.wait_for(e.start_saga(key="", timeout_ms=1000, definition=d, wait=True), 3)
+    assert txn.state == TxnState.COMPENSATED and "deadline" in txn.reason
+
+
+async def test_idempotent_start() -> None:
+    e, _ = make(TimedCalls(delay=0))
+    t1 = await start(e, step("a"), key="trip-1")
+    assert (await start(e, step("a"), key="trip-1")) is t1
+    with pytest.raises(AlreadyExists):
+        await start(e, step("a"), step("b"), key="trip-1")
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ([], "at least one"),
+        ([step("a", "b"), step("b", "a")], "cycle"),
+        ([step("a", "a")], "itself"),
+        ([step("a", "zzz")], "unknown step"),
+        ([step("a"), step("a")], "duplicate"),
+        ([step("a", compensation="")], "compensation is required"),
+        ([step("a", pivot=True), step("b", pivot=True)], "at most one pivot"),
+        (
+            [
+                pb.SagaStep(
+                    name="a", service="svc", action="do", compensation="u", payload=b"x" * 300_000
+                )
+            ],
+            "payload",
+        ),
+        ([pb.SagaStep(name="a", service="svc", compensation="u")], "operation is required"),
+        ([pb.SagaStep(name="bad name", service="svc", action="do", compensation="u")], "name"),
+        (
+            [
+                pb.SagaStep(
+                    name="a",
+                    service="svc",
+                    action="do",
+                    compensation="u",
+                    retry=pb.RetryPolicy(final_codes=["NOPE"]),
+                )
+            ],
+            "status code",
+        ),
+    ],
+)
+async def test_bad_definitions(steps: list[pb.SagaStep], message: str) -> None:
+    e, wal = make(TimedCalls())
+    with pytest.raises(InvalidArgument, match=message):
+        await start(e, *steps)
+    assert wal.records == [] and e.inflight == 0
+
+
+async def _recover(wal: FakeWal, upto: int, calls: FakeCalls) -> Engine:
+    e2 = Engine(wal=FakeWal(), calls=calls, config=CoordinatorConfig(), clock=FakeClock())
+    e2.replay(None, [(n, rt, p) for n, rt, p, _ in wal.records[:upto]])
+    await e2.resume()
+    for t in list(e2._txns.values()):
+        await asyncio.wait_for(t.decided.wait(), 3)
+    return e2
+
+
+async def test_recovery_resumes_every_prefix_of_the_log() -> None:
+    """Cut the log after every record: the restarted engine ends the saga completed,
+    or compensated, never half-done; a step started before the cut is re-sent or
+    compensated, never forgotten."""
+    e, wal = make(TimedCalls(delay=0))
+    txn = await start(e, step("a"), step("b", "a"), step("c", "b"))
+    assert txn.state == TxnState.COMPLETED
+    for upto in range(1, len(wal.records) + 1):
+        calls = TimedCalls(delay=0)
+        e2 = await _recover(wal, upto, calls)
+        t2 = e2.get(txn.gid)
+        assert t2.state == TxnState.COMPLETED, upto
+        assert all(s.state == BranchState.SUCCEEDED for s in t2.steps)
+
+
+async def test_recovery_of_a_compensating_saga() -> None:
+    e, wal = make(TimedCalls({("Execute", "c"): [NO]}, delay=0))
+    txn = await start(e, step("a"), step("b", "a"), step("c", "b"))
+    assert txn.state == TxnState.COMPENSATED
+    for upto in range(1, len(wal.records) + 1):
+        calls = TimedCalls({("Execute", "c"): [NO]}, delay=0)
+        e2 = await _recover(wal, upto, calls)
+        t2 = e2.get(txn.gid)
+        assert t2.state == TxnState.COMPENSATED, upto
+        ran = {s.spec.name for s in t2.steps if s.state == BranchState.COMPENSATED}
+        assert ran <= {"a", "b"}
