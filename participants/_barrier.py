@@ -22,7 +22,15 @@ epoch, prepared_at, updated_at)``
 ``accord_fence(shard, epoch, updated_at)``
     The highest coordinator epoch seen per WAL shard. A call with a lower epoch is
     refused ("fenced"); a higher one is recorded. Epoch 0 or an empty shard means no
-    fencing (static single-node mode).
+    fencing (static single-node mode). Epochs are also kept in the store's writer-thread
+    memo, so the row is read once per shard and written only when the epoch rises.
+
+The hot path costs few statements: a Prepare claims its branch row first (an INSERT that
+does nothing when the row exists: then it is a duplicate, answered from the barrier), and
+a Commit or Abort of a PREPARED branch changes the state with one ``UPDATE ... RETURNING``
+that also yields the prepared operation and payload. Either is undone with the handler's
+changes when the handler refuses or says "not yet". New databases store both tables
+``WITHOUT ROWID`` and index only PREPARED branches; older files keep their layout.
 
 The rules, per op (after fencing and the duplicate check):
 
@@ -64,8 +72,8 @@ CREATE TABLE IF NOT EXISTS accord_barrier (
     read_only  INTEGER NOT NULL DEFAULT 0,
     result     BLOB NOT NULL DEFAULT x'',
     created_at REAL NOT NULL,
-    UNIQUE (gid, branch_id, op)
-);
+    PRIMARY KEY (gid, branch_id, op)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS accord_branches (
     gid                 TEXT NOT NULL,
     branch_id           TEXT NOT NULL,
@@ -79,8 +87,10 @@ CREATE TABLE IF NOT EXISTS accord_branches (
     prepared_at         REAL NOT NULL,
     updated_at          REAL NOT NULL,
     PRIMARY KEY (gid, branch_id)
-);
-CREATE INDEX IF NOT EXISTS accord_branches_state ON accord_branches (state, prepared_at);
+) WITHOUT ROWID;
+DROP INDEX IF EXISTS accord_branches_state;
+CREATE INDEX IF NOT EXISTS accord_branches_prepared ON accord_branches (prepared_at)
+    WHERE state = 'PREPARED';
 CREATE TABLE IF NOT EXISTS accord_fence (
     shard      TEXT PRIMARY KEY,
     epoch      INTEGER NOT NULL,
@@ -115,59 +125,167 @@ class BranchRecord:
     prepared_at: float
 
 
+#: What phase two needs of a branch row: its state, operation and payload.
+_Loaded = tuple[BranchState, str, bytes]
+
+
 def create_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
+
+
+# The SQL of the hot path, as constants (the connection caches their prepared statements).
+_SQL_RECORDED = (
+    "SELECT status, message, read_only, result FROM accord_barrier"
+    " WHERE gid = ? AND branch_id = ? AND op = ?"
+)
+#: The recorded answer of an op and the branch row, in one statement (always one row).
+_SQL_LOOKUP = (
+    "SELECT r.status, r.message, r.read_only, r.result, b.state, b.operation, b.payload"
+    " FROM (SELECT ?1 AS gid, ?2 AS branch_id) AS k"
+    " LEFT JOIN accord_barrier AS r"
+    " ON r.gid = k.gid AND r.branch_id = k.branch_id AND r.op = ?3"
+    " LEFT JOIN accord_branches AS b ON b.gid = k.gid AND b.branch_id = k.branch_id"
+)
+_SQL_RECORD = (
+    "INSERT INTO accord_barrier (gid, branch_id, op, status, message, read_only, result,"
+    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQL_INSERT_BRANCH = (
+    "INSERT INTO accord_branches (gid, branch_id, operation, payload, state,"
+    " coordinator_address, shard, epoch, prepared_at, updated_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQL_CLAIM_BRANCH = _SQL_INSERT_BRANCH + " ON CONFLICT (gid, branch_id) DO NOTHING"
+#: Phase two of a PREPARED branch: the new state, returning what was prepared.
+_SQL_FINISH = (
+    "UPDATE accord_branches SET state = ?, updated_at = ?"
+    " WHERE gid = ? AND branch_id = ? AND state = 'PREPARED' RETURNING operation, payload"
+)
+_SQL_SET_STATE = (
+    "UPDATE accord_branches SET state = ?, updated_at = ?"
+    " WHERE gid = ? AND branch_id = ? AND state = ?"
+)
+_SQL_FENCE = "SELECT epoch FROM accord_fence WHERE shard = ?"
+_SQL_RAISE_FENCE = (
+    "INSERT INTO accord_fence (shard, epoch, updated_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (shard) DO UPDATE SET epoch = excluded.epoch,"
+    " updated_at = excluded.updated_at"
+)
+
+#: Enum members by their stored value (cheaper than calling the enum).
+_STATUS = {status.value: status for status in Status}
+_STATE = {state.value: state for state in BranchState}
+_COMMITTED_STATE = BranchState.COMMITTED.value
+_ABORTED_STATE = BranchState.ABORTED.value
+
+#: Answers that carry no per-call text (Result is immutable, so they are shared).
+_PREPARED = Result(Status.OK, "prepared")
+_READ_ONLY = Result(Status.OK, "read-only", read_only=True)
+_COMMITTED = Result(Status.OK, "committed")
+_ABORTED = Result(Status.OK, "aborted")
+
+#: Key of a shard's fence epoch in :attr:`Store.cache <participants.Store.cache>`.
+_FENCE_KEY = "accord.fence"
+_UNKNOWN = object()
 
 
 class Barrier:
     """Runs one call under the barrier rules. Synchronous: runs on the writer thread,
     inside the savepoint the store opened for the call. A handler's changes are undone
     with :func:`undo_job`, which is why the fence and barrier rows are written after the
-    handler ran."""
+    handler ran.
 
-    def __init__(self, participant: Participant, *, clock: Callable[[], float] = time.time) -> None:
+    ``cache`` is the store's writer-thread memo (:attr:`Store.cache
+    <participants.Store.cache>`): the fence epoch of each shard is kept there, so a call
+    reads ``accord_fence`` only the first time its shard is seen; the row is written only
+    when the epoch rises, and it stays the truth (the store clears the memo whenever the
+    database may hold something else: a batch rolled back, another writer). The fence
+    row is the last thing a call writes, so undoing a call never has to undo it.
+    """
+
+    def __init__(
+        self,
+        participant: Participant,
+        *,
+        clock: Callable[[], float] = time.time,
+        cache: dict[Any, Any] | None = None,
+    ) -> None:
         self._p = participant
         self._clock = clock
+        self._cache: dict[Any, Any] = {} if cache is None else cache
 
     def run(self, conn: sqlite3.Connection, op: Op, call: BranchCall, *, fence: bool) -> Result:
         """``fence=False`` only for the in-doubt resolver, which applies an outcome it
         got from the coordinator itself rather than a coordinator's command."""
         new_epoch: int | None = None
-        if fence and call.shard:
-            seen = _fence_epoch(conn, call.shard)
-            if seen is not None and 0 < call.epoch < seen:
-                return Result(
-                    Status.FENCED, f"fenced: epoch {call.epoch} < {seen} for shard {call.shard!r}"
-                )
-            if seen is None or call.epoch > seen:
-                new_epoch = call.epoch
-        recorded = _recorded(conn, call, op)
-        if recorded is not None:
-            result = recorded
-        elif op is Op.PREPARE:
-            result = self._prepare(conn, call)
-        elif op is Op.COMMIT:
-            result = self._one_phase(conn, call) if call.one_phase else self._commit(conn, call)
-        elif op is Op.ABORT:
-            result = self._abort(conn, call)
+        shard = call.shard
+        if fence and shard:
+            key = (_FENCE_KEY, shard)
+            cache = self._cache
+            seen = cache.get(key, _UNKNOWN)
+            if seen is _UNKNOWN:
+                seen = cache[key] = _fence_epoch(conn, shard)
+            epoch = call.epoch
+            if seen is not None and 0 < epoch < seen:
+                return Result(Status.FENCED, f"fenced: epoch {epoch} < {seen} for shard {shard!r}")
+            if seen is None or epoch > seen:
+                new_epoch = epoch
+        if op is Op.PREPARE:
+            # Claim the branch row first: inserted, this is the first prepare; already
+            # there, a duplicate (every branch row comes with its prepare barrier row).
+            if self._insert_branch(conn, call, BranchState.PREPARED, claim=True):
+                result = self._prepare(conn, call)
+            else:
+                recorded = _recorded(conn, call, op)
+                if recorded is None:
+                    raise RuntimeError(f"branch {call.gid}/{call.branch_id}: no recorded prepare")
+                result = recorded
+        elif op is Op.COMMIT or op is Op.ABORT:
+            # Phase two of a PREPARED branch (the usual case) in one statement: the state
+            # changes and the stored operation and payload come back. A PREPARED branch
+            # has no recorded commit or abort: that answer is recorded with the change.
+            finished = conn.execute(
+                _SQL_FINISH,
+                (
+                    _COMMITTED_STATE if op is Op.COMMIT else _ABORTED_STATE,
+                    self._clock(),
+                    call.gid,
+                    call.branch_id,
+                ),
+            ).fetchone()
+            if finished is not None:
+                result = self._finish(conn, call, op, finished)
+            else:
+                result = self._phase_two(conn, op, call)
         else:
-            return Result(Status.UNIMPLEMENTED, f"{op} is not implemented yet")
+            recorded = _recorded(conn, call, op)
+            if recorded is None:
+                return Result(Status.UNIMPLEMENTED, f"{op} is not implemented yet")
+            result = recorded
         if new_epoch is not None:  # after any undo_job() of the handler
-            conn.execute(
-                "INSERT INTO accord_fence (shard, epoch, updated_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (shard) DO UPDATE SET epoch = excluded.epoch,"
-                " updated_at = excluded.updated_at",
-                (call.shard, new_epoch, self._clock()),
-            )
+            conn.execute(_SQL_RAISE_FENCE, (shard, new_epoch, self._clock()))
+            self._cache[(_FENCE_KEY, shard)] = new_epoch
         return result
 
     # -- the ops ------------------------------------------------------------------------
 
+    def _phase_two(self, conn: sqlite3.Connection, op: Op, call: BranchCall) -> Result:
+        """Commit or abort of a branch that is not PREPARED (or has no row)."""
+        row = conn.execute(_SQL_LOOKUP, (call.gid, call.branch_id, op.value)).fetchone()
+        if row[0] is not None:
+            return _result(row)
+        if op is Op.ABORT:
+            return self._abort(conn, call, _loaded(row))
+        if call.one_phase:
+            return self._one_phase(conn, call, _loaded(row))
+        return self._commit(conn, call, _loaded(row))
+
     def _prepare(self, conn: sqlite3.Connection, call: BranchCall) -> Result:
+        # The branch row is already inserted (PREPARED) in this savepoint.
         try:
             vote = _vote(self._p.prepare(conn, call))
         except Refuse as no:
-            undo_job(conn)
+            undo_job(conn)  # the handler's changes and the claimed branch row
             result = Result(Status.REFUSED, no.reason)
             self._record(conn, call, result, Op.PREPARE)
             self._insert_branch(conn, call, BranchState.ABORTED)
@@ -176,32 +294,48 @@ class Barrier:
             undo_job(conn)
             return Result(Status.NOT_YET, later.reason)
         if vote is Vote.READ_ONLY:
-            result = Result(Status.OK, "read-only", read_only=True)
-            state = BranchState.READ_ONLY
-        else:
-            result, state = Result(Status.OK, "prepared"), BranchState.PREPARED
-        self._record(conn, call, result, Op.PREPARE)
-        # A plain INSERT: a branch row without a prepare barrier row cannot exist, and
-        # if it did, the PRIMARY KEY would fail this call loudly (INTERNAL).
-        self._insert_branch(conn, call, state)
+            self._record(conn, call, _READ_ONLY, Op.PREPARE)
+            self._set_state(conn, call, BranchState.PREPARED, BranchState.READ_ONLY)
+            return _READ_ONLY
+        self._record(conn, call, _PREPARED, Op.PREPARE)
+        return _PREPARED
+
+    def _finish(
+        self, conn: sqlite3.Connection, call: BranchCall, op: Op, stored: tuple[Any, ...]
+    ) -> Result:
+        """Commit or abort of a PREPARED branch whose state the caller just changed
+        (undone with the handler's changes if the handler says "not yet")."""
+        call = _stored(call, (BranchState.PREPARED, str(stored[0]), bytes(stored[1])))
+        try:
+            if op is Op.COMMIT:
+                self._p.commit(conn, call)
+            else:
+                self._p.abort(conn, call)
+        except NotYet as later:
+            undo_job(conn)
+            return Result(Status.NOT_YET, later.reason)
+        except Refuse as no:
+            if op is Op.COMMIT:
+                raise RuntimeError(f"commit handler refused after a yes vote: {no}") from no
+            raise RuntimeError(f"abort handler refused: {no}") from no
+        result = _COMMITTED if op is Op.COMMIT else _ABORTED
+        self._record(conn, call, result, op)
         return result
 
-    def _commit(self, conn: sqlite3.Connection, call: BranchCall) -> Result:
-        branch = _load_branch(conn, call)
+    def _commit(self, conn: sqlite3.Connection, call: BranchCall, branch: _Loaded | None) -> Result:
         if branch is None:
             return Result(Status.CONFLICT, "commit without a prepare: no yes vote recorded")
         return self._commit_branch(conn, call, branch)
 
-    def _commit_branch(
-        self, conn: sqlite3.Connection, call: BranchCall, branch: BranchRecord
-    ) -> Result:
-        if branch.state is BranchState.ABORTED:
+    def _commit_branch(self, conn: sqlite3.Connection, call: BranchCall, branch: _Loaded) -> Result:
+        state = branch[0]
+        if state is BranchState.ABORTED:
             if call.one_phase:  # the answer of a one-phase commit is the outcome
                 result = Result(Status.REFUSED, "already aborted")
                 self._record(conn, call, result, Op.COMMIT)
                 return result
             return Result(Status.CONFLICT, "commit refused: branch already aborted")
-        if branch.state is BranchState.PREPARED:
+        if state is BranchState.PREPARED:
             try:
                 self._p.commit(conn, _stored(call, branch))
             except NotYet as later:
@@ -210,15 +344,16 @@ class Barrier:
             except Refuse as no:
                 raise RuntimeError(f"commit handler refused after a yes vote: {no}") from no
             self._set_state(conn, call, BranchState.PREPARED, BranchState.COMMITTED)
-            result = Result(Status.OK, "committed")
+            result = _COMMITTED
         else:  # READ_ONLY (COMMITTED is answered by the barrier row)
-            result = Result(Status.OK, f"nothing to commit: branch is {branch.state}")
+            result = Result(Status.OK, f"nothing to commit: branch is {state}")
         self._record(conn, call, result, Op.COMMIT)
         return result
 
-    def _one_phase(self, conn: sqlite3.Connection, call: BranchCall) -> Result:
+    def _one_phase(
+        self, conn: sqlite3.Connection, call: BranchCall, branch: _Loaded | None
+    ) -> Result:
         # Every recorded prepare (and abort-before-prepare) has a branch row.
-        branch = _load_branch(conn, call)
         if branch is not None:
             return self._commit_branch(conn, call, branch)
         try:
@@ -240,18 +375,17 @@ class Barrier:
         self._insert_branch(conn, call, BranchState.COMMITTED)
         return result
 
-    def _abort(self, conn: sqlite3.Connection, call: BranchCall) -> Result:
+    def _abort(self, conn: sqlite3.Connection, call: BranchCall, branch: _Loaded | None) -> Result:
         # Every recorded prepare (and abort-before-prepare) has a branch row.
-        branch = _load_branch(conn, call)
         if branch is None:
             # Abort before Prepare: refuse the late Prepare in advance (no hanging).
             late = Result(Status.REFUSED, "already aborted: the abort arrived before the prepare")
             self._record(conn, call, late, _CANCELS[Op.ABORT])
             self._insert_branch(conn, call, BranchState.ABORTED)
             result = Result(Status.OK, "no-op: aborted before prepare")
-        elif branch.state is BranchState.COMMITTED:
+        elif branch[0] is BranchState.COMMITTED:
             return Result(Status.CONFLICT, "abort refused: branch already committed")
-        elif branch.state is BranchState.PREPARED:
+        elif branch[0] is BranchState.PREPARED:
             try:
                 self._p.abort(conn, _stored(call, branch))
             except NotYet as later:
@@ -260,9 +394,9 @@ class Barrier:
             except Refuse as no:
                 raise RuntimeError(f"abort handler refused: {no}") from no
             self._set_state(conn, call, BranchState.PREPARED, BranchState.ABORTED)
-            result = Result(Status.OK, "aborted")
+            result = _ABORTED
         else:
-            result = Result(Status.OK, f"no-op: branch holds nothing ({branch.state})")
+            result = Result(Status.OK, f"no-op: branch holds nothing ({branch[0]})")
         self._record(conn, call, result, Op.ABORT)
         return result
 
@@ -274,8 +408,7 @@ class Barrier:
         now = self._clock()
         for op in ops:
             conn.execute(
-                "INSERT INTO accord_barrier (gid, branch_id, op, status, message, read_only,"
-                " result, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                _SQL_RECORD,
                 (
                     call.gid,
                     call.branch_id,
@@ -289,13 +422,14 @@ class Barrier:
             )
 
     def _insert_branch(
-        self, conn: sqlite3.Connection, call: BranchCall, state: BranchState
-    ) -> None:
+        self, conn: sqlite3.Connection, call: BranchCall, state: BranchState, *, claim: bool = False
+    ) -> bool:
+        """Inserts the branch row. A plain INSERT (a conflict is a bug and fails the call
+        loudly), or with ``claim`` one that does nothing when the row exists; returns
+        whether a row was inserted."""
         now = self._clock()
-        conn.execute(
-            "INSERT INTO accord_branches (gid, branch_id, operation, payload, state,"
-            " coordinator_address, shard, epoch, prepared_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        cur = conn.execute(
+            _SQL_CLAIM_BRANCH if claim else _SQL_INSERT_BRANCH,
             (
                 call.gid,
                 call.branch_id,
@@ -309,14 +443,13 @@ class Barrier:
                 now,
             ),
         )
+        return cur.rowcount == 1
 
     def _set_state(
         self, conn: sqlite3.Connection, call: BranchCall, old: BranchState, new: BranchState
     ) -> None:
         cur = conn.execute(
-            "UPDATE accord_branches SET state = ?, updated_at = ?"
-            " WHERE gid = ? AND branch_id = ? AND state = ?",
-            (new.value, self._clock(), call.gid, call.branch_id, old.value),
+            _SQL_SET_STATE, (new.value, self._clock(), call.gid, call.branch_id, old.value)
         )
         if cur.rowcount != 1:
             raise RuntimeError(f"branch {call.gid}/{call.branch_id}: expected state {old}")
@@ -355,36 +488,34 @@ def _vote(vote: object) -> Vote:
     raise TypeError(f"prepare handler returned {vote!r}; expected a Vote or None")
 
 
-def _stored(call: BranchCall, branch: BranchRecord) -> BranchCall:
+def _stored(call: BranchCall, branch: _Loaded) -> BranchCall:
     # The prepared branch is the truth: phase two runs on what was voted on.
-    if call.operation == branch.operation and call.payload == branch.payload:
+    _, operation, payload = branch
+    if call.operation == operation and call.payload == payload:
         return call
-    return replace(call, operation=branch.operation, payload=branch.payload)
+    return replace(call, operation=operation, payload=payload)
 
 
 def _fence_epoch(conn: sqlite3.Connection, shard: str) -> int | None:
-    row = conn.execute("SELECT epoch FROM accord_fence WHERE shard = ?", (shard,)).fetchone()
+    row = conn.execute(_SQL_FENCE, (shard,)).fetchone()
     return None if row is None else int(row[0])
 
 
 def _recorded(conn: sqlite3.Connection, call: BranchCall, op: Op) -> Result | None:
-    row = conn.execute(
-        "SELECT status, message, read_only, result FROM accord_barrier"
-        " WHERE gid = ? AND branch_id = ? AND op = ?",
-        (call.gid, call.branch_id, op.value),
-    ).fetchone()
-    if row is None:
+    row = conn.execute(_SQL_RECORDED, (call.gid, call.branch_id, op.value)).fetchone()
+    return None if row is None else _result(row)
+
+
+def _result(row: tuple[Any, ...]) -> Result:
+    """A recorded answer from the first four columns of ``row``."""
+    return Result(_STATUS[row[0]], str(row[1]), bool(row[2]), bytes(row[3]))
+
+
+def _loaded(row: tuple[Any, ...]) -> _Loaded | None:
+    """The branch part of a :data:`_SQL_LOOKUP` row (None: no branch row)."""
+    if row[4] is None:
         return None
-    return Result(Status(row[0]), str(row[1]), bool(row[2]), bytes(row[3]))
-
-
-def _load_branch(conn: sqlite3.Connection, call: BranchCall) -> BranchRecord | None:
-    row = conn.execute(
-        "SELECT gid, branch_id, operation, payload, state, coordinator_address, shard, epoch,"
-        " prepared_at FROM accord_branches WHERE gid = ? AND branch_id = ?",
-        (call.gid, call.branch_id),
-    ).fetchone()
-    return None if row is None else _branch(row)
+    return _STATE[row[4]], str(row[5]), bytes(row[6])
 
 
 def _branch(row: tuple[Any, ...]) -> BranchRecord:

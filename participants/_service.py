@@ -34,7 +34,7 @@ class ParticipantService:
         self.participant = as_participant(logic)
         self.store = store
         self.clock = clock
-        self._barrier = Barrier(self.participant, clock=clock)
+        self._barrier = Barrier(self.participant, clock=clock, cache=store.cache)
 
     @property
     def service(self) -> str:

@@ -14,7 +14,7 @@ import grpc
 
 import accord.v1 as pb
 from participants._service import ParticipantService
-from participants._types import BranchCall, Op, Status
+from participants._types import _EMPTY, BranchCall, Op, Status
 
 log = logging.getLogger("accord.participant")
 
@@ -28,16 +28,20 @@ _CODES: dict[Status, grpc.StatusCode] = {
     Status.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
 }
 
-_TRACE_KEYS = ("traceparent", "tracestate")
+_TRACE_KEYS = frozenset({"traceparent", "tracestate"})
 
 
 def to_call(request: pb.BranchRequest, metadata: Iterable[tuple[str, Any]] | None) -> BranchCall:
     """A BranchRequest as a plain value. The trace context comes from the request, or
     else from the call's gRPC metadata."""
-    trace = dict(request.trace_context)
-    if metadata and not trace.get("traceparent"):
+    trace: dict[str, str] | None = None
+    if request.trace_context:
+        trace = dict(request.trace_context)
+    if metadata and (trace is None or not trace.get("traceparent")):
         for key, value in metadata:
             if key in _TRACE_KEYS and isinstance(value, str):
+                if trace is None:
+                    trace = {}
                 trace.setdefault(key, value)
     return BranchCall(
         gid=request.gid,
@@ -48,7 +52,8 @@ def to_call(request: pb.BranchRequest, metadata: Iterable[tuple[str, Any]] | Non
         epoch=request.epoch,
         coordinator_address=request.coordinator_address,
         one_phase=request.one_phase,
-        trace_context=MappingProxyType(trace),
+        # No trace context (the usual case): the shared empty mapping, no dict built.
+        trace_context=_EMPTY if trace is None else MappingProxyType(trace),
     )
 
 

@@ -103,13 +103,17 @@ def bank_app(service: str = "bank", *, seed: Sequence[tuple[str, int]] = ()) -> 
     @app.prepare("debit")
     def prepare_debit(conn: sqlite3.Connection, call: BranchCall) -> Vote:
         m = parse(call)
-        balance, held = _account(conn, m.account)
-        if balance - held < m.amount:
+        # Check and hold in one statement; only a refusal looks at the row again.
+        held = conn.execute(
+            "UPDATE accounts SET held = held + ?1 WHERE id = ?2 AND balance - held >= ?1",
+            (m.amount, m.account),
+        ).rowcount
+        if held != 1:
+            balance, held = _account(conn, m.account)
             raise Refuse(
                 f"insufficient funds: account {m.account!r} has {balance - held} available,"
                 f" needs {m.amount}"
             )
-        _update(conn, "UPDATE accounts SET held = held + ? WHERE id = ?", (m.amount, m.account))
         return Vote.YES
 
     @app.commit("debit")

@@ -309,3 +309,50 @@ async def test_prepared_branch_survives_reopen(tmp_path: Path, logic: Counting) 
     finally:
         await second.close()
     assert [run[0] for run in logic.runs] == ["prepare", "commit"]
+
+
+async def test_commit_not_yet_keeps_the_branch_prepared(tmp_path: Path) -> None:
+    class Slow(Counting):
+        ready = False
+
+        def commit(self, conn: sqlite3.Connection, call: BranchCall) -> None:
+            self._effect(conn, call, "commit")
+            if not self.ready:
+                raise NotYet("commit later")
+
+    logic = Slow()
+    svc = ParticipantService(logic, Store(tmp_path / "p.db"))
+    await svc.open()
+    try:
+        assert (await svc.call(Op.PREPARE, bc())).message == "prepared"
+        r = await svc.call(Op.COMMIT, bc())
+        assert r.status is Status.NOT_YET
+        assert await branch_state(svc) == "PREPARED"  # the state change was undone too
+        assert await effects(svc) == [("g1", "b1", "prepare")]
+        logic.ready = True
+        assert (await svc.call(Op.COMMIT, bc())).message == "committed"
+        assert await branch_state(svc) == "COMMITTED"
+        assert (await svc.call(Op.ABORT, bc())).status is Status.CONFLICT
+    finally:
+        await svc.close()
+
+
+async def test_fence_raised_by_another_writer_is_honoured(svc: ParticipantService) -> None:
+    # The barrier keeps fence epochs in memory; the database stays the truth.
+    assert (await svc.call(Op.PREPARE, bc("g1", shard="s", epoch=2))).ok
+    other = sqlite3.connect(svc.store.path, isolation_level=None)
+    try:
+        other.execute("UPDATE accord_fence SET epoch = 9 WHERE shard = 's'")
+    finally:
+        other.close()
+    assert (await svc.call(Op.PREPARE, bc("g2", shard="s", epoch=5))).status is Status.FENCED
+    assert (await svc.call(Op.PREPARE, bc("g3", shard="s", epoch=9))).ok
+
+
+async def test_fence_is_shared_by_services_on_one_store(
+    svc: ParticipantService, logic: Counting
+) -> None:
+    second = ParticipantService(logic, svc.store)
+    assert (await svc.call(Op.PREPARE, bc("g1", shard="s", epoch=2))).ok
+    assert (await second.call(Op.PREPARE, bc("g2", shard="s", epoch=6))).ok
+    assert (await svc.call(Op.PREPARE, bc("g3", shard="s", epoch=3))).status is Status.FENCED
