@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from coordinator._calls import Verdict
 from coordinator._model import BranchRt, Txn
@@ -23,6 +24,24 @@ from coordinator._states import BranchState, TxnState
 
 if TYPE_CHECKING:
     from coordinator._engine import Engine
+
+T = TypeVar("T")
+
+
+async def concurrently(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Like gather, but the first coroutine runs in the calling task: one task fewer per
+    phase on the hot path (a two-branch transaction creates one task per phase)."""
+    if not coros:
+        return []
+    loop = asyncio.get_running_loop()
+    rest = [loop.create_task(c) for c in coros[1:]]
+    try:
+        first = await coros[0]
+    except BaseException:
+        for t in rest:
+            t.cancel()
+        raise
+    return [first, *[await t for t in rest]]
 
 log = logging.getLogger("accord.coordinator.2pc")
 
@@ -60,7 +79,7 @@ class TwoPhaseCommit:
                 refused.append(f"branch {b.branch_id} voted no: {result.detail}")
                 txn.abort_requested.set()  # no need to wait for the other votes
 
-        await asyncio.gather(*(prepare(b) for b in txn.branches))
+        await concurrently([prepare(b) for b in txn.branches])
         await self._fp.acheck("after_prepare_votes")
         if refused:
             reason = refused[0]
@@ -136,6 +155,6 @@ class TwoPhaseCommit:
 
         if method == "Commit":
             await self._fp.acheck("before_commit_send")
-        await asyncio.gather(*(finish(b) for b in todo))
+        await concurrently([finish(b) for b in todo])
         await self._fp.acheck("before_end_record")
         await self._e.transition(txn, final)
