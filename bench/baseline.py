@@ -1,5 +1,6 @@
-"""The bare grpc.aio baseline of a two-branch 2PC: the same processes and call pattern as
-Accord, and no logic at all (no WAL, no database, no state, no retries).
+"""The bare grpc.aio baselines of a two-branch 2PC and of a saga: the same processes and
+call patterns as Accord, and no logic at all (no WAL, no database, no state, no retries,
+no compensation).
 
     python -m bench.baseline participant --listen 127.0.0.1:0
     python -m bench.baseline coordinator --listen 127.0.0.1:0 \\
@@ -8,8 +9,13 @@ Accord, and no logic at all (no WAL, no database, no state, no retries).
 The "coordinator" serves ``accord.v1.Coordinator/Execute``: per request it sends Prepare
 to every branch's participant in parallel, then Commit to all of them in parallel (one
 channel per participant, reused), and answers with a ``TransactionResponse`` shaped like
-Accord's (gid, state, one status per branch). The "participants" serve
-``accord.v1.Participant`` Prepare/Commit and answer an empty ``BranchResponse`` at once.
+Accord's (gid, state, one status per branch). It also serves
+``accord.v1.Coordinator/StartSaga``: per request it sends Execute for each step once the
+steps it depends on have returned (a chain ``a <- b <- c`` runs strictly in sequence,
+independent steps in parallel), never compensates, and answers a COMPLETED
+``TransactionResponse`` with one status per step. The "participants" serve
+``accord.v1.Participant`` Prepare/Commit/Abort/Execute/Compensate and answer an empty
+``BranchResponse`` at once.
 The real accord.v1 messages are used everywhere, so serialisation costs the same as in
 Accord. Like Accord's processes, each runs on uvloop, is built through
 :mod:`registry.transport`, prints ``listening on HOST:PORT`` once it serves and stops on
@@ -49,9 +55,7 @@ async def _unimplemented_stream(self: object, request: object, context: Any) -> 
 
 
 class BareParticipant(pb.ParticipantServicer):
-    """Votes yes and commits without looking at the request."""
-
-    Execute = Compensate = _unimplemented
+    """Votes yes, commits and executes saga steps without looking at the request."""
 
     async def Prepare(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
         return pb.BranchResponse()
@@ -62,13 +66,20 @@ class BareParticipant(pb.ParticipantServicer):
     async def Abort(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
         return pb.BranchResponse()
 
+    async def Execute(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
+        return pb.BranchResponse()
+
+    async def Compensate(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
+        return pb.BranchResponse()
+
 
 class BareCoordinator(pb.CoordinatorServicer):
     """Execute = Prepare on every branch in parallel, then Commit on every branch in
-    parallel. Nothing is validated, logged or remembered."""
+    parallel. StartSaga = Execute on each step once its dependencies have returned.
+    Nothing is validated, logged, retried, compensated or remembered."""
 
     Begin = Enlist = Commit = Abort = GetTransaction = ListTransactions = _unimplemented
-    QueryOutcome = StartSaga = CancelSaga = RetryTransaction = _unimplemented
+    QueryOutcome = CancelSaga = RetryTransaction = _unimplemented
     WatchTransaction = _unimplemented_stream
 
     def __init__(self, services: dict[str, str], advertise: str) -> None:
@@ -82,13 +93,16 @@ class BareCoordinator(pb.CoordinatorServicer):
         self._seq = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
 
+    def _gid(self) -> tuple[int, str]:
+        seq = next(self._seq)
+        return seq, f"{self._prefix}-{seq:08x}"
+
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
 
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.TransactionResponse:
-        seq = next(self._seq)
-        gid = f"{self._prefix}-{seq:08x}"
+        seq, gid = self._gid()
         now_ms = int(time.time() * 1000)
         calls: list[tuple[Any, pb.BranchRequest]] = []
         for i, branch in enumerate(request.branches, 1):
@@ -122,6 +136,62 @@ class BareCoordinator(pb.CoordinatorServicer):
                         resolved_address=branch.address or branch.service,
                     )
                     for branch in request.branches
+                ],
+                idempotency_key=request.idempotency_key,
+                created_unix_ms=now_ms,
+                deadline_unix_ms=now_ms + 30_000,
+                lsn=seq,
+            )
+        )
+
+    async def StartSaga(self, request: pb.StartSagaRequest, context: Any) -> pb.TransactionResponse:
+        seq, gid = self._gid()
+        now_ms = int(time.time() * 1000)
+        steps = request.definition.steps
+        results: dict[str, bytes] = {}
+
+        async def run(step: pb.SagaStep) -> None:
+            stub = self._stubs[step.service or step.address]
+            response = await stub.Execute(
+                pb.BranchRequest(
+                    gid=gid,
+                    branch_id=step.name,
+                    operation=step.action,
+                    payload=step.payload,
+                    shard="0",
+                    epoch=1,
+                    coordinator_address=self._advertise,
+                ),
+                timeout=step.timeout_ms / 1000 if step.timeout_ms else CALL_TIMEOUT_S,
+            )
+            results[step.name] = response.result
+
+        # Wave by wave: every step whose dependencies have all returned runs now (in
+        # parallel with the others of its wave); a chain is therefore sequential.
+        pending = list(steps)
+        while pending:
+            ready = [s for s in pending if all(d in results for d in s.depends_on)]
+            if not ready:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a DAG")
+            if len(ready) == 1:
+                await run(ready[0])
+            else:
+                await asyncio.gather(*(run(s) for s in ready))
+            pending = [s for s in pending if s.name not in results]
+        return pb.TransactionResponse(
+            transaction=pb.Transaction(
+                gid=gid,
+                protocol=pb.PROTOCOL_SAGA,
+                state=pb.TXN_STATE_COMPLETED,
+                steps=[
+                    pb.StepStatus(
+                        step=step,
+                        state=pb.BRANCH_STATE_SUCCEEDED,
+                        attempts=1,
+                        result=results[step.name],
+                        resolved_address=step.address or step.service,
+                    )
+                    for step in steps
                 ],
                 idempotency_key=request.idempotency_key,
                 created_unix_ms=now_ms,
@@ -172,7 +242,7 @@ async def serve(role: str, listen: str, services: dict[str, str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.baseline",
-        description="Bare grpc.aio 2PC call pattern (the benchmark baseline).",
+        description="Bare grpc.aio 2PC and saga call patterns (the benchmark baselines).",
     )
     parser.add_argument("role", choices=["coordinator", "participant"])
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any free)")

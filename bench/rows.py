@@ -6,8 +6,8 @@ happens), prepares them (accounts ...), and yields a :class:`Target` whose ``fac
 makes one transaction function per load-generator worker. The runner drives the same
 target at every concurrency, then leaves the context and stops the processes.
 
-Adding a row (DESIGN names ``baseline-saga``, ``saga``, ``2pc-etcd``, ``2pc-static``,
-``2pc-traced``, ``2pc-stream``, ``2pc-2coord``) is one decorated function::
+Adding a row (DESIGN also names ``2pc-etcd``, ``2pc-static``, ``2pc-traced``,
+``2pc-stream``, ``2pc-2coord``) is one decorated function::
 
     @row("2pc-traced", "Accord 2PC with tracing on", baseline="baseline-2pc")
     @asynccontextmanager
@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,12 +30,16 @@ from pathlib import Path
 
 import accord.bank.v1 as bankpb
 from bench.load import TxnFactory, TxnFn
-from clients._client import AccordClient, Branch
+from clients._client import AccordClient, Branch, SagaStep
 from clients._procs import ManagedProcess
 from registry.transport import make_channel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BANKS = ("bank-a", "bank-b")
+#: The saga rows' participants: debit on the first, credits on the other two.
+SAGA_BANKS = ("bank-a", "bank-b", "bank-c")
+#: Saga states other than COMPLETED (a saga of the saga rows should never end in one).
+SAGA_NOT_COMPLETED = ("RUNNING", "COMPENSATING", "COMPENSATED", "STUCK")
 LISTEN = "127.0.0.1:0"
 
 
@@ -169,6 +174,96 @@ def transfer_factory(client: AccordClient, plan: Sequence[tuple[Branch, Branch]]
     return make
 
 
+def saga_plan(env: RowEnv, size: int = 4096) -> list[tuple[SagaStep, ...]]:
+    """Pre-built three-step sagas over SAGA_BANKS between random accounts: debit 2 on
+    bank-a, then credit 1 on bank-b, then credit 1 on bank-c (a chain: each step depends
+    on the one before), each with its compensation; payloads are JSON bytes already."""
+    rng = random.Random(env.seed)
+    a, b, c = SAGA_BANKS
+    plan: list[tuple[SagaStep, ...]] = []
+    for _ in range(size):
+        plan.append(
+            (
+                SagaStep(
+                    name="debit",
+                    service=a,
+                    action="debit",
+                    compensation="refund",
+                    payload=_json({"account": f"{a}-{rng.randrange(env.accounts)}", "amount": 2}),
+                ),
+                SagaStep(
+                    name="credit-b",
+                    service=b,
+                    action="credit",
+                    compensation="uncredit",
+                    payload=_json({"account": f"{b}-{rng.randrange(env.accounts)}", "amount": 1}),
+                    depends_on=("debit",),
+                ),
+                SagaStep(
+                    name="credit-c",
+                    service=c,
+                    action="credit",
+                    compensation="uncredit",
+                    payload=_json({"account": f"{c}-{rng.randrange(env.accounts)}", "amount": 1}),
+                    depends_on=("credit-b",),
+                ),
+            )
+        )
+    return plan
+
+
+@dataclass
+class SagaTally:
+    """What the saga workers saw over the whole row (warmups included)."""
+
+    #: Sagas that returned in a state other than COMPLETED, by state.
+    not_completed: Counter[str] = field(default_factory=Counter)
+    #: StartSaga calls that raised (an RPC error, the client-side deadline ...).
+    failed_calls: int = 0
+
+    def warnings(self) -> list[str]:
+        out = []
+        if self.not_completed:
+            n = sum(self.not_completed.values())
+            out.append(f"{n} sagas ended other than COMPLETED: {dict(self.not_completed)}")
+        if self.failed_calls:
+            out.append(f"{self.failed_calls} StartSaga calls failed (warmups included)")
+        return out
+
+
+def saga_factory(
+    client: AccordClient, plan: Sequence[tuple[SagaStep, ...]], tally: SagaTally, timeout_s: float
+) -> TxnFactory:
+    """Worker ``i`` walks the plan from its own offset: one ``start_saga(wait=True)`` per
+    saga, ok when it COMPLETED. ``start_saga`` waits without a deadline, so one is put
+    around it here: a saga that does not end cannot stall a worker for ever."""
+
+    def make(i: int) -> TxnFn:
+        n = len(plan)
+        pos = (i * 7919) % n
+
+        async def txn() -> bool:
+            nonlocal pos
+            steps = plan[pos]
+            pos = (pos + 1) % n
+            try:
+                async with asyncio.timeout(timeout_s):
+                    result = await client.start_saga(steps, wait=True)
+            except TimeoutError:
+                tally.failed_calls += 1
+                raise TimeoutError(f"saga not ended after {timeout_s}s") from None
+            except Exception:
+                tally.failed_calls += 1
+                raise
+            if not result.completed:
+                tally.not_completed[result.state] += 1
+            return result.completed
+
+        return txn
+
+    return make
+
+
 @asynccontextmanager
 async def accord_client(env: RowEnv, address: str) -> AsyncIterator[AccordClient]:
     """One client, one channel, for the whole row."""
@@ -235,35 +330,50 @@ def conservation_check(
     return check
 
 
-# --------------------------------------------------------------------- rows
+async def count_states(client: AccordClient, states: Sequence[str]) -> Counter[str]:
+    """How many transactions the coordinator holds in each of ``states``."""
+    out: Counter[str] = Counter()
+    token = ""
+    while True:
+        page, token = await client.list(states=states, limit=1000, page_token=token)
+        out.update(t.state for t in page)
+        if not token:
+            return out
 
 
-@row(
-    "baseline-2pc",
-    "bare grpc.aio, same processes and calls as a two-branch 2PC, no logic",
-)
-@asynccontextmanager
-async def baseline_2pc(env: RowEnv) -> AsyncIterator[Target]:
-    bare = [sys.executable, "-m", "bench.baseline"]
-    banks = {name: env.process(name, [*bare, "participant", "--listen", LISTEN]) for name in BANKS}
-    await env.start(*banks.values())
-    services = [f"--service={name}={p.address}" for name, p in banks.items()]
-    coord = env.process("coordinator", [*bare, "coordinator", "--listen", LISTEN, *services])
-    await env.start(coord)
-    async with accord_client(env, coord.address) as client:
-        yield Target(
-            factory=transfer_factory(client, transfer_plan(env)),
-            processes={"coordinator": coord, **banks},
-        )
+def saga_check(
+    client: AccordClient,
+    addresses: Mapping[str, str],
+    before: int,
+    tally: SagaTally,
+    settle_s: float = 30.0,
+) -> Callable[[], Awaitable[list[str]]]:
+    """Once the coordinator runs no saga any more: no saga ended other than COMPLETED
+    (as the workers saw them and as the coordinator lists them), and the money in the
+    banks is what it was."""
+
+    async def check() -> list[str]:
+        warnings = tally.warnings()
+        deadline = time.monotonic() + settle_s
+        while True:
+            active = await count_states(client, ("RUNNING", "COMPENSATING"))
+            if not active or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        if active:
+            warnings.append(f"sagas still running after {settle_s}s: {dict(active)}")
+        ended = await count_states(client, ("COMPENSATED", "STUCK"))
+        if ended:
+            warnings.append(
+                f"the coordinator holds sagas ended other than COMPLETED: {dict(ended)}"
+            )
+        return warnings + await conservation_check(addresses, before, settle_s)()
+
+    return check
 
 
-@row(
-    "2pc",
-    "Accord 2PC: coordinator (WAL, fsync) + two SQLite bank participants",
-    baseline="baseline-2pc",
-)
-@asynccontextmanager
-async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
+async def bank_participants(env: RowEnv, names: Sequence[str]) -> dict[str, ManagedProcess]:
+    """Starts Accord's bank participant (SQLite, ``synchronous=FULL``) once per name."""
     banks = {
         name: env.accord(
             name,
@@ -280,10 +390,14 @@ async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
                 "warning",
             ],
         )
-        for name in BANKS
+        for name in names
     }
     await env.start(*banks.values())
-    addresses = {name: p.address for name, p in banks.items()}
+    return banks
+
+
+async def accord_coordinator(env: RowEnv, addresses: Mapping[str, str]) -> ManagedProcess:
+    """Starts Accord's coordinator (WAL in ``data_dir/wal``) with a static service map."""
     coord = env.accord(
         "coordinator",
         [
@@ -298,6 +412,49 @@ async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
         ],
     )
     await env.start(coord)
+    return coord
+
+
+async def bare_topology(
+    env: RowEnv, names: Sequence[str]
+) -> tuple[ManagedProcess, dict[str, ManagedProcess]]:
+    """The baseline's bare participants (one per name), then its bare coordinator."""
+    bare = [sys.executable, "-m", "bench.baseline"]
+    banks = {name: env.process(name, [*bare, "participant", "--listen", LISTEN]) for name in names}
+    await env.start(*banks.values())
+    services = [f"--service={name}={p.address}" for name, p in banks.items()]
+    coord = env.process("coordinator", [*bare, "coordinator", "--listen", LISTEN, *services])
+    await env.start(coord)
+    return coord, banks
+
+
+# --------------------------------------------------------------------- rows
+
+
+@row(
+    "baseline-2pc",
+    "bare grpc.aio, same processes and calls as a two-branch 2PC, no logic",
+)
+@asynccontextmanager
+async def baseline_2pc(env: RowEnv) -> AsyncIterator[Target]:
+    coord, banks = await bare_topology(env, BANKS)
+    async with accord_client(env, coord.address) as client:
+        yield Target(
+            factory=transfer_factory(client, transfer_plan(env)),
+            processes={"coordinator": coord, **banks},
+        )
+
+
+@row(
+    "2pc",
+    "Accord 2PC: coordinator (WAL, fsync) + two SQLite bank participants",
+    baseline="baseline-2pc",
+)
+@asynccontextmanager
+async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
+    banks = await bank_participants(env, BANKS)
+    addresses = {name: p.address for name, p in banks.items()}
+    coord = await accord_coordinator(env, addresses)
     await open_accounts(env, addresses)
     before = sum(t for t, _ in (await bank_state(addresses)).values())
     async with accord_client(env, coord.address) as client:
@@ -305,4 +462,45 @@ async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
             factory=transfer_factory(client, transfer_plan(env)),
             processes={"coordinator": coord, **banks},
             check=conservation_check(addresses, before),
+        )
+
+
+@row(
+    "baseline-saga",
+    "bare grpc.aio, same processes and calls as a three-step chained saga, no logic",
+)
+@asynccontextmanager
+async def baseline_saga(env: RowEnv) -> AsyncIterator[Target]:
+    coord, banks = await bare_topology(env, SAGA_BANKS)
+    tally = SagaTally()
+
+    async def check() -> list[str]:
+        return tally.warnings()
+
+    async with accord_client(env, coord.address) as client:
+        yield Target(
+            factory=saga_factory(client, saga_plan(env), tally, env.call_timeout_s),
+            processes={"coordinator": coord, **banks},
+            check=check,
+        )
+
+
+@row(
+    "saga",
+    "Accord saga: coordinator (WAL, fsync) + three SQLite bank participants, 3 chained steps",
+    baseline="baseline-saga",
+)
+@asynccontextmanager
+async def accord_saga(env: RowEnv) -> AsyncIterator[Target]:
+    banks = await bank_participants(env, SAGA_BANKS)
+    addresses = {name: p.address for name, p in banks.items()}
+    coord = await accord_coordinator(env, addresses)
+    await open_accounts(env, addresses)
+    before = sum(t for t, _ in (await bank_state(addresses)).values())
+    tally = SagaTally()
+    async with accord_client(env, coord.address) as client:
+        yield Target(
+            factory=saga_factory(client, saga_plan(env), tally, env.call_timeout_s),
+            processes={"coordinator": coord, **banks},
+            check=saga_check(client, addresses, before, tally),
         )
