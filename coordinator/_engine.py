@@ -316,7 +316,7 @@ class Engine:
     ) -> Txn:
         v.check_key(key, self.config.limits)
         timeout_ms = v.check_timeout(timeout_ms, self.config)
-        v.check_saga(definition, self.config)
+        after = v.check_saga(definition, self.config)
         for step in definition.steps:
             if not step.address and not self._calls.known(step.service):
                 raise Unavailable(f"no live instance of participant service {step.service!r}")
@@ -341,7 +341,7 @@ class Engine:
                 self._calls.resolve(st.service, st.address) for st in definition.steps
             ],
         )
-        txn = self._saga.build(rec)
+        txn = self._saga.build(rec, after)
         self._admit(txn)
         try:
             txn.lsn = await self._append(RT_SAGA_START, rec, sync=False)
@@ -364,6 +364,8 @@ class Engine:
         if txn.claimed == TxnState.RUNNING:
             txn.reason = txn.reason or reason or "cancelled by the client"
             txn.abort_requested.set()
+            if txn.wake is not None:
+                txn.wake.set()
         return await self._settled(txn)
 
     async def retry(self, gid: str) -> Txn:

@@ -101,6 +101,8 @@ class Txn:
     #: Set when the outcome is decided (COMMITTING/ABORTING or final).
     decided: asyncio.Event = field(default_factory=asyncio.Event)
     abort_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Sagas: wakes the forward loop (a step ended, or CancelSaga).
+    wake: asyncio.Event | None = None
     watchers: list[asyncio.Queue[pb.TransactionEvent | None]] = field(default_factory=list)
     driver: asyncio.Task[None] | None = None
     expiry: asyncio.TimerHandle | None = None

@@ -50,11 +50,13 @@ class SagaMode:
 
     # ------------------------------------------------------------------ model
 
-    def build(self, rec: pb.WalSagaStart) -> Txn:
-        """A saga's in-memory form from its SAGA_START record (live or replayed)."""
+    def build(self, rec: pb.WalSagaStart, after: list[bool] | None = None) -> Txn:
+        """A saga's in-memory form from its SAGA_START record (live or replayed);
+        ``after`` (which steps are the pivot or after it) when validation computed it."""
         d = rec.definition
         names = {st.name: i for i, st in enumerate(d.steps)}
-        after = after_pivot(d, topological_order(d))
+        if after is None:
+            after = after_pivot(d, topological_order(d))
         steps = [
             StepRt(
                 index=i,
@@ -111,51 +113,67 @@ class SagaMode:
             await self._backward(txn)
 
     async def _forward(self, txn: Txn) -> None:
-        tasks: dict[int, asyncio.Task[bool]] = {}
-        failed: list[str] = []
         loop = asyncio.get_running_loop()
-        stop = loop.create_task(txn.abort_requested.wait())
-        try:
-            while True:
-                if not failed and not txn.abort_requested.is_set():
-                    for st in txn.steps:
-                        again = st.state == BranchState.FAILED and self.pivot_done(txn)
-                        if again:
-                            tasks.pop(st.index, None)  # past the pivot: run it again
-                        if st.index in tasks or not (
-                            again or st.state in (BranchState.PENDING, BranchState.RUNNING)
-                        ):
-                            continue
-                        if all(txn.steps[d].state == BranchState.SUCCEEDED for d in st.deps):
-                            tasks[st.index] = loop.create_task(self._step(txn, st))
-                running = {t for t in tasks.values() if not t.done()}
-                if not running:
-                    break
+        tasks: dict[int, asyncio.Task[bool]] = {}
+        finished: list[int] = []
+        failed: list[str] = []
+        # One event wakes the loop: a step ending, or CancelSaga (cheaper than
+        # asyncio.wait over a set of tasks on every step).
+        wake = txn.wake = asyncio.Event()
+
+        def ended(i: int) -> None:
+            finished.append(i)
+            wake.set()
+
+        while True:
+            if not failed and not txn.abort_requested.is_set():
+                pivot_done = self.pivot_done(txn)
+                for st in txn.steps:
+                    again = pivot_done and st.state == BranchState.FAILED
+                    if again:
+                        tasks.pop(st.index, None)  # past the pivot: run it again
+                    if st.index in tasks or not (
+                        again or st.state in (BranchState.PENDING, BranchState.RUNNING)
+                    ):
+                        continue
+                    if all(txn.steps[d].state == BranchState.SUCCEEDED for d in st.deps):
+                        task = loop.create_task(self._step(txn, st))
+                        task.add_done_callback(lambda _t, i=st.index: ended(i))
+                        tasks[st.index] = task
+            running = [t for t in tasks.values() if not t.done()]
+            if not running:
+                break
+            timed_out = False
+            if not finished and not txn.abort_requested.is_set():
+                wake.clear()
                 timeout = None
-                if not self.pivot_done(txn) and txn.deadline_ms:
+                if txn.deadline_ms and not self.pivot_done(txn):
                     timeout = max(0.0, (txn.deadline_ms - self._e._clock.now_ms()) / 1000)
-                done, _ = await asyncio.wait(
-                    {*running, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                for i, t in tasks.items():
-                    if t in done and not t.result():
-                        failed.append(
-                            f"step {txn.steps[i].spec.name} failed: {txn.steps[i].last_error}"
-                        )
-                if self.pivot_done(txn):
-                    failed.clear()  # past the pivot nothing fails: steps retry until done
-                    continue
-                if failed or txn.abort_requested.is_set() or not done:
-                    if not done:
-                        failed.append("deadline passed before the saga completed")
-                    # Steps still in flight may or may not take effect: stop them and
-                    # compensate them with the rest (their state stays RUNNING).
-                    for t in running:
-                        t.cancel()
-                    await asyncio.gather(*running, return_exceptions=True)
-                    break
-        finally:
-            stop.cancel()
+                try:
+                    async with asyncio.timeout(timeout):
+                        await wake.wait()
+                except TimeoutError:
+                    timed_out = True
+            for i in finished:
+                t = tasks[i]
+                if not t.cancelled() and not t.result():
+                    st = txn.steps[i]
+                    failed.append(f"step {st.spec.name} failed: {st.last_error}")
+            finished.clear()
+            if self.pivot_done(txn):
+                failed.clear()  # past the pivot nothing fails: steps retry until done
+                continue
+            if failed or txn.abort_requested.is_set() or timed_out:
+                if timed_out:
+                    failed.append("deadline passed before the saga completed")
+                # Steps still in flight may or may not take effect: stop them and
+                # compensate them with the rest (their state stays RUNNING).
+                running = [t for t in tasks.values() if not t.done()]
+                for t in running:
+                    t.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+                break
+        txn.wake = None
         if all(st.state == BranchState.SUCCEEDED for st in txn.steps):
             await self._e.transition(txn, TxnState.COMPLETED)
             return

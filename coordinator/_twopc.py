@@ -43,6 +43,7 @@ async def concurrently(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
         raise
     return [first, *[await t for t in rest]]
 
+
 log = logging.getLogger("accord.coordinator.2pc")
 
 

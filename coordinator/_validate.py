@@ -93,7 +93,7 @@ _STATUS_NAMES = frozenset(
 )
 
 
-def check_saga(definition: pb.SagaDefinition, config: CoordinatorConfig) -> None:
+def check_saga(definition: pb.SagaDefinition, config: CoordinatorConfig) -> list[bool]:
     """A saga definition: named steps, each a valid branch target, a DAG of
     dependencies, at most one pivot, and a compensation for every step that may have to
     be undone (every step that is not the pivot or after it)."""
@@ -158,6 +158,7 @@ def check_saga(definition: pb.SagaDefinition, config: CoordinatorConfig) -> None
             raise InvalidArgument(
                 f"steps[{i}] ({st.name}): a compensation is required for every step before the pivot"
             )
+    return after
 
 
 def topological_order(definition: pb.SagaDefinition) -> list[int]:
