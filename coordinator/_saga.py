@@ -21,6 +21,7 @@ drives live sagas and sagas found unfinished in the WAL after a restart.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -121,7 +122,7 @@ class SagaMode:
         # asyncio.wait over a set of tasks on every step).
         wake = txn.wake = asyncio.Event()
 
-        def ended(i: int) -> None:
+        def ended(i: int, _task: object) -> None:
             finished.append(i)
             wake.set()
 
@@ -138,7 +139,7 @@ class SagaMode:
                         continue
                     if all(txn.steps[d].state == BranchState.SUCCEEDED for d in st.deps):
                         task = loop.create_task(self._step(txn, st))
-                        task.add_done_callback(lambda _t, i=st.index: ended(i))
+                        task.add_done_callback(functools.partial(ended, st.index))
                         tasks[st.index] = task
             running = [t for t in tasks.values() if not t.done()]
             if not running:
