@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 import accord.bank.v1 as bankpb
-from clients._client import AccordClient, Branch
+from clients._client import AccordClient, Branch, SagaStep
 from clients._errors import AccordClientError
 from clients._procs import ManagedProcess, stop_all
 from registry.transport import make_channel
@@ -40,6 +40,72 @@ class DemoSettings:
     initial_balance: int = 1000
     seed: int = 7
     data_dir: Path | None = None
+    #: Also book trips with sagas over the flight, hotel and car services.
+    saga: bool = False
+
+
+#: Trips booked by ``accord demo --saga``; the car service refuses Paris, so those
+#: sagas compensate the flight and hotel already booked.
+TRIPS = (
+    ("trip-1", "Lisbon"),
+    ("trip-2", "Paris"),
+    ("trip-3", "Oslo"),
+    ("trip-4", "Paris"),
+    ("trip-5", "Rome"),
+)
+FAIL_CITY = "Paris"
+
+
+def _trip_steps(trip: str, city: str) -> list[SagaStep]:
+    payload = {"trip": trip, "city": city}
+    return [
+        SagaStep(
+            name="flight", service="flight", action="book", compensation="cancel", payload=payload
+        ),
+        SagaStep(
+            name="hotel", service="hotel", action="book", compensation="cancel", payload=payload
+        ),
+        SagaStep(
+            name="car",
+            service="car",
+            action="book",
+            compensation="cancel",
+            payload=payload,
+            depends_on=("flight", "hotel"),
+            max_attempts=3,
+            initial_interval_ms=50,
+        ),
+    ]
+
+
+async def _book_trips(coordinator: str, data: Path) -> list[dict[str, Any]]:
+    from participants.trip._service import bookings
+
+    out: list[dict[str, Any]] = []
+    async with AccordClient(coordinator) as client:
+        results = await asyncio.gather(
+            *(client.start_saga(_trip_steps(t, c), idempotency_key=f"demo-{t}") for t, c in TRIPS)
+        )
+    books = {k: bookings(data / f"{k}.db") for k in ("flight", "hotel", "car")}
+    for (trip, city), r in zip(TRIPS, results, strict=True):
+        held = {k: books[k].get(trip, "NONE") for k in books}
+        if r.completed:
+            consistent = all(v == "CONFIRMED" for v in held.values())
+        else:
+            consistent = r.compensated and all(v in ("CANCELLED", "NONE") for v in held.values())
+        out.append(
+            {
+                "trip": trip,
+                "city": city,
+                "gid": r.gid,
+                "state": r.state,
+                "reason": r.reason,
+                "steps": {st.name: st.state for st in r.steps},
+                "bookings": held,
+                "consistent": consistent,
+            }
+        )
+    return out
 
 
 async def bank_totals(addresses: dict[str, str]) -> dict[str, dict[str, int]]:
@@ -175,6 +241,28 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
             procs.append(p.start())
             addresses[name] = p.address
             say(f"[green]started[/green] participant {name} on {p.address} (pid {p.pid})")
+        trip_addresses: dict[str, str] = {}
+        if settings.saga:
+            for kind in ("flight", "hotel", "car"):
+                extra = ["--fail-city", FAIL_CITY] if kind == "car" else []
+                p = ManagedProcess.accord(
+                    kind,
+                    [
+                        "participant",
+                        kind,
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--db",
+                        str(data / f"{kind}.db"),
+                        "--log-level",
+                        "warning",
+                        *extra,
+                    ],
+                    log_path=data / f"{kind}.log",
+                )
+                procs.append(p.start())
+                trip_addresses[kind] = p.address
+                say(f"[green]started[/green] participant {kind} on {p.address} (pid {p.pid})")
         coord = ManagedProcess.accord(
             "coordinator",
             [
@@ -183,7 +271,7 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
                 "127.0.0.1:0",
                 "--wal-dir",
                 str(data / "wal"),
-                *(f"--service={n}={a}" for n, a in addresses.items()),
+                *(f"--service={n}={a}" for n, a in {**addresses, **trip_addresses}.items()),
                 "--log-level",
                 "warning",
             ],
@@ -198,7 +286,9 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
             say(f"running {settings.transfers} transfers, {settings.concurrency} at a time ...")
             outcomes, hist, errors, elapsed = await _workload(coord.address, settings)
             after = await _settled(addresses)
+            sagas = await _book_trips(coord.address, data) if settings.saga else []
             return {
+                "sagas": sagas,
                 "committed": outcomes["committed"],
                 "aborted": outcomes["aborted"],
                 "errors": errors,
@@ -242,6 +332,21 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
             f"  {name}", f"{t['total']} (held {t['held']}, prepared {t['prepared_branches']})"
         )
     console.print(table)
+    if s["sagas"]:
+        trips = Table(title=f"Trip bookings over sagas (the car service refuses {FAIL_CITY})")
+        for col in ("trip", "city", "saga", "flight", "hotel", "car", "bookings"):
+            trips.add_column(col)
+        for t in s["sagas"]:
+            trips.add_row(
+                t["trip"],
+                t["city"],
+                t["state"],
+                t["steps"]["flight"],
+                t["steps"]["hotel"],
+                t["steps"]["car"],
+                "consistent" if t["consistent"] else "[red]INCONSISTENT[/red]",
+            )
+        console.print(trips)
     ok = s["total_before"] == s["total_after"] and not s["errors"]
     console.print(
         "[bold green]balances conserved[/bold green]" if ok else "[bold red]MISMATCH[/bold red]"

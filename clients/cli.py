@@ -166,6 +166,43 @@ def participant_bank(
         raise fail(f"participant: {e}") from None
 
 
+def _trip_command(kind: str) -> None:
+    def command(
+        listen: Annotated[str, typer.Option(envvar="ACCORD_LISTEN")] = "127.0.0.1:0",
+        db: Annotated[Path, typer.Option(envvar="ACCORD_DB", help="SQLite file")] = Path(
+            f"{kind}.db"
+        ),
+        fail_city: Annotated[
+            list[str] | None,
+            typer.Option(
+                envvar="ACCORD_FAIL_CITY", help="refuse bookings in this city (repeatable)"
+            ),
+        ] = None,
+        in_doubt_after_s: Annotated[float, typer.Option(envvar="ACCORD_IN_DOUBT_AFTER_S")] = 10.0,
+        log_level: LogLevel = "info",
+        log_format: LogFormat = "text",
+    ) -> None:
+        from participants.trip import serve_trip
+
+        setup_logging(log_level, log_format)
+        try:
+            run_async(
+                serve_trip(
+                    kind, listen, db, fail_cities=fail_city or (), in_doubt_after_s=in_doubt_after_s
+                )
+            )
+        except Exception as e:
+            logging.getLogger("accord").exception("participant failed")
+            raise fail(f"participant: {e}") from None
+
+    command.__doc__ = f"Run the trip example's {kind} booking service (saga steps book/cancel)."
+    participant_app.command(kind)(command)
+
+
+for _kind in ("flight", "hotel", "car"):
+    _trip_command(_kind)
+
+
 # ---------------------------------------------------------------- txn
 
 Coordinator = Annotated[
@@ -435,6 +472,9 @@ def demo(
     data_dir: Annotated[
         Path | None, typer.Option(help="keep data here (default: a temp dir)")
     ] = None,
+    saga: Annotated[
+        bool, typer.Option("--saga", help="also book trips with sagas (flight, hotel, car)")
+    ] = False,
     as_json: JsonOut = False,
 ) -> None:
     """The whole topology on this machine (a coordinator, two bank participants), a
@@ -448,6 +488,7 @@ def demo(
         initial_balance=initial_balance,
         seed=seed,
         data_dir=data_dir,
+        saga=saga,
     )
     try:
         summary = run_demo(settings, console=None if as_json else console)
@@ -456,6 +497,8 @@ def demo(
     if as_json:
         print(json.dumps(summary))
     if summary["total_before"] != summary["total_after"] or summary["errors"]:
+        raise typer.Exit(1)
+    if saga and not all(s["consistent"] for s in summary["sagas"]):
         raise typer.Exit(1)
 
 

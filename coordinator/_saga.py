@@ -235,7 +235,8 @@ class SagaMode:
                     done_count += 1
                     if done_count == 1:
                         await self._fp.acheck("mid_compensation")
-        for i in todo:
+        # Compensations that ran and failed first (the cause), then those they blocked.
+        for i in sorted(todo, key=lambda i: (i not in tasks, -i)):
             task = tasks.get(i)
             if task is None or not task.result():
                 st = txn.steps[i]

@@ -1,6 +1,7 @@
 """The participant SDK: implement ``accord.v1.Participant`` by writing business logic only.
 
-What it owns: the barrier (exactly-once effects, abort-before-prepare refusal), the
+What it owns: the barrier (exactly-once effects; an abort before its prepare or a
+compensation before its action is a recorded no-op that refuses the late call), the
 branch table (prepared branches survive a crash), fencing (lower coordinator epochs
 refused), group commit on SQLite (WAL, ``synchronous=FULL``), the in-doubt resolver
 (presumed abort: ask the coordinator about branches held prepared too long) and the
@@ -15,16 +16,27 @@ Two ways to write a participant::
     def reserve(conn: sqlite3.Connection, call: BranchCall) -> Vote | None:
         ...  # check; hold; raise Refuse("out of stock") for a no vote
 
+    @app.execute("ship")          # a saga step: optional result bytes, or Refuse/NotYet
+    def ship(conn: sqlite3.Connection, call: BranchCall) -> bytes | None: ...
+
+    @app.compensate("unship")     # keyed by the compensation's name; may raise NotYet
+    def unship(conn: sqlite3.Connection, call: BranchCall) -> None: ...
+
     class Inventory(Participant):
         def prepare(self, conn: sqlite3.Connection, call: BranchCall) -> Vote | None: ...
+        def execute(self, conn: sqlite3.Connection, call: BranchCall) -> bytes | None: ...
+        def compensate(self, conn: sqlite3.Connection, call: BranchCall) -> None: ...
 
 and serve either with ``async with ParticipantServer(app, db=path) as srv`` or
 ``await serve(app, db=path, listen="127.0.0.1:7101")``.
 
-The example participants live in subpackages (``participants.bank``).
+The example participants live in subpackages (``participants.bank``,
+``participants.trip``).
 """
 
 from participants._app import (
+    CompensateHandler,
+    ExecuteHandler,
     Participant,
     ParticipantApp,
     PhaseHandler,
@@ -49,6 +61,8 @@ __all__ = [
     "BranchCall",
     "BranchRecord",
     "BranchState",
+    "CompensateHandler",
+    "ExecuteHandler",
     "InDoubtResolver",
     "NotYet",
     "Op",

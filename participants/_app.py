@@ -1,10 +1,15 @@
 """The two ways to write a participant's business logic.
 
 Subclass style: subclass :class:`Participant` and override ``setup``, ``prepare``,
-``commit`` and ``abort`` (each one dispatches on ``call.operation`` itself).
+``commit`` and ``abort`` (2PC) and ``execute`` and ``compensate`` (sagas); each one
+dispatches on ``call.operation`` itself.
 
 Decorator style: register one function per operation and phase on a
 :class:`ParticipantApp`; the app turns itself into a :class:`Participant`.
+
+Saga handlers are keyed differently from 2PC ones: Execute carries the step's action
+name, Compensate the compensation's own name (``branch_id`` is the step's name either
+way). 2PC and saga operations are dispatched separately, so a name may be used by both.
 
 Either way, handlers are plain synchronous functions. They run on the SDK's writer
 thread, inside the local transaction (a SAVEPOINT) that also records the barrier row, so
@@ -18,7 +23,7 @@ import sqlite3
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from participants._types import BranchCall, Refuse, Vote
+from participants._types import BranchCall, NotYet, Refuse, Vote
 
 #: A prepare handler: returns its vote (``None`` means yes), or raises
 #: :class:`~participants.Refuse` (no) or :class:`~participants.NotYet` (retry later).
@@ -26,10 +31,19 @@ PrepareHandler = Callable[[sqlite3.Connection, BranchCall], Vote | None]
 #: A commit or abort handler. It must not refuse: a yes vote is a promise.
 PhaseHandler = Callable[[sqlite3.Connection, BranchCall], None]
 SetupHandler = Callable[[sqlite3.Connection], None]
+#: A saga action: applies the step and returns optional result bytes for the coordinator
+#: (``BranchResponse.result``), or raises :class:`~participants.Refuse` (the step failed
+#: for good, nothing changed) or :class:`~participants.NotYet` (retry later).
+ExecuteHandler = Callable[[sqlite3.Connection, BranchCall], bytes | None]
+#: A saga compensation: undoes an executed step. It may raise ``NotYet`` (retry later);
+#: it must not refuse (a refusal is answered FAILED_PRECONDITION and logged).
+CompensateHandler = Callable[[sqlite3.Connection, BranchCall], None]
 
 _P = TypeVar("_P", bound=PrepareHandler)
 _H = TypeVar("_H", bound=PhaseHandler)
 _S = TypeVar("_S", bound=SetupHandler)
+_E = TypeVar("_E", bound=ExecuteHandler)
+_C = TypeVar("_C", bound=CompensateHandler)
 
 
 class Participant:
@@ -55,6 +69,18 @@ class Participant:
         """Phase two after a yes vote: release what was reserved. Never called for a
         branch that was not prepared (the barrier turns that into a recorded no-op)."""
 
+    def execute(self, conn: sqlite3.Connection, call: BranchCall) -> bytes | None:
+        """A saga step's action: apply it and return optional result bytes, or raise
+        ``Refuse`` (the step failed for good) or ``NotYet`` (retry later). Runs at most
+        once per (gid, step), and never after the step's compensation arrived."""
+        raise Refuse(f"unknown operation {call.operation!r}")
+
+    def compensate(self, conn: sqlite3.Connection, call: BranchCall) -> None:
+        """A saga step's compensation (``call.operation`` is the compensation's name):
+        undo what ``execute`` did. Runs at most once, and only after a successful
+        ``execute`` of the same (gid, step); may raise ``NotYet``, must not refuse."""
+        raise NotYet(f"no compensation handler for {call.operation!r}")
+
 
 class ParticipantApp:
     """Business logic registered per operation (decorator style)::
@@ -64,8 +90,16 @@ class ParticipantApp:
         @app.prepare("debit")
         def reserve(conn: sqlite3.Connection, call: BranchCall) -> Vote | None: ...
 
-    An operation needs a prepare handler; its commit and abort handlers default to doing
-    nothing. Prepare of an operation with no handler is refused (ABORTED).
+        @app.execute("book")
+        def book(conn: sqlite3.Connection, call: BranchCall) -> bytes | None: ...
+
+        @app.compensate("cancel")
+        def cancel(conn: sqlite3.Connection, call: BranchCall) -> None: ...
+
+    A 2PC operation needs a prepare handler; its commit and abort handlers default to
+    doing nothing. Prepare or Execute of an operation with no handler is refused
+    (ABORTED); Compensate with no handler answers "not yet" (FAILED_PRECONDITION: the
+    coordinator retries, and the saga ends STUCK where an operator sees it).
     """
 
     def __init__(self, service: str) -> None:
@@ -73,11 +107,14 @@ class ParticipantApp:
         self._prepare: dict[str, PrepareHandler] = {}
         self._commit: dict[str, PhaseHandler] = {}
         self._abort: dict[str, PhaseHandler] = {}
+        self._execute: dict[str, ExecuteHandler] = {}
+        self._compensate: dict[str, CompensateHandler] = {}
         self._setup: list[SetupHandler] = []
 
     @property
     def operations(self) -> tuple[str, ...]:
-        return tuple(sorted(self._prepare))
+        """Every operation name it serves: 2PC ones, saga actions and compensations."""
+        return tuple(sorted({*self._prepare, *self._execute, *self._compensate}))
 
     def setup(self, fn: _S) -> _S:
         """Registers a schema function (decorator); several run in registration order."""
@@ -114,6 +151,27 @@ class ParticipantApp:
 
         return decorator
 
+    def execute(self, operation: str) -> Callable[[_E], _E]:
+        """Registers the saga action ``operation`` (decorator)."""
+
+        def decorator(fn: _E) -> _E:
+            _check_new(self._execute, operation, "execute")
+            self._execute[operation] = fn
+            return fn
+
+        return decorator
+
+    def compensate(self, operation: str) -> Callable[[_C], _C]:
+        """Registers the saga compensation ``operation`` (decorator), keyed by the
+        compensation's own name (the one a saga definition gives as ``compensation``)."""
+
+        def decorator(fn: _C) -> _C:
+            _check_new(self._compensate, operation, "compensate")
+            self._compensate[operation] = fn
+            return fn
+
+        return decorator
+
     def as_participant(self) -> Participant:
         return _AppParticipant(self)
 
@@ -138,8 +196,9 @@ class _AppParticipant(Participant):
     def prepare(self, conn: sqlite3.Connection, call: BranchCall) -> Vote | None:
         handler = self._app._prepare.get(call.operation)
         if handler is None:
-            known = ", ".join(self._app.operations) or "none"
-            raise Refuse(f"unknown operation {call.operation!r} (known: {known})")
+            raise Refuse(
+                f"unknown operation {call.operation!r} (known: {_known(self._app._prepare)})"
+            )
         return handler(conn, call)
 
     def commit(self, conn: sqlite3.Connection, call: BranchCall) -> None:
@@ -151,6 +210,25 @@ class _AppParticipant(Participant):
         handler = self._app._abort.get(call.operation)
         if handler is not None:
             handler(conn, call)
+
+    def execute(self, conn: sqlite3.Connection, call: BranchCall) -> bytes | None:
+        handler = self._app._execute.get(call.operation)
+        if handler is None:
+            raise Refuse(
+                f"unknown operation {call.operation!r} (known: {_known(self._app._execute)})"
+            )
+        return handler(conn, call)
+
+    def compensate(self, conn: sqlite3.Connection, call: BranchCall) -> None:
+        handler = self._app._compensate.get(call.operation)
+        if handler is None:
+            known = _known(self._app._compensate)
+            raise NotYet(f"no compensation handler for {call.operation!r} (known: {known})")
+        handler(conn, call)
+
+
+def _known(table: Mapping[str, object]) -> str:
+    return ", ".join(sorted(table)) or "none"
 
 
 def as_participant(logic: Participant | ParticipantApp) -> Participant:

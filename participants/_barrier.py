@@ -40,18 +40,36 @@ The rules, per op (after fencing and the duplicate check):
 - Abort before any Prepare (the coordinator gave up on a Prepare still in flight): a
   recorded no-op that also records the Prepare as refused ("already aborted"), so the
   late Prepare is refused without running its handler — no resources are held by a
-  branch nobody will ever finish (no hanging). A Compensate before its Execute will
-  follow the same rule (the ``_CANCELS`` table).
+  branch nobody will ever finish (no hanging). A Compensate before its Execute follows
+  the same rule (the ``_CANCELS`` table).
 - Commit: only of a PREPARED (or READ_ONLY: no-op) branch; otherwise FAILED_PRECONDITION.
   With ``one_phase``: prepare and commit handlers in one savepoint; a refusal is the
   outcome (ABORTED).
 - Abort of a PREPARED branch runs the abort handler; of a refused, read-only or already
   aborted branch it is a no-op; of a committed one it is refused ("already committed").
+
+Saga calls (a step is the branch: ``branch_id`` is the step's name) use barrier rows
+only, no branch row (nothing is held between calls, so nothing is ever in doubt):
+
+- Execute: a recorded execute answer is returned as it is (OK with the same result
+  bytes, or the refusal) without running the handler. Otherwise the execute handler
+  runs. Returned bytes → OK, recorded with the bytes; ``Refuse`` → the handler's
+  changes are undone and the refusal recorded; ``NotYet`` → undone, nothing recorded.
+- Compensate: a recorded compensate answer is returned as it is. Otherwise, by the
+  recorded execute answer: none (the Compensate overtook its Execute, or the Execute
+  never got through) → a recorded no-op ("null compensation") that also records the
+  Execute as refused ("already compensated"), so the late Execute never runs (no
+  hanging); a refusal → a recorded no-op (the step changed nothing); OK → the
+  compensate handler runs once, and its answer is recorded. ``NotYet`` → undone,
+  nothing recorded; a ``Refuse`` is a bug of the handler (a compensation must not
+  refuse): undone, logged, answered "not yet" (FAILED_PRECONDITION), so the coordinator
+  retries and, past its policy, reports the saga STUCK.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -61,6 +79,8 @@ from typing import Any
 from participants._app import Participant
 from participants._store import undo_job
 from participants._types import BranchCall, NotYet, Op, Refuse, Result, Status, Vote
+
+log = logging.getLogger("accord.participant")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accord_barrier (
@@ -165,6 +185,11 @@ _SQL_SET_STATE = (
     "UPDATE accord_branches SET state = ?, updated_at = ?"
     " WHERE gid = ? AND branch_id = ? AND state = ?"
 )
+#: Both saga answers of a step (zero, one or two rows).
+_SQL_SAGA_RECORDED = (
+    "SELECT op, status, message, read_only, result FROM accord_barrier"
+    " WHERE gid = ? AND branch_id = ? AND op IN ('execute', 'compensate')"
+)
 _SQL_FENCE = "SELECT epoch FROM accord_fence WHERE shard = ?"
 _SQL_RAISE_FENCE = (
     "INSERT INTO accord_fence (shard, epoch, updated_at) VALUES (?, ?, ?)"
@@ -183,6 +208,15 @@ _PREPARED = Result(Status.OK, "prepared")
 _READ_ONLY = Result(Status.OK, "read-only", read_only=True)
 _COMMITTED = Result(Status.OK, "committed")
 _ABORTED = Result(Status.OK, "aborted")
+_EXECUTED = Result(Status.OK, "executed")
+_COMPENSATED = Result(Status.OK, "compensated")
+_NULL_COMPENSATION = Result(Status.OK, "no-op: compensated before the action ran")
+_NOTHING_TO_COMPENSATE = Result(Status.OK, "no-op: the action was refused, nothing to undo")
+_LATE_EXECUTE = Result(
+    Status.REFUSED, "already compensated: the compensation arrived before the action"
+)
+_COMPENSATE_OP = Op.COMPENSATE.value
+_OK_STATUS = Status.OK.value
 
 #: Key of a shard's fence epoch in :attr:`Store.cache <participants.Store.cache>`.
 _FENCE_KEY = "accord.fence"
@@ -257,11 +291,11 @@ class Barrier:
                 result = self._finish(conn, call, op, finished)
             else:
                 result = self._phase_two(conn, op, call)
-        else:
+        elif op is Op.EXECUTE:
             recorded = _recorded(conn, call, op)
-            if recorded is None:
-                return Result(Status.UNIMPLEMENTED, f"{op} is not implemented yet")
-            result = recorded
+            result = self._execute(conn, call) if recorded is None else recorded
+        else:
+            result = self._compensate(conn, call)
         if new_epoch is not None:  # after any undo_job() of the handler
             conn.execute(_SQL_RAISE_FENCE, (shard, new_epoch, self._clock()))
             self._cache[(_FENCE_KEY, shard)] = new_epoch
@@ -400,6 +434,54 @@ class Barrier:
         self._record(conn, call, result, Op.ABORT)
         return result
 
+    def _execute(self, conn: sqlite3.Connection, call: BranchCall) -> Result:
+        """A saga action with no recorded answer (not executed, not compensated)."""
+        try:
+            out = self._p.execute(conn, call)
+        except Refuse as no:
+            undo_job(conn)
+            result = Result(Status.REFUSED, no.reason)
+        except NotYet as later:
+            undo_job(conn)
+            return Result(Status.NOT_YET, later.reason)
+        else:
+            result = _EXECUTED if out is None else Result(Status.OK, "executed", result=_out(out))
+        self._record(conn, call, result, Op.EXECUTE)
+        return result
+
+    def _compensate(self, conn: sqlite3.Connection, call: BranchCall) -> Result:
+        executed: str | None = None
+        for row in conn.execute(_SQL_SAGA_RECORDED, (call.gid, call.branch_id)).fetchall():
+            if row[0] == _COMPENSATE_OP:
+                return _result(row[1:])  # a duplicate
+            executed = row[1]
+        if executed is None:
+            # Compensate before Execute: nothing to undo; refuse the late Execute now.
+            self._record(conn, call, _LATE_EXECUTE, _CANCELS[Op.COMPENSATE])
+            result = _NULL_COMPENSATION
+        elif executed != _OK_STATUS:
+            result = _NOTHING_TO_COMPENSATE
+        else:
+            try:
+                self._p.compensate(conn, call)
+            except NotYet as later:
+                undo_job(conn)
+                return Result(Status.NOT_YET, later.reason)
+            except Refuse as no:
+                undo_job(conn)
+                log.error(
+                    "event=compensate_refused gid=%s branch=%s operation=%s reason=%r"
+                    " (a compensation must not refuse; answered not-yet, will be retried)",
+                    call.gid,
+                    call.branch_id,
+                    call.operation,
+                    no.reason,
+                )
+                return Result(Status.NOT_YET, f"compensation refused (retried): {no.reason}")
+            result = _COMPENSATED
+        self._record(conn, call, result, Op.COMPENSATE)
+        return result
+
     # -- rows ---------------------------------------------------------------------------
 
     def _record(self, conn: sqlite3.Connection, call: BranchCall, result: Result, *ops: Op) -> None:
@@ -486,6 +568,14 @@ def _vote(vote: object) -> Vote:
     if isinstance(vote, Vote):
         return vote
     raise TypeError(f"prepare handler returned {vote!r}; expected a Vote or None")
+
+
+def _out(out: object) -> bytes:
+    if isinstance(out, bytes):
+        return out
+    if isinstance(out, (bytearray, memoryview)):
+        return bytes(out)
+    raise TypeError(f"execute handler returned {out!r}; expected bytes or None")
 
 
 def _stored(call: BranchCall, branch: _Loaded) -> BranchCall:

@@ -17,9 +17,6 @@ from participants._types import BranchCall, Op, Result, Status
 
 log = logging.getLogger("accord.participant")
 
-#: Ops the SDK serves today; sagas (Execute/Compensate) come later.
-_SERVED = frozenset({Op.PREPARE, Op.COMMIT, Op.ABORT})
-
 
 class ParticipantService:
     """One participant: its business logic, its store and its barrier."""
@@ -59,8 +56,6 @@ class ParticipantService:
         invalid = _validate(call)
         if invalid is not None:
             return Result(Status.INVALID, invalid)
-        if op not in _SERVED:
-            return Result(Status.UNIMPLEMENTED, f"{op.value}: sagas are not supported yet")
         barrier = self._barrier
         result = await self.store.write(lambda conn: barrier.run(conn, op, call, fence=fence))
         _log_result(op, call, result, resolver=not fence)

@@ -1,13 +1,20 @@
 """The example bank participant: accounts with balances in SQLite, moved only by 2PC
-branches through the participant SDK.
+branches and saga steps through the participant SDK.
 
-Operations (payload ``{"account": "bank-0", "amount": 10}``):
+2PC operations (payload ``{"account": "bank-0", "amount": 10}``):
 
 - ``debit``: prepare holds the amount (refused with "insufficient funds" when
   ``balance - held < amount``), commit applies it and writes the ledger, abort releases.
 - ``credit``: prepare checks that the account exists, commit adds (and writes the
   ledger), abort does nothing.
 - ``balance`` (payload ``{"account": ...}``): a read; votes read-only.
+
+Saga operations (Execute / its Compensate, same payload; each writes a ledger entry):
+
+- ``debit`` / ``refund``: takes the amount when ``balance - held >= amount``, else
+  refused ("insufficient funds"); ``refund`` gives it back.
+- ``credit`` / ``uncredit``: adds the amount; ``uncredit`` takes it back, or answers
+  "not yet" ("funds already spent") while ``balance - held < amount``.
 
 Seeded accounts are named ``<service>-<index>`` (:func:`account_id`). The admin API
 (``accord.bank.v1.Bank``: OpenAccounts, GetBalances) is served on the same port.

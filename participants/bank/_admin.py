@@ -1,5 +1,6 @@
 """The bank's admin gRPC service (accord.bank.v1.Bank), served on the participant's
-port: opens accounts and reads balances. It never moves money; only 2PC branches do."""
+port: opens accounts and reads balances. It never moves money; only 2PC branches and saga
+steps do."""
 
 from __future__ import annotations
 

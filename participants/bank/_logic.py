@@ -1,8 +1,20 @@
 """The bank's business logic, written in the SDK's decorator style.
 
-Money is never created or destroyed outside a committed branch: a prepared debit holds
-the amount (``held``), so two concurrent transfers can never both spend the same funds;
-commit applies it and writes the ledger, abort releases it.
+2PC: money is never created or destroyed outside a committed branch: a prepared debit
+holds the amount (``held``), so two concurrent transfers can never both spend the same
+funds; commit applies it and writes the ledger, abort releases it.
+
+Sagas: a step applies at once and writes the ledger; its compensation applies the
+opposite movement and writes its own ledger entry (keyed ``<step>/<compensation>``, so the
+ledger's ``UNIQUE (gid, branch_id)`` still allows exactly one entry per effect; step
+names never contain ``/``). Only available funds (``balance - held``) are ever taken, so a
+saga never spends what a prepared 2PC branch holds.
+
+- Execute ``debit`` / Compensate ``refund``: take the amount (refused with "insufficient
+  funds") / give it back.
+- Execute ``credit`` / Compensate ``uncredit``: add the amount / take it back, or "not
+  yet" when it has been spent meanwhile (the coordinator retries, then reports the saga
+  STUCK to an operator).
 """
 
 from __future__ import annotations
@@ -12,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from participants import BranchCall, ParticipantApp, Refuse, Vote
+from participants import BranchCall, NotYet, ParticipantApp, Refuse, Vote
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -73,12 +85,21 @@ def _account(conn: sqlite3.Connection, account: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def _ledger(conn: sqlite3.Connection, call: BranchCall, account: str, delta: int) -> None:
+def _ledger(
+    conn: sqlite3.Connection, call: BranchCall, account: str, delta: int, *, undo: bool = False
+) -> None:
+    # A compensation's entry is keyed apart from its action's: "<step>/<compensation>".
+    branch = f"{call.branch_id}/{call.operation}" if undo else call.branch_id
     conn.execute(
         "INSERT INTO ledger (gid, branch_id, account, delta, balance_after)"
         " VALUES (?, ?, ?, ?, (SELECT balance FROM accounts WHERE id = ?))",
-        (call.gid, call.branch_id, account, delta, account),
+        (call.gid, branch, account, delta, account),
     )
+
+
+#: Takes an amount from the available funds (never what a prepared branch holds).
+_SQL_TAKE = "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2 AND balance - held >= ?1"
+_SQL_GIVE = "UPDATE accounts SET balance = balance + ? WHERE id = ?"
 
 
 def _update(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> None:
@@ -146,6 +167,47 @@ def bank_app(service: str = "bank", *, seed: Sequence[tuple[str, int]] = ()) -> 
         _ledger(conn, call, m.account, m.amount)
 
     # A credit holds nothing at prepare, so its abort has nothing to undo (no handler).
+
+    # -- saga steps (Execute / Compensate) ---------------------------------------------
+
+    @app.execute("debit")
+    def execute_debit(conn: sqlite3.Connection, call: BranchCall) -> None:
+        m = parse(call)
+        if conn.execute(_SQL_TAKE, (m.amount, m.account)).rowcount != 1:
+            balance, held = _account(conn, m.account)
+            raise Refuse(
+                f"insufficient funds: account {m.account!r} has {balance - held} available,"
+                f" needs {m.amount}"
+            )
+        _ledger(conn, call, m.account, -m.amount)
+
+    @app.compensate("refund")
+    def refund(conn: sqlite3.Connection, call: BranchCall) -> None:
+        m = parse(call)
+        _update(conn, _SQL_GIVE, (m.amount, m.account))
+        _ledger(conn, call, m.account, m.amount, undo=True)
+
+    @app.execute("credit")
+    def execute_credit(conn: sqlite3.Connection, call: BranchCall) -> None:
+        m = parse(call)
+        if conn.execute(_SQL_GIVE, (m.amount, m.account)).rowcount != 1:
+            raise Refuse(f"unknown account {m.account!r}")
+        _ledger(conn, call, m.account, m.amount)
+
+    @app.compensate("uncredit")
+    def uncredit(conn: sqlite3.Connection, call: BranchCall) -> None:
+        m = parse(call)
+        if conn.execute(_SQL_TAKE, (m.amount, m.account)).rowcount != 1:
+            row = conn.execute(
+                "SELECT balance - held FROM accounts WHERE id = ?", (m.account,)
+            ).fetchone()
+            if row is None:
+                raise RuntimeError(f"bank: account {m.account!r} missing for uncredit")
+            raise NotYet(
+                f"funds already spent: account {m.account!r} has {row[0]} available,"
+                f" needs {m.amount} to take back the credit"
+            )
+        _ledger(conn, call, m.account, -m.amount, undo=True)
 
     @app.prepare("balance")
     def prepare_balance(conn: sqlite3.Connection, call: BranchCall) -> Vote:

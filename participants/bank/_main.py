@@ -72,7 +72,10 @@ async def serve_bank(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m participants.bank",
-        description="The Accord example bank participant (2PC debit/credit/balance).",
+        description=(
+            "The Accord example bank participant (2PC debit/credit/balance;"
+            " saga debit/refund, credit/uncredit)."
+        ),
     )
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any free)")
     parser.add_argument("--db", type=Path, required=True, help="SQLite file (created if missing)")

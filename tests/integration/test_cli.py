@@ -106,3 +106,17 @@ def test_demo_json() -> None:
     assert summary["committed"] > 0 and summary["aborted"] > 0
     assert summary["total_before"] == summary["total_after"] > 0
     assert summary["errors"] == []
+
+
+def test_demo_saga_json() -> None:
+    out = accord("demo", "--json", "--saga", "--transfers", "20", "--concurrency", "4")
+    summary = json.loads(out.stdout)
+    sagas = {s["trip"]: s for s in summary["sagas"]}
+    assert all(s["consistent"] for s in sagas.values()), sagas
+    for s in sagas.values():
+        if s["city"] == "Paris":  # the car service refuses Paris: compensated
+            assert s["state"] == "COMPENSATED" and s["steps"]["car"] == "FAILED"
+            assert s["bookings"]["flight"] == s["bookings"]["hotel"] == "CANCELLED"
+        else:
+            assert s["state"] == "COMPLETED"
+            assert set(s["bookings"].values()) == {"CONFIRMED"}

@@ -244,11 +244,21 @@ async def test_phase_two_uses_the_prepared_payload(svc: ParticipantService) -> N
     assert seen == [b'{"x": 1}']
 
 
-async def test_validation_and_unimplemented(svc: ParticipantService, logic: Counting) -> None:
-    assert (await svc.call(Op.PREPARE, bc(gid=""))).status is Status.INVALID
-    assert (await svc.call(Op.PREPARE, bc(branch=""))).status is Status.INVALID
-    assert (await svc.call(Op.EXECUTE, bc())).status is Status.UNIMPLEMENTED
-    assert (await svc.call(Op.COMPENSATE, bc())).status is Status.UNIMPLEMENTED
+async def test_validation(svc: ParticipantService, logic: Counting) -> None:
+    for op in Op:
+        assert (await svc.call(op, bc(gid=""))).status is Status.INVALID
+        assert (await svc.call(op, bc(branch=""))).status is Status.INVALID
+    assert logic.runs == []
+
+
+async def test_saga_ops_default_to_unknown_operation(
+    svc: ParticipantService, logic: Counting
+) -> None:
+    # A 2PC-only participant (no execute/compensate override): Execute is a business no.
+    r = await svc.call(Op.EXECUTE, bc())
+    assert r.status is Status.REFUSED and "unknown operation 'ok'" in r.message
+    # Its compensation is a recorded no-op (the action never ran), not a handler call.
+    assert (await svc.call(Op.COMPENSATE, bc(operation="undo"))).ok
     assert logic.runs == []
 
 

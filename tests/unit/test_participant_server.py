@@ -173,8 +173,8 @@ async def test_status_codes(inv: tuple[ParticipantServer, pb.ParticipantStub]) -
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     code, _ = await code_of(stub.Prepare(pb.BranchRequest(gid="", branch_id="b1")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    code, _ = await code_of(stub.Execute(req("g7")))
-    assert code == grpc.StatusCode.UNIMPLEMENTED
+    code, details = await code_of(stub.Execute(req("g7")))
+    assert code == grpc.StatusCode.ABORTED and "unknown operation 'reserve'" in details
     await stub.Prepare(req("g8", "peek", shard="s", epoch=9))
     code, details = await code_of(stub.Prepare(req("g9", "peek", shard="s", epoch=8)))
     assert (code, details) == (
