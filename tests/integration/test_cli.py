@@ -120,3 +120,51 @@ def test_demo_saga_json() -> None:
         else:
             assert s["state"] == "COMPLETED"
             assert set(s["bookings"].values()) == {"CONFIRMED"}
+
+
+async def test_txn_saga_from_a_file(cluster: Cluster) -> None:
+    a, b = cluster.bank("bank-a"), cluster.bank("bank-b")
+    await open_accounts(a.address, {"x": 50})
+    await open_accounts(b.address, {"y": 0})
+    coord = cluster.coordinator({"bank-a": a.address, "bank-b": b.address})
+    c = ["--coordinator", coord.address]
+    saga = cluster.root / "saga.json"
+    saga.write_text(
+        json.dumps(
+            {
+                "timeout_ms": 20000,
+                "steps": [
+                    {
+                        "name": "take",
+                        "service": "bank-a",
+                        "action": "debit",
+                        "compensation": "refund",
+                        "payload": {"account": "x", "amount": 20},
+                    },
+                    {
+                        "name": "give",
+                        "service": "bank-b",
+                        "action": "credit",
+                        "compensation": "uncredit",
+                        "payload": {"account": "y", "amount": 20},
+                        "depends_on": ["take"],
+                        "retry": {"max_attempts": 3, "initial_interval_ms": 10},
+                    },
+                ],
+            }
+        )
+    )
+    done = json.loads(accord("txn", "saga", "--file", str(saga), *c, "--json").stdout)
+    assert done["protocol"] == "SAGA" and done["state"] == "COMPLETED"
+    assert [s["state"] for s in done["steps"]] == ["SUCCEEDED", "SUCCEEDED"]
+    stuck = json.loads(accord("txn", "list", "--stuck", *c, "--json").stdout)
+    assert stuck["transactions"] == []
+    assert (await balances(a.address)).total == 30 and (await balances(b.address)).total == 20
+    bad = cluster.root / "bad.json"
+    bad.write_text(
+        json.dumps(
+            {"steps": [{"name": "a", "service": "bank-a", "action": "debit", "depends_on": ["a"]}]}
+        )
+    )
+    refused = accord("txn", "saga", "--file", str(bad), *c, check=False)
+    assert refused.returncode != 0 and "INVALID_ARGUMENT" in refused.stderr
