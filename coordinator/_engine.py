@@ -540,6 +540,23 @@ class Engine:
                 pass  # decided; phase two goes on in the background
         return txn
 
+    def branch_request(
+        self, gid: str, branch_id: str, operation: str, payload: bytes, *, one_phase: bool = False
+    ) -> pb.BranchRequest:
+        """A participant call, with this coordinator's fencing epoch and the address to
+        ask for outcomes."""
+        cfg = self.config
+        return pb.BranchRequest(
+            gid=gid,
+            branch_id=branch_id,
+            operation=operation,
+            payload=payload,
+            shard=cfg.shard,
+            epoch=cfg.epoch,
+            coordinator_address=cfg.advertise_address,
+            one_phase=one_phase,
+        )
+
     async def call_branch(
         self,
         txn: Txn,
@@ -554,15 +571,8 @@ class Engine:
         answers back off with jitter; returns None when the deadline passes or ``stop``
         is set first."""
         cfg = self.config
-        request = pb.BranchRequest(
-            gid=txn.gid,
-            branch_id=branch.branch_id,
-            operation=branch.operation,
-            payload=branch.payload,
-            shard=cfg.shard,
-            epoch=cfg.epoch,
-            coordinator_address=cfg.advertise_address,
-            one_phase=one_phase,
+        request = self.branch_request(
+            txn.gid, branch.branch_id, branch.operation, branch.payload, one_phase=one_phase
         )
         attempt = 0
         while True:

@@ -284,16 +284,7 @@ class SagaMode:
         attempt_s = (
             (st.spec.timeout_ms / 1000) if st.spec.timeout_ms else self._e.config.call_timeout_s
         )
-        cfg = self._e.config
-        request = pb.BranchRequest(
-            gid=txn.gid,
-            branch_id=st.spec.name,
-            operation=operation,
-            payload=payload,
-            shard=cfg.shard,
-            epoch=cfg.epoch,
-            coordinator_address=cfg.advertise_address,
-        )
+        request = self._e.branch_request(txn.gid, st.spec.name, operation, payload)
         method = "Compensate" if compensation else "Execute"
         n = 0
         while True:
