@@ -344,7 +344,7 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
                 t["steps"]["flight"],
                 t["steps"]["hotel"],
                 t["steps"]["car"],
-                "consistent" if t["consistent"] else "[red]INCONSISTENT[/red]",
+                "ok" if t["consistent"] else "[red]MISMATCH[/red]",
             )
         console.print(trips)
     ok = s["total_before"] == s["total_after"] and not s["errors"]
