@@ -29,6 +29,7 @@ from coordinator._errors import (
     AlreadyExists,
     FailedPrecondition,
     IllegalTransition,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -86,6 +87,14 @@ class Caller(Protocol):
     ) -> CallResult: ...
 
 
+def _checked_gid(gid: str) -> str:
+    if not gid:
+        raise InvalidArgument("gid is required")
+    if len(gid) > 128:
+        raise InvalidArgument("gid is longer than 128 characters")
+    return gid
+
+
 def _digest(*parts: bytes) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for p in parts:
@@ -131,9 +140,15 @@ class Engine:
     # ------------------------------------------------------------------ queries
 
     def get(self, gid: str) -> Txn:
-        txn = self._txns.get(gid)
+        txn = self._txns.get(_checked_gid(gid))
         if txn is None:
             raise NotFound(f"unknown transaction {gid!r}")
+        return txn
+
+    def _get_2pc(self, gid: str) -> Txn:
+        txn = self.get(gid)
+        if txn.protocol != pb.PROTOCOL_TWO_PHASE_COMMIT:
+            raise FailedPrecondition(f"transaction {gid} is a saga: use CancelSaga")
         return txn
 
     @property
@@ -156,7 +171,7 @@ class Engine:
         return out, ""
 
     def query_outcome(self, gid: str) -> int:
-        txn = self._txns.get(gid)
+        txn = self._txns.get(_checked_gid(gid))
         if txn is None:
             # Recovery has finished before the server answers anything: a gid we do not
             # know was never decided to commit (presumed abort).
@@ -217,14 +232,14 @@ class Engine:
         return txn
 
     async def enlist(self, gid: str, branch: pb.Branch) -> str:
-        txn = self.get(gid)
+        txn = self._get_2pc(gid)
         v.check_branch(branch, self.config.limits)
         if txn.claimed != TxnState.ACTIVE:
             raise FailedPrecondition(
                 f"transaction {gid} is {txn.claimed.name}: branches can only be enlisted "
                 "while it is ACTIVE"
             )
-        self._check_service(branch)
+        self._check_service(branch.service, branch.address)
         new = self._branch_rt(branch, len(txn.branches))
         old = txn.branch(new.branch_id)
         if old is not None:
@@ -244,7 +259,7 @@ class Engine:
         return new.branch_id
 
     async def commit(self, gid: str) -> Txn:
-        txn = self.get(gid)
+        txn = self._get_2pc(gid)
         if txn.claimed == TxnState.ACTIVE:
             # Losing a race with Abort or another Commit is fine: report the outcome.
             with contextlib.suppress(IllegalTransition):
@@ -252,7 +267,7 @@ class Engine:
         return await self._outcome(txn)
 
     async def abort(self, gid: str, reason: str) -> Txn:
-        txn = self.get(gid)
+        txn = self._get_2pc(gid)
         reason = reason or "aborted by the client"
         if txn.claimed == TxnState.ACTIVE:
             try:
@@ -284,7 +299,7 @@ class Engine:
             seen.add(rt.branch_id)
             rts.append(rt)
         for b in branches:
-            self._check_service(b)
+            self._check_service(b.service, b.address)
         digest = b""
         if key:
             digest = _digest(
@@ -318,8 +333,7 @@ class Engine:
         timeout_ms = v.check_timeout(timeout_ms, self.config)
         after = v.check_saga(definition, self.config)
         for step in definition.steps:
-            if not step.address and not self._calls.known(step.service):
-                raise Unavailable(f"no live instance of participant service {step.service!r}")
+            self._check_service(step.service, step.address)
         digest = b""
         if key:
             digest = _digest(
@@ -357,7 +371,7 @@ class Engine:
         txn = self.get(gid)
         if txn.protocol != pb.PROTOCOL_SAGA:
             raise FailedPrecondition(f"transaction {gid} is not a saga (use Abort)")
-        if txn.claimed in (TxnState.COMPLETED,) or self._saga.pivot_done(txn):
+        if txn.claimed == TxnState.COMPLETED or self._saga.pivot_done(txn):
             raise FailedPrecondition(
                 f"saga {gid} is past its pivot ({txn.claimed.name}): it can only go forward"
             )
@@ -434,14 +448,10 @@ class Engine:
             txn.claimed = old
             raise
         if old == TxnState.STUCK:
-            txn.decided = asyncio.Event()
-            txn.reason = ""
+            txn.reason = ""  # an operator's retry starts a new story
         if reason and (not txn.reason or new == TxnState.STUCK):
             txn.reason = reason
-        txn.state = new
-        txn.lsn = lsn
-        if new.decided:
-            txn.decided.set()
+        self._set(txn, new, lsn)
         if new.final:
             self._finish(txn)
         if txn.watchers:
@@ -786,9 +796,9 @@ class Engine:
                 f"{len(self._live)} transactions in flight (limit {self.config.limits.max_inflight})"
             )
 
-    def _check_service(self, branch: pb.Branch) -> None:
-        if not branch.address and not self._calls.known(branch.service):
-            raise Unavailable(f"no live instance of participant service {branch.service!r}")
+    def _check_service(self, service: str, address: str) -> None:
+        if not address and not self._calls.known(service):
+            raise Unavailable(f"no live instance of participant service {service!r}")
 
     @staticmethod
     def _branch_rt(branch: pb.Branch, index: int) -> BranchRt:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import accord.v1 as pb
 from coordinator._calls import CallResult, Verdict
+from coordinator._config import RetryPolicy
 from coordinator._model import StepRt, Txn
 from coordinator._states import BranchState, TxnState
 from coordinator._validate import after_pivot, topological_order
@@ -277,9 +278,11 @@ class SagaMode:
         """Calls until a final answer. Returns None when the attempts run out."""
         policy = st.spec.retry
         max_attempts = policy.max_attempts or DEFAULT_ATTEMPTS
-        initial = (policy.initial_interval_ms or DEFAULT_INITIAL_MS) / 1000
-        cap = (policy.max_interval_ms or DEFAULT_MAX_MS) / 1000
-        mult = policy.multiplier or 2.0
+        backoff = RetryPolicy(
+            initial_s=(policy.initial_interval_ms or DEFAULT_INITIAL_MS) / 1000,
+            multiplier=policy.multiplier or 2.0,
+            max_s=(policy.max_interval_ms or DEFAULT_MAX_MS) / 1000,
+        )
         final_codes = set(policy.final_codes)
         attempt_s = (
             (st.spec.timeout_ms / 1000) if st.spec.timeout_ms else self._e.config.call_timeout_s
@@ -310,5 +313,5 @@ class SagaMode:
                     st.spec.name,
                     result.detail,
                 )
-            delay = min(cap, initial * mult ** (n - 1)) * (0.5 + self._e._rand() / 2)
+            delay = backoff.delay(n, self._e._rand())
             await asyncio.sleep(delay)

@@ -87,26 +87,17 @@ class CoordinatorServicer(pb.CoordinatorServicer):
         return pb.BeginResponse(gid=txn.gid, deadline_unix_ms=txn.deadline_ms)
 
     async def Enlist(self, request: pb.EnlistRequest, context: Any) -> pb.EnlistResponse:
-        bid = await _guard(context, self._enlist(request))
+        if not request.HasField("branch"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "branch is required")
+        bid = await _guard(context, self._e.enlist(request.gid, request.branch))
         return pb.EnlistResponse(branch_id=bid)
 
-    async def _enlist(self, request: pb.EnlistRequest) -> str:
-        _need_gid(request.gid)
-        if not request.HasField("branch"):
-            raise InvalidArgument("branch is required")
-        return await self._e.enlist(request.gid, request.branch)
-
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.TransactionResponse:
-        _gid = request.gid
-        txn = await _guard(context, self._with_gid(_gid, self._e.commit))
+        txn = await _guard(context, self._e.commit(request.gid))
         return pb.TransactionResponse(transaction=txn.to_pb())
 
     async def Abort(self, request: pb.AbortRequest, context: Any) -> pb.TransactionResponse:
-        async def run() -> Any:
-            _need_gid(request.gid)
-            return await self._e.abort(request.gid, request.reason)
-
-        txn = await _guard(context, run())
+        txn = await _guard(context, self._e.abort(request.gid, request.reason))
         return pb.TransactionResponse(transaction=txn.to_pb())
 
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.TransactionResponse:
@@ -135,24 +126,19 @@ class CoordinatorServicer(pb.CoordinatorServicer):
     async def CancelSaga(
         self, request: pb.CancelSagaRequest, context: Any
     ) -> pb.TransactionResponse:
-        async def run() -> Any:
-            _need_gid(request.gid)
-            return await self._e.cancel_saga(request.gid, request.reason)
-
-        txn = await _guard(context, run())
+        txn = await _guard(context, self._e.cancel_saga(request.gid, request.reason))
         return pb.TransactionResponse(transaction=txn.to_pb())
 
     async def RetryTransaction(
         self, request: pb.RetryTransactionRequest, context: Any
     ) -> pb.TransactionResponse:
-        txn = await _guard(context, self._with_gid(request.gid, self._e.retry))
+        txn = await _guard(context, self._e.retry(request.gid))
         return pb.TransactionResponse(transaction=txn.to_pb())
 
     async def GetTransaction(
         self, request: pb.GetTransactionRequest, context: Any
     ) -> pb.Transaction:
         async def run() -> pb.Transaction:
-            _need_gid(request.gid)
             return self._e.get(request.gid).to_pb()
 
         return await _guard(context, run())
@@ -179,7 +165,6 @@ class CoordinatorServicer(pb.CoordinatorServicer):
         self, request: pb.WatchTransactionRequest, context: Any
     ) -> AsyncIterator[pb.TransactionEvent]:
         try:
-            _need_gid(request.gid)
             stream = self._e.watch(request.gid)
             first = await anext(stream)
         except AccordError as e:
@@ -193,22 +178,9 @@ class CoordinatorServicer(pb.CoordinatorServicer):
         self, request: pb.QueryOutcomeRequest, context: Any
     ) -> pb.QueryOutcomeResponse:
         async def run() -> pb.QueryOutcomeResponse:
-            _need_gid(request.gid)
             return pb.QueryOutcomeResponse(outcome=self._e.query_outcome(request.gid))  # type: ignore[arg-type]
 
         return await _guard(context, run())
-
-    @staticmethod
-    async def _with_gid(gid: str, fn: Callable[[str], Awaitable[T]]) -> T:
-        _need_gid(gid)
-        return await fn(gid)
-
-
-def _need_gid(gid: str) -> None:
-    if not gid:
-        raise InvalidArgument("gid is required")
-    if len(gid) > 128:
-        raise InvalidArgument("gid is longer than 128 characters")
 
 
 @dataclass(frozen=True, kw_only=True)

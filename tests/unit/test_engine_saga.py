@@ -273,3 +273,20 @@ async def test_recovery_of_a_compensating_saga() -> None:
         assert t2.state == TxnState.COMPENSATED, upto
         ran = {s.spec.name for s in t2.steps if s.state == BranchState.COMPENSATED}
         assert ran <= {"a", "b"}
+
+
+async def test_2pc_calls_on_a_saga_are_refused_at_once() -> None:
+    e, _ = make(TimedCalls(delay=0.05))
+    txn = await e.start_saga(
+        key="", timeout_ms=0, definition=pb.SagaDefinition(steps=[step("a")]), wait=False
+    )
+    for call in (
+        e.commit(txn.gid),
+        e.abort(txn.gid, "x"),
+        e.enlist(txn.gid, pb.Branch(service="s", operation="o")),
+    ):
+        with pytest.raises(FailedPrecondition, match="saga"):
+            await asyncio.wait_for(call, 0.5)  # refused, not left waiting for the saga
+    with pytest.raises(InvalidArgument, match="gid is required"):
+        e.get("")
+    await asyncio.wait_for(txn.finished.wait(), 2)
