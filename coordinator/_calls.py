@@ -1,6 +1,12 @@
 """Calls from the coordinator to participants: one channel per participant address,
 reused; branch addresses resolved from the registry's local cache; the participant result
-contract (DESIGN.md) turned into a three-way answer. Retrying is the engine's job."""
+contract (DESIGN.md) turned into a three-way answer. Retrying is the engine's job.
+
+Routing: a branch named by service keeps to the instance it started on while that
+instance is live (registered) and answering; when its key is gone, or a call to it
+fails as UNAVAILABLE, the next attempt goes to another live instance of the same
+service. Instances registered under one service name must therefore share their state
+(one database behind several processes): any phase of a branch may reach any of them."""
 
 from __future__ import annotations
 
@@ -13,7 +19,6 @@ import grpc
 from grpc import aio
 
 import accord.v1 as pb
-from coordinator._errors import Unavailable
 from registry import Registry
 from registry.transport import TransportSettings, make_channel
 
@@ -57,16 +62,61 @@ class ParticipantCalls:
         self._rr = itertools.count()
 
     def resolve(self, service: str, address: str) -> str:
-        """The address to send a branch to: its own, or a live instance of its service."""
-        if address:
-            return address
-        instances = self._registry.instances(service)
-        if not instances:
-            raise Unavailable(f"no live instance of participant service {service!r}")
-        return instances[next(self._rr) % len(instances)].address
+        """The address to start a branch on: its own, or a live instance of its service
+        (round robin), or "" when none is live right now."""
+        return address or self._pick(service, "", "")
 
     def known(self, service: str) -> bool:
-        return bool(self._registry.instances(service))
+        return self._registry.known(service)
+
+    def describe(self) -> str:
+        return self._registry.describe()
+
+    def _pick(self, service: str, current: str, avoid: str) -> str:
+        instances = self._registry.instances(service)
+        if not instances:
+            return ""
+        if current and not avoid:
+            for inst in instances:
+                if inst.address == current:
+                    return current
+        choices = [i for i in instances if i.address != avoid] or instances
+        return choices[next(self._rr) % len(choices)].address
+
+    async def send(
+        self,
+        method: str,
+        service: str,
+        address: str,
+        current: str,
+        request: pb.BranchRequest,
+        attempt_s: float,
+    ) -> tuple[CallResult, str]:
+        """One attempt of a branch call, routed as the module docstring says. Returns
+        the answer and the address the next attempt should use."""
+        # With no live instance known, the last address used is still worth a try: the
+        # instance may be alive while the registry (etcd) is down or lagging.
+        target = address or self._pick(service, current, "") or current
+        if not target:
+            detail = (
+                f"no live instance of participant service {service!r} "
+                f"(registry: {self._registry.describe()})"
+            )
+            return CallResult(Verdict.RETRY, detail=detail, code=grpc.StatusCode.UNAVAILABLE), ""
+        result = await self.call(method, target, request, attempt_s)
+        if result.code == grpc.StatusCode.UNAVAILABLE and not address:
+            other = self._pick(service, target, target)
+            if other != target:
+                log.info(
+                    "event=failover gid=%s branch=%s service=%s from=%s to=%s",
+                    request.gid,
+                    request.branch_id,
+                    service,
+                    target,
+                    other,
+                )
+            return result, other or target
+        return result, target
 
     def _stub(self, address: str) -> pb.ParticipantStub:
         stub = self._stubs.get(address)

@@ -82,6 +82,18 @@ class Caller(Protocol):
 
     def known(self, service: str) -> bool: ...
 
+    def describe(self) -> str: ...
+
+    async def send(
+        self,
+        method: str,
+        service: str,
+        address: str,
+        current: str,
+        request: pb.BranchRequest,
+        attempt_s: float,
+    ) -> tuple[CallResult, str]: ...
+
     async def call(
         self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
     ) -> CallResult: ...
@@ -594,7 +606,9 @@ class Engine:
                 if left <= 0:
                     return None
                 timeout = min(timeout, left)
-            result = await self._calls.call(method, branch.resolved, request, timeout)
+            result, branch.resolved = await self._calls.send(
+                method, branch.service, branch.address, branch.resolved, request, timeout
+            )
             if result.verdict != Verdict.RETRY:
                 return result
             branch.last_error = result.detail
@@ -798,7 +812,10 @@ class Engine:
 
     def _check_service(self, service: str, address: str) -> None:
         if not address and not self._calls.known(service):
-            raise Unavailable(f"no live instance of participant service {service!r}")
+            raise Unavailable(
+                f"no live instance of participant service {service!r} is known "
+                f"(registry: {self._calls.describe()})"
+            )
 
     @staticmethod
     def _branch_rt(branch: pb.Branch, index: int) -> BranchRt:

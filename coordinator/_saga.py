@@ -297,7 +297,9 @@ class SagaMode:
             else:
                 st.attempts += 1
             forever = forever or (not compensation and self.pivot_done(txn))
-            result = await self._e._calls.call(method, st.resolved, request, attempt_s)
+            result, st.resolved = await self._e._calls.send(
+                method, st.spec.service, st.spec.address, st.resolved, request, attempt_s
+            )
             if result.verdict == Verdict.OK:
                 return result
             final = result.verdict == Verdict.NO or result.code.name in final_codes

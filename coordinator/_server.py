@@ -36,7 +36,15 @@ from coordinator._errors import (
 from coordinator._failpoints import Failpoints
 from coordinator._states import TxnState
 from coordinator.wal import WAL
-from registry import Registry, StaticRegistry
+from registry import (
+    DEFAULT_TTL_S,
+    EtcdRegistry,
+    Registration,
+    Registry,
+    StaticRegistry,
+    coordinator_key,
+    coordinator_value,
+)
 from registry.transport import TransportSettings, bind, make_server
 
 log = logging.getLogger("accord.coordinator")
@@ -189,6 +197,8 @@ class ServerSettings:
     wal_dir: Path = Path("accord-wal")
     config: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     grace_s: float = 5.0
+    #: Lease TTL of the coordinator's own registration (with an etcd registry).
+    registration_ttl_s: int = DEFAULT_TTL_S
 
 
 def _fail_stop(exc: BaseException) -> None:
@@ -225,6 +235,7 @@ class CoordinatorServer:
         self._wal: WAL | None = None
         self._calls: ParticipantCalls | None = None
         self._stopped = False
+        self.registration: Registration | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -264,6 +275,15 @@ class CoordinatorServer:
         pending = await engine.resume()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set(names[0], health_pb2.HealthCheckResponse.SERVING)
+        if isinstance(self._registry, EtcdRegistry):
+            # Clients that find coordinators through etcd see this one from now on.
+            self.registration = Registration(
+                self._registry.etcd,
+                coordinator_key(config.coordinator_id),
+                coordinator_value(config.advertise_address, config.shard, config.epoch),
+                ttl_s=s.registration_ttl_s,
+            )
+            await self.registration.start()
         log.info(
             "coordinator %s serving on %s:%d (wal %s, %d records replayed, %d unfinished)",
             config.coordinator_id,
@@ -278,6 +298,8 @@ class CoordinatorServer:
         if self._stopped:
             return
         self._stopped = True
+        if self.registration is not None:
+            await self.registration.close()
         if self._server is not None:
             await self._server.stop(self.settings.grace_s)
         if self.engine is not None:

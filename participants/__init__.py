@@ -47,6 +47,7 @@ from participants._barrier import BranchRecord, BranchState
 from participants._resolver import InDoubtResolver
 from participants._server import (
     PARTICIPANT_SERVICE_NAME,
+    Announce,
     ParticipantServer,
     ServiceInstaller,
     serve,
@@ -58,6 +59,7 @@ from participants._types import BranchCall, NotYet, Op, Refuse, Result, Status, 
 
 __all__ = [
     "PARTICIPANT_SERVICE_NAME",
+    "Announce",
     "BranchCall",
     "BranchRecord",
     "BranchState",

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,6 +24,7 @@ from participants._resolver import InDoubtResolver
 from participants._service import ParticipantService
 from participants._servicer import ParticipantServicer
 from participants._store import Store
+from registry import DEFAULT_TTL_S, Etcd, Registration, service_key, service_value
 from registry.transport import TransportSettings, bind, make_server
 
 log = logging.getLogger("accord.participant")
@@ -34,6 +36,19 @@ ServiceInstaller = Callable[[aio.Server, ParticipantService], str]
 PARTICIPANT_SERVICE_NAME: str = pb.participant_pb2.DESCRIPTOR.services_by_name[
     "Participant"
 ].full_name
+
+
+@dataclass(frozen=True, kw_only=True)
+class Announce:
+    """Register the participant in etcd while it serves (DESIGN.md key layout:
+    ``/accord/v1/services/<service>/<instance_id>``, leased)."""
+
+    etcd: str
+    #: Defaults to ``<service>-<host>-<port>``.
+    instance_id: str = ""
+    ttl_s: int = DEFAULT_TTL_S
+    #: The address others should dial; defaults to the bound address.
+    advertise: str = ""
 
 
 class ParticipantServer:
@@ -55,8 +70,12 @@ class ParticipantServer:
         transport: TransportSettings | None = None,
         services: Sequence[ServiceInstaller] = (),
         server_options: Sequence[tuple[str, Any]] = (),
+        announce: Announce | None = None,
     ) -> None:
         self.listen = listen
+        self.announce = announce
+        self._etcd: Etcd | None = None
+        self.registration: Registration | None = None
         self.grace_s = grace_s
         self.service = ParticipantService(logic, Store(db, max_batch=max_batch))
         self.resolver = InDoubtResolver(
@@ -116,6 +135,12 @@ class ParticipantServer:
             raise
         self.resolver.start()
         self._state = "serving"
+        if self.announce is not None:
+            try:
+                await self._register(self.announce)
+            except BaseException:
+                await self.stop(0)
+                raise
         log.info(
             "event=serving service=%s address=%s db=%s in_doubt_after_s=%s",
             self.service.service,
@@ -124,6 +149,29 @@ class ParticipantServer:
             self.resolver.after_s,
         )
 
+    async def _register(self, announce: Announce) -> None:
+        name = self.service.service
+        address = announce.advertise or self.address
+        instance = announce.instance_id or f"{name}-{address.replace(':', '-')}"
+        self._etcd = Etcd(announce.etcd)
+        await self._etcd.connect()
+        self.registration = Registration(
+            self._etcd,
+            service_key(name, instance),
+            service_value(address, self.service.participant.operations),
+            ttl_s=announce.ttl_s,
+        )
+        await self.registration.start()
+
+    async def _deregister(self) -> None:
+        # First, so the coordinators stop choosing this instance before it stops serving.
+        if self.registration is not None:
+            await self.registration.close()
+            self.registration = None
+        if self._etcd is not None:
+            await self._etcd.close()
+            self._etcd = None
+
     async def stop(self, grace_s: float | None = None) -> None:
         if self._state in ("stopping", "stopped", "new"):
             self._state = "stopped" if self._state == "new" else self._state
@@ -131,6 +179,7 @@ class ParticipantServer:
         self._state = "stopping"
         grace = self.grace_s if grace_s is None else grace_s
         try:
+            await self._deregister()
             if self._health is not None:
                 await self._health.enter_graceful_shutdown()
             await self.resolver.close()
@@ -177,6 +226,7 @@ async def serve(
     transport: TransportSettings | None = None,
     services: Sequence[ServiceInstaller] = (),
     ready: Callable[[ParticipantServer], None] | None = None,
+    announce: Announce | None = None,
 ) -> None:
     """Serves until SIGTERM or SIGINT, then stops gracefully. ``ready`` is called once
     the server accepts calls (e.g. to print the bound address)."""
@@ -195,6 +245,7 @@ async def serve(
             grace_s=grace_s,
             transport=transport,
             services=services,
+            announce=announce,
         ) as server:
             if ready is not None:
                 ready(server)

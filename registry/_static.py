@@ -42,6 +42,12 @@ class StaticRegistry:
     def instances(self, service: str) -> Sequence[Instance]:
         return self._services.get(service, ())
 
+    def known(self, service: str) -> bool:
+        return service in self._services
+
+    def describe(self) -> str:
+        return "the static service map (--service NAME=ADDR)"
+
     def services(self) -> dict[str, tuple[Instance, ...]]:
         return dict(self._services)
 

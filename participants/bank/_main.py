@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from participants import ParticipantServer, serve
+from participants import Announce, ParticipantServer, serve
 from participants.bank._admin import install_admin
 from participants.bank._logic import bank_app
 from registry.transport import TransportSettings
@@ -41,6 +41,7 @@ async def serve_bank(
     grace_s: float = 5.0,
     transport: TransportSettings | None = None,
     out: TextIO | None = None,
+    announce: Announce | None = None,
 ) -> None:
     """Serves the bank on ``listen`` with its SQLite file ``db`` (created if missing)
     until SIGTERM/SIGINT, then stops gracefully.
@@ -66,6 +67,7 @@ async def serve_bank(
         transport=transport,
         services=[install_admin],
         ready=ready,
+        announce=announce,
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from participants import BranchCall, ParticipantApp, ParticipantServer, Refuse, serve
+from participants import Announce, BranchCall, ParticipantApp, ParticipantServer, Refuse, serve
 
 KINDS = ("flight", "hotel", "car")
 
@@ -65,6 +65,7 @@ async def serve_trip(
     fail_cities: Iterable[str] = (),
     in_doubt_after_s: float = 10.0,
     out: TextIO | None = None,
+    announce: Announce | None = None,
 ) -> None:
     """Serves one booking service until SIGTERM/SIGINT; prints ``listening on HOST:PORT``."""
     stream = out or sys.stdout
@@ -78,4 +79,5 @@ async def serve_trip(
         listen=listen,
         in_doubt_after_s=in_doubt_after_s,
         ready=ready,
+        announce=announce,
     )

@@ -55,6 +55,21 @@ class FakeCalls:
     def known(self, service: str) -> bool:
         return service != "nowhere"
 
+    def describe(self) -> str:
+        return "fake"
+
+    async def send(
+        self,
+        method: str,
+        service: str,
+        address: str,
+        current: str,
+        request: pb.BranchRequest,
+        attempt_s: float,
+    ) -> tuple[CallResult, str]:
+        target = current or self.resolve(service, address)
+        return await self.call(method, target, request, attempt_s), target
+
     async def call(
         self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
     ) -> CallResult:

@@ -1,0 +1,588 @@
+"""The etcd registry: leased registrations kept alive in the background, and watched
+prefix caches that answer look-ups locally (DESIGN.md, etcd key layout).
+
+Client library: ``etcd3aio`` (grpc.aio, the same gRPC and protobuf as the rest of
+Accord). Only one etcd client library may be imported per process (their generated
+protos collide), so every etcd call in Accord goes through this module.
+
+How the pieces behave when etcd misbehaves:
+
+- :class:`Registration` grants a lease, puts its key on it, and renews the lease every
+  TTL/3. If a renewal says the lease is gone (etcd lost it, an operator revoked it, the
+  process was paused past its TTL) it grants a new one and puts the key again; while
+  etcd is unreachable it keeps trying every second. ``close()`` revokes the lease, so a
+  clean shutdown removes the key at once.
+- :class:`PrefixCache` reads a prefix once, then follows a watch from the next
+  revision. A resync (one ``Range``) every ``resync_s`` seconds is the safety net the
+  watch cannot be: it notices that etcd is unreachable (the watch retries silently),
+  and it repairs the cache after etcd lost its data (revisions going backwards, where a
+  resumed watch would wait for a revision that never comes). While etcd is unreachable
+  the cache keeps its last contents: a registry outage must not make the coordinator
+  forget the participants it is talking to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+
+from registry._base import Instance
+
+log = logging.getLogger("accord.registry")
+# etcd3aio warns at every watch reconnect attempt; this module logs an outage once.
+logging.getLogger("etcd3aio").setLevel(logging.ERROR)
+
+ROOT = "/accord/v1/"
+SERVICES = ROOT + "services/"
+COORDINATORS = ROOT + "coordinators/"
+
+#: Default lease TTL of a registration (seconds).
+DEFAULT_TTL_S = 5
+#: Deadline of one etcd request made by the registry.
+REQUEST_TIMEOUT_S = 2.0
+
+_ERRORS = (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError)
+
+
+def parse_endpoints(url: str) -> list[str]:
+    """``http://127.0.0.1:2379[,http://host:port...]`` (or bare ``host:port``) → the
+    ``host:port`` list etcd3aio wants. Only plain-text endpoints on loopback or a
+    trusted network: TLS to etcd is not wired yet, and https URLs are refused."""
+    endpoints = []
+    for part in url.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "://" not in part:
+            part = "http://" + part
+        u = urlsplit(part)
+        if u.scheme != "http":
+            raise ValueError(f"etcd endpoint {part!r}: only http:// endpoints are supported")
+        if not u.hostname or not u.port:
+            raise ValueError(f"etcd endpoint {part!r}: expected http://host:port")
+        endpoints.append(f"{u.hostname}:{u.port}")
+    if not endpoints:
+        raise ValueError("etcd: no endpoint given")
+    return endpoints
+
+
+class Etcd:
+    """The process's one etcd client; registrations and caches share its channel."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client = Etcd3Client(parse_endpoints(url), watch_max_reconnect_backoff_seconds=1.0)
+        # etcd3aio builds its channel from these options; without a short reconnect
+        # backoff, gRPC waits up to two minutes before trying a restarted etcd again.
+        self._client._manager.grpc_options += [
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        self._connected = False
+
+    @property
+    def client(self) -> Etcd3Client:
+        if not self._connected:
+            raise RuntimeError("etcd: not connected; call connect() first")
+        return self._client
+
+    async def connect(self) -> None:
+        if not self._connected:
+            await self._client.connect()
+            self._connected = True
+
+    async def close(self) -> None:
+        if self._connected:
+            self._connected = False
+            await self._client.close()
+
+    async def ping(self, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+        """Raises unless etcd answers a read within ``timeout_s``."""
+        kv = self.client.kv
+        assert kv is not None
+        await kv.get(ROOT, timeout=timeout_s, max_attempts=1)
+
+    async def __aenter__(self) -> Etcd:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Registration:
+    """Keeps ``key → value`` in etcd on a lease for as long as it runs.
+
+    ``await reg.start()`` returns once the key is in etcd, or after ``start_timeout_s``
+    with an error logged if etcd cannot be reached; a background task keeps trying, and
+    then keeps the key there. :attr:`registered` tells which.
+    """
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        key: str,
+        value: bytes,
+        *,
+        ttl_s: int = DEFAULT_TTL_S,
+        start_timeout_s: float = 5.0,
+    ) -> None:
+        if ttl_s < 1:
+            raise ValueError("registration TTL must be at least 1 second")
+        self.key = key
+        self._value = value
+        self.ttl_s = ttl_s
+        self._etcd = etcd
+        self._start_timeout_s = start_timeout_s
+        self._lease = 0
+        self._task: asyncio.Task[None] | None = None
+        self._registered = asyncio.Event()
+        self._changed = asyncio.Event()
+        #: How many times the key was put on a fresh lease (1 = never lost).
+        self.registrations = 0
+
+    @property
+    def lease_id(self) -> int:
+        return self._lease
+
+    @property
+    def registered(self) -> bool:
+        return self._registered.is_set()
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"etcd-registration:{self.key}"
+        )
+        try:
+            async with asyncio.timeout(self._start_timeout_s):
+                await self._registered.wait()
+        except TimeoutError:
+            # Serving unregistered beats not serving: the key is put as soon as etcd
+            # answers.
+            log.error(
+                "event=not_registered key=%s etcd=%s waited_s=%.0f "
+                "(still trying in the background)",
+                self.key,
+                self._etcd.url,
+                self._start_timeout_s,
+            )
+
+    def update(self, value: bytes) -> None:
+        """Changes the value; written on the current lease at once (in the background)."""
+        self._value = value
+        self._changed.set()
+
+    async def _put(self) -> None:
+        client = self._etcd.client
+        assert client.lease is not None and client.kv is not None
+        if not self._lease:
+            grant = await client.lease.grant(self.ttl_s, timeout=REQUEST_TIMEOUT_S)
+            self._lease = grant.ID
+        await client.kv.put(self.key, self._value, lease=self._lease, timeout=REQUEST_TIMEOUT_S)
+
+    async def _renew(self) -> int:
+        """One keepalive round trip; the TTL left (<= 0: the lease is gone)."""
+        client = self._etcd.client
+        assert client.lease is not None
+        stream = client.lease.keep_alive(self._lease)
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                async for response in stream:
+                    return int(response.TTL)
+        finally:
+            stream.cancel()
+        return 0
+
+    async def _run(self) -> None:
+        down_since: float | None = None
+        while True:
+            try:
+                if not self._registered.is_set() or self._changed.is_set():
+                    self._changed.clear()
+                    await self._put()
+                    if not self._registered.is_set():
+                        self.registrations += 1
+                        self._registered.set()
+                        log.info(
+                            "event=registered key=%s lease=%x ttl=%ds",
+                            self.key,
+                            self._lease,
+                            self.ttl_s,
+                        )
+                else:
+                    left = await self._renew()
+                    if left <= 0:
+                        log.warning(
+                            "event=lease_lost key=%s lease=%x action=re-register",
+                            self.key,
+                            self._lease,
+                        )
+                        self._lease = 0
+                        self._registered.clear()
+                        continue
+                if down_since is not None:
+                    log.info(
+                        "event=etcd_reachable key=%s after_s=%.1f",
+                        self.key,
+                        time.monotonic() - down_since,
+                    )
+                    down_since = None
+                pause = max(self.ttl_s / 3, 0.2)
+            except asyncio.CancelledError:
+                raise
+            except _ERRORS as e:
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("event=etcd_unreachable key=%s error=%s", self.key, _short(e))
+                pause = min(1.0, max(self.ttl_s / 3, 0.2))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._changed.wait()
+
+    async def close(self) -> None:
+        """Stops renewing and revokes the lease, which deletes the key at once."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._lease:
+            lease, self._lease = self._lease, 0
+            try:
+                client = self._etcd.client
+                assert client.lease is not None
+                await client.lease.revoke(lease, timeout=1.0, max_attempts=1)
+                log.info("event=deregistered key=%s", self.key)
+            except (*_ERRORS, RuntimeError) as e:
+                log.warning(
+                    "event=deregister_failed key=%s error=%s (the key expires with its lease)",
+                    self.key,
+                    _short(e),
+                )
+
+
+class PrefixCache:
+    """Every key under a prefix, kept current by a watch. Reads never leave the process."""
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        prefix: str,
+        *,
+        resync_s: float = 2.0,
+        on_change: Callable[[Mapping[str, bytes]], None] | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self._etcd = etcd
+        self._resync_s = resync_s
+        self._on_change = on_change
+        self._items: dict[str, bytes] = {}
+        self._rev = 0
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._restart_watch = asyncio.Event()
+        #: Monotonic time of the last successful contact with etcd (0: never).
+        self.last_contact = 0.0
+        #: Monotonic time since which etcd has been unreachable (None: reachable).
+        self.unreachable_since: float | None = None
+
+    @property
+    def items(self) -> Mapping[str, bytes]:
+        return self._items
+
+    @property
+    def revision(self) -> int:
+        return self._rev
+
+    async def start(self, timeout_s: float = 5.0) -> None:
+        """Loads the prefix; returns once the cache holds a snapshot, or after
+        ``timeout_s`` with an error logged (empty until etcd answers)."""
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._resync_loop(), name=f"etcd-resync:{self.prefix}"),
+            loop.create_task(self._watch_loop(), name=f"etcd-watch:{self.prefix}"),
+        ]
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._ready.wait()
+        except TimeoutError:
+            log.error(
+                "event=etcd_unreachable prefix=%s etcd=%s waited_s=%.0f "
+                "(starting with an empty cache; filled when etcd answers)",
+                self.prefix,
+                self._etcd.url,
+                timeout_s,
+            )
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def resync(self) -> None:
+        """One ``Range`` over the prefix; replaces the cache with what etcd holds."""
+        kv = self._etcd.client.kv
+        assert kv is not None
+        resp = await kv.get(
+            self.prefix,
+            prefix_range_end(self.prefix),
+            timeout=REQUEST_TIMEOUT_S,
+            max_attempts=1,
+        )
+        rev = int(resp.header.revision)
+        if rev < self._rev:
+            # etcd lost its data (a new cluster on the same addresses): a watch resumed
+            # from our revision would wait for events that never come.
+            log.warning(
+                "event=etcd_revision_reset prefix=%s was=%d now=%d action=rewatch",
+                self.prefix,
+                self._rev,
+                rev,
+            )
+            self._restart_watch.set()
+        elif rev == self._rev and self._ready.is_set():
+            self._contact()
+            return
+        snapshot = {kv_.key.decode(): bytes(kv_.value) for kv_ in resp.kvs}
+        if snapshot != self._items:
+            self._items = snapshot
+            self._changed()
+        self._rev = rev
+        self._contact()
+        self._ready.set()
+
+    def _contact(self) -> None:
+        if self.unreachable_since is not None:
+            log.info(
+                "event=etcd_reachable prefix=%s after_s=%.1f",
+                self.prefix,
+                time.monotonic() - self.unreachable_since,
+            )
+        self.unreachable_since = None
+        self.last_contact = time.monotonic()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self._items)
+
+    async def _resync_loop(self) -> None:
+        while True:
+            try:
+                await self.resync()
+            except asyncio.CancelledError:
+                raise
+            except _ERRORS as e:
+                if self.unreachable_since is None:
+                    self.unreachable_since = time.monotonic()
+                    log.warning(
+                        "event=etcd_unreachable prefix=%s error=%s (serving from the cache)",
+                        self.prefix,
+                        _short(e),
+                    )
+            await asyncio.sleep(self._resync_s if self._ready.is_set() else 0.2)
+
+    async def _watch_loop(self) -> None:
+        await self._ready.wait()
+        while True:
+            self._restart_watch.clear()
+            watch = asyncio.get_running_loop().create_task(self._follow(self._rev + 1))
+            restart = asyncio.get_running_loop().create_task(self._restart_watch.wait())
+            try:
+                await asyncio.wait({watch, restart}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (watch, restart):
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, *_ERRORS):
+                        await t
+            if not self._restart_watch.is_set():
+                await asyncio.sleep(0.5)  # the watch ended or failed: start again
+
+    async def _follow(self, start_revision: int) -> None:
+        watcher = self._etcd.client.watch
+        assert watcher is not None
+        async for resp in watcher.watch(
+            self.prefix, prefix_range_end(self.prefix), start_revision=start_revision
+        ):
+            if resp.canceled:
+                log.warning(
+                    "event=watch_canceled prefix=%s reason=%s", self.prefix, resp.cancel_reason
+                )
+                return
+            changed = False
+            for ev in resp.events:
+                rev = int(ev.kv.mod_revision)
+                if rev <= self._rev:
+                    continue  # already in the snapshot
+                key = ev.kv.key.decode()
+                if ev.type == ev.DELETE:
+                    changed |= self._items.pop(key, None) is not None
+                else:
+                    self._items[key] = bytes(ev.kv.value)
+                    changed = True
+            if resp.header.revision > self._rev:
+                self._rev = int(resp.header.revision)
+            if changed:
+                self._changed()
+            self._contact()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorInfo:
+    coordinator_id: str
+    address: str
+    shard: str = ""
+    epoch: int = 0
+
+
+def service_key(service: str, instance_id: str) -> str:
+    return f"{SERVICES}{service}/{instance_id}"
+
+
+def service_value(address: str, operations: Sequence[str] = (), version: str = "") -> bytes:
+    return json.dumps(
+        {"address": address, "operations": list(operations), "version": version},
+        separators=(",", ":"),
+    ).encode()
+
+
+def coordinator_key(coordinator_id: str) -> str:
+    return f"{COORDINATORS}{coordinator_id}"
+
+
+def coordinator_value(address: str, shard: str, epoch: int) -> bytes:
+    return json.dumps(
+        {"address": address, "shard": shard, "epoch": epoch}, separators=(",", ":")
+    ).encode()
+
+
+def _load(value: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("address"), str) else None
+
+
+def parse_services(items: Mapping[str, bytes]) -> dict[str, tuple[Instance, ...]]:
+    """``/accord/v1/services/<service>/<instance>`` keys → instances by service, sorted
+    by instance id. Malformed values are skipped (and logged)."""
+    found: dict[str, list[Instance]] = {}
+    for key, value in sorted(items.items()):
+        service, _, instance_id = key[len(SERVICES) :].partition("/")
+        data = _load(value)
+        if not service or not instance_id or data is None:
+            log.warning("event=bad_registration key=%s", key)
+            continue
+        ops = data.get("operations") or ()
+        found.setdefault(service, []).append(
+            Instance(
+                service=service,
+                instance_id=instance_id,
+                address=data["address"],
+                operations=tuple(str(o) for o in ops) if isinstance(ops, list) else (),
+                version=str(data.get("version", "")),
+            )
+        )
+    return {name: tuple(insts) for name, insts in found.items()}
+
+
+def parse_coordinators(items: Mapping[str, bytes]) -> list[CoordinatorInfo]:
+    out = []
+    for key, value in sorted(items.items()):
+        data = _load(value)
+        if data is None:
+            continue
+        out.append(
+            CoordinatorInfo(
+                coordinator_id=key[len(COORDINATORS) :],
+                address=data["address"],
+                shard=str(data.get("shard", "")),
+                epoch=int(data.get("epoch", 0) or 0),
+            )
+        )
+    return out
+
+
+async def find_coordinators(url: str, timeout_s: float = 5.0) -> list[CoordinatorInfo]:
+    """The live coordinators registered in etcd (one read; for short-lived clients)."""
+    async with Etcd(url) as etcd:
+        kv = etcd.client.kv
+        assert kv is not None
+        try:
+            resp = await kv.get(
+                COORDINATORS, prefix_range_end(COORDINATORS), timeout=timeout_s, max_attempts=2
+            )
+        except _ERRORS as e:
+            raise ConnectionError(f"etcd at {url} unreachable: {_short(e)}") from e
+        return parse_coordinators({kv_.key.decode(): bytes(kv_.value) for kv_ in resp.kvs})
+
+
+class EtcdRegistry:
+    """The :class:`~registry.Registry` on etcd: participant services from a watched
+    cache of ``/accord/v1/services/``."""
+
+    def __init__(self, etcd: Etcd, *, resync_s: float = 2.0, own_client: bool = False) -> None:
+        self.etcd = etcd
+        self._own_client = own_client
+        self._services: dict[str, tuple[Instance, ...]] = {}
+        self._seen: set[str] = set()
+        self._cache = PrefixCache(etcd, SERVICES, resync_s=resync_s, on_change=self._rebuild)
+
+    @classmethod
+    def from_url(cls, url: str, *, resync_s: float = 2.0) -> EtcdRegistry:
+        return cls(Etcd(url), resync_s=resync_s, own_client=True)
+
+    def _rebuild(self, items: Mapping[str, bytes]) -> None:
+        services = parse_services(items)
+        for name in services.keys() - self._services.keys():
+            log.info("event=service_up service=%s instances=%d", name, len(services[name]))
+        for name in self._services.keys() - services.keys():
+            log.warning("event=service_down service=%s (no live instance)", name)
+        self._services = services
+        self._seen.update(services)
+
+    def instances(self, service: str) -> Sequence[Instance]:
+        return self._services.get(service, ())
+
+    def known(self, service: str) -> bool:
+        return service in self._seen
+
+    def describe(self) -> str:
+        since = self._cache.unreachable_since
+        if since is not None:
+            return (
+                f"etcd at {self.etcd.url} unreachable for {time.monotonic() - since:.1f}s; "
+                "answering from the last known instances"
+            )
+        return f"etcd at {self.etcd.url}"
+
+    def services(self) -> dict[str, tuple[Instance, ...]]:
+        return dict(self._services)
+
+    async def start(self) -> None:
+        await self.etcd.connect()
+        await self._cache.start()
+
+    async def close(self) -> None:
+        await self._cache.close()
+        if self._own_client:
+            await self.etcd.close()
+
+
+def _short(e: BaseException) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
