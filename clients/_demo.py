@@ -1,7 +1,9 @@
 """``accord demo``: the whole topology on this machine and a workload.
 
-Starts two bank participants (``bank-a``, ``bank-b``, each its own SQLite file) and a
-coordinator that knows them through a static service map, all on free 127.0.0.1 ports;
+Starts etcd, two bank participants (``bank-a``, ``bank-b``, each its own SQLite file)
+that register there, and a coordinator that finds them there (or, with ``--static``, a
+coordinator given a static service map), all on free 127.0.0.1 ports; the client finds
+the coordinator through etcd too;
 opens accounts; runs concurrent transfers from an account in one bank to an account in
 the other (each a two-branch 2PC: debit + credit), some of them larger than the balance
 so they abort; then compares the money in the system before and after, and stops every
@@ -26,7 +28,7 @@ from rich.table import Table
 import accord.bank.v1 as bankpb
 from clients._client import AccordClient, Branch, SagaStep
 from clients._errors import AccordClientError
-from clients._procs import ManagedProcess, stop_all
+from clients._procs import EtcdServer, ManagedProcess, stop_all
 from registry.transport import make_channel
 
 BANKS = ("bank-a", "bank-b")
@@ -42,6 +44,8 @@ class DemoSettings:
     data_dir: Path | None = None
     #: Also book trips with sagas over the flight, hotel and car services.
     saga: bool = False
+    #: Find every process through etcd (False: a static service map).
+    etcd: bool = True
 
 
 #: Trips booked by ``accord demo --saga``; the car service refuses Paris, so those
@@ -78,11 +82,15 @@ def _trip_steps(trip: str, city: str) -> list[SagaStep]:
     ]
 
 
-async def _book_trips(coordinator: str, data: Path) -> list[dict[str, Any]]:
+async def _client(coordinator: str, etcd: str) -> AccordClient:
+    return await AccordClient.from_etcd(etcd) if etcd else AccordClient(coordinator)
+
+
+async def _book_trips(coordinator: str, etcd: str, data: Path) -> list[dict[str, Any]]:
     from participants.trip._service import bookings
 
     out: list[dict[str, Any]] = []
-    async with AccordClient(coordinator) as client:
+    async with await _client(coordinator, etcd) as client:
         results = await asyncio.gather(
             *(client.start_saga(_trip_steps(t, c), idempotency_key=f"demo-{t}") for t, c in TRIPS)
         )
@@ -140,7 +148,7 @@ async def open_accounts(addresses: dict[str, str], n: int, balance: int) -> None
 
 
 async def _workload(
-    coordinator: str, settings: DemoSettings
+    coordinator: str, etcd: str, settings: DemoSettings
 ) -> tuple[dict[str, int], HdrHistogram, list[str], float]:
     rng = random.Random(settings.seed)
     outcomes = {"committed": 0, "aborted": 0}
@@ -179,7 +187,7 @@ async def _workload(
     for item in plan:
         queue.put_nowait(item)
 
-    async with AccordClient(coordinator) as client:
+    async with await _client(coordinator, etcd) as client:
         await client.wait_ready()
 
         async def worker() -> None:
@@ -220,6 +228,14 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
     procs: list[ManagedProcess] = []
     say = console.print if console else (lambda *a, **k: None)
     try:
+        etcd_url = ""
+        announce: list[str] = []
+        if settings.etcd:
+            etcd = EtcdServer(data / "etcd", log_path=data / "etcd.log")
+            procs.append(etcd.start())
+            etcd_url = etcd.url
+            announce = ["--etcd", etcd_url]
+            say(f"[green]started[/green] etcd on {etcd_url} (pid {etcd.pid})")
         addresses: dict[str, str] = {}
         for name in BANKS:
             p = ManagedProcess.accord(
@@ -235,6 +251,7 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
                     name,
                     "--log-level",
                     "warning",
+                    *announce,
                 ],
                 log_path=data / f"{name}.log",
             )
@@ -257,6 +274,7 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
                         "--log-level",
                         "warning",
                         *extra,
+                        *announce,
                     ],
                     log_path=data / f"{kind}.log",
                 )
@@ -271,7 +289,10 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
                 "127.0.0.1:0",
                 "--wal-dir",
                 str(data / "wal"),
-                *(f"--service={n}={a}" for n, a in {**addresses, **trip_addresses}.items()),
+                *(
+                    announce
+                    or [f"--service={n}={a}" for n, a in {**addresses, **trip_addresses}.items()]
+                ),
                 "--log-level",
                 "warning",
             ],
@@ -284,10 +305,11 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
             await open_accounts(addresses, settings.accounts, settings.initial_balance)
             before = await bank_totals(addresses)
             say(f"running {settings.transfers} transfers, {settings.concurrency} at a time ...")
-            outcomes, hist, errors, elapsed = await _workload(coord.address, settings)
+            outcomes, hist, errors, elapsed = await _workload(coord.address, etcd_url, settings)
             after = await _settled(addresses)
-            sagas = await _book_trips(coord.address, data) if settings.saga else []
+            sagas = await _book_trips(coord.address, etcd_url, data) if settings.saga else []
             return {
+                "registry": f"etcd at {etcd_url}" if etcd_url else "static service map",
                 "sagas": sagas,
                 "committed": outcomes["committed"],
                 "aborted": outcomes["aborted"],
@@ -319,6 +341,7 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     table = Table(title="Accord demo: two-bank transfers over 2PC", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
+    table.add_row("registry", s["registry"])
     table.add_row("transfers", str(s["transfers"]))
     table.add_row("committed", str(s["committed"]))
     table.add_row("aborted (insufficient funds)", str(s["aborted"]))

@@ -629,10 +629,13 @@ def demo(
     saga: Annotated[
         bool, typer.Option("--saga", help="also book trips with sagas (flight, hotel, car)")
     ] = False,
+    static: Annotated[
+        bool, typer.Option("--static", help="a static service map instead of etcd")
+    ] = False,
     as_json: JsonOut = False,
 ) -> None:
-    """The whole topology on this machine (a coordinator, two bank participants), a
-    workload of concurrent transfers, and a summary."""
+    """The whole topology on this machine (etcd, a coordinator, two bank participants),
+    a workload of concurrent transfers, and a summary."""
     from clients._demo import DemoSettings, run_demo
 
     settings = DemoSettings(
@@ -643,6 +646,7 @@ def demo(
         seed=seed,
         data_dir=data_dir,
         saga=saga,
+        etcd=not static,
     )
     try:
         summary = run_demo(settings, console=None if as_json else console)
