@@ -102,10 +102,46 @@ def test_help_and_bad_flags() -> None:
 def test_demo_json() -> None:
     out = accord("demo", "--json", "--transfers", "60", "--concurrency", "8")
     summary = json.loads(out.stdout)
+    assert summary["registry"].startswith("etcd at http://127.0.0.1:"), "etcd by default"
     assert summary["committed"] + summary["aborted"] == 60
     assert summary["committed"] > 0 and summary["aborted"] > 0
     assert summary["total_before"] == summary["total_after"] > 0
     assert summary["errors"] == []
+
+
+def test_demo_static_json() -> None:
+    out = accord("demo", "--json", "--static", "--transfers", "30", "--concurrency", "4")
+    summary = json.loads(out.stdout)
+    assert summary["registry"] == "static service map"
+    assert summary["committed"] + summary["aborted"] == 30
+    assert summary["total_before"] == summary["total_after"] > 0
+
+
+async def test_txn_commands_find_the_coordinator_in_etcd(cluster: Cluster) -> None:
+    etcd = cluster.etcd()
+    a = cluster.bank("bank-a", etcd=etcd.url)
+    b = cluster.bank("bank-b", etcd=etcd.url)
+    await open_accounts(a.address, {"x": 50})
+    await open_accounts(b.address, {"y": 0})
+    cluster.coordinator({}, etcd=etcd.url)
+    e = ["--etcd", etcd.url]
+    out = accord(
+        "txn",
+        "execute",
+        'bank-a/debit:{"account":"x","amount":5}',
+        'bank-b/credit:{"account":"y","amount":5}',
+        *e,
+        "--json",
+    )
+    result = json.loads(out.stdout)
+    assert result["state"] == "COMMITTED"
+    assert {br["address"] for br in result["branches"]} == {a.address, b.address}
+    got = json.loads(accord("txn", "get", result["gid"], *e, "--json").stdout)
+    assert got["state"] == "COMMITTED"
+    # No coordinator registered there: a clear error, non-zero.
+    empty = cluster.etcd("etcd-empty")
+    bad = accord("txn", "list", "--etcd", empty.url, check=False)
+    assert bad.returncode != 0 and "no live coordinator" in bad.stderr
 
 
 def test_demo_saga_json() -> None:
