@@ -6,8 +6,8 @@ happens), prepares them (accounts ...), and yields a :class:`Target` whose ``fac
 makes one transaction function per load-generator worker. The runner drives the same
 target at every concurrency, then leaves the context and stops the processes.
 
-Adding a row (DESIGN also names ``2pc-etcd``, ``2pc-static``, ``2pc-traced``,
-``2pc-stream``, ``2pc-2coord``) is one decorated function::
+Adding a row (DESIGN also names ``2pc-traced``, ``2pc-stream``, ``2pc-2coord``) is one
+decorated function::
 
     @row("2pc-traced", "Accord 2PC with tracing on", baseline="baseline-2pc")
     @asynccontextmanager
@@ -31,7 +31,8 @@ from pathlib import Path
 import accord.bank.v1 as bankpb
 from bench.load import TxnFactory, TxnFn
 from clients._client import AccordClient, Branch, SagaStep
-from clients._procs import ManagedProcess
+from clients._procs import EtcdServer, ManagedProcess
+from registry import EtcdRegistry, find_coordinators
 from registry.transport import make_channel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +80,15 @@ class RowEnv:
         registered first, so the runner stops them even if starting fails."""
         self.procs.extend(procs)
         await asyncio.gather(*(asyncio.to_thread(p.start, self.start_timeout_s) for p in procs))
+
+    async def etcd(self) -> EtcdServer:
+        """A single-member etcd of this row (free loopback ports, data in
+        ``data_dir/etcd``, log in ``data_dir/etcd.log``), started through :meth:`start`
+        and so stopped by PID by the runner like the other processes (last, being
+        started first: the participants deregister before it goes)."""
+        server = EtcdServer(self.data_dir / "etcd", log_path=self.data_dir / "etcd.log")
+        await self.start(server)
+        return server
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -372,8 +382,11 @@ def saga_check(
     return check
 
 
-async def bank_participants(env: RowEnv, names: Sequence[str]) -> dict[str, ManagedProcess]:
-    """Starts Accord's bank participant (SQLite, ``synchronous=FULL``) once per name."""
+async def bank_participants(
+    env: RowEnv, names: Sequence[str], *, etcd: str = ""
+) -> dict[str, ManagedProcess]:
+    """Starts Accord's bank participant (SQLite, ``synchronous=FULL``) once per name;
+    with ``etcd`` (a URL), each registers itself there under its name."""
     banks = {
         name: env.accord(
             name,
@@ -386,6 +399,7 @@ async def bank_participants(env: RowEnv, names: Sequence[str]) -> dict[str, Mana
                 str(env.data_dir / f"{name}.db"),
                 "--service",
                 name,
+                *(["--etcd", etcd] if etcd else []),
                 "--log-level",
                 "warning",
             ],
@@ -396,8 +410,17 @@ async def bank_participants(env: RowEnv, names: Sequence[str]) -> dict[str, Mana
     return banks
 
 
-async def accord_coordinator(env: RowEnv, addresses: Mapping[str, str]) -> ManagedProcess:
-    """Starts Accord's coordinator (WAL in ``data_dir/wal``) with a static service map."""
+async def accord_coordinator(
+    env: RowEnv, addresses: Mapping[str, str] | None = None, *, etcd: str = ""
+) -> ManagedProcess:
+    """Starts Accord's coordinator (WAL in ``data_dir/wal``) with a static service map
+    (``addresses``) or, with ``etcd`` (a URL), resolving every service from its watched
+    cache of etcd (and registering itself there)."""
+    if (addresses is None) == (not etcd):
+        raise ValueError("give the coordinator either a static service map or an etcd URL")
+    registry = (
+        ["--etcd", etcd] if etcd else [f"--service={n}={a}" for n, a in (addresses or {}).items()]
+    )
     coord = env.accord(
         "coordinator",
         [
@@ -406,13 +429,53 @@ async def accord_coordinator(env: RowEnv, addresses: Mapping[str, str]) -> Manag
             LISTEN,
             "--wal-dir",
             str(env.data_dir / "wal"),
-            *(f"--service={name}={address}" for name, address in addresses.items()),
+            *registry,
             "--log-level",
             "warning",
         ],
     )
     await env.start(coord)
     return coord
+
+
+async def wait_registered(
+    env: RowEnv, url: str, services: Sequence[str], coordinator: str = ""
+) -> None:
+    """Until etcd at ``url`` lists a live instance of every one of ``services`` (read
+    through the same watched cache the coordinator uses) and, if given, the coordinator
+    at address ``coordinator``. Raises :class:`RowFailed` after ``env.start_timeout_s``."""
+    deadline = time.monotonic() + env.start_timeout_s
+    registry = EtcdRegistry.from_url(url)
+    await registry.start()
+    try:
+        while missing := [s for s in services if not registry.instances(s)]:
+            if time.monotonic() > deadline:
+                raise RowFailed(f"services {missing} not registered in etcd at {url}")
+            await asyncio.sleep(0.05)
+    finally:
+        await registry.close()
+    while coordinator and coordinator not in {c.address for c in await find_coordinators(url)}:
+        if time.monotonic() > deadline:
+            raise RowFailed(f"coordinator {coordinator} not registered in etcd at {url}")
+        await asyncio.sleep(0.05)
+
+
+async def first_commit(client: AccordClient, branches: Sequence[Branch], timeout_s: float) -> None:
+    """Retries one transaction until it commits: proof that the coordinator resolves
+    every service of ``branches`` (a transfer: the banks' total does not change)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = await client.execute(list(branches))
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}"
+        else:
+            if result.committed:
+                return
+            why = f"{result.state}: {result.reason}"
+        if time.monotonic() > deadline:
+            raise RowFailed(f"no transaction committed within {timeout_s}s; last: {why}")
+        await asyncio.sleep(0.1)
 
 
 async def bare_topology(
@@ -461,6 +524,43 @@ async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
         yield Target(
             factory=transfer_factory(client, transfer_plan(env)),
             processes={"coordinator": coord, **banks},
+            check=conservation_check(addresses, before),
+        )
+
+
+# The static side of the resolution-cost pair: the same code as ``2pc``, measured as its
+# own row next to ``2pc-etcd`` (a ratio is only quoted between rows of the same run).
+row(
+    "2pc-static",
+    "Accord 2PC as 2pc (static service map), the reference for 2pc-etcd",
+    baseline="baseline-2pc",
+)(accord_2pc)
+
+
+@row(
+    "2pc-etcd",
+    "Accord 2PC as 2pc-static, but every service is resolved from the coordinator's watched "
+    "cache of etcd (banks register there with leases)",
+    baseline="2pc-static",
+)
+@asynccontextmanager
+async def accord_2pc_etcd(env: RowEnv) -> AsyncIterator[Target]:
+    etcd = await env.etcd()
+    banks = await bank_participants(env, BANKS, etcd=etcd.url)
+    addresses = {name: p.address for name, p in banks.items()}
+    # The coordinator loads its cache at start: with both banks registered first, it
+    # starts knowing them; first_commit proves it before any load.
+    await wait_registered(env, etcd.url, BANKS)
+    coord = await accord_coordinator(env, etcd=etcd.url)
+    await wait_registered(env, etcd.url, BANKS, coordinator=coord.address)
+    await open_accounts(env, addresses)
+    plan = transfer_plan(env)
+    async with accord_client(env, coord.address) as client:
+        await first_commit(client, plan[0], env.start_timeout_s)
+        before = sum(t for t, _ in (await bank_state(addresses)).values())
+        yield Target(
+            factory=transfer_factory(client, plan),
+            processes={"coordinator": coord, **banks, "etcd": etcd},
             check=conservation_check(addresses, before),
         )
 
