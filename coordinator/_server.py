@@ -44,6 +44,7 @@ from registry import (
     StaticRegistry,
     coordinator_key,
     coordinator_value,
+    dialable,
 )
 from registry.transport import TransportSettings, bind, make_server
 
@@ -280,7 +281,7 @@ class CoordinatorServer:
             self.registration = Registration(
                 self._registry.etcd,
                 coordinator_key(config.coordinator_id),
-                coordinator_value(config.advertise_address, config.shard, config.epoch),
+                coordinator_value(dialable(config.advertise_address), config.shard, config.epoch),
                 ttl_s=s.registration_ttl_s,
             )
             await self.registration.start()

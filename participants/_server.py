@@ -24,7 +24,7 @@ from participants._resolver import InDoubtResolver
 from participants._service import ParticipantService
 from participants._servicer import ParticipantServicer
 from participants._store import Store
-from registry import DEFAULT_TTL_S, Etcd, Registration, service_key, service_value
+from registry import DEFAULT_TTL_S, Etcd, Registration, dialable, service_key, service_value
 from registry.transport import TransportSettings, bind, make_server
 
 log = logging.getLogger("accord.participant")
@@ -151,7 +151,7 @@ class ParticipantServer:
 
     async def _register(self, announce: Announce) -> None:
         name = self.service.service
-        address = announce.advertise or self.address
+        address = dialable(announce.advertise or self.address)
         instance = announce.instance_id or f"{name}-{address.replace(':', '-')}"
         self._etcd = Etcd(announce.etcd)
         await self._etcd.connect()

@@ -458,6 +458,18 @@ class CoordinatorInfo:
     epoch: int = 0
 
 
+def dialable(address: str) -> str:
+    """``address`` if others can dial it; a wildcard host (``0.0.0.0:7070``) is not,
+    and registering it would send every caller nowhere."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        raise ValueError(
+            f"cannot register {address}: a wildcard address is not dialable; "
+            "give the address to publish with --advertise HOST:PORT"
+        )
+    return address
+
+
 def service_key(service: str, instance_id: str) -> str:
     return f"{SERVICES}{service}/{instance_id}"
 

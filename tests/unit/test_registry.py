@@ -11,6 +11,7 @@ from coordinator._calls import CallResult, ParticipantCalls, Verdict
 from registry import (
     StaticRegistry,
     coordinator_value,
+    dialable,
     parse_coordinators,
     parse_endpoints,
     service_key,
@@ -26,6 +27,14 @@ def test_parse_endpoints() -> None:
     for bad in ("", "https://a:1", "http://nohost", ","):
         with pytest.raises(ValueError):
             parse_endpoints(bad)
+
+
+def test_wildcard_addresses_are_not_registered() -> None:
+    assert dialable("127.0.0.1:7070") == "127.0.0.1:7070"
+    assert dialable("bank-a:7101") == "bank-a:7101"
+    for wildcard in ("0.0.0.0:7070", "[::]:7070", ":7070"):
+        with pytest.raises(ValueError, match="--advertise"):
+            dialable(wildcard)
 
 
 def test_parse_services_groups_sorts_and_skips_malformed() -> None:
