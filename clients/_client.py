@@ -332,11 +332,22 @@ class AccordClient:
         *,
         transport: TransportSettings | None = None,
         timeout_s: float = 60.0,
+        connect: bool = True,
     ) -> None:
         self.address = address
-        self._channel = make_channel(address, transport)
-        self._stub = pb.CoordinatorStub(self._channel)
+        self._transport = transport
         self._timeout = timeout_s
+        self._etcd = ""
+        self._coordinator_id = ""
+        self._shard = ""
+        self._channel: aio.Channel | None = None
+        if connect:
+            self._connect(address)
+
+    def _connect(self, address: str) -> None:
+        self.address = address
+        self._channel = make_channel(address, self._transport)
+        self._stub = pb.CoordinatorStub(self._channel)
 
     @classmethod
     async def from_etcd(
@@ -344,26 +355,50 @@ class AccordClient:
         etcd: str,
         *,
         coordinator_id: str = "",
+        shard: str = "",
         transport: TransportSettings | None = None,
         timeout_s: float = 60.0,
     ) -> AccordClient:
-        """A client of a live coordinator found in etcd (``coordinator_id``, or any one
-        of those registered). Raises :class:`UnavailableError` when none is registered."""
+        """A client of a live coordinator found in etcd: ``coordinator_id``, or the owner
+        of ``shard``, or any one registered. :meth:`reconnect` finds it again after a
+        failover. Raises :class:`UnavailableError` when none is registered."""
+        client = cls("", transport=transport, timeout_s=timeout_s, connect=False)
+        client._etcd, client._coordinator_id, client._shard = etcd, coordinator_id, shard
+        await client.reconnect()
+        return client
+
+    async def reconnect(self) -> str:
+        """Finds the coordinator again in etcd (after ``UNAVAILABLE``: a standby may own
+        the shard now) and switches to it; returns its address. Without etcd, a no-op."""
         import random
 
         from registry import find_coordinators
 
+        if not self._etcd:
+            return self.address
         try:
-            live = await find_coordinators(etcd)
+            live = await find_coordinators(self._etcd)
         except ConnectionError as e:
             raise UnavailableError(str(e)) from e
-        if coordinator_id:
-            live = [c for c in live if c.coordinator_id == coordinator_id]
+        if self._coordinator_id:
+            live = [c for c in live if c.coordinator_id == self._coordinator_id]
+        if self._shard:
+            live = [c for c in live if c.shard == self._shard]
+            # The owner with the highest epoch is the current one.
+            live = [c for c in live if c.epoch == max(x.epoch for x in live)]
         if not live:
-            wanted = f" {coordinator_id!r}" if coordinator_id else ""
-            raise UnavailableError(f"no live coordinator{wanted} registered in etcd at {etcd}")
-        chosen = random.choice(live)
-        return cls(chosen.address, transport=transport, timeout_s=timeout_s)
+            wanted = self._coordinator_id or (f"of shard {self._shard}" if self._shard else "")
+            raise UnavailableError(
+                f"no live coordinator{' ' + wanted if wanted else ''} registered in etcd "
+                f"at {self._etcd}"
+            )
+        if self.address not in {c.address for c in live}:
+            chosen = random.choice(live)
+            old = self._channel
+            self._connect(chosen.address)
+            if old is not None:
+                await old.close()
+        return self.address
 
     async def __aenter__(self) -> AccordClient:
         return self
@@ -372,11 +407,13 @@ class AccordClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
         import asyncio
 
+        assert self._channel is not None
         async with asyncio.timeout(timeout_s):
             await self._channel.channel_ready()
 

@@ -86,6 +86,14 @@ def coordinator(
     coordinator_id: Annotated[
         str, typer.Option("--id", envvar="ACCORD_ID", help="coordinator id")
     ] = "accord-1",
+    shard: Annotated[
+        str,
+        typer.Option(
+            envvar="ACCORD_SHARD",
+            help="the WAL shard it owns (default: its id); with --etcd, a second "
+            "coordinator of the same shard and WAL directory waits as its standby",
+        ),
+    ] = "",
     service: Annotated[
         list[str] | None,
         typer.Option(
@@ -125,6 +133,7 @@ def coordinator(
         raise fail(str(e)) from None
     config = CoordinatorConfig(
         coordinator_id=coordinator_id,
+        shard=shard or coordinator_id,
         default_timeout_ms=default_timeout_ms,
         call_timeout_s=call_timeout_s,
         retry=RetryPolicy(initial_s=retry_initial_s, max_s=retry_max_s),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -54,8 +55,15 @@ METHODS = ("Prepare", "Commit", "Abort", "Execute", "Compensate")
 class ParticipantCalls:
     """Sends branch requests; never raises for a participant's answer."""
 
-    def __init__(self, *, registry: Registry, transport: TransportSettings | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        transport: TransportSettings | None = None,
+        on_fenced: Callable[[str], None] | None = None,
+    ) -> None:
         self._registry = registry
+        self._on_fenced = on_fenced
         self._transport = transport or TransportSettings.from_env()
         self._stubs: dict[str, pb.ParticipantStub] = {}
         self._channels: list[aio.Channel] = []
@@ -138,6 +146,13 @@ class ParticipantCalls:
             detail = f"{method} {request.branch_id}@{address}: {code.name}: {e.details()}"
             if code == grpc.StatusCode.ABORTED:
                 return CallResult(Verdict.NO, detail=e.details() or "aborted", code=code)
+            if (
+                code == grpc.StatusCode.FAILED_PRECONDITION
+                and (e.details() or "").startswith("fenced:")
+                and self._on_fenced is not None
+            ):
+                # A participant has seen a newer owner of this shard.
+                self._on_fenced(detail)
             if code not in _EXPECTED_RETRY:
                 log.warning("unexpected participant status, will retry: %s", detail)
             return CallResult(Verdict.RETRY, detail=detail, code=code)

@@ -35,7 +35,7 @@ from coordinator._errors import (
 )
 from coordinator._failpoints import Failpoints
 from coordinator._states import TxnState
-from coordinator.wal import WAL
+from coordinator.wal import WAL, WalLockedError
 from registry import (
     DEFAULT_TTL_S,
     EtcdRegistry,
@@ -46,6 +46,7 @@ from registry import (
     coordinator_value,
     dialable,
 )
+from registry._shard import Owner, ShardLease
 from registry.transport import TransportSettings, bind, make_server
 
 log = logging.getLogger("accord.coordinator")
@@ -198,8 +199,14 @@ class ServerSettings:
     wal_dir: Path = Path("accord-wal")
     config: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     grace_s: float = 5.0
-    #: Lease TTL of the coordinator's own registration (with an etcd registry).
+    #: Lease TTL of the coordinator's own registration and of its shard (with etcd).
     registration_ttl_s: int = DEFAULT_TTL_S
+    #: After taking a shard over, how long to wait for the former owner's WAL lock.
+    takeover_wait_s: float = 300.0
+
+
+#: Exit status of a coordinator that stopped because another one owns its shard now.
+EXIT_FENCED = 75
 
 
 def _fail_stop(exc: BaseException) -> None:
@@ -209,6 +216,13 @@ def _fail_stop(exc: BaseException) -> None:
         h.flush()
     sys.stderr.flush()
     os._exit(70)
+
+
+def _fenced_stop(why: str) -> None:
+    for h in logging.getLogger().handlers:
+        h.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_FENCED)
 
 
 class CoordinatorServer:
@@ -224,6 +238,7 @@ class CoordinatorServer:
         transport: TransportSettings | None = None,
         failpoints: Failpoints | None = None,
         on_fatal: Callable[[BaseException], None] = _fail_stop,
+        on_fenced: Callable[[str], None] = _fenced_stop,
     ) -> None:
         self.settings = settings
         self._registry = registry or StaticRegistry()
@@ -237,26 +252,40 @@ class CoordinatorServer:
         self._calls: ParticipantCalls | None = None
         self._stopped = False
         self.registration: Registration | None = None
+        self.shard: ShardLease | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        self._on_fenced = on_fenced
 
     async def start(self) -> None:
         s = self.settings
-        wal, recovered = await WAL.open(
-            s.wal_dir,
-            segment_size=s.config.segment_size,
-            failpoints=self._fp,
-            on_fatal=self._on_fatal,
-        )
-        self._wal = wal
-        for note in recovered.repaired:
-            log.warning("WAL repaired: %s", note)
-        await self._registry.start()
-        self._calls = ParticipantCalls(registry=self._registry, transport=self._transport)
         server, _ = make_server(self._transport)
+        self._server = server
         self.port = bind(server, s.listen, self._transport)
         host = s.listen.rsplit(":", 1)[0]
         config = s.config
         if not config.advertise_address:
             config = replace(config, advertise_address=f"{host}:{self.port}")
+        await self._registry.start()
+        if isinstance(self._registry, EtcdRegistry):
+            # The shard is owned through etcd: a standby waits here until the owner's
+            # lease ends, and every owner gets a higher fencing epoch.
+            self.shard = ShardLease(
+                self._registry.etcd,
+                config.shard,
+                owner_id=config.coordinator_id,
+                address=dialable(config.advertise_address),
+                ttl_s=s.registration_ttl_s,
+            )
+            epoch = await self.shard.acquire(on_wait=self._on_standby)
+            config = replace(config, epoch=epoch)
+            self._watchers.append(asyncio.get_running_loop().create_task(self._watch_shard()))
+        wal, recovered = await self._open_wal()
+        self._wal = wal
+        for note in recovered.repaired:
+            log.warning("WAL repaired: %s", note)
+        self._calls = ParticipantCalls(
+            registry=self._registry, transport=self._transport, on_fenced=self._fenced
+        )
         engine = Engine(wal=wal, calls=self._calls, config=config, failpoints=self._fp)
         engine.replay(
             recovered.checkpoint, [(r.lsn, r.rtype, r.payload) for r in recovered.records]
@@ -272,7 +301,6 @@ class CoordinatorServer:
         )
         reflection.enable_server_reflection(names, server)
         await server.start()
-        self._server = server
         pending = await engine.resume()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set(names[0], health_pb2.HealthCheckResponse.SERVING)
@@ -295,10 +323,47 @@ class CoordinatorServer:
             pending,
         )
 
+    def _on_standby(self, owner: Owner) -> None:
+        print(
+            f"standby for shard {self.settings.config.shard} "
+            f"(owner {owner.owner_id}, epoch {owner.epoch})",
+            flush=True,
+        )
+
+    async def _open_wal(self) -> tuple[WAL, Any]:
+        """Opens the WAL; after a takeover, waits for the former owner to let go of the
+        directory's lock (a paused process holds it until it wakes and stops)."""
+        s = self.settings
+        deadline = asyncio.get_running_loop().time() + s.takeover_wait_s
+        while True:
+            try:
+                return await WAL.open(
+                    s.wal_dir,
+                    segment_size=s.config.segment_size,
+                    failpoints=self._fp,
+                    on_fatal=self._on_fatal,
+                )
+            except WalLockedError:
+                if self.shard is None or asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def _watch_shard(self) -> None:
+        assert self.shard is not None
+        await self.shard.lost.wait()
+        self._fenced(f"lost the lease of shard {self.shard.shard} (epoch {self.shard.epoch})")
+
+    def _fenced(self, why: str) -> None:
+        """Another coordinator owns this shard now: stop at once, answer nothing more."""
+        log.critical("fenced, stopping the coordinator: %s", why)
+        self._on_fenced(why)
+
     async def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
+        for task in self._watchers:
+            task.cancel()
         if self.registration is not None:
             await self.registration.close()
         if self._server is not None:
@@ -307,9 +372,11 @@ class CoordinatorServer:
             await self.engine.close()
         if self._calls is not None:
             await self._calls.close()
-        await self._registry.close()
         if self._wal is not None:
             await self._wal.close()
+        if self.shard is not None:
+            await self.shard.close()  # after the WAL is closed: a successor may open it
+        await self._registry.close()
 
     async def __aenter__(self) -> CoordinatorServer:
         try:

@@ -24,6 +24,7 @@ from registry._etcd import (
     service_key,
     service_value,
 )
+from registry._shard import SHARDS, Owner, ShardLease, epoch_key, owner_key
 from registry._sidecar import Sidecar, SidecarSettings
 from registry._static import StaticRegistry
 
@@ -31,21 +32,26 @@ __all__ = [
     "COORDINATORS",
     "DEFAULT_TTL_S",
     "SERVICES",
+    "SHARDS",
     "CoordinatorInfo",
     "Etcd",
     "EtcdRegistry",
     "Instance",
     "NoInstanceError",
+    "Owner",
     "PrefixCache",
     "Registration",
     "Registry",
+    "ShardLease",
     "Sidecar",
     "SidecarSettings",
     "StaticRegistry",
     "coordinator_key",
     "coordinator_value",
     "dialable",
+    "epoch_key",
     "find_coordinators",
+    "owner_key",
     "parse_coordinators",
     "parse_endpoints",
     "service_key",
