@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos check-protos lint typecheck unit integration test demo bench clean
+.PHONY: all venv protos check-protos lint typecheck unit integration test demo bench chaos clean
 
 all: test
 
@@ -52,6 +52,15 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --out bench/results.json
+
+# Kill coordinators and participants under load for CHAOS_S seconds, then check the
+# history (exit 1 on any violation). The run's files stay in chaos-out/.
+CHAOS_S ?= 600
+CHAOS_SEED ?= 1
+chaos: $(STAMP)
+	rm -rf chaos-out
+	$(VENV)/bin/accord chaos --duration $(CHAOS_S) --seed $(CHAOS_SEED) \
+		--faults kill-coordinator,kill-participant,pause,etcd --out chaos-out
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -34,7 +34,7 @@ class ManagedProcess:
         *,
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
-        ready_prefix: str = "listening on ",
+        ready_prefix: str | tuple[str, ...] = "listening on ",
     ) -> None:
         self.name = name
         self.ready_prefix = ready_prefix
@@ -61,6 +61,7 @@ class ManagedProcess:
         env = {**os.environ, **(self.env or {})}
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._listening.clear()
+        self._tail.clear()  # this run's output only (the log file keeps every run)
         self.proc = subprocess.Popen(
             self.argv,
             stdout=subprocess.PIPE,
@@ -99,8 +100,9 @@ class ManagedProcess:
                 if log:
                     log.write(line)
                     log.flush()
+                if line.startswith("listening on "):
+                    self.address = line[len("listening on ") :].strip()
                 if not self._listening.is_set() and line.startswith(self.ready_prefix):
-                    self.address = line[len(self.ready_prefix) :].strip()
                     self._listening.set()
         finally:
             if log:

@@ -116,6 +116,14 @@ def coordinator(
         str,
         typer.Option(envvar="ACCORD_ADVERTISE", help="address to publish (default: as bound)"),
     ] = "",
+    unsafe_ignore_no_votes: Annotated[
+        bool,
+        typer.Option(
+            envvar="ACCORD_UNSAFE_IGNORE_NO_VOTES",
+            hidden=True,
+            help="a deliberately broken build for the chaos checker's own test",
+        ),
+    ] = False,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
 ) -> None:
@@ -145,6 +153,7 @@ def coordinator(
         checkpoint_every=checkpoint_every,
         segment_size=segment_bytes,
         advertise_address=advertise,
+        unsafe_ignore_no_votes=unsafe_ignore_no_votes,
     )
     settings = ServerSettings(listen=listen, wal_dir=wal_dir, config=config, registration_ttl_s=ttl)
     try:
@@ -666,6 +675,57 @@ def demo(
     if summary["total_before"] != summary["total_after"] or summary["errors"]:
         raise typer.Exit(1)
     if saga and not all(s["consistent"] for s in summary["sagas"]):
+        raise typer.Exit(1)
+
+
+@app.command()
+def chaos(
+    duration: Annotated[float, typer.Option(help="seconds of load and faults")] = 120.0,
+    coordinators: Annotated[int, typer.Option(help="WAL shards (each an owner + a standby)")] = 2,
+    participants: Annotated[int, typer.Option(help="bank participant services")] = 4,
+    seed: Annotated[int, typer.Option(help="replays the same schedule")] = 1,
+    workers: Annotated[int, typer.Option(help="concurrent client operations")] = 8,
+    saga_share: Annotated[float, typer.Option(help="share of operations that are sagas")] = 0.3,
+    fault_every: Annotated[float, typer.Option(help="mean seconds between faults")] = 6.0,
+    faults: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated: kill-coordinator, kill-participant, pause (SIGSTOP past "
+            "the lease), etcd (stop etcd for a while)"
+        ),
+    ] = "kill-coordinator,kill-participant",
+    ttl: LeaseTtl = 2,
+    out: Annotated[
+        Path | None, typer.Option(help="keep the run here (history, databases, logs)")
+    ] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Kill coordinators and participants under a bank workload, then check the history:
+    exit 0 only with zero violations."""
+    from clients.chaos import FAULTS, ChaosSettings, run_chaos
+
+    chosen = tuple(f.strip() for f in faults.split(",") if f.strip())
+    unknown = [f for f in chosen if f not in FAULTS]
+    if unknown or not chosen:
+        raise fail(f"--faults: unknown {unknown}; choose from {', '.join(FAULTS)}")
+    if duration <= 0 or coordinators < 1 or participants < 2 or workers < 1:
+        raise fail("need --duration > 0, --coordinators >= 1, --participants >= 2, --workers >= 1")
+    settings = ChaosSettings(
+        duration_s=duration,
+        coordinators=coordinators,
+        participants=participants,
+        seed=seed,
+        workers=workers,
+        saga_share=saga_share,
+        fault_every_s=fault_every,
+        faults=chosen,
+        ttl_s=ttl,
+        out_dir=out,
+    )
+    report = run_chaos(settings, console=None if as_json else console)
+    if as_json:
+        print(json.dumps(report))
+    if report["violations"]:
         raise typer.Exit(1)
 
 

@@ -50,3 +50,6 @@ class CoordinatorConfig:
     #: A checkpoint is taken after this many WAL records.
     checkpoint_every: int = 100_000
     segment_size: int = 64 * 1024 * 1024
+    #: A deliberately broken build, for the chaos checker's own test only: a "no" vote
+    #: is ignored and the transaction commits anyway. Never set it otherwise.
+    unsafe_ignore_no_votes: bool = False

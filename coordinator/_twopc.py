@@ -75,6 +75,9 @@ class TwoPhaseCommit:
                 return  # deadline or abort: the branch stays PENDING (may be prepared)
             if result.verdict == Verdict.OK:
                 b.state = BranchState.READ_ONLY if result.read_only else BranchState.PREPARED
+            elif self._e.config.unsafe_ignore_no_votes:
+                log.error("gid=%s UNSAFE: ignoring branch %s's no vote", txn.gid, b.branch_id)
+                b.state = BranchState.PREPARED
             else:
                 b.state = BranchState.REFUSED
                 refused.append(f"branch {b.branch_id} voted no: {result.detail}")

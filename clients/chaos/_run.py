@@ -1,0 +1,200 @@
+"""Running a chaos test end to end: start, load and break, heal, wait for quiescence,
+collect, check, report."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from clients.chaos._harness import (
+    Chaos,
+    ChaosSettings,
+    copy_dbs,
+    percentile,
+    save_json,
+    settings_dict,
+)
+
+
+def run_chaos(s: ChaosSettings, *, console: Console | None) -> dict[str, Any]:
+    """Runs the test; returns the report (also saved as ``report.json`` in the run's
+    directory, with the history, the databases and every process's log)."""
+    tmp = None
+    root = s.out_dir
+    if root is None:
+        tmp = tempfile.mkdtemp(prefix="accord-chaos-")
+        root = Path(tmp)
+    root.mkdir(parents=True, exist_ok=True)
+    from clients.cli import run_async
+
+    try:
+        report = run_async(_run(s, root, console))
+    finally:
+        if tmp is not None and console is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if console is not None:
+        print_report(console, report)
+    return report
+
+
+async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[str, Any]:
+    progress = Progress(
+        TextColumn("[bold]chaos[/bold] seed {task.fields[seed]}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TextColumn(
+            "txns {task.fields[txns]}  kills {task.fields[kills]}  "
+            "faults {task.fields[faults]}  violations {task.fields[violations]}"
+        ),
+        console=console,
+        disable=console is None,
+        transient=False,
+    )
+    task = progress.add_task(
+        "run", total=s.duration_s, seed=s.seed, txns=0, kills=0, faults=0, violations="-"
+    )
+
+    def on_progress(c: Chaos) -> None:
+        progress.update(
+            task,
+            completed=min(s.duration_s, time.monotonic() - c.started),
+            txns=c.stats.ops["ok"] + c.stats.ops["fail"] + c.stats.ops["info"],
+            kills=c.stats.faults["kill"],
+            faults=sum(c.stats.faults.values()),
+        )
+
+    chaos = Chaos(s, root, on_progress)
+    t_start = time.monotonic()
+    try:
+        await asyncio.to_thread(chaos.start_topology)
+        chaos.started = time.monotonic()
+        with progress:
+            ticker = asyncio.create_task(_tick(progress, task, chaos, s.duration_s))
+            try:
+                await chaos.run()
+            finally:
+                ticker.cancel()
+            await chaos.heal()
+            quiesce_s = await chaos.quiesce()
+            coordinators = await chaos.coordinator_state()
+        save_json(root / "coordinators.json", coordinators)
+    finally:
+        await asyncio.to_thread(chaos.stop_all)
+        chaos.history.close()
+    dbs = copy_dbs(root, chaos.banks, root / "final")
+    initial = {f"{bank}-{i}": s.initial_balance for bank in chaos.banks for i in range(s.accounts)}
+    save_json(root / "initial.json", initial)
+    check = check_run(root, dbs, initial, coordinators, s.recovery_bound_s)
+    st = chaos.stats
+    report = {
+        "seed": s.seed,
+        "settings": settings_dict(s),
+        "dir": str(root),
+        "elapsed_s": round(time.monotonic() - t_start, 1),
+        "transactions": st.ops["ok"] + st.ops["fail"] + st.ops["info"],
+        "ok": st.ops["ok"],
+        "fail": st.ops["fail"],
+        "info": st.ops["info"],
+        "transfers": st.ops["transfer"],
+        "sagas": st.ops["saga"],
+        "coordinator_kills": sum(
+            1 for f in _faults(root) if f["fault"] == "kill" and f["target"].startswith("coord")
+        ),
+        "participant_kills": sum(
+            1 for f in _faults(root) if f["fault"] == "kill" and f["target"].startswith("bank")
+        ),
+        "faults": dict(st.faults),
+        "in_doubt_at_kill": sum(st.in_doubt_at_kill),
+        "quiescent_after_heal_s": round(quiesce_s, 2),
+        "restart_to_ready_s": {
+            "p50": percentile(st.restart_to_ready_s, 50),
+            "p99": percentile(st.restart_to_ready_s, 99),
+        },
+        "kill_to_first_commit_s": {
+            "p50": percentile(st.kill_to_commit_s, 50),
+            "p99": percentile(st.kill_to_commit_s, 99),
+        },
+        "violations": check["violations"],
+        "checked": check["checked"],
+    }
+    save_json(root / "report.json", report)
+    return report
+
+
+async def _tick(progress: Progress, task: Any, chaos: Chaos, duration_s: float) -> None:
+    while True:
+        progress.update(task, completed=min(duration_s, time.monotonic() - chaos.started))
+        await asyncio.sleep(0.5)
+
+
+def _faults(root: Path) -> list[dict[str, Any]]:
+    import json
+
+    out = []
+    with (root / "history.jsonl").open() as f:
+        for line in f:
+            event = json.loads(line)
+            if event.get("type") == "fault":
+                out.append(event)
+    return out
+
+
+def check_run(
+    root: Path,
+    dbs: dict[str, Path],
+    initial: dict[str, int],
+    coordinators: list[dict[str, Any]],
+    bound_s: float,
+) -> dict[str, Any]:
+    from clients.chaos._checker import check
+
+    result = check(
+        history=root / "history.jsonl",
+        dbs=dbs,
+        initial=initial,
+        coordinators=coordinators,
+        recovery_bound_s=bound_s,
+    )
+    return {"violations": result.violations, "checked": result.checked}
+
+
+def print_report(console: Console, r: dict[str, Any]) -> None:
+    table = Table(title=f"accord chaos (seed {r['seed']})", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("transactions", f"{r['transactions']} ({r['transfers']} 2PC, {r['sagas']} sagas)"),
+        ("ok / fail / unknown", f"{r['ok']} / {r['fail']} / {r['info']}"),
+        ("coordinator kills", str(r["coordinator_kills"])),
+        ("participant kills", str(r["participant_kills"])),
+        ("other faults", ", ".join(f"{k} {v}" for k, v in sorted(r["faults"].items()))),
+        ("in flight at coordinator kills", str(r["in_doubt_at_kill"])),
+        ("quiescent after healing", f"{r['quiescent_after_heal_s']} s"),
+        (
+            "restart to ready p50 / p99",
+            f"{r['restart_to_ready_s']['p50']} s / {r['restart_to_ready_s']['p99']} s",
+        ),
+        (
+            "kill to first commit (new owner) p50 / p99",
+            f"{r['kill_to_first_commit_s']['p50']} s / {r['kill_to_first_commit_s']['p99']} s",
+        ),
+        ("invariants checked", str(len(r["checked"]))),
+        ("violations", str(len(r["violations"]))),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+    if r["violations"]:
+        for v in r["violations"][:10]:
+            console.print(f"[red]{v.get('name')}[/red]: {v.get('message')}")
+    else:
+        console.print("[bold green]no violations[/bold green]")
+    console.print(f"history, databases, logs and report.json in {r['dir']}")
