@@ -101,10 +101,12 @@ def audit_rows(conn: sqlite3.Connection) -> list[AuditRow]:
     ]
 
 
-def read_audit(path: Path | str) -> list[AuditRow]:
-    """The audit of the participant database at ``path`` (read-only; see the module
-    docstring)."""
-    with open_readonly(path) as conn:
+def read_audit(source: Path | str | sqlite3.Connection) -> list[AuditRow]:
+    """The audit of the participant database at ``source`` (a path, opened read-only:
+    see the module docstring; or an open connection)."""
+    if isinstance(source, sqlite3.Connection):
+        return audit_rows(source)
+    with open_readonly(source) as conn:
         return audit_rows(conn)
 
 
