@@ -1009,11 +1009,13 @@ class _Checker:
         faults: dict[str, int] = defaultdict(int)
         for f in self.faults:
             faults[f.fault] += 1
+        # By the coordinator's word when it has one, else by what the participants hold.
         txns: dict[str, int] = defaultdict(int)
         for t in self.txns.values():
-            if t.is_saga:
-                status = "stuck" if t.coordinator and t.coordinator.state == "STUCK" else None
-                txns[status or self._saga_status(t)] += 1
+            if t.coordinator is not None:
+                txns[t.coordinator.state.lower()] += 1
+            elif t.is_saga:
+                txns[self._saga_status(t)] += 1
             else:
                 txns[self._decision(t)] += 1
         return {
