@@ -3,7 +3,7 @@ faults, then check invariants offline against what the participants durably hold
 
 This package owns the history format (:mod:`clients.chaos._history`: the dataclasses, a
 reader, and :class:`HistoryWriter` for the harness), the final-state loaders, and the
-checker (:func:`check` → :class:`Report`; ``python -m clients.chaos.check`` on saved
+checker (:func:`check` → :class:`Report`; ``python -m clients.chaos.checker`` on saved
 files). It only reads participant databases (read-only) and never talks to a running
 process.
 """

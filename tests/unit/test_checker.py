@@ -6,9 +6,12 @@ and caught under its own name."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -38,7 +41,7 @@ from clients.chaos import (
     saga_request,
     transfer_request,
 )
-from clients.chaos.check import main as check_main
+from clients.chaos.checker import main as check_main
 from participants import BranchCall, Op, ParticipantService, Status, Store, copy_database
 from participants.bank import bank_app
 
@@ -592,6 +595,15 @@ async def test_cli_json_and_table(
     assert out["examples"][BANK_CONSERVATION]["name"] == BANK_CONSERVATION
     assert check_main(args) == 1
     assert "INVALID" in capsys.readouterr().out
+    # The module runs as a program.
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "clients.chaos.checker", *args, "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1 and json.loads(proc.stdout)["valid"] is False
     # Unreadable input: exit code 2, one line.
     assert check_main([*args[:1], "--db=bank-1=/nonexistent.db", f"--initial={initial}"]) == 2
     assert capsys.readouterr().err.startswith("error: chaos: participant 'bank-1'")

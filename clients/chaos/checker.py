@@ -1,8 +1,11 @@
-"""``python -m clients.chaos.check HISTORY --db NAME=PATH ... --initial FILE
+"""``python -m clients.chaos.checker HISTORY --db NAME=PATH ... --initial FILE
 --coordinator-state FILE [--coordinator-state FILE ...] [--recovery-bound-s S] [--json]``
 
 Checks a saved chaos run offline. Exit code 0: no violations; 1: violations found;
 2: the input could not be read (a one-line reason on stderr).
+
+(Named ``checker``, not ``check``: importing a submodule ``clients.chaos.check`` would
+replace the package's :func:`clients.chaos.check` function with the module.)
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def _db(text: str) -> tuple[str, Path]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m clients.chaos.check",
+        prog="python -m clients.chaos.checker",
         description="Check a chaos history against the participants' final databases.",
     )
     p.add_argument("history", type=Path, help="the JSONL history file")
