@@ -702,12 +702,12 @@ def chaos(
 ) -> None:
     """Kill coordinators and participants under a bank workload, then check the history:
     exit 0 only with zero violations."""
-    from clients.chaos import FAULTS, ChaosSettings, run_chaos
+    from clients.chaos import INJECTABLE_FAULTS, ChaosSettings, run_chaos
 
     chosen = tuple(f.strip() for f in faults.split(",") if f.strip())
-    unknown = [f for f in chosen if f not in FAULTS]
+    unknown = [f for f in chosen if f not in INJECTABLE_FAULTS]
     if unknown or not chosen:
-        raise fail(f"--faults: unknown {unknown}; choose from {', '.join(FAULTS)}")
+        raise fail(f"--faults: unknown {unknown}; choose from {', '.join(INJECTABLE_FAULTS)}")
     if duration <= 0 or coordinators < 1 or participants < 2 or workers < 1:
         raise fail("need --duration > 0, --coordinators >= 1, --participants >= 2, --workers >= 1")
     settings = ChaosSettings(

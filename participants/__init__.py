@@ -5,7 +5,8 @@ compensation before its action is a recorded no-op that refuses the late call), 
 branch table (prepared branches survive a crash), fencing (lower coordinator epochs
 refused), group commit on SQLite (WAL, ``synchronous=FULL``), the in-doubt resolver
 (presumed abort: ask the coordinator about branches held prepared too long) and the
-gRPC server (health checking and reflection on). What it must not touch: the
+gRPC server (health checking and reflection on), and a durable audit of every branch
+call (``accord_audit``, read offline with :func:`read_audit`). What it must not touch: the
 coordinator's state, the registry's internals.
 
 Two ways to write a participant::
@@ -43,7 +44,15 @@ from participants._app import (
     PrepareHandler,
     SetupHandler,
 )
-from participants._barrier import BranchRecord, BranchState
+from participants._audit import AuditRow, copy_database, read_audit
+from participants._barrier import (
+    OP_ONE_PHASE_COMMIT,
+    SOURCE_COORDINATOR,
+    SOURCE_RESOLVER,
+    BranchRecord,
+    BranchState,
+    Outcome,
+)
 from participants._resolver import InDoubtResolver
 from participants._server import (
     PARTICIPANT_SERVICE_NAME,
@@ -58,8 +67,12 @@ from participants._store import Store, StoreError, StoreStats
 from participants._types import BranchCall, NotYet, Op, Refuse, Result, Status, Vote
 
 __all__ = [
+    "OP_ONE_PHASE_COMMIT",
     "PARTICIPANT_SERVICE_NAME",
+    "SOURCE_COORDINATOR",
+    "SOURCE_RESOLVER",
     "Announce",
+    "AuditRow",
     "BranchCall",
     "BranchRecord",
     "BranchState",
@@ -68,6 +81,7 @@ __all__ = [
     "InDoubtResolver",
     "NotYet",
     "Op",
+    "Outcome",
     "Participant",
     "ParticipantApp",
     "ParticipantServer",
@@ -84,5 +98,7 @@ __all__ = [
     "StoreError",
     "StoreStats",
     "Vote",
+    "copy_database",
+    "read_audit",
     "serve",
 ]

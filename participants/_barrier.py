@@ -19,6 +19,24 @@ epoch, prepared_at, updated_at)``
     resources held), READ_ONLY (read-only vote: leaves phase two), COMMITTED or ABORTED
     (a refused vote, a branch aborted before its prepare, or an aborted branch).
 
+``accord_audit(seq INTEGER PRIMARY KEY, gid, branch_id, op, outcome, source, shard,
+epoch, coordinator_address, detail, at)``
+    Append-only history of every answered call, written in the same local transaction as
+    the barrier row and the business change (so exactly as durable as the change; a call
+    undone is never audited). One row per call: ``op`` is the :class:`Op` value, or
+    ``one_phase_commit``; ``outcome`` is what the call did (:class:`Outcome`: PREPARED,
+    READ_ONLY, REFUSED, COMMITTED, ABORTED, ABORTED_BEFORE_PREPARE, NOOP, EXECUTED,
+    COMPENSATED, NULL_COMPENSATION, or DUPLICATE when answered from the barrier,
+    CONFLICT for an illegal change refused, FENCED for a stale epoch); ``source`` is
+    ``coordinator`` (a coordinator's call) or ``resolver`` (the in-doubt resolver
+    applying the outcome it asked for); ``shard``, ``epoch`` and ``coordinator_address``
+    are the call's; ``detail`` is the answer's message (for a DUPLICATE, the recorded
+    status and message); ``at`` is the participant's wall clock (``time.time()``).
+    "Not yet" answers and internal errors leave no row (nothing happened). The row costs
+    one INSERT per call (a few µs against tens of µs for the call; duplicates are rare
+    retries). Like ``accord_barrier`` it is never pruned by the SDK: it is the evidence
+    the offline checker (``clients.chaos``) reads, with :func:`participants.read_audit`.
+
 ``accord_fence(shard, epoch, updated_at)``
     The highest coordinator epoch seen per WAL shard. A call with a lower epoch is
     refused ("fenced"); a higher one is recorded. Epoch 0 or an empty shard means no
@@ -111,6 +129,19 @@ CREATE TABLE IF NOT EXISTS accord_branches (
 DROP INDEX IF EXISTS accord_branches_state;
 CREATE INDEX IF NOT EXISTS accord_branches_prepared ON accord_branches (prepared_at)
     WHERE state = 'PREPARED';
+CREATE TABLE IF NOT EXISTS accord_audit (
+    seq                 INTEGER PRIMARY KEY,
+    gid                 TEXT NOT NULL,
+    branch_id           TEXT NOT NULL,
+    op                  TEXT NOT NULL,
+    outcome             TEXT NOT NULL,
+    source              TEXT NOT NULL,
+    shard               TEXT NOT NULL DEFAULT '',
+    epoch               INTEGER NOT NULL DEFAULT 0,
+    coordinator_address TEXT NOT NULL DEFAULT '',
+    detail              TEXT NOT NULL DEFAULT '',
+    at                  REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS accord_fence (
     shard      TEXT PRIMARY KEY,
     epoch      INTEGER NOT NULL,
@@ -130,6 +161,43 @@ class BranchState(enum.StrEnum):
     ABORTED = "ABORTED"
 
 
+class Outcome(enum.StrEnum):
+    """What one call did, as recorded in ``accord_audit.outcome``."""
+
+    PREPARED = "PREPARED"
+    READ_ONLY = "READ_ONLY"
+    #: A no vote (Prepare, one-phase Commit) or a refused saga action.
+    REFUSED = "REFUSED"
+    #: The commit handler ran (two-phase Commit, or a one-phase Commit that said yes).
+    COMMITTED = "COMMITTED"
+    #: The abort handler ran: a PREPARED branch released.
+    ABORTED = "ABORTED"
+    #: An Abort before its Prepare: recorded, and the late Prepare refused in advance.
+    ABORTED_BEFORE_PREPARE = "ABORTED_BEFORE_PREPARE"
+    #: Answered OK without any change (Commit of a read-only branch, Abort of a branch
+    #: holding nothing, Compensate of a refused action).
+    NOOP = "NOOP"
+    EXECUTED = "EXECUTED"
+    COMPENSATED = "COMPENSATED"
+    #: A Compensate before its Execute: recorded, and the late Execute refused in advance.
+    NULL_COMPENSATION = "NULL_COMPENSATION"
+    #: Answered from the barrier (a retry); ``detail`` is the recorded answer.
+    DUPLICATE = "DUPLICATE"
+    #: An illegal state change refused (Commit of an aborted branch, Abort of a
+    #: committed one, Commit without a Prepare). Nothing changed.
+    CONFLICT = "CONFLICT"
+    #: Refused: the call's epoch is lower than one already seen for its shard.
+    FENCED = "FENCED"
+
+
+#: ``accord_audit.source``: a coordinator's call, or the in-doubt resolver applying the
+#: outcome it asked for.
+SOURCE_COORDINATOR = "coordinator"
+SOURCE_RESOLVER = "resolver"
+#: ``accord_audit.op`` of a one-phase Commit (the other ops are :class:`Op` values).
+OP_ONE_PHASE_COMMIT = "one_phase_commit"
+
+
 @dataclass(frozen=True, kw_only=True)
 class BranchRecord:
     """A row of ``accord_branches``."""
@@ -147,6 +215,8 @@ class BranchRecord:
 
 #: What phase two needs of a branch row: its state, operation and payload.
 _Loaded = tuple[BranchState, str, bytes]
+#: A call's answer and what the audit records of it (None: nothing, e.g. "not yet").
+_Answer = tuple[Result, Outcome | None]
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
@@ -190,6 +260,10 @@ _SQL_SAGA_RECORDED = (
     "SELECT op, status, message, read_only, result FROM accord_barrier"
     " WHERE gid = ? AND branch_id = ? AND op IN ('execute', 'compensate')"
 )
+_SQL_AUDIT = (
+    "INSERT INTO accord_audit (gid, branch_id, op, outcome, source, shard, epoch,"
+    " coordinator_address, detail, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _SQL_FENCE = "SELECT epoch FROM accord_fence WHERE shard = ?"
 _SQL_RAISE_FENCE = (
     "INSERT INTO accord_fence (shard, epoch, updated_at) VALUES (?, ?, ?)"
@@ -216,6 +290,9 @@ _LATE_EXECUTE = Result(
     Status.REFUSED, "already compensated: the compensation arrived before the action"
 )
 _COMPENSATE_OP = Op.COMPENSATE.value
+_COORDINATOR = SOURCE_COORDINATOR
+_RESOLVER = SOURCE_RESOLVER
+_ONE_PHASE_COMMIT = OP_ONE_PHASE_COMMIT
 _OK_STATUS = Status.OK.value
 
 #: Key of a shard's fence epoch in :attr:`Store.cache <participants.Store.cache>`.
@@ -261,19 +338,24 @@ class Barrier:
                 seen = cache[key] = _fence_epoch(conn, shard)
             epoch = call.epoch
             if seen is not None and 0 < epoch < seen:
-                return Result(Status.FENCED, f"fenced: epoch {epoch} < {seen} for shard {shard!r}")
+                fenced = Result(
+                    Status.FENCED, f"fenced: epoch {epoch} < {seen} for shard {shard!r}"
+                )
+                self._audit(conn, op, call, fenced, Outcome.FENCED, fence)
+                return fenced
             if seen is None or epoch > seen:
                 new_epoch = epoch
+        outcome: Outcome | None
         if op is Op.PREPARE:
             # Claim the branch row first: inserted, this is the first prepare; already
             # there, a duplicate (every branch row comes with its prepare barrier row).
             if self._insert_branch(conn, call, BranchState.PREPARED, claim=True):
-                result = self._prepare(conn, call)
+                result, outcome = self._prepare(conn, call)
             else:
                 recorded = _recorded(conn, call, op)
                 if recorded is None:
                     raise RuntimeError(f"branch {call.gid}/{call.branch_id}: no recorded prepare")
-                result = recorded
+                result, outcome = recorded, Outcome.DUPLICATE
         elif op is Op.COMMIT or op is Op.ABORT:
             # Phase two of a PREPARED branch (the usual case) in one statement: the state
             # changes and the stored operation and payload come back. A PREPARED branch
@@ -288,33 +370,70 @@ class Barrier:
                 ),
             ).fetchone()
             if finished is not None:
-                result = self._finish(conn, call, op, finished)
+                result, outcome = self._finish(conn, call, op, finished)
             else:
-                result = self._phase_two(conn, op, call)
+                result, outcome = self._phase_two(conn, op, call)
         elif op is Op.EXECUTE:
             recorded = _recorded(conn, call, op)
-            result = self._execute(conn, call) if recorded is None else recorded
+            if recorded is None:
+                result, outcome = self._execute(conn, call)
+            else:
+                result, outcome = recorded, Outcome.DUPLICATE
         else:
-            result = self._compensate(conn, call)
-        if new_epoch is not None:  # after any undo_job() of the handler
+            result, outcome = self._compensate(conn, call)
+        # Both after any undo_job() of the handler, so neither is ever undone.
+        if outcome is not None:
+            self._audit(conn, op, call, result, outcome, fence)
+        if new_epoch is not None:
             conn.execute(_SQL_RAISE_FENCE, (shard, new_epoch, self._clock()))
             self._cache[(_FENCE_KEY, shard)] = new_epoch
         return result
 
+    def _audit(
+        self,
+        conn: sqlite3.Connection,
+        op: Op,
+        call: BranchCall,
+        result: Result,
+        outcome: Outcome,
+        fence: bool,
+    ) -> None:
+        """One ``accord_audit`` row for a call that changed something or was answered
+        (not for "not yet" or an internal error: nothing happened)."""
+        if outcome is Outcome.DUPLICATE:
+            detail = f"{result.status.value}: {result.message}"
+        else:
+            detail = result.message
+        conn.execute(
+            _SQL_AUDIT,
+            (
+                call.gid,
+                call.branch_id,
+                _ONE_PHASE_COMMIT if op is Op.COMMIT and call.one_phase else op.value,
+                outcome.value,
+                _COORDINATOR if fence else _RESOLVER,
+                call.shard,
+                call.epoch,
+                call.coordinator_address,
+                detail,
+                self._clock(),
+            ),
+        )
+
     # -- the ops ------------------------------------------------------------------------
 
-    def _phase_two(self, conn: sqlite3.Connection, op: Op, call: BranchCall) -> Result:
+    def _phase_two(self, conn: sqlite3.Connection, op: Op, call: BranchCall) -> _Answer:
         """Commit or abort of a branch that is not PREPARED (or has no row)."""
         row = conn.execute(_SQL_LOOKUP, (call.gid, call.branch_id, op.value)).fetchone()
         if row[0] is not None:
-            return _result(row)
+            return _result(row), Outcome.DUPLICATE
         if op is Op.ABORT:
             return self._abort(conn, call, _loaded(row))
         if call.one_phase:
             return self._one_phase(conn, call, _loaded(row))
         return self._commit(conn, call, _loaded(row))
 
-    def _prepare(self, conn: sqlite3.Connection, call: BranchCall) -> Result:
+    def _prepare(self, conn: sqlite3.Connection, call: BranchCall) -> _Answer:
         # The branch row is already inserted (PREPARED) in this savepoint.
         try:
             vote = _vote(self._p.prepare(conn, call))
@@ -323,20 +442,20 @@ class Barrier:
             result = Result(Status.REFUSED, no.reason)
             self._record(conn, call, result, Op.PREPARE)
             self._insert_branch(conn, call, BranchState.ABORTED)
-            return result
+            return result, Outcome.REFUSED
         except NotYet as later:
             undo_job(conn)
-            return Result(Status.NOT_YET, later.reason)
+            return Result(Status.NOT_YET, later.reason), None
         if vote is Vote.READ_ONLY:
             self._record(conn, call, _READ_ONLY, Op.PREPARE)
             self._set_state(conn, call, BranchState.PREPARED, BranchState.READ_ONLY)
-            return _READ_ONLY
+            return _READ_ONLY, Outcome.READ_ONLY
         self._record(conn, call, _PREPARED, Op.PREPARE)
-        return _PREPARED
+        return _PREPARED, Outcome.PREPARED
 
     def _finish(
         self, conn: sqlite3.Connection, call: BranchCall, op: Op, stored: tuple[Any, ...]
-    ) -> Result:
+    ) -> _Answer:
         """Commit or abort of a PREPARED branch whose state the caller just changed
         (undone with the handler's changes if the handler says "not yet")."""
         call = _stored(call, (BranchState.PREPARED, str(stored[0]), bytes(stored[1])))
@@ -347,46 +466,57 @@ class Barrier:
                 self._p.abort(conn, call)
         except NotYet as later:
             undo_job(conn)
-            return Result(Status.NOT_YET, later.reason)
+            return Result(Status.NOT_YET, later.reason), None
         except Refuse as no:
             if op is Op.COMMIT:
                 raise RuntimeError(f"commit handler refused after a yes vote: {no}") from no
             raise RuntimeError(f"abort handler refused: {no}") from no
-        result = _COMMITTED if op is Op.COMMIT else _ABORTED
-        self._record(conn, call, result, op)
-        return result
+        if op is Op.COMMIT:
+            self._record(conn, call, _COMMITTED, op)
+            return _COMMITTED, Outcome.COMMITTED
+        self._record(conn, call, _ABORTED, op)
+        return _ABORTED, Outcome.ABORTED
 
-    def _commit(self, conn: sqlite3.Connection, call: BranchCall, branch: _Loaded | None) -> Result:
+    def _commit(
+        self, conn: sqlite3.Connection, call: BranchCall, branch: _Loaded | None
+    ) -> _Answer:
         if branch is None:
-            return Result(Status.CONFLICT, "commit without a prepare: no yes vote recorded")
+            return Result(
+                Status.CONFLICT, "commit without a prepare: no yes vote recorded"
+            ), Outcome.CONFLICT
         return self._commit_branch(conn, call, branch)
 
-    def _commit_branch(self, conn: sqlite3.Connection, call: BranchCall, branch: _Loaded) -> Result:
+    def _commit_branch(
+        self, conn: sqlite3.Connection, call: BranchCall, branch: _Loaded
+    ) -> _Answer:
         state = branch[0]
         if state is BranchState.ABORTED:
             if call.one_phase:  # the answer of a one-phase commit is the outcome
                 result = Result(Status.REFUSED, "already aborted")
                 self._record(conn, call, result, Op.COMMIT)
-                return result
-            return Result(Status.CONFLICT, "commit refused: branch already aborted")
+                return result, Outcome.REFUSED
+            return Result(Status.CONFLICT, "commit refused: branch already aborted"), (
+                Outcome.CONFLICT
+            )
         if state is BranchState.PREPARED:
             try:
                 self._p.commit(conn, _stored(call, branch))
             except NotYet as later:
                 undo_job(conn)
-                return Result(Status.NOT_YET, later.reason)
+                return Result(Status.NOT_YET, later.reason), None
             except Refuse as no:
                 raise RuntimeError(f"commit handler refused after a yes vote: {no}") from no
             self._set_state(conn, call, BranchState.PREPARED, BranchState.COMMITTED)
-            result = _COMMITTED
+            result, outcome = _COMMITTED, Outcome.COMMITTED
         else:  # READ_ONLY (COMMITTED is answered by the barrier row)
             result = Result(Status.OK, f"nothing to commit: branch is {state}")
+            outcome = Outcome.NOOP
         self._record(conn, call, result, Op.COMMIT)
-        return result
+        return result, outcome
 
     def _one_phase(
         self, conn: sqlite3.Connection, call: BranchCall, branch: _Loaded | None
-    ) -> Result:
+    ) -> _Answer:
         # Every recorded prepare (and abort-before-prepare) has a branch row.
         if branch is not None:
             return self._commit_branch(conn, call, branch)
@@ -399,17 +529,17 @@ class Barrier:
             result = Result(Status.REFUSED, no.reason)
             self._record(conn, call, result, Op.PREPARE, Op.COMMIT)
             self._insert_branch(conn, call, BranchState.ABORTED)
-            return result
+            return result, Outcome.REFUSED
         except NotYet as later:
             undo_job(conn)
-            return Result(Status.NOT_YET, later.reason)
+            return Result(Status.NOT_YET, later.reason), None
         read_only = vote is Vote.READ_ONLY
         result = Result(Status.OK, "committed (one phase)", read_only=read_only)
         self._record(conn, call, result, Op.PREPARE, Op.COMMIT)
         self._insert_branch(conn, call, BranchState.COMMITTED)
-        return result
+        return result, Outcome.READ_ONLY if read_only else Outcome.COMMITTED
 
-    def _abort(self, conn: sqlite3.Connection, call: BranchCall, branch: _Loaded | None) -> Result:
+    def _abort(self, conn: sqlite3.Connection, call: BranchCall, branch: _Loaded | None) -> _Answer:
         # Every recorded prepare (and abort-before-prepare) has a branch row.
         if branch is None:
             # Abort before Prepare: refuse the late Prepare in advance (no hanging).
@@ -417,56 +547,62 @@ class Barrier:
             self._record(conn, call, late, _CANCELS[Op.ABORT])
             self._insert_branch(conn, call, BranchState.ABORTED)
             result = Result(Status.OK, "no-op: aborted before prepare")
+            outcome = Outcome.ABORTED_BEFORE_PREPARE
         elif branch[0] is BranchState.COMMITTED:
-            return Result(Status.CONFLICT, "abort refused: branch already committed")
+            return Result(Status.CONFLICT, "abort refused: branch already committed"), (
+                Outcome.CONFLICT
+            )
         elif branch[0] is BranchState.PREPARED:
             try:
                 self._p.abort(conn, _stored(call, branch))
             except NotYet as later:
                 undo_job(conn)
-                return Result(Status.NOT_YET, later.reason)
+                return Result(Status.NOT_YET, later.reason), None
             except Refuse as no:
                 raise RuntimeError(f"abort handler refused: {no}") from no
             self._set_state(conn, call, BranchState.PREPARED, BranchState.ABORTED)
-            result = _ABORTED
+            result, outcome = _ABORTED, Outcome.ABORTED
         else:
             result = Result(Status.OK, f"no-op: branch holds nothing ({branch[0]})")
+            outcome = Outcome.NOOP
         self._record(conn, call, result, Op.ABORT)
-        return result
+        return result, outcome
 
-    def _execute(self, conn: sqlite3.Connection, call: BranchCall) -> Result:
+    def _execute(self, conn: sqlite3.Connection, call: BranchCall) -> _Answer:
         """A saga action with no recorded answer (not executed, not compensated)."""
         try:
             out = self._p.execute(conn, call)
         except Refuse as no:
             undo_job(conn)
             result = Result(Status.REFUSED, no.reason)
+            outcome = Outcome.REFUSED
         except NotYet as later:
             undo_job(conn)
-            return Result(Status.NOT_YET, later.reason)
+            return Result(Status.NOT_YET, later.reason), None
         else:
             result = _EXECUTED if out is None else Result(Status.OK, "executed", result=_out(out))
+            outcome = Outcome.EXECUTED
         self._record(conn, call, result, Op.EXECUTE)
-        return result
+        return result, outcome
 
-    def _compensate(self, conn: sqlite3.Connection, call: BranchCall) -> Result:
+    def _compensate(self, conn: sqlite3.Connection, call: BranchCall) -> _Answer:
         executed: str | None = None
         for row in conn.execute(_SQL_SAGA_RECORDED, (call.gid, call.branch_id)).fetchall():
             if row[0] == _COMPENSATE_OP:
-                return _result(row[1:])  # a duplicate
+                return _result(row[1:]), Outcome.DUPLICATE
             executed = row[1]
         if executed is None:
             # Compensate before Execute: nothing to undo; refuse the late Execute now.
             self._record(conn, call, _LATE_EXECUTE, _CANCELS[Op.COMPENSATE])
-            result = _NULL_COMPENSATION
+            result, outcome = _NULL_COMPENSATION, Outcome.NULL_COMPENSATION
         elif executed != _OK_STATUS:
-            result = _NOTHING_TO_COMPENSATE
+            result, outcome = _NOTHING_TO_COMPENSATE, Outcome.NOOP
         else:
             try:
                 self._p.compensate(conn, call)
             except NotYet as later:
                 undo_job(conn)
-                return Result(Status.NOT_YET, later.reason)
+                return Result(Status.NOT_YET, later.reason), None
             except Refuse as no:
                 undo_job(conn)
                 log.error(
@@ -477,10 +613,10 @@ class Barrier:
                     call.operation,
                     no.reason,
                 )
-                return Result(Status.NOT_YET, f"compensation refused (retried): {no.reason}")
-            result = _COMPENSATED
+                return Result(Status.NOT_YET, f"compensation refused (retried): {no.reason}"), None
+            result, outcome = _COMPENSATED, Outcome.COMPENSATED
         self._record(conn, call, result, Op.COMPENSATE)
-        return result
+        return result, outcome
 
     # -- rows ---------------------------------------------------------------------------
 

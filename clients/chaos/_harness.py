@@ -32,7 +32,7 @@ from clients._procs import EtcdServer, ManagedProcess, free_port, stop_all
 from clients.chaos._history import HistoryWriter
 from registry.transport import make_channel
 
-FAULTS = ("kill-coordinator", "kill-participant", "pause", "etcd")
+INJECTABLE_FAULTS = ("kill-coordinator", "kill-participant", "pause", "etcd")
 #: Nothing more will happen to these without an operator (STUCK is reported, not in doubt).
 TERMINAL = frozenset({"COMMITTED", "ABORTED", "COMPLETED", "COMPENSATED", "STUCK"})
 

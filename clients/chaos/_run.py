@@ -122,8 +122,13 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
             "p50": percentile(st.kill_to_commit_s, 50),
             "p99": percentile(st.kill_to_commit_s, 99),
         },
-        "violations": check["violations"],
-        "checked": check["checked"],
+        "violations": [
+            {"name": v["name"], "message": v["message"], "gid": v["gid"]}
+            for v in check["violations"]
+        ],
+        "checks": check["checks"],
+        "examples": check["examples"],
+        "stuck": check.get("stuck", []),
     }
     save_json(root / "report.json", report)
     return report
@@ -156,14 +161,16 @@ def check_run(
 ) -> dict[str, Any]:
     from clients.chaos._checker import check
 
-    result = check(
-        history=root / "history.jsonl",
-        dbs=dbs,
+    report = check(
+        root / "history.jsonl",
+        databases=dbs,
         initial=initial,
-        coordinators=coordinators,
+        coordinator_state=coordinators,
         recovery_bound_s=bound_s,
     )
-    return {"violations": result.violations, "checked": result.checked}
+    data = report.to_dict()
+    save_json(root / "check.json", data)
+    return data
 
 
 def print_report(console: Console, r: dict[str, Any]) -> None:
@@ -186,15 +193,20 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
             "kill to first commit (new owner) p50 / p99",
             f"{r['kill_to_first_commit_s']['p50']} s / {r['kill_to_first_commit_s']['p99']} s",
         ),
-        ("invariants checked", str(len(r["checked"]))),
+        ("invariants checked", str(len(r["checks"]))),
+        ("sagas left STUCK (reported)", str(len(r["stuck"]))),
         ("violations", str(len(r["violations"]))),
     ]
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
     if r["violations"]:
-        for v in r["violations"][:10]:
-            console.print(f"[red]{v.get('name')}[/red]: {v.get('message')}")
+        for name, count in r["checks"].items():
+            if count:
+                example = r["examples"][name]
+                console.print(
+                    f"[red]{name}[/red]: {count} violation(s); smallest: {example['message']}"
+                )
     else:
         console.print("[bold green]no violations[/bold green]")
     console.print(f"history, databases, logs and report.json in {r['dir']}")
