@@ -570,10 +570,10 @@ async def connect(s: LoadSettings) -> AccordClient:
     except AccordClientError as e:
         raise LoadError(str(e)) from None
     try:
-        await client.wait_ready(10.0)
+        await client.wait_ready(5.0)
     except TimeoutError:
         await client.close()
-        raise LoadError(f"cannot reach the coordinator at {client.address} within 10 s") from None
+        raise LoadError(f"cannot reach the coordinator at {client.address} within 5 s") from None
     return client
 
 

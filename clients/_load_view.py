@@ -91,18 +91,22 @@ class LiveView:
         self.settings = settings
         self.snapshots: dict[int, dict[str, Any]] = {}
         self.t0 = time.perf_counter()
-        self.live = Live(self.render(), console=console, refresh_per_second=2, transient=True)
+        # Live redraws this object (``__rich__``) at every refresh, so the clock ticks
+        # even between snapshots.
+        self.live = Live(self, console=console, refresh_per_second=2, transient=True)
 
     def update(self, snapshot: dict[str, Any]) -> None:
         self.snapshots[int(snapshot["index"])] = snapshot
-        self.live.update(self.render())
+
+    def __rich__(self) -> Group:
+        return self.render()
 
     def render(self) -> Group:
         s = self.settings
         elapsed = time.perf_counter() - self.t0
         if not self.snapshots:
             return Group(Text(f"accord load: starting ({elapsed:.1f} s)"))
-        p = merge_progress(self.snapshots)
+        p = merge_progress(dict(self.snapshots))  # a copy: Live draws from its own thread
         if p["measured_s"] < 0:
             phase = f"warming up, {-p['measured_s']:.1f} s left"
         else:
@@ -167,7 +171,7 @@ def run_command(
         else:
             report = run_async(_run_with_view(settings, None))
     except LoadError as e:
-        err.print(f"[red]error:[/red] load: {e}", highlight=False)
+        err.print(f"[red]error:[/red] load: {e}", highlight=False, soft_wrap=True)
         return 1
     out.print(render_table(report.data))
     if to_stdout:
