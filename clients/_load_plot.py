@@ -75,7 +75,7 @@ def plot_report(report: Mapping[str, Any], hist: HdrHistogram, path: Path) -> No
     dist.set_xscale("log")
     labels = {2: "50%", 10: "90%", 100: "99%", 1000: "99.9%", 10_000: "99.99%"}
     labels[100_000] = "99.999%"
-    right = 10 ** math.ceil(math.log10(xs[-1])) if xs else 10
+    right = xs[-1] * 1.25 if xs else 10
     dist.set_xlim(1, right)
     dist.xaxis.set_major_locator(FixedLocator([x for x in labels if x <= right]))
     dist.xaxis.set_minor_locator(NullLocator())

@@ -17,7 +17,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from clients._load import LoadError, LoadSettings, Report, merge_progress, run_load
+from clients._load import LoadError, LoadSettings
+from clients._load_report import Report, merge_progress
+from clients._load_run import run_load
 
 
 def _ms(v: float | None) -> str:

@@ -18,14 +18,12 @@ from clients._load import (
     LoadSettings,
     Recorder,
     build_plan,
-    build_report,
-    merge_histograms,
-    merge_progress,
     new_histogram,
     pad,
     run_closed_loop,
     run_open_loop,
 )
+from clients._load_report import build_report, merge_histograms, merge_progress
 from clients._load_view import render_table
 from clients.cli import app
 
