@@ -164,6 +164,11 @@ def run_command(
     to_stdout = json_out == "-"
     out = err if to_stdout else Console()
     settings.validate()
+    for flag, target in (("--json", "" if to_stdout else json_out), ("--plot", plot or "")):
+        # Found out now, not after the run.
+        if target and not Path(target).resolve().parent.is_dir():
+            err.print(f"[red]error:[/red] load: {flag}: no directory for {target}", highlight=False)
+            return 1
     show = err.is_terminal if progress is None else progress
     view = LiveView(settings, err) if show else None
     try:
@@ -179,13 +184,17 @@ def run_command(
     if to_stdout:
         sys.stdout.write(json.dumps(report.data) + "\n")
         sys.stdout.flush()
-    elif json_out:
-        Path(json_out).write_text(json.dumps(report.data, indent=1) + "\n")
-    if plot is not None:
-        from clients._load_plot import plot_report
+    try:
+        if json_out and not to_stdout:
+            Path(json_out).write_text(json.dumps(report.data, indent=1) + "\n")
+        if plot is not None:
+            from clients._load_plot import plot_report
 
-        plot_report(report.data, report.hist, plot)
-        err.print(f"plot written to {plot}", highlight=False)
+            plot_report(report.data, report.hist, plot)
+            err.print(f"plot written to {plot}", highlight=False)
+    except OSError as e:
+        err.print(f"[red]error:[/red] load: {e}", highlight=False, soft_wrap=True)
+        return 1
     if report.exit_code:
         why = "no transaction succeeded" if report.data["transactions"] else "nothing ran"
         err.print(f"[red]error:[/red] load: {why}", highlight=False)
