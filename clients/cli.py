@@ -729,6 +729,99 @@ def chaos(
         raise typer.Exit(1)
 
 
+# ---------------------------------------------------------------- load
+
+
+@app.command()
+def load(
+    coordinator: Annotated[
+        str, typer.Option("--coordinator", "-c", envvar="ACCORD_COORDINATOR", help="host:port")
+    ] = "",
+    etcd: EtcdUrl = "",
+    mode: Annotated[str, typer.Option(envvar="ACCORD_LOAD_MODE", help="2pc|saga|mixed")] = "2pc",
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            envvar="ACCORD_LOAD_CONCURRENCY",
+            help="workers (closed loop) or cap on outstanding transactions (open loop)",
+        ),
+    ] = 16,
+    duration: Annotated[
+        float | None, typer.Option(envvar="ACCORD_LOAD_DURATION", help="measured seconds")
+    ] = None,
+    transactions: Annotated[
+        int | None, typer.Option(envvar="ACCORD_LOAD_TRANSACTIONS", help="measured transactions")
+    ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(envvar="ACCORD_LOAD_RATE", help="open loop: transactions/s on a timetable"),
+    ] = None,
+    branches: Annotated[
+        int, typer.Option(envvar="ACCORD_LOAD_BRANCHES", help="branches (saga steps) per txn")
+    ] = 2,
+    payload_bytes: Annotated[
+        int, typer.Option(envvar="ACCORD_LOAD_PAYLOAD_BYTES", help="pad each payload to ~B bytes")
+    ] = 0,
+    warmup: Annotated[
+        float, typer.Option(envvar="ACCORD_LOAD_WARMUP", help="seconds run first, not measured")
+    ] = 0.0,
+    json_out: Annotated[
+        str, typer.Option("--json", envvar="ACCORD_LOAD_JSON", help="write the report (- stdout)")
+    ] = "",
+    plot: Annotated[
+        Path | None, typer.Option(envvar="ACCORD_LOAD_PLOT", help="draw latency plots (PNG)")
+    ] = None,
+    processes: Annotated[
+        int, typer.Option(envvar="ACCORD_LOAD_PROCESSES", help="generator processes")
+    ] = 1,
+    services: Annotated[
+        str, typer.Option(envvar="ACCORD_LOAD_SERVICES", help="bank services, comma-separated")
+    ] = "bank-a,bank-b",
+    accounts: Annotated[
+        int,
+        typer.Option(envvar="ACCORD_LOAD_ACCOUNTS", help="accounts <service>-0..N-1 per bank"),
+    ] = 100,
+    seed: Annotated[int, typer.Option(envvar="ACCORD_LOAD_SEED")] = 1,
+    timeout: Annotated[
+        float, typer.Option(envvar="ACCORD_LOAD_TIMEOUT", help="client deadline per txn (s)")
+    ] = 30.0,
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress", help="live progress (default: on a terminal)"),
+    ] = None,
+) -> None:
+    """Load generator: bank transfers (2PC, sagas or both) against a coordinator;
+    throughput, latency percentiles (HDR histogram), outcomes, the generator's own CPU.
+    The bank services must hold the accounts (accord participant bank --accounts N)."""
+    from clients._load import LoadSettings
+    from clients._load_view import run_command
+
+    settings = LoadSettings(
+        coordinator=coordinator,
+        etcd=etcd,
+        mode=mode,
+        concurrency=concurrency,
+        duration_s=duration,
+        transactions=transactions,
+        rate=rate,
+        branches=branches,
+        payload_bytes=payload_bytes,
+        warmup_s=warmup,
+        processes=processes,
+        services=tuple(x.strip() for x in services.split(",")),
+        accounts=accounts,
+        seed=seed,
+        timeout_s=timeout,
+    )
+    try:
+        settings.validate()
+    except ValueError as e:
+        raise fail(str(e), code=2) from None
+    code = run_command(settings, json_out=json_out, plot=plot, progress=progress)
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     try:
         app()
