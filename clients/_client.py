@@ -17,12 +17,15 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from grpc import aio
+from opentelemetry import trace
+from opentelemetry.trace import TracerProvider
 
 import accord.v1 as pb
 from clients._errors import AccordClientError, TransactionAborted, from_rpc_error
+from clients._tracing import TracedStub, recording
 from registry.transport import TransportSettings, make_channel
 
 T = TypeVar("T")
@@ -327,10 +330,16 @@ class AccordClient:
         *,
         transport: TransportSettings | None = None,
         timeout_s: float = 60.0,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
+        """``tracer_provider``: where client spans go (default: the global provider);
+        each call then carries its span's W3C context to the coordinator."""
         self.address = address
         self._channel = make_channel(address, transport)
         self._stub = pb.CoordinatorStub(self._channel)
+        if recording(tracer_provider):
+            tracer = trace.get_tracer("accord.client", tracer_provider=tracer_provider)
+            self._stub = cast(pb.CoordinatorStub, TracedStub(self._stub, tracer))
         self._timeout = timeout_s
 
     async def __aenter__(self) -> AccordClient:

@@ -59,6 +59,34 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 LogLevel = Annotated[str, typer.Option(envvar="ACCORD_LOG_LEVEL", help="debug|info|warning|error")]
 LogFormat = Annotated[str, typer.Option(envvar="ACCORD_LOG_FORMAT", help="text|json")]
+MetricsListen = Annotated[
+    str,
+    typer.Option(
+        envvar="ACCORD_METRICS_LISTEN",
+        help="serve Prometheus metrics on HOST:PORT (/metrics); off when empty",
+    ),
+]
+TraceConsole = Annotated[
+    bool,
+    typer.Option(
+        "--trace-console",
+        envvar="ACCORD_TRACE_CONSOLE",
+        help="print spans to stdout (OTLP: set OTEL_EXPORTER_OTLP_ENDPOINT)",
+    ),
+]
+
+
+def setup_telemetry(service_name: str, trace_console: bool, metrics_listen: str) -> Any:
+    """Traces (OTEL_* / --trace-console) and metrics (--metrics-listen) for a server
+    process; the caller shuts it down on exit (flushing pending spans)."""
+    from registry.telemetry import Telemetry
+
+    try:
+        return Telemetry.setup(
+            service_name, trace_console=trace_console, metrics_listen=metrics_listen
+        )
+    except (ValueError, OSError) as e:
+        raise fail(f"telemetry: {e}") from None
 
 
 # ---------------------------------------------------------------- coordinator
@@ -93,6 +121,8 @@ def coordinator(
     segment_bytes: Annotated[int, typer.Option(envvar="ACCORD_SEGMENT_BYTES")] = 64 * 1024 * 1024,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
+    metrics_listen: MetricsListen = "",
+    trace_console: TraceConsole = False,
 ) -> None:
     """Run a coordinator: replay its WAL, finish what was unfinished, serve."""
     from coordinator import CoordinatorConfig, Limits, RetryPolicy, ServerSettings, serve
@@ -117,11 +147,14 @@ def coordinator(
         segment_size=segment_bytes,
     )
     settings = ServerSettings(listen=listen, wal_dir=wal_dir, config=config)
+    telemetry = setup_telemetry("accord-coordinator", trace_console, metrics_listen)
     try:
-        run_async(serve(settings, registry=registry))
+        run_async(serve(settings, registry=registry, telemetry=telemetry))
     except Exception as e:  # one line, non-zero: the log has the details
         logging.getLogger("accord").exception("coordinator failed")
         raise fail(f"coordinator: {e}") from None
+    finally:
+        telemetry.shutdown()
 
 
 # ---------------------------------------------------------------- participants
@@ -145,11 +178,14 @@ def participant_bank(
     ] = 10.0,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
+    metrics_listen: MetricsListen = "",
+    trace_console: TraceConsole = False,
 ) -> None:
     """Run the bank participant (accounts in SQLite; debit, credit, balance)."""
     from participants.bank import serve_bank
 
     setup_logging(log_level, log_format)
+    telemetry = setup_telemetry(f"accord-participant-{service}", trace_console, metrics_listen)
     try:
         run_async(
             serve_bank(
@@ -159,11 +195,14 @@ def participant_bank(
                 accounts=accounts,
                 initial_balance=initial_balance,
                 in_doubt_after_s=in_doubt_after_s,
+                telemetry=telemetry,
             )
         )
     except Exception as e:
         logging.getLogger("accord").exception("participant failed")
         raise fail(f"participant: {e}") from None
+    finally:
+        telemetry.shutdown()
 
 
 def _trip_command(kind: str) -> None:
@@ -181,19 +220,29 @@ def _trip_command(kind: str) -> None:
         in_doubt_after_s: Annotated[float, typer.Option(envvar="ACCORD_IN_DOUBT_AFTER_S")] = 10.0,
         log_level: LogLevel = "info",
         log_format: LogFormat = "text",
+        metrics_listen: MetricsListen = "",
+        trace_console: TraceConsole = False,
     ) -> None:
         from participants.trip import serve_trip
 
         setup_logging(log_level, log_format)
+        telemetry = setup_telemetry(f"accord-participant-{kind}", trace_console, metrics_listen)
         try:
             run_async(
                 serve_trip(
-                    kind, listen, db, fail_cities=fail_city or (), in_doubt_after_s=in_doubt_after_s
+                    kind,
+                    listen,
+                    db,
+                    fail_cities=fail_city or (),
+                    in_doubt_after_s=in_doubt_after_s,
+                    telemetry=telemetry,
                 )
             )
         except Exception as e:
             logging.getLogger("accord").exception("participant failed")
             raise fail(f"participant: {e}") from None
+        finally:
+            telemetry.shutdown()
 
     command.__doc__ = f"Run the trip example's {kind} booking service (saga steps book/cancel)."
     participant_app.command(kind)(command)
@@ -213,9 +262,13 @@ JsonOut = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 def _client_call(address: str, fn: Any) -> Any:
     from clients import AccordClient, AccordClientError
+    from registry.telemetry import Telemetry
+
+    # Spans only when OTEL_EXPORTER_OTLP_ENDPOINT is set (the coordinator continues them).
+    telemetry = Telemetry.setup("accord-client")
 
     async def go() -> Any:
-        async with AccordClient(address) as client:
+        async with AccordClient(address, tracer_provider=telemetry.tracer_provider()) as client:
             return await fn(client)
 
     try:
@@ -224,6 +277,8 @@ def _client_call(address: str, fn: Any) -> Any:
         raise fail(str(e)) from None
     except ValueError as e:
         raise fail(str(e)) from None
+    finally:
+        telemetry.shutdown()
 
 
 def _print_txn(result: Any, as_json: bool) -> None:

@@ -77,12 +77,19 @@ class ParticipantCalls:
         return stub
 
     async def call(
-        self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
+        self,
+        method: str,
+        address: str,
+        request: pb.BranchRequest,
+        attempt_s: float,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> CallResult:
+        """``metadata``: the W3C trace context of the call's span (None: tracing off)."""
         stub = self._stub(address)
         rpc = getattr(stub, method)
         try:
-            response: pb.BranchResponse = await rpc(request, timeout=attempt_s)
+            response: pb.BranchResponse = await rpc(request, timeout=attempt_s, metadata=metadata)
         except aio.AioRpcError as e:
             code = e.code()
             detail = f"{method} {request.branch_id}@{address}: {code.name}: {e.details()}"

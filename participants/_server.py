@@ -23,6 +23,8 @@ from participants._resolver import InDoubtResolver
 from participants._service import ParticipantService
 from participants._servicer import ParticipantServicer
 from participants._store import Store
+from participants._telemetry import ParticipantTelemetry
+from registry.telemetry import Telemetry
 from registry.transport import TransportSettings, bind, make_server
 
 log = logging.getLogger("accord.participant")
@@ -55,6 +57,7 @@ class ParticipantServer:
         transport: TransportSettings | None = None,
         services: Sequence[ServiceInstaller] = (),
         server_options: Sequence[tuple[str, Any]] = (),
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.listen = listen
         self.grace_s = grace_s
@@ -64,6 +67,9 @@ class ParticipantServer:
             after_s=in_doubt_after_s,
             interval_s=resolver_interval_s,
             transport=transport,
+        )
+        self.telemetry = ParticipantTelemetry(
+            telemetry, service=self.service.service, db=self.service.store.path
         )
         self._transport = transport
         self._installers = tuple(services)
@@ -95,7 +101,9 @@ class ParticipantServer:
         await self.service.open()
         try:
             server, settings = make_server(self._transport, options=self._server_options)
-            pb.add_ParticipantServicer_to_server(ParticipantServicer(self.service), server)
+            pb.add_ParticipantServicer_to_server(
+                ParticipantServicer(self.service, self.telemetry), server
+            )
             names = [PARTICIPANT_SERVICE_NAME]
             names += [install(server, self.service) for install in self._installers]
             self._health = health.aio.HealthServicer()
@@ -139,6 +147,7 @@ class ParticipantServer:
         finally:
             # In-flight calls are answered (or cancelled) by now; queued writes finish.
             await self.service.close()
+            self.telemetry.close()
             self._state = "stopped"
             stats = self.store.stats
             log.info(
@@ -177,6 +186,7 @@ async def serve(
     transport: TransportSettings | None = None,
     services: Sequence[ServiceInstaller] = (),
     ready: Callable[[ParticipantServer], None] | None = None,
+    telemetry: Telemetry | None = None,
 ) -> None:
     """Serves until SIGTERM or SIGINT, then stops gracefully. ``ready`` is called once
     the server accepts calls (e.g. to print the bound address)."""
@@ -195,6 +205,7 @@ async def serve(
             grace_s=grace_s,
             transport=transport,
             services=services,
+            telemetry=telemetry,
         ) as server:
             if ready is not None:
                 ready(server)

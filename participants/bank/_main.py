@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from participants import ParticipantServer, serve
 from participants.bank._admin import install_admin
 from participants.bank._logic import bank_app
+from registry.telemetry import Telemetry
 from registry.transport import TransportSettings
 
 log = logging.getLogger("accord.participant.bank")
@@ -41,6 +42,7 @@ async def serve_bank(
     grace_s: float = 5.0,
     transport: TransportSettings | None = None,
     out: TextIO | None = None,
+    telemetry: Telemetry | None = None,
 ) -> None:
     """Serves the bank on ``listen`` with its SQLite file ``db`` (created if missing)
     until SIGTERM/SIGINT, then stops gracefully.
@@ -66,6 +68,7 @@ async def serve_bank(
         transport=transport,
         services=[install_admin],
         ready=ready,
+        telemetry=telemetry,
     )
 
 

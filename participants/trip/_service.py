@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TextIO
 
 from participants import BranchCall, ParticipantApp, ParticipantServer, Refuse, serve
+from registry.telemetry import Telemetry
 
 KINDS = ("flight", "hotel", "car")
 
@@ -65,6 +66,7 @@ async def serve_trip(
     fail_cities: Iterable[str] = (),
     in_doubt_after_s: float = 10.0,
     out: TextIO | None = None,
+    telemetry: Telemetry | None = None,
 ) -> None:
     """Serves one booking service until SIGTERM/SIGINT; prints ``listening on HOST:PORT``."""
     stream = out or sys.stdout
@@ -78,4 +80,5 @@ async def serve_trip(
         listen=listen,
         in_doubt_after_s=in_doubt_after_s,
         ready=ready,
+        telemetry=telemetry,
     )

@@ -56,7 +56,13 @@ class FakeCalls:
         return service != "nowhere"
 
     async def call(
-        self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
+        self,
+        method: str,
+        address: str,
+        request: pb.BranchRequest,
+        attempt_s: float,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> CallResult:
         self.log.append((method, request.branch_id, request.gid))
         script = self.answers.get((method, request.branch_id))
