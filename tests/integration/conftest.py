@@ -36,6 +36,7 @@ class Cluster:
         port: int = 0,
         in_doubt_after_s: float = 30.0,
         env: dict[str, str] | None = None,
+        extra: list[str] | None = None,
     ) -> ManagedProcess:
         p = ManagedProcess.accord(
             name,
@@ -52,6 +53,7 @@ class Cluster:
                 str(in_doubt_after_s),
                 "--log-level",
                 "warning",
+                *(extra or []),
             ],
             env=env,
             log_path=self.root / f"{name}.log",
