@@ -84,7 +84,7 @@ class OtlpReceiver:
         self._lock = threading.Lock()
         self._spans: list[Span] = []
         self._server = grpc.server(futures.ThreadPoolExecutor(4))
-        tsvc_grpc.add_TraceServiceServicer_to_server(_Servicer(self), self._server)
+        tsvc_grpc.add_TraceServiceServicer_to_server(_Servicer(self), self._server)  # type: ignore[no-untyped-call]
         self.port = self._server.add_insecure_port("127.0.0.1:0")
 
     @property
