@@ -28,6 +28,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.trace import TracerProvider
+
 import accord.bank.v1 as bankpb
 from bench.load import TxnFactory, TxnFn
 from clients._client import AccordClient, Branch, SagaStep
@@ -63,16 +66,21 @@ class RowEnv:
     start_timeout_s: float = 60.0
     procs: list[ManagedProcess] = field(default_factory=list)
 
-    def process(self, name: str, argv: Sequence[str]) -> ManagedProcess:
+    def process(
+        self, name: str, argv: Sequence[str], extra_env: Mapping[str, str] | None = None
+    ) -> ManagedProcess:
         """A process of this row, logging to ``data_dir/NAME.log``, with the repository
         on its import path (so ``python -m bench.baseline`` works from anywhere)."""
         path = os.environ.get("PYTHONPATH", "")
         env = {"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)}
+        env.update(extra_env or {})
         return ManagedProcess(name, argv, env=env, log_path=self.data_dir / f"{name}.log")
 
-    def accord(self, name: str, args: Sequence[str]) -> ManagedProcess:
+    def accord(
+        self, name: str, args: Sequence[str], extra_env: Mapping[str, str] | None = None
+    ) -> ManagedProcess:
         """An ``accord`` subcommand (``python -m clients.cli ...``)."""
-        return self.process(name, [sys.executable, "-m", "clients.cli", *args])
+        return self.process(name, [sys.executable, "-m", "clients.cli", *args], extra_env)
 
     async def start(self, *procs: ManagedProcess) -> None:
         """Starts the processes in parallel and waits until each serves. They are
@@ -265,9 +273,11 @@ def saga_factory(
 
 
 @asynccontextmanager
-async def accord_client(env: RowEnv, address: str) -> AsyncIterator[AccordClient]:
+async def accord_client(
+    env: RowEnv, address: str, tracer_provider: TracerProvider | None = None
+) -> AsyncIterator[AccordClient]:
     """One client, one channel, for the whole row."""
-    client = AccordClient(address, timeout_s=env.call_timeout_s)
+    client = AccordClient(address, timeout_s=env.call_timeout_s, tracer_provider=tracer_provider)
     try:
         await client.wait_ready(timeout_s=env.start_timeout_s)
         yield client
@@ -372,7 +382,9 @@ def saga_check(
     return check
 
 
-async def bank_participants(env: RowEnv, names: Sequence[str]) -> dict[str, ManagedProcess]:
+async def bank_participants(
+    env: RowEnv, names: Sequence[str], extra_env: Mapping[str, str] | None = None
+) -> dict[str, ManagedProcess]:
     """Starts Accord's bank participant (SQLite, ``synchronous=FULL``) once per name."""
     banks = {
         name: env.accord(
@@ -389,6 +401,7 @@ async def bank_participants(env: RowEnv, names: Sequence[str]) -> dict[str, Mana
                 "--log-level",
                 "warning",
             ],
+            extra_env,
         )
         for name in names
     }
@@ -396,7 +409,9 @@ async def bank_participants(env: RowEnv, names: Sequence[str]) -> dict[str, Mana
     return banks
 
 
-async def accord_coordinator(env: RowEnv, addresses: Mapping[str, str]) -> ManagedProcess:
+async def accord_coordinator(
+    env: RowEnv, addresses: Mapping[str, str], extra_env: Mapping[str, str] | None = None
+) -> ManagedProcess:
     """Starts Accord's coordinator (WAL in ``data_dir/wal``) with a static service map."""
     coord = env.accord(
         "coordinator",
@@ -410,6 +425,7 @@ async def accord_coordinator(env: RowEnv, addresses: Mapping[str, str]) -> Manag
             "--log-level",
             "warning",
         ],
+        extra_env,
     )
     await env.start(coord)
     return coord
@@ -463,6 +479,52 @@ async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
             processes={"coordinator": coord, **banks},
             check=conservation_check(addresses, before),
         )
+
+
+@row(
+    "2pc-traced",
+    "Accord 2PC as row 2pc with tracing on everywhere: client, coordinator and banks export "
+    "every span (BatchSpanProcessor, OTLP/gRPC) to a local sink",
+    baseline="2pc",
+)
+@asynccontextmanager
+async def accord_2pc_traced(env: RowEnv) -> AsyncIterator[Target]:
+    sink = env.process("otlp-sink", [sys.executable, "-m", "bench.otlp_sink", "--listen", LISTEN])
+    await env.start(sink)
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{sink.address}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_TRACES_SAMPLER": "always_on",
+    }
+    banks = await bank_participants(env, BANKS, otel)
+    addresses = {name: p.address for name, p in banks.items()}
+    coord = await accord_coordinator(env, addresses, otel)
+    await open_accounts(env, addresses)
+    before = sum(t for t, _ in (await bank_state(addresses)).values())
+    provider = client_tracer_provider(sink.address)
+    try:
+        async with accord_client(env, coord.address, provider) as client:
+            yield Target(
+                factory=transfer_factory(client, transfer_plan(env)),
+                processes={"coordinator": coord, **banks, "otlp-sink": sink},
+                check=conservation_check(addresses, before),
+            )
+    finally:
+        provider.shutdown()
+
+
+def client_tracer_provider(sink: str) -> SdkTracerProvider:
+    """The load generator's spans (one client span per transaction, the root of its
+    trace), batched to the sink like the servers'."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = SdkTracerProvider(resource=Resource.create({"service.name": "accord-bench"}))
+    provider.add_span_processor(
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=f"http://{sink}", insecure=True))
+    )
+    return provider
 
 
 @row(
