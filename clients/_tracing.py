@@ -58,11 +58,6 @@ class TracedStub:
             with tracer.start_as_current_span(
                 f"accord.client {name}",
                 kind=SpanKind.CLIENT,
-                attributes={
-                    "rpc.system": "grpc",
-                    "rpc.service": "accord.v1.Coordinator",
-                    "rpc.method": name,
-                },
             ) as span:
                 gid = getattr(request, "gid", "")
                 if gid:

@@ -661,7 +661,7 @@ class Engine:
         ``parent`` when the answer is "retry later"."""
         tel = self._tel
         service = service or address
-        span = tel.call_span(parent, method, service, address, request.branch_id)
+        span = tel.call_span(parent, method, service, request.branch_id)
         t0 = time.monotonic_ns()
         result = await self._calls.call(
             method, address, request, attempt_s, metadata=outgoing_metadata(span)

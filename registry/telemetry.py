@@ -70,8 +70,9 @@ _SETTER = _ListSetter()
 
 def outgoing_metadata(span: trace.Span | None) -> Metadata | None:
     """gRPC metadata carrying ``span``'s context, or None when there is nothing to carry
-    (no span, or one that is not recording: tracing off or not sampled)."""
-    if span is None or not span.is_recording():
+    (no span, or tracing off). A span that was not sampled is carried too (its flags say
+    so), so the callee does not sample what the caller dropped."""
+    if span is None or not span.get_span_context().is_valid:
         return None
     carrier: list[tuple[str, str]] = []
     propagate.inject(carrier, context=trace.set_span_in_context(span), setter=_SETTER)
@@ -107,7 +108,7 @@ def context_from_traceparent(traceparent: str, tracestate: str = "") -> Context 
 
 
 def traceparent_of(span: trace.Span | None) -> str:
-    """The W3C ``traceparent`` of ``span`` ("" when it is not recording)."""
+    """The W3C ``traceparent`` of ``span`` ("" when there is none)."""
     md = outgoing_metadata(span)
     if not md:
         return ""

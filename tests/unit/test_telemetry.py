@@ -70,12 +70,20 @@ def test_metadata_round_trip(spans: tuple[TracerProvider, InMemorySpanExporter])
     assert trace.get_current_span(again).get_span_context().span_id == local.span_id
 
 
-def test_nothing_to_carry_without_a_recording_span() -> None:
+def test_nothing_to_carry_without_tracing_and_a_dropped_trace_stays_dropped() -> None:
     assert outgoing_metadata(None) is None
     assert outgoing_metadata(trace.NoOpTracer().start_span("x")) is None
-    off = TracerProvider(sampler=ALWAYS_OFF)
-    assert outgoing_metadata(off.get_tracer("t").start_span("sampled out")) is None
     assert traceparent_of(None) == ""
+    # Not sampled: the context still travels, flagged unsampled, so the callee's
+    # parent-based sampler drops its spans too (no orphan traces).
+    off = TracerProvider(sampler=ALWAYS_OFF)
+    md = outgoing_metadata(off.get_tracer("t").start_span("sampled out"))
+    assert md is not None
+    ctx = incoming_context(md)
+    assert ctx is not None
+    assert not trace.get_current_span(ctx).get_span_context().trace_flags.sampled
+    callee = TracerProvider()  # parentbased_always_on
+    assert not callee.get_tracer("t").start_span("handler", context=ctx).is_recording()
 
 
 def test_garbage_context_is_ignored() -> None:
