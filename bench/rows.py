@@ -487,21 +487,36 @@ async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
     "every span (BatchSpanProcessor, OTLP/gRPC) to a local sink",
     baseline="2pc",
 )
+def accord_2pc_traced(env: RowEnv) -> AbstractAsyncContextManager[Target]:
+    return traced_2pc(env, ratio=1.0)
+
+
+@row(
+    "2pc-traced-sampled",
+    "as 2pc-traced, but the client samples 10% of transactions (parentbased_traceidratio); "
+    "the coordinator and banks follow the sampled flag they are sent",
+    baseline="2pc",
+)
+def accord_2pc_traced_sampled(env: RowEnv) -> AbstractAsyncContextManager[Target]:
+    return traced_2pc(env, ratio=0.1)
+
+
 @asynccontextmanager
-async def accord_2pc_traced(env: RowEnv) -> AsyncIterator[Target]:
+async def traced_2pc(env: RowEnv, *, ratio: float) -> AsyncIterator[Target]:
     sink = env.process("otlp-sink", [sys.executable, "-m", "bench.otlp_sink", "--listen", LISTEN])
     await env.start(sink)
     otel = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{sink.address}",
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_TRACES_SAMPLER": "always_on",
+        # Servers follow the caller's decision (the SDK's default, made explicit).
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
     }
     banks = await bank_participants(env, BANKS, otel)
     addresses = {name: p.address for name, p in banks.items()}
     coord = await accord_coordinator(env, addresses, otel)
     await open_accounts(env, addresses)
     before = sum(t for t, _ in (await bank_state(addresses)).values())
-    provider = client_tracer_provider(sink.address)
+    provider = client_tracer_provider(sink.address, ratio)
     try:
         async with accord_client(env, coord.address, provider) as client:
             yield Target(
@@ -513,14 +528,18 @@ async def accord_2pc_traced(env: RowEnv) -> AsyncIterator[Target]:
         provider.shutdown()
 
 
-def client_tracer_provider(sink: str) -> SdkTracerProvider:
+def client_tracer_provider(sink: str, ratio: float = 1.0) -> SdkTracerProvider:
     """The load generator's spans (one client span per transaction, the root of its
-    trace), batched to the sink like the servers'."""
+    trace, sampled at ``ratio``), batched to the sink like the servers'."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
-    provider = SdkTracerProvider(resource=Resource.create({"service.name": "accord-bench"}))
+    provider = SdkTracerProvider(
+        resource=Resource.create({"service.name": "accord-bench"}),
+        sampler=ParentBasedTraceIdRatio(ratio),
+    )
     provider.add_span_processor(
         BatchSpanProcessor(OTLPSpanExporter(endpoint=f"http://{sink}", insecure=True))
     )

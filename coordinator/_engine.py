@@ -629,7 +629,12 @@ class Engine:
                     return None
                 timeout = min(timeout, left)
             result = await self.call_participant(
-                txn.phase_span, method, branch.service, branch.resolved, request, timeout
+                txn.phase_span or txn.span,
+                method,
+                branch.service,
+                branch.resolved,
+                request,
+                timeout,
             )
             if result.verdict != Verdict.RETRY:
                 return result

@@ -306,7 +306,7 @@ class SagaMode:
                 st.attempts += 1
             forever = forever or (not compensation and self.pivot_done(txn))
             result = await self._e.call_participant(
-                st.span, method, st.spec.service, st.resolved, request, attempt_s
+                st.span or txn.span, method, st.spec.service, st.resolved, request, attempt_s
             )
             if result.verdict == Verdict.OK:
                 return result

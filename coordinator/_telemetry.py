@@ -256,7 +256,7 @@ class CoordinatorTelemetry:
         the transaction's root, current for the participant calls made inside it."""
         t0 = time.monotonic_ns()
         span = None
-        if self.tracing and txn.span is not None:
+        if self.tracing and txn.span is not None and txn.span.is_recording():
             span = self._tracer.start_span(
                 f"accord.{name}", context=trace.set_span_in_context(txn.span)
             )
@@ -279,7 +279,7 @@ class CoordinatorTelemetry:
         t0 = time.monotonic_ns()
         kind = "compensate" if compensation else "step"
         span = None
-        if self.tracing and txn.span is not None:
+        if self.tracing and txn.span is not None and txn.span.is_recording():
             span = self._tracer.start_span(
                 f"accord.{kind} {st.spec.name}", context=trace.set_span_in_context(txn.span)
             )
@@ -307,6 +307,10 @@ class CoordinatorTelemetry:
     ) -> trace.Span | None:
         if not self.tracing or parent is None:
             return None
+        if not parent.is_recording():
+            # Not sampled: no spans below it; the calls carry its (unsampled) context so
+            # the participants do not sample either.
+            return parent
         # Few attributes: each one costs microseconds, and there are four calls per
         # two-branch transaction (the span name says the method).
         return self._tracer.start_span(
@@ -350,7 +354,7 @@ class CoordinatorTelemetry:
         self._batch.record(batch)
 
     def wal_span(self, parent: trace.Span | None) -> trace.Span | None:
-        if not self.tracing or parent is None:
+        if not self.tracing or parent is None or not parent.is_recording():
             return None
         return self._tracer.start_span("accord.wal.sync", context=trace.set_span_in_context(parent))
 

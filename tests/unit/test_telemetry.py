@@ -306,3 +306,18 @@ async def test_recovery_span_continues_the_logged_trace(
     assert {format(c.context.trace_id, "032x") for c in commits} == {
         "0af7651916cd43dd8448eb211c80319c"
     }
+
+
+async def test_unsampled_transaction_makes_no_spans_but_carries_its_context() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()  # parentbased_always_on: follows the client
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    client = TracerProvider(sampler=ALWAYS_OFF)
+    calls = RecordingCalls()
+    e, _ = _engine(provider, calls)
+    with client.get_tracer("client").start_as_current_span("dropped"):
+        txn = await e.execute(key="", timeout_ms=0, branches=two_branches())
+    await txn.finished.wait()
+    assert exporter.get_finished_spans() == ()
+    flags = {dict(md)["traceparent"].rsplit("-", 1)[1] for _, md in calls.metadata if md}
+    assert len(calls.metadata) == 4 and flags == {"00"}
