@@ -7,6 +7,11 @@ story in the same trace, linked to the original transaction."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -258,3 +263,30 @@ async def test_recovery_after_a_crash_continues_the_original_trace(
     assert {h.parent_id for h in handlers} == {c.span_id for c in calls}
     assert {s.trace_id for s in spans if s.service != "accord-client"} == {tid}
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+async def test_accord_txn_command_starts_the_trace(
+    cluster: Cluster, receiver: OtlpReceiver
+) -> None:
+    services = await _start(cluster, receiver, 1)
+    coord = cluster.coordinator(services, env=receiver.env())
+    cmd = [sys.executable, "-m", "clients.cli", "txn", "execute", "--json", "-c", coord.address]
+    cmd.append('bank-a/debit:{"account":"acct0","amount":1}')
+    env = {**os.environ, **receiver.env()}
+    out = await asyncio.to_thread(
+        subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    gid = json.loads(out.stdout)["gid"]
+    spans = receiver.wait_for(
+        lambda ss: (
+            any(s.name == "accord.txn 2pc" for s in ss)
+            and any(s.name == "accord.participant commit" for s in ss)
+        ),
+        what="a one-phase transaction started by `accord txn execute`",
+    )
+    client_span = _one(spans, "accord.client Execute")
+    assert client_span.service == "accord-client"
+    assert client_span.attributes["accord.gid"] == gid
+    root = _one(spans, "accord.txn 2pc")
+    assert root.parent_id == client_span.span_id and root.attributes["accord.gid"] == gid
+    assert {s.trace_id for s in spans} == {client_span.trace_id}
