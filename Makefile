@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos check-protos lint typecheck unit integration test demo bench chaos clean
+.PHONY: all venv protos check-protos lint typecheck unit integration test demo bench chaos clean prometheus
 
 all: test
 
@@ -42,8 +42,18 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
+# The metrics test scrapes Accord with a real Prometheus (Debian's package), which it
+# starts itself on a free port; the package's own service is stopped and disabled.
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus && \
+	  { service prometheus stop >/dev/null 2>&1 || true; } && \
+	  { systemctl disable --now prometheus >/dev/null 2>&1 || true; }; } || \
+	  { echo "prometheus: could not install Debian's prometheus package (needed by tests/integration/test_metrics.py)"; exit 1; }
+
 # The whole suite: generated code fresh, lint, types, then every test.
-test: check-protos lint typecheck
+test: check-protos lint typecheck prometheus
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The whole topology on this machine, a workload, a summary.

@@ -28,6 +28,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.trace import TracerProvider
+
 import accord.bank.v1 as bankpb
 from bench.load import TxnFactory, TxnFn
 from clients._client import AccordClient, Branch, SagaStep
@@ -64,16 +67,21 @@ class RowEnv:
     start_timeout_s: float = 60.0
     procs: list[ManagedProcess] = field(default_factory=list)
 
-    def process(self, name: str, argv: Sequence[str]) -> ManagedProcess:
+    def process(
+        self, name: str, argv: Sequence[str], extra_env: Mapping[str, str] | None = None
+    ) -> ManagedProcess:
         """A process of this row, logging to ``data_dir/NAME.log``, with the repository
         on its import path (so ``python -m bench.baseline`` works from anywhere)."""
         path = os.environ.get("PYTHONPATH", "")
         env = {"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)}
+        env.update(extra_env or {})
         return ManagedProcess(name, argv, env=env, log_path=self.data_dir / f"{name}.log")
 
-    def accord(self, name: str, args: Sequence[str]) -> ManagedProcess:
+    def accord(
+        self, name: str, args: Sequence[str], extra_env: Mapping[str, str] | None = None
+    ) -> ManagedProcess:
         """An ``accord`` subcommand (``python -m clients.cli ...``)."""
-        return self.process(name, [sys.executable, "-m", "clients.cli", *args])
+        return self.process(name, [sys.executable, "-m", "clients.cli", *args], extra_env)
 
     async def start(self, *procs: ManagedProcess) -> None:
         """Starts the processes in parallel and waits until each serves. They are
@@ -275,9 +283,11 @@ def saga_factory(
 
 
 @asynccontextmanager
-async def accord_client(env: RowEnv, address: str) -> AsyncIterator[AccordClient]:
+async def accord_client(
+    env: RowEnv, address: str, tracer_provider: TracerProvider | None = None
+) -> AsyncIterator[AccordClient]:
     """One client, one channel, for the whole row."""
-    client = AccordClient(address, timeout_s=env.call_timeout_s)
+    client = AccordClient(address, timeout_s=env.call_timeout_s, tracer_provider=tracer_provider)
     try:
         await client.wait_ready(timeout_s=env.start_timeout_s)
         yield client
@@ -383,7 +393,11 @@ def saga_check(
 
 
 async def bank_participants(
-    env: RowEnv, names: Sequence[str], *, etcd: str = ""
+    env: RowEnv,
+    names: Sequence[str],
+    extra_env: Mapping[str, str] | None = None,
+    *,
+    etcd: str = "",
 ) -> dict[str, ManagedProcess]:
     """Starts Accord's bank participant (SQLite, ``synchronous=FULL``) once per name;
     with ``etcd`` (a URL), each registers itself there under its name."""
@@ -403,6 +417,7 @@ async def bank_participants(
                 "--log-level",
                 "warning",
             ],
+            extra_env,
         )
         for name in names
     }
@@ -411,7 +426,11 @@ async def bank_participants(
 
 
 async def accord_coordinator(
-    env: RowEnv, addresses: Mapping[str, str] | None = None, *, etcd: str = ""
+    env: RowEnv,
+    addresses: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    *,
+    etcd: str = "",
 ) -> ManagedProcess:
     """Starts Accord's coordinator (WAL in ``data_dir/wal``) with a static service map
     (``addresses``) or, with ``etcd`` (a URL), resolving every service from its watched
@@ -433,6 +452,7 @@ async def accord_coordinator(
             "--log-level",
             "warning",
         ],
+        extra_env,
     )
     await env.start(coord)
     return coord
@@ -563,6 +583,71 @@ async def accord_2pc_etcd(env: RowEnv) -> AsyncIterator[Target]:
             processes={"coordinator": coord, **banks, "etcd": etcd},
             check=conservation_check(addresses, before),
         )
+
+
+@row(
+    "2pc-traced",
+    "Accord 2PC as row 2pc with tracing on everywhere: client, coordinator and banks export "
+    "every span (BatchSpanProcessor, OTLP/gRPC) to a local sink",
+    baseline="2pc",
+)
+def accord_2pc_traced(env: RowEnv) -> AbstractAsyncContextManager[Target]:
+    return traced_2pc(env, ratio=1.0)
+
+
+@row(
+    "2pc-traced-sampled",
+    "as 2pc-traced, but the client samples 10% of transactions (parentbased_traceidratio); "
+    "the coordinator and banks follow the sampled flag they are sent",
+    baseline="2pc",
+)
+def accord_2pc_traced_sampled(env: RowEnv) -> AbstractAsyncContextManager[Target]:
+    return traced_2pc(env, ratio=0.1)
+
+
+@asynccontextmanager
+async def traced_2pc(env: RowEnv, *, ratio: float) -> AsyncIterator[Target]:
+    sink = env.process("otlp-sink", [sys.executable, "-m", "bench.otlp_sink", "--listen", LISTEN])
+    await env.start(sink)
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{sink.address}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        # Servers follow the caller's decision (the SDK's default, made explicit).
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+    }
+    banks = await bank_participants(env, BANKS, otel)
+    addresses = {name: p.address for name, p in banks.items()}
+    coord = await accord_coordinator(env, addresses, otel)
+    await open_accounts(env, addresses)
+    before = sum(t for t, _ in (await bank_state(addresses)).values())
+    provider = client_tracer_provider(sink.address, ratio)
+    try:
+        async with accord_client(env, coord.address, provider) as client:
+            yield Target(
+                factory=transfer_factory(client, transfer_plan(env)),
+                processes={"coordinator": coord, **banks, "otlp-sink": sink},
+                check=conservation_check(addresses, before),
+            )
+    finally:
+        provider.shutdown()
+
+
+def client_tracer_provider(sink: str, ratio: float = 1.0) -> SdkTracerProvider:
+    """The load generator's spans (one client span per transaction, the root of its
+    trace, sampled at ``ratio``), batched to the sink like the servers'."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+
+    provider = SdkTracerProvider(
+        resource=Resource.create({"service.name": "accord-bench"}),
+        sampler=ParentBasedTraceIdRatio(ratio),
+    )
+    provider.add_span_processor(
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=f"http://{sink}", insecure=True))
+    )
+    return provider
 
 
 @row(

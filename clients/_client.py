@@ -17,9 +17,11 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from grpc import aio
+from opentelemetry import trace
+from opentelemetry.trace import TracerProvider
 
 import accord.v1 as pb
 from clients._errors import (
@@ -28,6 +30,7 @@ from clients._errors import (
     UnavailableError,
     from_rpc_error,
 )
+from clients._tracing import TracedStub, recording
 from registry.transport import TransportSettings, make_channel
 
 T = TypeVar("T")
@@ -333,9 +336,13 @@ class AccordClient:
         transport: TransportSettings | None = None,
         timeout_s: float = 60.0,
         connect: bool = True,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
+        """``tracer_provider``: where client spans go (default: the global provider);
+        each call then carries its span's W3C context to the coordinator."""
         self.address = address
         self._transport = transport
+        self._tracer_provider = tracer_provider
         self._timeout = timeout_s
         self._etcd = ""
         self._coordinator_id = ""
@@ -348,6 +355,9 @@ class AccordClient:
         self.address = address
         self._channel = make_channel(address, self._transport)
         self._stub = pb.CoordinatorStub(self._channel)
+        if recording(self._tracer_provider):
+            tracer = trace.get_tracer("accord.client", tracer_provider=self._tracer_provider)
+            self._stub = cast(pb.CoordinatorStub, TracedStub(self._stub, tracer))
 
     @classmethod
     async def from_etcd(
@@ -358,11 +368,18 @@ class AccordClient:
         shard: str = "",
         transport: TransportSettings | None = None,
         timeout_s: float = 60.0,
+        tracer_provider: TracerProvider | None = None,
     ) -> AccordClient:
         """A client of a live coordinator found in etcd: ``coordinator_id``, or the owner
         of ``shard``, or any one registered. :meth:`reconnect` finds it again after a
         failover. Raises :class:`UnavailableError` when none is registered."""
-        client = cls("", transport=transport, timeout_s=timeout_s, connect=False)
+        client = cls(
+            "",
+            transport=transport,
+            timeout_s=timeout_s,
+            connect=False,
+            tracer_provider=tracer_provider,
+        )
         client._etcd, client._coordinator_id, client._shard = etcd, coordinator_id, shard
         await client.reconnect()
         return client

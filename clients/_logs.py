@@ -1,6 +1,7 @@
 """Logging set-up for every Accord process: readable text by default, one JSON object
-per line with ``--log-format json``. Lines carry ``gid`` when the caller passes it in
-``extra``."""
+per line with ``--log-format json``. Every line carries ``gid`` where there is one (from
+``extra`` or the task's transaction) and ``trace_id``/``span_id`` when a span is active
+(:class:`registry.telemetry.TraceLogFilter`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import logging
 import sys
 import time
+
+from registry.telemetry import TraceLogFilter
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,14 +32,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, then ``gid=`` (unless the message already says
+    it) and ``trace_id=``/``span_id=`` when the record has them."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = []
+        gid = getattr(record, "gid", None)
+        if gid and "gid=" not in record.getMessage():
+            extra.append(f"gid={gid}")
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id:
+            extra.append(f"trace_id={trace_id} span_id={getattr(record, 'span_id', '')}")
+        if not extra:
+            return line
+        head, sep, tail = line.partition("\n")  # a traceback stays after the fields
+        return f"{head} {' '.join(extra)}{sep}{tail}"
+
+
 def configure(*, level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     elif fmt == "text":
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     else:
         raise ValueError(f"log format must be text or json, not {fmt!r}")
+    handler.addFilter(TraceLogFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

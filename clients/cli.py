@@ -70,6 +70,34 @@ LeaseTtl = Annotated[
     int, typer.Option("--ttl", envvar="ACCORD_TTL_S", help="lease TTL of the registration (s)")
 ]
 LogFormat = Annotated[str, typer.Option(envvar="ACCORD_LOG_FORMAT", help="text|json")]
+MetricsListen = Annotated[
+    str,
+    typer.Option(
+        envvar="ACCORD_METRICS_LISTEN",
+        help="serve Prometheus metrics on HOST:PORT (/metrics); off when empty",
+    ),
+]
+TraceConsole = Annotated[
+    bool,
+    typer.Option(
+        "--trace-console",
+        envvar="ACCORD_TRACE_CONSOLE",
+        help="print spans to stdout (OTLP: set OTEL_EXPORTER_OTLP_ENDPOINT)",
+    ),
+]
+
+
+def setup_telemetry(service_name: str, trace_console: bool, metrics_listen: str) -> Any:
+    """Traces (OTEL_* / --trace-console) and metrics (--metrics-listen) for a server
+    process; the caller shuts it down on exit (flushing pending spans)."""
+    from registry.telemetry import Telemetry
+
+    try:
+        return Telemetry.setup(
+            service_name, trace_console=trace_console, metrics_listen=metrics_listen
+        )
+    except (ValueError, OSError) as e:
+        raise fail(f"telemetry: {e}") from None
 
 
 # ---------------------------------------------------------------- coordinator
@@ -126,6 +154,8 @@ def coordinator(
     ] = False,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
+    metrics_listen: MetricsListen = "",
+    trace_console: TraceConsole = False,
 ) -> None:
     """Run a coordinator: replay its WAL, finish what was unfinished, serve."""
     from coordinator import CoordinatorConfig, Limits, RetryPolicy, ServerSettings, serve
@@ -156,11 +186,14 @@ def coordinator(
         unsafe_ignore_no_votes=unsafe_ignore_no_votes,
     )
     settings = ServerSettings(listen=listen, wal_dir=wal_dir, config=config, registration_ttl_s=ttl)
+    telemetry = setup_telemetry("accord-coordinator", trace_console, metrics_listen)
     try:
-        run_async(serve(settings, registry=registry))
+        run_async(serve(settings, registry=registry, telemetry=telemetry))
     except Exception as e:  # one line, non-zero: the log has the details
         logging.getLogger("accord").exception("coordinator failed")
         raise fail(f"coordinator: {e}") from None
+    finally:
+        telemetry.shutdown()
 
 
 # ---------------------------------------------------------------- participants
@@ -206,11 +239,14 @@ def participant_bank(
     advertise: Advertise = "",
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
+    metrics_listen: MetricsListen = "",
+    trace_console: TraceConsole = False,
 ) -> None:
     """Run the bank participant (accounts in SQLite; debit, credit, balance)."""
     from participants.bank import serve_bank
 
     setup_logging(log_level, log_format)
+    telemetry = setup_telemetry(f"accord-participant-{service}", trace_console, metrics_listen)
     try:
         run_async(
             serve_bank(
@@ -221,11 +257,14 @@ def participant_bank(
                 initial_balance=initial_balance,
                 in_doubt_after_s=in_doubt_after_s,
                 announce=_announce(etcd, instance_id, ttl, advertise),
+                telemetry=telemetry,
             )
         )
     except Exception as e:
         logging.getLogger("accord").exception("participant failed")
         raise fail(f"participant: {e}") from None
+    finally:
+        telemetry.shutdown()
 
 
 def _trip_command(kind: str) -> None:
@@ -247,10 +286,13 @@ def _trip_command(kind: str) -> None:
         advertise: Advertise = "",
         log_level: LogLevel = "info",
         log_format: LogFormat = "text",
+        metrics_listen: MetricsListen = "",
+        trace_console: TraceConsole = False,
     ) -> None:
         from participants.trip import serve_trip
 
         setup_logging(log_level, log_format)
+        telemetry = setup_telemetry(f"accord-participant-{kind}", trace_console, metrics_listen)
         try:
             run_async(
                 serve_trip(
@@ -260,11 +302,14 @@ def _trip_command(kind: str) -> None:
                     fail_cities=fail_city or (),
                     in_doubt_after_s=in_doubt_after_s,
                     announce=_announce(etcd, instance_id, ttl, advertise),
+                    telemetry=telemetry,
                 )
             )
         except Exception as e:
             logging.getLogger("accord").exception("participant failed")
             raise fail(f"participant: {e}") from None
+        finally:
+            telemetry.shutdown()
 
     command.__doc__ = f"Run the trip example's {kind} booking service (saga steps book/cancel)."
     participant_app.command(kind)(command)
@@ -362,9 +407,18 @@ EtcdUrl = Annotated[
 
 def _client_call(address: str, etcd: str, fn: Any) -> Any:
     from clients import AccordClient, AccordClientError
+    from registry.telemetry import Telemetry
+
+    # Spans only when OTEL_EXPORTER_OTLP_ENDPOINT is set (the coordinator continues them).
+    telemetry = Telemetry.setup("accord-client")
 
     async def go() -> Any:
-        client = await AccordClient.from_etcd(etcd) if etcd else AccordClient(address)
+        tracer = telemetry.tracer_provider()
+        client = (
+            await AccordClient.from_etcd(etcd, tracer_provider=tracer)
+            if etcd
+            else AccordClient(address, tracer_provider=tracer)
+        )
         async with client:
             return await fn(client)
 
@@ -374,6 +428,8 @@ def _client_call(address: str, etcd: str, fn: Any) -> Any:
         raise fail(str(e)) from None
     except ValueError as e:
         raise fail(str(e)) from None
+    finally:
+        telemetry.shutdown()
 
 
 def _print_txn(result: Any, as_json: bool) -> None:

@@ -99,6 +99,8 @@ class ParticipantCalls:
         current: str,
         request: pb.BranchRequest,
         attempt_s: float,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> tuple[CallResult, str]:
         """One attempt of a branch call, routed as the module docstring says. Returns
         the answer and the address the next attempt should use."""
@@ -111,7 +113,7 @@ class ParticipantCalls:
                 f"(registry: {self._registry.describe()})"
             )
             return CallResult(Verdict.RETRY, detail=detail, code=grpc.StatusCode.UNAVAILABLE), ""
-        result = await self.call(method, target, request, attempt_s)
+        result = await self.call(method, target, request, attempt_s, metadata=metadata)
         if result.code == grpc.StatusCode.UNAVAILABLE and not address:
             other = self._pick(service, target, target)
             if other != target:
@@ -135,12 +137,19 @@ class ParticipantCalls:
         return stub
 
     async def call(
-        self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
+        self,
+        method: str,
+        address: str,
+        request: pb.BranchRequest,
+        attempt_s: float,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> CallResult:
+        """``metadata``: the W3C trace context of the call's span (None: tracing off)."""
         stub = self._stub(address)
         rpc = getattr(stub, method)
         try:
-            response: pb.BranchResponse = await rpc(request, timeout=attempt_s)
+            response: pb.BranchResponse = await rpc(request, timeout=attempt_s, metadata=metadata)
         except aio.AioRpcError as e:
             code = e.code()
             detail = f"{method} {request.branch_id}@{address}: {code.name}: {e.details()}"

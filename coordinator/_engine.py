@@ -21,6 +21,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
+from opentelemetry.trace import Span
+
 import accord.v1 as pb
 from coordinator import _validate as v
 from coordinator._calls import CallResult, ParticipantCalls, Verdict
@@ -49,6 +51,8 @@ from coordinator._records import (
     RecordType,
 )
 from coordinator._states import BranchState, TxnState, allowed
+from coordinator._telemetry import CoordinatorTelemetry
+from registry.telemetry import attach_span, bind_gid, outgoing_metadata
 
 log = logging.getLogger("accord.coordinator.engine")
 
@@ -92,11 +96,9 @@ class Caller(Protocol):
         current: str,
         request: pb.BranchRequest,
         attempt_s: float,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> tuple[CallResult, str]: ...
-
-    async def call(
-        self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
-    ) -> CallResult: ...
 
 
 def _checked_gid(gid: str) -> str:
@@ -125,6 +127,7 @@ class Engine:
         clock: Clock | None = None,
         failpoints: Failpoints | None = None,
         rand: Callable[[], float] = random.random,
+        telemetry: CoordinatorTelemetry | None = None,
     ) -> None:
         self._wal = wal
         self._calls = calls
@@ -132,6 +135,8 @@ class Engine:
         self._clock = clock or SystemClock()
         self._fp = failpoints or Failpoints()
         self._rand = rand
+        self._tel = telemetry or CoordinatorTelemetry()
+        self._tel.bind(self)
         self._txns: dict[str, Txn] = {}
         self._live: set[str] = set()
         self._finished: OrderedDict[str, None] = OrderedDict()
@@ -229,12 +234,14 @@ class Engine:
         now = self._clock.now_ms()
         txn = Txn(gid=self._new_gid(now), key=key, digest=digest, created_ms=now)
         txn.deadline_ms = now + timeout_ms
+        self._tel.started(txn)
         rec = pb.WalBegin(
             gid=txn.gid,
             idempotency_key=key,
             request_digest=digest,
             created_unix_ms=now,
             deadline_unix_ms=txn.deadline_ms,
+            traceparent=txn.traceparent,
         )
         self._admit(txn)
         txn.rec_begin = rec
@@ -328,11 +335,13 @@ class Engine:
         txn.deadline_ms = now + timeout_ms
         txn.branches = rts
         self._admit(txn)
+        self._tel.started(txn)
         try:
             await self._start(txn)
         except BaseException:
             if txn.claimed == TxnState.ACTIVE:
                 self._forget(txn)
+                self._tel.closing(txn)
             raise
         return await self._outcome(txn)
 
@@ -369,6 +378,8 @@ class Engine:
         )
         txn = self._saga.build(rec, after)
         self._admit(txn)
+        self._tel.started(txn)
+        rec.traceparent = txn.traceparent
         try:
             txn.lsn = await self._append(RT_SAGA_START, rec, sync=False)
         except BaseException:
@@ -400,6 +411,7 @@ class Engine:
             raise FailedPrecondition(
                 f"transaction {gid} is {txn.claimed.name}: only a STUCK saga can be retried"
             )
+        self._tel.recovering(txn, "operator retry")
         await self.transition(txn, TxnState.COMPENSATING, reason="retried by an operator")
         for st in txn.steps:
             st.compensation_attempts = 0
@@ -430,7 +442,7 @@ class Engine:
             result=result,
         )
         txn.rec_steps[step.index] = rec
-        lsn = await self._append(RT_SAGA_STEP, rec, sync=sync)
+        lsn = await self._append(RT_SAGA_STEP, rec, sync=sync, parent=step.span)
         self._saga.apply_step(step, rec)
         txn.lsn = lsn
         if txn.watchers:
@@ -455,7 +467,7 @@ class Engine:
         rtype, record, sync = self._record_for(txn, new, reason, commit_branches)
         txn.claimed = new
         try:
-            lsn = await self._append(rtype, record, sync=sync)
+            lsn = await self._append(rtype, record, sync=sync, parent=txn.phase_span or txn.span)
         except BaseException:
             txn.claimed = old
             raise
@@ -466,6 +478,7 @@ class Engine:
         self._set(txn, new, lsn)
         if new.final:
             self._finish(txn)
+        self._tel.state_changed(txn, new)
         if txn.watchers:
             self._publish(txn)
         return lsn
@@ -487,6 +500,7 @@ class Engine:
                 branches=[b.spec() for b in txn.branches],
                 resolved_addresses=[b.resolved for b in txn.branches],
                 one_phase=txn.one_phase,
+                traceparent=txn.traceparent,
             )
             txn.rec_prepare = rec_p
             # Rides the group commit: written before the first Prepare, not forced.
@@ -503,7 +517,11 @@ class Engine:
         txn.rec_end = rec_e
         return RT_END, rec_e, False  # lazy
 
-    async def _append(self, rtype: RecordType, record: _Record, *, sync: bool) -> int:
+    async def _append(
+        self, rtype: RecordType, record: _Record, *, sync: bool, parent: Span | None = None
+    ) -> int:
+        """Appends; returns once the record is written (``sync``: fdatasync'ed). A forced
+        append gets an ``accord.wal.sync`` span under ``parent`` when tracing."""
         try:
             lsn, done = self._wal.submit(int(rtype), record.SerializeToString(), sync=sync)
         except Exception as e:  # WalFatalError and friends: the log cannot take it
@@ -511,10 +529,14 @@ class Engine:
         self._records_since_checkpoint += 1
         if self._records_since_checkpoint >= self.config.checkpoint_every:
             self._maybe_checkpoint()
+        span = self._tel.wal_span(parent) if sync else None
         try:
             await done
         except Exception as e:
             raise Unavailable(f"cannot make the change durable: {e}") from e
+        finally:
+            if span is not None:
+                self._tel.wal_done(span, lsn)
         return lsn
 
     # ------------------------------------------------------------------ driving
@@ -539,6 +561,10 @@ class Engine:
         task.add_done_callback(self._tasks.discard)
 
     async def _drive(self, txn: Txn) -> None:
+        # This task's log lines carry the gid and the transaction's trace.
+        bind_gid(txn.gid)
+        if txn.span is not None:
+            attach_span(txn.span)
         try:
             if txn.protocol == pb.PROTOCOL_SAGA:
                 await self._saga.run(txn)
@@ -606,8 +632,14 @@ class Engine:
                 if left <= 0:
                     return None
                 timeout = min(timeout, left)
-            result, branch.resolved = await self._calls.send(
-                method, branch.service, branch.address, branch.resolved, request, timeout
+            result, branch.resolved = await self.call_participant(
+                txn.phase_span or txn.span,
+                method,
+                branch.service,
+                branch.address,
+                branch.resolved,
+                request,
+                timeout,
             )
             if result.verdict != Verdict.RETRY:
                 return result
@@ -624,6 +656,36 @@ class Engine:
                     pass
             else:
                 await asyncio.sleep(delay)
+
+    async def call_participant(
+        self,
+        parent: Span | None,
+        method: str,
+        service: str,
+        address: str,
+        current: str,
+        request: pb.BranchRequest,
+        attempt_s: float,
+    ) -> tuple[CallResult, str]:
+        """One participant call, routed by ``ParticipantCalls.send`` (returns the answer
+        and the address for the next attempt): a CLIENT span under ``parent`` (a phase or
+        step span) whose context travels in the call's metadata, its latency, and a retry
+        event on ``parent`` when the answer is "retry later"."""
+        tel = self._tel
+        label = service or address
+        span = tel.call_span(parent, method, label, request.branch_id)
+        t0 = time.monotonic_ns()
+        result, following = await self._calls.send(
+            method,
+            service,
+            address,
+            current,
+            request,
+            attempt_s,
+            metadata=outgoing_metadata(span),
+        )
+        tel.call_done(parent, span, method, label, t0, result)
+        return result, following
 
     # ------------------------------------------------------------------ recovery
 
@@ -661,6 +723,7 @@ class Engine:
             if txn is None:
                 txn = self._saga.build(rec)
                 self._admit(txn)
+            txn.traceparent = rec.traceparent
             txn.lsn = lsn
             return
         if rtype in (RT_BEGIN, RT_PREPARE):
@@ -672,6 +735,7 @@ class Engine:
             txn.digest = rec.request_digest
             txn.created_ms = rec.created_unix_ms
             txn.deadline_ms = rec.deadline_unix_ms
+            txn.traceparent = rec.traceparent or txn.traceparent
             if isinstance(rec, pb.WalBegin):
                 txn.rec_begin = rec
             else:
@@ -746,6 +810,8 @@ class Engine:
         """Drives every unfinished transaction to its end, through the live code path."""
         unfinished = [self._txns[g] for g in sorted(self._live)]
         for txn in unfinished:
+            if txn.state != TxnState.STUCK:
+                self._tel.recovering(txn)
             if txn.protocol == pb.PROTOCOL_SAGA:
                 if txn.state != TxnState.STUCK:  # STUCK waits for an operator
                     self._spawn_driver(txn)
@@ -909,6 +975,8 @@ class Engine:
         for txn in self._txns.values():
             if txn.expiry is not None:
                 txn.expiry.cancel()
+            if txn.span is not None:
+                self._tel.closing(txn)
 
 
 _Record = Record

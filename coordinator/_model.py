@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 import accord.v1 as pb
 from coordinator._states import BranchState, TxnState
@@ -57,6 +58,8 @@ class StepRt:
     deps: list[int] = field(default_factory=list)
     #: This step or one of its ancestors is the pivot: never compensated.
     after_pivot: bool = False
+    #: The span of the action or compensation in progress (tracing on only).
+    span: Any = None
 
     def to_pb(self) -> pb.StepStatus:
         return pb.StepStatus(
@@ -106,6 +109,13 @@ class Txn:
     watchers: list[asyncio.Queue[pb.TransactionEvent | None]] = field(default_factory=list)
     driver: asyncio.Task[None] | None = None
     expiry: asyncio.TimerHandle | None = None
+    #: Telemetry (coordinator/_telemetry.py): the root span and the current 2PC phase's
+    #: span (None when tracing is off), the root's W3C traceparent as logged in the WAL,
+    #: and when this process started driving it (for the latency histogram).
+    span: Any = None
+    phase_span: Any = None
+    traceparent: str = ""
+    started_ns: int = 0
 
     def branch(self, branch_id: str) -> BranchRt | None:
         for b in self.branches:

@@ -185,6 +185,10 @@ class SagaMode:
     async def _step(self, txn: Txn, st: StepRt) -> bool:
         """Runs one action to a final answer; False when it failed for good (or its
         attempts ran out before the pivot)."""
+        with self._e._tel.step(txn, st, compensation=False):
+            return await self._step_traced(txn, st)
+
+    async def _step_traced(self, txn: Txn, st: StepRt) -> bool:
         await self._e.log_step(txn, st, BranchState.RUNNING, sync=True)
         await self._fp.acheck("before_step_send")
         # The pivot, and everything after it, must reach a definite answer.
@@ -253,6 +257,10 @@ class SagaMode:
     async def _compensate(self, txn: Txn, st: StepRt) -> bool:
         if st.state == BranchState.COMPENSATED:
             return True
+        with self._e._tel.step(txn, st, compensation=True):
+            return await self._compensate_traced(txn, st)
+
+    async def _compensate_traced(self, txn: Txn, st: StepRt) -> bool:
         await self._e.log_step(txn, st, BranchState.COMPENSATING, sync=False)
         payload = st.spec.compensation_payload or st.spec.payload
         result = await self._attempts(
@@ -297,8 +305,14 @@ class SagaMode:
             else:
                 st.attempts += 1
             forever = forever or (not compensation and self.pivot_done(txn))
-            result, st.resolved = await self._e._calls.send(
-                method, st.spec.service, st.spec.address, st.resolved, request, attempt_s
+            result, st.resolved = await self._e.call_participant(
+                st.span or txn.span,
+                method,
+                st.spec.service,
+                st.spec.address,
+                st.resolved,
+                request,
+                attempt_s,
             )
             if result.verdict == Verdict.OK:
                 return result

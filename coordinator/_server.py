@@ -19,6 +19,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import context as otel_context
 
 import accord.v1 as pb
 from coordinator._calls import ParticipantCalls
@@ -35,6 +36,7 @@ from coordinator._errors import (
 )
 from coordinator._failpoints import Failpoints
 from coordinator._states import TxnState
+from coordinator._telemetry import CoordinatorTelemetry
 from coordinator.wal import WAL, WalLockedError
 from registry import (
     DEFAULT_TTL_S,
@@ -47,6 +49,7 @@ from registry import (
     dialable,
 )
 from registry._shard import Owner, ShardLease
+from registry.telemetry import Telemetry, incoming_context
 from registry.transport import TransportSettings, bind, make_server
 
 log = logging.getLogger("accord.coordinator")
@@ -71,9 +74,17 @@ def status_for(error: AccordError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _guard(context: aio.ServicerContext[Any, Any], work: Awaitable[T]) -> T:
+async def _guard(
+    context: aio.ServicerContext[Any, Any], work: Awaitable[T], *, traced: bool = False
+) -> T:
     """Runs a handler body; domain errors become their status, anything unexpected
-    becomes INTERNAL with the traceback logged (never sent)."""
+    becomes INTERNAL with the traceback logged (never sent). ``traced``: the caller's
+    trace context (from the metadata) is current while it runs, so a transaction it
+    starts is a child of the caller's span."""
+    if traced:
+        parent = incoming_context(context.invocation_metadata())
+        if parent is not None:
+            otel_context.attach(parent)  # this handler's task only
     try:
         return await work
     except AccordError as e:
@@ -87,12 +98,15 @@ async def _guard(context: aio.ServicerContext[Any, Any], work: Awaitable[T]) -> 
 
 
 class CoordinatorServicer(pb.CoordinatorServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, tracing: bool = False) -> None:
         self._e = engine
+        self._traced = tracing
 
     async def Begin(self, request: pb.BeginRequest, context: Any) -> pb.BeginResponse:
         txn = await _guard(
-            context, self._e.begin(key=request.idempotency_key, timeout_ms=request.timeout_ms)
+            context,
+            self._e.begin(key=request.idempotency_key, timeout_ms=request.timeout_ms),
+            traced=self._traced,
         )
         return pb.BeginResponse(gid=txn.gid, deadline_unix_ms=txn.deadline_ms)
 
@@ -103,7 +117,7 @@ class CoordinatorServicer(pb.CoordinatorServicer):
         return pb.EnlistResponse(branch_id=bid)
 
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.TransactionResponse:
-        txn = await _guard(context, self._e.commit(request.gid))
+        txn = await _guard(context, self._e.commit(request.gid), traced=self._traced)
         return pb.TransactionResponse(transaction=txn.to_pb())
 
     async def Abort(self, request: pb.AbortRequest, context: Any) -> pb.TransactionResponse:
@@ -118,6 +132,7 @@ class CoordinatorServicer(pb.CoordinatorServicer):
                 timeout_ms=request.timeout_ms,
                 branches=request.branches,
             ),
+            traced=self._traced,
         )
         return pb.TransactionResponse(transaction=txn.to_pb())
 
@@ -130,6 +145,7 @@ class CoordinatorServicer(pb.CoordinatorServicer):
                 definition=request.definition,
                 wait=request.wait,
             ),
+            traced=self._traced,
         )
         return pb.TransactionResponse(transaction=txn.to_pb())
 
@@ -239,8 +255,10 @@ class CoordinatorServer:
         failpoints: Failpoints | None = None,
         on_fatal: Callable[[BaseException], None] = _fail_stop,
         on_fenced: Callable[[str], None] = _fenced_stop,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
+        self.telemetry = CoordinatorTelemetry(telemetry)
         self._registry = registry or StaticRegistry()
         self._transport = transport or TransportSettings.from_env()
         self._fp = failpoints if failpoints is not None else Failpoints.from_env()
@@ -286,12 +304,20 @@ class CoordinatorServer:
         self._calls = ParticipantCalls(
             registry=self._registry, transport=self._transport, on_fenced=self._fenced
         )
-        engine = Engine(wal=wal, calls=self._calls, config=config, failpoints=self._fp)
+        engine = Engine(
+            wal=wal,
+            calls=self._calls,
+            config=config,
+            failpoints=self._fp,
+            telemetry=self.telemetry,
+        )
         engine.replay(
             recovered.checkpoint, [(r.lsn, r.rtype, r.payload) for r in recovered.records]
         )
         self.engine = engine
-        pb.add_CoordinatorServicer_to_server(CoordinatorServicer(engine), server)
+        pb.add_CoordinatorServicer_to_server(
+            CoordinatorServicer(engine, tracing=self.telemetry.tracing), server
+        )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = (
@@ -342,6 +368,7 @@ class CoordinatorServer:
                     segment_size=s.config.segment_size,
                     failpoints=self._fp,
                     on_fatal=self._on_fatal,
+                    on_sync=self.telemetry.on_wal_sync,
                 )
             except WalLockedError:
                 if self.shard is None or asyncio.get_running_loop().time() > deadline:
@@ -395,13 +422,19 @@ class CoordinatorServer:
         await self.stop()
 
 
-async def serve(settings: ServerSettings, *, registry: Registry | None = None) -> None:
-    """Runs a coordinator until SIGTERM or SIGINT. Prints ``listening on HOST:PORT``."""
+async def serve(
+    settings: ServerSettings,
+    *,
+    registry: Registry | None = None,
+    telemetry: Telemetry | None = None,
+) -> None:
+    """Runs a coordinator until SIGTERM or SIGINT. Prints ``listening on HOST:PORT``.
+    The caller owns ``telemetry`` (and shuts it down after this returns)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with CoordinatorServer(settings, registry=registry) as srv:
+    async with CoordinatorServer(settings, registry=registry, telemetry=telemetry) as srv:
         host = settings.listen.rsplit(":", 1)[0]
         print(f"listening on {host}:{srv.port}", flush=True)
         await stop.wait()

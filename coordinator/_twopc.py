@@ -53,15 +53,19 @@ class TwoPhaseCommit:
         self._fp = engine._fp
 
     async def run(self, txn: Txn) -> None:
+        phase = self._e._tel.phase
         if txn.state == TxnState.PREPARING:
             if txn.one_phase:
-                await self._one_phase(txn)
+                with phase(txn, "commit"):
+                    await self._one_phase(txn)
                 return
             await self._prepare_phase(txn)
         if txn.state == TxnState.COMMITTING:
-            await self._phase_two(txn, "Commit")
+            with phase(txn, "commit"):
+                await self._phase_two(txn, "Commit")
         elif txn.state == TxnState.ABORTING:
-            await self._phase_two(txn, "Abort")
+            with phase(txn, "abort"):
+                await self._phase_two(txn, "Abort")
 
     async def _prepare_phase(self, txn: Txn) -> None:
         await self._fp.acheck("before_prepare")
@@ -83,8 +87,13 @@ class TwoPhaseCommit:
                 refused.append(f"branch {b.branch_id} voted no: {result.detail}")
                 txn.abort_requested.set()  # no need to wait for the other votes
 
-        await concurrently([prepare(b) for b in txn.branches])
+        with self._e._tel.phase(txn, "prepare"):
+            await concurrently([prepare(b) for b in txn.branches])
         await self._fp.acheck("after_prepare_votes")
+        with self._e._tel.phase(txn, "decision"):
+            await self._decide(txn, refused)
+
+    async def _decide(self, txn: Txn, refused: list[str]) -> None:
         if refused:
             reason = refused[0]
         elif txn.abort_requested.is_set():

@@ -733,8 +733,8 @@ def _recorded(conn: sqlite3.Connection, call: BranchCall, op: Op) -> Result | No
 
 
 def _result(row: tuple[Any, ...]) -> Result:
-    """A recorded answer from the first four columns of ``row``."""
-    return Result(_STATUS[row[0]], str(row[1]), bool(row[2]), bytes(row[3]))
+    """A recorded answer from the first four columns of ``row`` (a barrier hit)."""
+    return Result(_STATUS[row[0]], str(row[1]), bool(row[2]), bytes(row[3]), duplicate=True)
 
 
 def _loaded(row: tuple[Any, ...]) -> _Loaded | None:

@@ -24,7 +24,9 @@ from participants._resolver import InDoubtResolver
 from participants._service import ParticipantService
 from participants._servicer import ParticipantServicer
 from participants._store import Store
+from participants._telemetry import ParticipantTelemetry
 from registry import DEFAULT_TTL_S, Etcd, Registration, dialable, service_key, service_value
+from registry.telemetry import Telemetry
 from registry.transport import TransportSettings, bind, make_server
 
 log = logging.getLogger("accord.participant")
@@ -71,6 +73,7 @@ class ParticipantServer:
         services: Sequence[ServiceInstaller] = (),
         server_options: Sequence[tuple[str, Any]] = (),
         announce: Announce | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.listen = listen
         self.announce = announce
@@ -83,6 +86,9 @@ class ParticipantServer:
             after_s=in_doubt_after_s,
             interval_s=resolver_interval_s,
             transport=transport,
+        )
+        self.telemetry = ParticipantTelemetry(
+            telemetry, service=self.service.service, db=self.service.store.path
         )
         self._transport = transport
         self._installers = tuple(services)
@@ -114,7 +120,9 @@ class ParticipantServer:
         await self.service.open()
         try:
             server, settings = make_server(self._transport, options=self._server_options)
-            pb.add_ParticipantServicer_to_server(ParticipantServicer(self.service), server)
+            pb.add_ParticipantServicer_to_server(
+                ParticipantServicer(self.service, self.telemetry), server
+            )
             names = [PARTICIPANT_SERVICE_NAME]
             names += [install(server, self.service) for install in self._installers]
             self._health = health.aio.HealthServicer()
@@ -188,6 +196,7 @@ class ParticipantServer:
         finally:
             # In-flight calls are answered (or cancelled) by now; queued writes finish.
             await self.service.close()
+            self.telemetry.close()
             self._state = "stopped"
             stats = self.store.stats
             log.info(
@@ -227,6 +236,7 @@ async def serve(
     services: Sequence[ServiceInstaller] = (),
     ready: Callable[[ParticipantServer], None] | None = None,
     announce: Announce | None = None,
+    telemetry: Telemetry | None = None,
 ) -> None:
     """Serves until SIGTERM or SIGINT, then stops gracefully. ``ready`` is called once
     the server accepts calls (e.g. to print the bound address)."""
@@ -246,6 +256,7 @@ async def serve(
             transport=transport,
             services=services,
             announce=announce,
+            telemetry=telemetry,
         ) as server:
             if ready is not None:
                 ready(server)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from types import MappingProxyType
 from typing import Any
@@ -14,7 +15,9 @@ import grpc
 
 import accord.v1 as pb
 from participants._service import ParticipantService
-from participants._types import _EMPTY, BranchCall, Op, Status
+from participants._telemetry import ParticipantTelemetry
+from participants._types import _EMPTY, BranchCall, Op, Result, Status
+from registry.telemetry import attach_span, bind_gid
 
 log = logging.getLogger("accord.participant")
 
@@ -58,8 +61,13 @@ def to_call(request: pb.BranchRequest, metadata: Iterable[tuple[str, Any]] | Non
 
 
 class ParticipantServicer(pb.ParticipantServicer):
-    def __init__(self, service: ParticipantService) -> None:
+    def __init__(
+        self, service: ParticipantService, telemetry: ParticipantTelemetry | None = None
+    ) -> None:
         self._service = service
+        self._tel = telemetry or ParticipantTelemetry(
+            None, service=service.service, db=service.store.path
+        )
 
     async def Prepare(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
         return await self._handle(Op.PREPARE, request, context)
@@ -78,6 +86,14 @@ class ParticipantServicer(pb.ParticipantServicer):
 
     async def _handle(self, op: Op, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
         call = to_call(request, context.invocation_metadata())
+        tel = self._tel
+        t0 = time.monotonic_ns()
+        span = tel.start(op, call)
+        if span is not None:
+            # This handler's task: its log lines carry the gid and the trace.
+            bind_gid(call.gid)
+            attach_span(span)
+        result: Result | None = None
         try:
             result = await self._service.call(op, call)
         except asyncio.CancelledError:
@@ -90,6 +106,8 @@ class ParticipantServicer(pb.ParticipantServicer):
             context.set_code(grpc.StatusCode.INTERNAL)
             context.set_details(f"{op.value} failed: internal error in the participant")
             return pb.BranchResponse()
+        finally:
+            tel.done(span, op, result, t0)
         if result.status is Status.OK:
             return pb.BranchResponse(
                 read_only=result.read_only, message=result.message, result=result.result

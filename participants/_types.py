@@ -101,6 +101,9 @@ class Result:
     message: str = ""
     read_only: bool = False
     result: bytes = b""
+    #: Answered from the barrier (a duplicate call): the handler did not run. Not part of
+    #: the answer (a duplicate gets an equal Result).
+    duplicate: bool = field(default=False, compare=False)
 
     @property
     def ok(self) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from participants import Announce, ParticipantServer, serve
 from participants.bank._admin import install_admin
 from participants.bank._logic import bank_app
+from registry.telemetry import Telemetry
 from registry.transport import TransportSettings
 
 log = logging.getLogger("accord.participant.bank")
@@ -42,6 +43,7 @@ async def serve_bank(
     transport: TransportSettings | None = None,
     out: TextIO | None = None,
     announce: Announce | None = None,
+    telemetry: Telemetry | None = None,
 ) -> None:
     """Serves the bank on ``listen`` with its SQLite file ``db`` (created if missing)
     until SIGTERM/SIGINT, then stops gracefully.
@@ -68,6 +70,7 @@ async def serve_bank(
         services=[install_admin],
         ready=ready,
         announce=announce,
+        telemetry=telemetry,
     )
 
 

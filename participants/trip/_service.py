@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TextIO
 
 from participants import Announce, BranchCall, ParticipantApp, ParticipantServer, Refuse, serve
+from registry.telemetry import Telemetry
 
 KINDS = ("flight", "hotel", "car")
 
@@ -66,6 +67,7 @@ async def serve_trip(
     in_doubt_after_s: float = 10.0,
     out: TextIO | None = None,
     announce: Announce | None = None,
+    telemetry: Telemetry | None = None,
 ) -> None:
     """Serves one booking service until SIGTERM/SIGINT; prints ``listening on HOST:PORT``."""
     stream = out or sys.stdout
@@ -80,4 +82,5 @@ async def serve_trip(
         in_doubt_after_s=in_doubt_after_s,
         ready=ready,
         announce=announce,
+        telemetry=telemetry,
     )

@@ -66,12 +66,20 @@ class FakeCalls:
         current: str,
         request: pb.BranchRequest,
         attempt_s: float,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> tuple[CallResult, str]:
         target = current or self.resolve(service, address)
-        return await self.call(method, target, request, attempt_s), target
+        return await self.call(method, target, request, attempt_s, metadata=metadata), target
 
     async def call(
-        self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
+        self,
+        method: str,
+        address: str,
+        request: pb.BranchRequest,
+        attempt_s: float,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> CallResult:
         self.log.append((method, request.branch_id, request.gid))
         script = self.answers.get((method, request.branch_id))

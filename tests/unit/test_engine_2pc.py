@@ -112,7 +112,12 @@ async def test_prepare_that_never_answers_aborts_at_the_deadline() -> None:
 
     class SlowCalls(FakeCalls):
         async def call(
-            self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
+            self,
+            method: str,
+            address: str,
+            request: pb.BranchRequest,
+            attempt_s: float,
+            **_kw: object,
         ) -> CallResult:
             clock.now += 100  # every attempt costs 100 ms of the deadline
             return await super().call(method, address, request, attempt_s)

@@ -53,7 +53,7 @@ class TimedCalls(FakeCalls):
         self.max_in_flight = 0
 
     async def call(
-        self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
+        self, method: str, address: str, request: pb.BranchRequest, attempt_s: float, **_kw: object
     ) -> CallResult:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -175,7 +175,12 @@ async def test_deadline_compensates() -> None:
 
     class Slow(TimedCalls):
         async def call(
-            self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
+            self,
+            method: str,
+            address: str,
+            request: pb.BranchRequest,
+            attempt_s: float,
+            **_kw: object,
         ) -> CallResult:
             if method == "Execute" and request.branch_id == "b":
                 clock.now += 10_000

@@ -75,7 +75,13 @@ class ScriptedCalls(ParticipantCalls):
         self.sent: list[str] = []
 
     async def call(
-        self, method: str, address: str, request: pb.BranchRequest, attempt_s: float
+        self,
+        method: str,
+        address: str,
+        request: pb.BranchRequest,
+        attempt_s: float,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> CallResult:
         self.sent.append(address)
         if address in self.down:

@@ -36,11 +36,16 @@ class WalBegin(_message.Message):
     REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_MS_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     idempotency_key: _builtins.str
     request_digest: _builtins.bytes
     created_unix_ms: _builtins.int
     deadline_unix_ms: _builtins.int
+    traceparent: _builtins.str
+    """W3C traceparent of the transaction's root span ("" when tracing is off): recovery
+    spans after a restart are linked to it, so a crashed transaction stays one story.
+    """
     def __init__(
         self,
         *,
@@ -49,10 +54,11 @@ class WalBegin(_message.Message):
         request_digest: _builtins.bytes = ...,
         created_unix_ms: _builtins.int = ...,
         deadline_unix_ms: _builtins.int = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -74,12 +80,15 @@ class WalPrepare(_message.Message):
     BRANCHES_FIELD_NUMBER: _builtins.int
     RESOLVED_ADDRESSES_FIELD_NUMBER: _builtins.int
     ONE_PHASE_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     idempotency_key: _builtins.str
     request_digest: _builtins.bytes
     created_unix_ms: _builtins.int
     deadline_unix_ms: _builtins.int
     one_phase: _builtins.bool
+    traceparent: _builtins.str
+    """as in WalBegin (Execute writes no WalBegin)"""
     @_builtins.property
     def branches(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Branch]: ...
     @_builtins.property
@@ -95,10 +104,11 @@ class WalPrepare(_message.Message):
         branches: _abc.Iterable[_types_pb2.Branch] | None = ...,
         resolved_addresses: _abc.Iterable[_builtins.str] | None = ...,
         one_phase: _builtins.bool = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branches", b"branches", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "one_phase", b"one_phase", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branches", b"branches", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "one_phase", b"one_phase", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -196,11 +206,14 @@ class WalSagaStart(_message.Message):
     DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
     DEFINITION_FIELD_NUMBER: _builtins.int
     RESOLVED_ADDRESSES_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     idempotency_key: _builtins.str
     request_digest: _builtins.bytes
     created_unix_ms: _builtins.int
     deadline_unix_ms: _builtins.int
+    traceparent: _builtins.str
+    """as in WalBegin"""
     @_builtins.property
     def definition(self) -> _types_pb2.SagaDefinition: ...
     @_builtins.property
@@ -215,10 +228,11 @@ class WalSagaStart(_message.Message):
         deadline_unix_ms: _builtins.int = ...,
         definition: _types_pb2.SagaDefinition | None = ...,
         resolved_addresses: _abc.Iterable[_builtins.str] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "definition", b"definition", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "definition", b"definition", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,112 @@
+"""A participant's spans and metrics: one SERVER span per handled call, a child of the
+coordinator's call span (its context comes in the call's metadata or the request's
+``trace_context``); handler latency; barrier hits (duplicates answered from the
+barrier); prepared branches held.
+
+With tracing off no span is made; without a metrics endpoint the instruments are
+no-ops. The prepared-branch gauge is read when scraped, from its own read-only SQLite
+connection (the store's writer thread is never asked)."""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from participants._types import BranchCall, Op, Result
+from participants._types import Status as CallStatus
+from registry.telemetry import Telemetry, incoming_context
+
+_LATENCY_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+
+
+@functools.cache
+def _attrs(**kw: str) -> dict[str, str]:
+    return dict(kw)
+
+
+class ParticipantTelemetry:
+    def __init__(self, telemetry: Telemetry | None, *, service: str, db: Path | str) -> None:
+        t = telemetry or Telemetry.disabled()
+        self.tracing = t.tracing
+        self._tracer = t.tracer
+        self._service = service
+        self._db = str(db)
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        m = t.meter
+        self._handled_ms = m.create_histogram(
+            "accord.participant.handler.duration",
+            unit="ms",
+            description="participant call handling latency (barrier, handler, durable "
+            "commit), by op and status",
+            explicit_bucket_boundaries_advisory=_LATENCY_MS,
+        )
+        self._hits = m.create_counter(
+            "accord.participant.barrier.hits",
+            description="duplicate calls answered from the barrier without running the "
+            "handler, by op",
+        )
+        if t.metering:
+            m.create_observable_gauge(
+                "accord.participant.branches.prepared",
+                callbacks=[self._observe_prepared],
+                description="branches held PREPARED (yes vote given, outcome not applied)",
+            )
+
+    def start(self, op: Op, call: BranchCall) -> trace.Span | None:
+        if not self.tracing:
+            return None
+        parent = incoming_context(call.trace_context.items()) if call.trace_context else None
+        return self._tracer.start_span(
+            f"accord.participant {op.value}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            # Few attributes (each costs microseconds): the span name says the op, the
+            # resource says the service.
+            attributes={"accord.gid": call.gid, "accord.branch": call.branch_id},
+        )
+
+    def done(self, span: trace.Span | None, op: Op, result: Result | None, t0_ns: int) -> None:
+        status = result.status.value if result is not None else "INTERNAL"
+        self._handled_ms.record(
+            (time.monotonic_ns() - t0_ns) / 1e6, _attrs(op=op.value, status=status)
+        )
+        duplicate = result is not None and result.duplicate
+        if duplicate:
+            self._hits.add(1, _attrs(op=op.value))
+        if span is not None:
+            if duplicate:
+                span.set_attribute("accord.barrier_hit", True)
+            if result is None or result.status is not CallStatus.OK:
+                span.set_attribute("accord.status", status)
+                if result is None or result.status is not CallStatus.REFUSED:
+                    span.set_status(Status(StatusCode.ERROR, result.message if result else status))
+            span.end()
+
+    def _observe_prepared(self, _options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = sqlite3.connect(
+                        f"file:{self._db}?mode=ro", uri=True, check_same_thread=False
+                    )
+                row = self._conn.execute(
+                    "SELECT COUNT(*) FROM accord_branches WHERE state = 'PREPARED'"
+                ).fetchone()
+            except sqlite3.Error:
+                return []
+        return [Observation(int(row[0]), _attrs(service=self._service))]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
