@@ -24,6 +24,11 @@ Directory
 ``checkpoint-%016x.ckpt``
     Checkpoint images, named after the LSN they reflect (written temp, fsync, rename,
     fsync dir). Live only once a CHECKPOINT record naming it is durable.
+``SYNCED``
+    Only with ``sync_marker=True`` (chaos testing): the highest LSN covered by a
+    completed fdatasync, as decimal text, rewritten (not fsynced) after every sync.
+    :func:`drop_unsynced` uses it to make a directory look as it would after a power
+    loss: every record past it gone.
 ``damaged/<segment>.<offset>.bin``
     Bytes cut from a torn tail at start-up, kept for inspection.
 ``*.tmp``
@@ -97,6 +102,8 @@ from __future__ import annotations
 
 from ._errors import WalCorruptionError, WalError, WalFatalError, WalLockedError
 from ._format import FIRST_USER_RTYPE, MAX_PAYLOAD, RTYPE_CHECKPOINT
+from ._powerloss import drop_unsynced
+from ._segment import SYNC_MARKER
 from ._types import RecoveredLog, WalRecord, WalStats
 from ._wal import DEFAULT_SEGMENT_SIZE, WAL
 
@@ -105,6 +112,7 @@ __all__ = [
     "FIRST_USER_RTYPE",
     "MAX_PAYLOAD",
     "RTYPE_CHECKPOINT",
+    "SYNC_MARKER",
     "WAL",
     "RecoveredLog",
     "WalCorruptionError",
@@ -113,4 +121,5 @@ __all__ = [
     "WalLockedError",
     "WalRecord",
     "WalStats",
+    "drop_unsynced",
 ]

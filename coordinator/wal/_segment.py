@@ -30,6 +30,9 @@ from ._format import (
 
 logger = logging.getLogger("coordinator.wal")
 
+#: The sync marker file of a directory opened with ``sync_marker=True``.
+SYNC_MARKER: Final = "SYNCED"
+
 SPARE_NAME: Final = "spare.wal" + TMP_SUFFIX
 
 
@@ -126,6 +129,7 @@ class SegmentLog:
         tail_capacity: int,
         crc: int,
         next_lsn: int,
+        sync_marker: bool = False,
     ) -> None:
         """Continue the log after recovery: ``segments`` is the recovered list (possibly
         empty: then the first segment is created here, named after ``next_lsn``)."""
@@ -139,6 +143,12 @@ class SegmentLog:
         # Highest LSN covered by a completed fdatasync; stamped into every record header
         # so recovery can prove that damage before a later record is not a torn write.
         self._synced_lsn = next_lsn - 1
+        self._marker_fd = (
+            os.open(directory / SYNC_MARKER, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if sync_marker
+            else -1
+        )
+        self._mark()
         self._dirty = False
         self.meter = SyncMeter()
         self.bytes_written = 0
@@ -231,6 +241,7 @@ class SegmentLog:
             ) from exc
         self._dirty = False
         self._synced_lsn = self._written_lsn
+        self._mark()
         m = self.meter
         m.syncs += 1
         m.total_s += elapsed
@@ -240,6 +251,11 @@ class SegmentLog:
         return elapsed
 
     # --- segment files ----------------------------------------------------------------
+
+    def _mark(self) -> None:
+        if self._marker_fd >= 0:
+            # Fixed width, so a shorter number never leaves digits of a longer one.
+            os.pwrite(self._marker_fd, b"%020d\n" % self._synced_lsn, 0)
 
     def _require_active(self) -> _Active:
         if self._active is None:
@@ -297,4 +313,7 @@ class SegmentLog:
         active, self._active = self._active, None
         if active is not None:
             os.close(active.fd)
+        if self._marker_fd >= 0:
+            os.close(self._marker_fd)
+            self._marker_fd = -1
         self._spare.close()

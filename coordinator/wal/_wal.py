@@ -76,6 +76,7 @@ class WAL:
         on_fatal: Callable[[BaseException], None] | None = None,
         on_sync: Callable[[int, float], None] | None = None,
         slow_fsync_warn_s: float = 0.5,
+        sync_marker: bool = False,
     ) -> tuple[WAL, RecoveredLog]:
         """Lock ``directory`` (created if missing), recover it, and start the writer.
 
@@ -104,6 +105,7 @@ class WAL:
                     tail_capacity=recovery.tail_capacity,
                     crc=recovery.crc,
                     next_lsn=recovery.next_lsn,
+                    sync_marker=sync_marker,
                 )
             except BaseException:
                 lock.release()
