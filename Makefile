@@ -70,7 +70,7 @@ CHAOS_SEED ?= 1
 chaos: $(STAMP)
 	rm -rf chaos-out
 	$(VENV)/bin/accord chaos --duration $(CHAOS_S) --seed $(CHAOS_SEED) \
-		--faults kill-coordinator,kill-participant,pause,etcd --out chaos-out
+		--faults kill-coordinator,kill-participant,pause,etcd,power-loss --out chaos-out
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -144,6 +144,14 @@ def coordinator(
         str,
         typer.Option(envvar="ACCORD_ADVERTISE", help="address to publish (default: as bound)"),
     ] = "",
+    wal_sync_marker: Annotated[
+        bool,
+        typer.Option(
+            envvar="ACCORD_WAL_SYNC_MARKER",
+            hidden=True,
+            help="keep the WAL's SYNCED marker, so chaos tests can simulate a power loss",
+        ),
+    ] = False,
     unsafe_ignore_no_votes: Annotated[
         bool,
         typer.Option(
@@ -185,7 +193,13 @@ def coordinator(
         advertise_address=advertise,
         unsafe_ignore_no_votes=unsafe_ignore_no_votes,
     )
-    settings = ServerSettings(listen=listen, wal_dir=wal_dir, config=config, registration_ttl_s=ttl)
+    settings = ServerSettings(
+        listen=listen,
+        wal_dir=wal_dir,
+        config=config,
+        registration_ttl_s=ttl,
+        wal_sync_marker=wal_sync_marker,
+    )
     telemetry = setup_telemetry("accord-coordinator", trace_console, metrics_listen)
     try:
         run_async(serve(settings, registry=registry, telemetry=telemetry))

@@ -219,6 +219,8 @@ class ServerSettings:
     registration_ttl_s: int = DEFAULT_TTL_S
     #: After taking a shard over, how long to wait for the former owner's WAL lock.
     takeover_wait_s: float = 300.0
+    #: Keep the WAL's SYNCED marker (chaos testing: lets a power loss be simulated).
+    wal_sync_marker: bool = False
 
 
 #: Exit status of a coordinator that stopped because another one owns its shard now.
@@ -369,6 +371,7 @@ class CoordinatorServer:
                     failpoints=self._fp,
                     on_fatal=self._on_fatal,
                     on_sync=self.telemetry.on_wal_sync,
+                    sync_marker=s.wal_sync_marker,
                 )
             except WalLockedError:
                 if self.shard is None or asyncio.get_running_loop().time() > deadline:

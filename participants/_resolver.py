@@ -7,6 +7,12 @@ their Prepare (``Coordinator.QueryOutcome``): COMMITTED → commit, ABORTED → 
 through :meth:`ParticipantService.call` exactly like an incoming Commit/Abort (barrier
 included, so a racing coordinator call is harmless). IN_PROGRESS, an unreachable
 coordinator or any error → ask again later, with exponential backoff per gid.
+
+After a failover the coordinator named in the Prepare is gone for good, and its shard
+has a new owner. When the named one cannot be reached and the participant runs with
+etcd, the resolver asks the shard's current owner, found there (``find_owner``). That
+owner replayed the shard's WAL, so its answer is the shard's answer: an unknown gid
+means no decision was ever durable, so abort.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -27,6 +33,9 @@ from participants._types import BranchCall, Op, Status
 from registry.transport import TransportSettings, make_channel
 
 log = logging.getLogger("accord.participant.resolver")
+
+#: Answers that say the coordinator asked is not there (any more).
+_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass
@@ -49,8 +58,10 @@ class InDoubtResolver:
         query_timeout_s: float = 5.0,
         transport: TransportSettings | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        find_owner: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> None:
         self._service = service
+        self.find_owner = find_owner
         self.after_s = after_s
         self.interval_s = interval_s if interval_s is not None else min(1.0, max(0.05, after_s / 4))
         self._max_backoff_s = max_backoff_s
@@ -109,16 +120,23 @@ class InDoubtResolver:
             self._later(key, "no coordinator_address in the Prepare: cannot ask")
             return 0
         try:
-            stub = self._stub(address)
-            reply = await stub.QueryOutcome(
-                pb.QueryOutcomeRequest(gid=gid), timeout=self._query_timeout_s
-            )
+            reply = await self._query(address, gid)
         except asyncio.CancelledError:
             raise
         except grpc.RpcError as err:
             code = err.code() if isinstance(err, aio.AioRpcError) else None
-            self._later(key, f"QueryOutcome failed: {code} {err}")
-            return 0
+            owner = await self._owner(branches[0].shard) if code in _GONE else None
+            if owner is None or owner == address:
+                self._later(key, f"QueryOutcome failed: {code} {err}")
+                return 0
+            try:
+                reply = await self._query(owner, gid)
+            except grpc.RpcError as err2:
+                self._later(key, f"QueryOutcome failed at {address} and at owner {owner}: {err2}")
+                return 0
+            log.info(
+                "event=in_doubt_asked_owner gid=%s shard=%s owner=%s", gid, branches[0].shard, owner
+            )
         except ValueError as err:  # e.g. plain text refused towards a non-loopback address
             self._later(key, f"cannot reach {address}: {err}")
             return 0
@@ -157,6 +175,21 @@ class InDoubtResolver:
             address,
         )
         return resolved
+
+    async def _query(self, address: str, gid: str) -> pb.QueryOutcomeResponse:
+        reply: pb.QueryOutcomeResponse = await self._stub(address).QueryOutcome(
+            pb.QueryOutcomeRequest(gid=gid), timeout=self._query_timeout_s
+        )
+        return reply
+
+    async def _owner(self, shard: str) -> str | None:
+        if self.find_owner is None or not shard:
+            return None
+        try:
+            return await self.find_owner(shard)
+        except Exception as e:  # the registry is down: ask again later
+            log.warning("event=owner_lookup_failed shard=%s error=%s", shard, e)
+            return None
 
     def _later(self, key: tuple[str, str], why: str) -> None:
         backoff = self._backoff.get(key)

@@ -25,7 +25,15 @@ from participants._service import ParticipantService
 from participants._servicer import ParticipantServicer
 from participants._store import Store
 from participants._telemetry import ParticipantTelemetry
-from registry import DEFAULT_TTL_S, Etcd, Registration, dialable, service_key, service_value
+from registry import (
+    DEFAULT_TTL_S,
+    Etcd,
+    Registration,
+    dialable,
+    find_coordinators,
+    service_key,
+    service_value,
+)
 from registry.telemetry import Telemetry
 from registry.transport import TransportSettings, bind, make_server
 
@@ -170,6 +178,13 @@ class ParticipantServer:
             ttl_s=announce.ttl_s,
         )
         await self.registration.start()
+        etcd = self._etcd
+
+        async def find_owner(shard: str) -> str | None:
+            owners = [c for c in await find_coordinators(etcd.url) if c.shard == shard]
+            return max(owners, key=lambda c: c.epoch).address if owners else None
+
+        self.resolver.find_owner = find_owner
 
     async def _deregister(self) -> None:
         # First, so the coordinators stop choosing this instance before it stops serving.

@@ -30,9 +30,10 @@ from clients._client import AccordClient, Branch, SagaStep, TxnResult
 from clients._errors import AccordClientError, UnavailableError
 from clients._procs import EtcdServer, ManagedProcess, free_port, stop_all
 from clients.chaos._history import HistoryWriter
+from coordinator.wal import drop_unsynced
 from registry.transport import make_channel
 
-INJECTABLE_FAULTS = ("kill-coordinator", "kill-participant", "pause", "etcd")
+INJECTABLE_FAULTS = ("kill-coordinator", "kill-participant", "pause", "etcd", "power-loss")
 #: Nothing more will happen to these without an operator (STUCK is reported, not in doubt).
 TERMINAL = frozenset({"COMMITTED", "ABORTED", "COMPLETED", "COMPENSATED", "STUCK"})
 
@@ -102,7 +103,12 @@ class Chaos:
     def _accord(
         self, name: str, args: list[str], ready: str | tuple[str, ...] = "listening on "
     ) -> ManagedProcess:
-        env = self.s.coordinator_env if args and args[0] == "coordinator" else None
+        env = (
+            # The SYNCED marker lets a power loss be simulated on the coordinator's WAL.
+            {"ACCORD_WAL_SYNC_MARKER": "1", **self.s.coordinator_env}
+            if args and args[0] == "coordinator"
+            else None
+        )
         return ManagedProcess.accord(
             name, args, env=env, log_path=self.root / f"{name}.log", ready_prefix=ready
         )
@@ -354,6 +360,26 @@ class Chaos:
                 self._killed_at.setdefault(shard, time.monotonic())
                 self._fault("kill", node.name, shard=shard, in_flight=self._inflight[shard])
                 # It comes back as the standby of its shard.
+                pending.append(asyncio.create_task(self._restart(node, self.rng.uniform(1, 4))))
+            elif fault == "power-loss":
+                # The owner's machine loses power: frozen first (so nothing more reaches
+                # its files), every record no fdatasync covered is dropped, then killed.
+                shard = self.rng.choice(self.shards)
+                node = self._owner(shard)
+                if node is None or node.proc.proc is None:
+                    continue
+                self.stats.in_doubt_at_kill.append(self._inflight[shard])
+                node.proc.proc.send_signal(signal.SIGSTOP)
+                dropped = await asyncio.to_thread(drop_unsynced, self.root / f"wal-{shard}")
+                node.proc.kill()
+                self._killed_at.setdefault(shard, time.monotonic())
+                self._fault(
+                    "power-loss",
+                    node.name,
+                    shard=shard,
+                    in_flight=self._inflight[shard],
+                    dropped_records=dropped,
+                )
                 pending.append(asyncio.create_task(self._restart(node, self.rng.uniform(1, 4))))
             elif fault == "kill-participant":
                 node = self.nodes[self.rng.choice(self.banks)]

@@ -106,12 +106,15 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
         "transfers": st.ops["transfer"],
         "sagas": st.ops["saga"],
         "coordinator_kills": sum(
-            1 for f in _faults(root) if f["fault"] == "kill" and f["target"].startswith("coord")
+            1
+            for f in _faults(root)
+            if f["fault"] in ("kill", "power-loss") and f["target"].startswith("coord")
         ),
         "participant_kills": sum(
             1 for f in _faults(root) if f["fault"] == "kill" and f["target"].startswith("bank")
         ),
         "faults": dict(st.faults),
+        "power_losses": st.faults["power-loss"],
         "in_doubt_at_kill": sum(st.in_doubt_at_kill),
         "quiescent_after_heal_s": round(quiesce_s, 2),
         "restart_to_ready_s": {

@@ -35,7 +35,7 @@ def test_chaos_run_finds_no_violation(tmp_path: Path) -> None:
             "--fault-every",
             "5",
             "--faults",
-            "kill-coordinator,kill-participant,pause,etcd",
+            "kill-coordinator,kill-participant,pause,etcd,power-loss",
             "--out",
             str(out),
             "--json",
