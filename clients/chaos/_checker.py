@@ -422,7 +422,9 @@ class _Checker:
             gids = self.key_gids.get(op.key, set())
             if c is not None and c.gid is not None:
                 op.gid = c.gid
-            elif len(gids) == 1:
+            elif len(gids) == 1 and op.outcome != "fail":
+                # A fail without a gid was refused before anything was logged (or its
+                # key belongs to another request: ALREADY_EXISTS): nothing to link.
                 op.gid = next(iter(gids))
             if op.gid is None:
                 continue
@@ -649,15 +651,11 @@ class _Checker:
 
     def _check_client_agreement(self) -> None:
         for op in self.ops:
-            if op.outcome not in ("ok", "fail"):
+            if op.outcome not in ("ok", "fail") or op.gid is None:
                 continue
-            gids = [op.gid] if op.gid is not None else sorted(self.key_gids.get(op.key, ()))
-            for gid in gids:
-                t = self.txns[gid]
-                reasons = (
-                    self._agree_saga(op, t) if op.invoke.op == "saga" else self._agree_2pc(op, t)
-                )
-                self._violate_txn(CLIENT_AGREEMENT, t, reasons, ops=[op])
+            t = self.txns[op.gid]
+            reasons = self._agree_saga(op, t) if op.invoke.op == "saga" else self._agree_2pc(op, t)
+            self._violate_txn(CLIENT_AGREEMENT, t, reasons, ops=[op])
 
     def _agree_2pc(self, op: ClientOp, t: _Txn) -> list[str]:
         reasons = []

@@ -620,3 +620,35 @@ async def test_render_shows_the_smallest_example(run: Run) -> None:
     text = console.export_text()
     assert "atomicity" in text and "FAIL" in text and "smallest example" in text
     assert "INVALID" in text
+
+
+async def test_writer_classifies_results_and_errors(run: Run) -> None:
+    from clients import AlreadyExistsError, TxnResult, UnavailableError
+
+    w = run.history
+    assert w.result(1, "transfer", "a", TxnResult(gid="g", state="COMMITTING")).type == "ok"
+    assert w.result(1, "transfer", "b", TxnResult(gid="g", state="ABORTED")).type == "fail"
+    assert w.result(1, "saga", "c", TxnResult(gid="g", state="COMPENSATED")).type == "fail"
+    assert w.result(1, "saga", "d", TxnResult(gid="g", state="STUCK")).type == "info"
+    assert w.error(1, "saga", "e", UnavailableError("UNAVAILABLE: gone")).type == "info"
+    assert w.error(1, "saga", "f", TimeoutError()).error == "TimeoutError"
+    assert w.error(1, "saga", "g", AlreadyExistsError("ALREADY_EXISTS: k")).type == "fail"
+    with pytest.raises(ValueError, match="unknown fault"):
+        w.fault("meteor", "bank-1")
+
+
+async def test_a_fail_without_gid_is_not_pinned_on_its_key(run: Run) -> None:
+    """ALREADY_EXISTS: the key belongs to another (committed) request; this one did
+    nothing, which is what its fail says."""
+    await run.transfer("g1", "k1")
+    request = transfer_request(
+        [
+            TransferBranch(service="bank-1", operation="debit", account="bank-1-0", amount=1),
+            TransferBranch(service="bank-2", operation="credit", account="bank-2-0", amount=1),
+        ]
+    )
+    run.history.invoke(50, "transfer", "k1", request)
+    run.history.fail(50, "transfer", "k1", error="ALREADY_EXISTS: key reused")
+    run.history.quiescent(after_heal_s=1.0)
+    report = await run.check()
+    assert report.valid, [v.message for v in report.violations]
