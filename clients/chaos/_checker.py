@@ -35,8 +35,9 @@ Invariants (``Violation.name``):
   balances is the initial sum plus those nets (constant for balanced transfers).
 - ``idempotency-key`` — one idempotency key, at most one gid.
 - ``bounded-recovery`` — the history reached quiescence within the bound after the last
-  heal; no transaction unsettled at a coordinator at quiescence; every ``info`` operation
-  resolved.
+  heal; a transaction under way at the last heal settled at every participant within the
+  bound after it (audit times); no transaction unsettled at a coordinator at quiescence;
+  every ``info`` operation resolved.
 - ``history`` — the history itself is well formed (one completion per invocation, per
   process; ``ok`` names its gid; time never goes back).
 
@@ -111,6 +112,8 @@ _SIGNS = {"debit": -1, "credit": 1, "refund": 1, "uncredit": -1}
 _COMMIT_OPS = frozenset({"commit", "one_phase_commit"})
 _COMMITTED_DECISIONS = frozenset({"COMMITTED", "COMMITTING"})
 _ABORTED_DECISIONS = frozenset({"ABORTED", "ABORTING"})
+#: Audit outcomes that change a branch (a duplicate, conflict or fenced call changes nothing).
+_CHANGES = frozenset(Outcome) - {Outcome.DUPLICATE, Outcome.CONFLICT, Outcome.FENCED}
 #: Audit outcomes that answer a Compensate for the first time (its place in the order).
 _COMPENSATION_ANSWERS = frozenset({Outcome.COMPENSATED, Outcome.NULL_COMPENSATION, Outcome.NOOP})
 
@@ -989,6 +992,8 @@ class _Checker:
                 f" {self.bound_s:.1f}s",
                 history=[{**q.to_dict(), "line": q.line}],
             )
+        heals = [f.wall for f in self.faults if f.fault == "heal"]
+        healed = max(heals) if heals else None
         for t in self.txns.values():
             reasons = []
             if t.coordinator is not None and not t.coordinator_settled():
@@ -996,7 +1001,27 @@ class _Checker:
             infos = [op for op in t.ops if op.outcome == "info"]
             if infos and not t.is_saga and self._decision(t) == "prepared":
                 reasons.append(f"info operation {infos[0].key!r} never resolved: still PREPARED")
+            late = self._settled_late(t, healed)
+            if late is not None:
+                reasons.append(late)
             self._violate_txn(BOUNDED_RECOVERY, t, reasons)
+
+    def _settled_late(self, t: _Txn, healed: float | None) -> str | None:
+        """A transaction already under way at the last heal must settle within the bound
+        after it: its last change at a participant (audit ``at``, the same machine's wall
+        clock as the history's ``wall``) no later than heal + bound."""
+        if healed is None:
+            return None
+        changes = [row.at for _, row in t.audit if row.outcome in _CHANGES]
+        if not changes or min(changes) > healed:
+            return None  # started after the heal: the workload went on, not recovery
+        last = max(changes)
+        if last - healed <= self.bound_s:
+            return None
+        return (
+            f"in doubt at the last heal and settled {last - healed:.1f}s after it, over the"
+            f" bound of {self.bound_s:.1f}s"
+        )
 
     def _stats(self) -> dict[str, Any]:
         outcomes = {"ok": 0, "fail": 0, "info": 0}
