@@ -176,9 +176,10 @@ class Report:
         return out
 
     def smallest(self, name: str) -> Violation | None:
-        """The violation of ``name`` with the least evidence (ties: the first found)."""
+        """The violation of ``name`` with the least evidence (ties: the first found); one
+        with no evidence at all (a sum, a missing event) only when there is no other."""
         found = [v for v in self.violations if v.name == name]
-        return min(found, key=lambda v: v.size) if found else None
+        return min(found, key=lambda v: (v.size == 0, v.size)) if found else None
 
     def to_dict(self) -> dict[str, Any]:
         by_name = self.by_name()
