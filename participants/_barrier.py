@@ -33,8 +33,9 @@ epoch, coordinator_address, detail, at)``
     are the call's; ``detail`` is the answer's message (for a DUPLICATE, the recorded
     status and message); ``at`` is the participant's wall clock (``time.time()``).
     "Not yet" answers and internal errors leave no row (nothing happened). The row costs
-    one INSERT per call (a few µs against tens of µs for the call; duplicates are rare
-    retries). Like ``accord_barrier`` it is never pruned by the SDK: it is the evidence
+    one INSERT per call: measured on the barrier alone (no fsync), 5-8 µs of CPU on a
+    call of 31-46 µs, a few percent of a participant's CPU per gRPC call; duplicates are
+    rare retries, so recording them costs the hot path nothing. Like ``accord_barrier`` it is never pruned by the SDK: it is the evidence
     the offline checker (``clients.chaos``) reads, with :func:`participants.read_audit`.
 
 ``accord_fence(shard, epoch, updated_at)``

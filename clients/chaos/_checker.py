@@ -35,8 +35,9 @@ Invariants (``Violation.name``):
   balances is the initial sum plus those nets (constant for balanced transfers).
 - ``idempotency-key`` — one idempotency key, at most one gid.
 - ``bounded-recovery`` — the history reached quiescence within the bound after the last
-  heal; no transaction unsettled at a coordinator at quiescence; every ``info`` operation
-  resolved.
+  heal; a transaction under way at the last heal settled at every participant within the
+  bound after it (audit times); no transaction unsettled at a coordinator at quiescence;
+  every ``info`` operation resolved.
 - ``history`` — the history itself is well formed (one completion per invocation, per
   process; ``ok`` names its gid; time never goes back).
 
@@ -111,6 +112,8 @@ _SIGNS = {"debit": -1, "credit": 1, "refund": 1, "uncredit": -1}
 _COMMIT_OPS = frozenset({"commit", "one_phase_commit"})
 _COMMITTED_DECISIONS = frozenset({"COMMITTED", "COMMITTING"})
 _ABORTED_DECISIONS = frozenset({"ABORTED", "ABORTING"})
+#: Audit outcomes that change a branch (a duplicate, conflict or fenced call changes nothing).
+_CHANGES = frozenset(Outcome) - {Outcome.DUPLICATE, Outcome.CONFLICT, Outcome.FENCED}
 #: Audit outcomes that answer a Compensate for the first time (its place in the order).
 _COMPENSATION_ANSWERS = frozenset({Outcome.COMPENSATED, Outcome.NULL_COMPENSATION, Outcome.NOOP})
 
@@ -173,9 +176,10 @@ class Report:
         return out
 
     def smallest(self, name: str) -> Violation | None:
-        """The violation of ``name`` with the least evidence (ties: the first found)."""
+        """The violation of ``name`` with the least evidence (ties: the first found); one
+        with no evidence at all (a sum, a missing event) only when there is no other."""
         found = [v for v in self.violations if v.name == name]
-        return min(found, key=lambda v: v.size) if found else None
+        return min(found, key=lambda v: (v.size == 0, v.size)) if found else None
 
     def to_dict(self) -> dict[str, Any]:
         by_name = self.by_name()
@@ -422,7 +426,9 @@ class _Checker:
             gids = self.key_gids.get(op.key, set())
             if c is not None and c.gid is not None:
                 op.gid = c.gid
-            elif len(gids) == 1:
+            elif len(gids) == 1 and op.outcome != "fail":
+                # A fail without a gid was refused before anything was logged (or its
+                # key belongs to another request: ALREADY_EXISTS): nothing to link.
                 op.gid = next(iter(gids))
             if op.gid is None:
                 continue
@@ -649,15 +655,11 @@ class _Checker:
 
     def _check_client_agreement(self) -> None:
         for op in self.ops:
-            if op.outcome not in ("ok", "fail"):
+            if op.outcome not in ("ok", "fail") or op.gid is None:
                 continue
-            gids = [op.gid] if op.gid is not None else sorted(self.key_gids.get(op.key, ()))
-            for gid in gids:
-                t = self.txns[gid]
-                reasons = (
-                    self._agree_saga(op, t) if op.invoke.op == "saga" else self._agree_2pc(op, t)
-                )
-                self._violate_txn(CLIENT_AGREEMENT, t, reasons, ops=[op])
+            t = self.txns[op.gid]
+            reasons = self._agree_saga(op, t) if op.invoke.op == "saga" else self._agree_2pc(op, t)
+            self._violate_txn(CLIENT_AGREEMENT, t, reasons, ops=[op])
 
     def _agree_2pc(self, op: ClientOp, t: _Txn) -> list[str]:
         reasons = []
@@ -991,6 +993,8 @@ class _Checker:
                 f" {self.bound_s:.1f}s",
                 history=[{**q.to_dict(), "line": q.line}],
             )
+        heals = [f.wall for f in self.faults if f.fault == "heal"]
+        healed = max(heals) if heals else None
         for t in self.txns.values():
             reasons = []
             if t.coordinator is not None and not t.coordinator_settled():
@@ -998,7 +1002,27 @@ class _Checker:
             infos = [op for op in t.ops if op.outcome == "info"]
             if infos and not t.is_saga and self._decision(t) == "prepared":
                 reasons.append(f"info operation {infos[0].key!r} never resolved: still PREPARED")
+            late = self._settled_late(t, healed)
+            if late is not None:
+                reasons.append(late)
             self._violate_txn(BOUNDED_RECOVERY, t, reasons)
+
+    def _settled_late(self, t: _Txn, healed: float | None) -> str | None:
+        """A transaction already under way at the last heal must settle within the bound
+        after it: its last change at a participant (audit ``at``, the same machine's wall
+        clock as the history's ``wall``) no later than heal + bound."""
+        if healed is None:
+            return None
+        changes = [row.at for _, row in t.audit if row.outcome in _CHANGES]
+        if not changes or min(changes) > healed:
+            return None  # started after the heal: the workload went on, not recovery
+        last = max(changes)
+        if last - healed <= self.bound_s:
+            return None
+        return (
+            f"in doubt at the last heal and settled {last - healed:.1f}s after it, over the"
+            f" bound of {self.bound_s:.1f}s"
+        )
 
     def _stats(self) -> dict[str, Any]:
         outcomes = {"ok": 0, "fail": 0, "info": 0}

@@ -620,3 +620,75 @@ async def test_render_shows_the_smallest_example(run: Run) -> None:
     text = console.export_text()
     assert "atomicity" in text and "FAIL" in text and "smallest example" in text
     assert "INVALID" in text
+
+
+async def test_writer_classifies_results_and_errors(run: Run) -> None:
+    from clients import AlreadyExistsError, TxnResult, UnavailableError
+
+    w = run.history
+    assert w.result(1, "transfer", "a", TxnResult(gid="g", state="COMMITTING")).type == "ok"
+    assert w.result(1, "transfer", "b", TxnResult(gid="g", state="ABORTED")).type == "fail"
+    assert w.result(1, "saga", "c", TxnResult(gid="g", state="COMPENSATED")).type == "fail"
+    assert w.result(1, "saga", "d", TxnResult(gid="g", state="STUCK")).type == "info"
+    assert w.error(1, "saga", "e", UnavailableError("UNAVAILABLE: gone")).type == "info"
+    assert w.error(1, "saga", "f", TimeoutError()).error == "TimeoutError"
+    assert w.error(1, "saga", "g", AlreadyExistsError("ALREADY_EXISTS: k")).type == "fail"
+    with pytest.raises(ValueError, match="unknown fault"):
+        w.fault("meteor", "bank-1")
+
+
+async def test_a_fail_without_gid_is_not_pinned_on_its_key(run: Run) -> None:
+    """ALREADY_EXISTS: the key belongs to another (committed) request; this one did
+    nothing, which is what its fail says."""
+    await run.transfer("g1", "k1")
+    request = transfer_request(
+        [
+            TransferBranch(service="bank-1", operation="debit", account="bank-1-0", amount=1),
+            TransferBranch(service="bank-2", operation="credit", account="bank-2-0", amount=1),
+        ]
+    )
+    run.history.invoke(50, "transfer", "k1", request)
+    run.history.fail(50, "transfer", "k1", error="ALREADY_EXISTS: key reused")
+    run.history.quiescent(after_heal_s=1.0)
+    report = await run.check()
+    assert report.valid, [v.message for v in report.violations]
+
+
+async def test_bounded_recovery_settled_too_long_after_the_heal(run: Run) -> None:
+    """A branch in doubt at the heal, resolved (by the resolver) long after it."""
+    await run.transfer("g1", "k1", phase_two=["commit", ""], state="COMMITTED", told="info")
+    run.history.fault("heal", "coordinator-1")  # wall 1_764_000_000.0 (the test's clock)
+    await run.transfer("g2", "k2")  # after the heal: the workload, not recovery
+    await run.close()
+    # The resolver commits the credit, 100 s after the heal.
+    run.sql("bank-2", "UPDATE accord_branches SET state = 'COMMITTED' WHERE gid = 'g1'")
+    run.sql("bank-2", "UPDATE accounts SET balance = balance + 10 WHERE id = 'bank-2-0'")
+    run.sql(
+        "bank-2",
+        "INSERT INTO ledger (gid, branch_id, account, delta, balance_after, created_at)"
+        " VALUES ('g1', 'b2', 'bank-2-0', 10, 120, 0)",
+    )
+    run.sql(
+        "bank-2",
+        "INSERT INTO accord_barrier (gid, branch_id, op, status, created_at)"
+        " VALUES ('g1', 'b2', 'commit', 'OK', 0)",
+    )
+    run.sql(
+        "bank-2",
+        "INSERT INTO accord_audit (gid, branch_id, op, outcome, source, at)"
+        " VALUES ('g1', 'b2', 'commit', 'COMMITTED', 'resolver', 1764000100.0)",
+    )
+    # Align the participants' clocks with the test's: g1 began before the heal, g2 after.
+    for db in ("bank-1", "bank-2"):
+        run.sql(
+            db,
+            "UPDATE accord_audit SET at = 1763999990.0 WHERE gid = 'g1' AND source = 'coordinator'",
+        )
+        run.sql(db, "UPDATE accord_audit SET at = 1764000001.0 WHERE gid = 'g2'")
+    run.history = HistoryWriter(run.history_path, wall=lambda: 1_764_000_001.0)
+    run.history.quiescent(after_heal_s=1.0)
+    report = await run.check(recovery_bound_s=30.0)
+    assert names(report) == {BOUNDED_RECOVERY}, [v.message for v in report.violations]
+    example = report.smallest(BOUNDED_RECOVERY)
+    assert example is not None and example.gid == "g1"
+    assert "settled 100.0s after it, over the bound of 30.0s" in example.message
