@@ -28,7 +28,7 @@ from typing import Any
 import accord.bank.v1 as bankpb
 from clients._client import AccordClient, Branch, SagaStep, TxnResult
 from clients._errors import AccordClientError, UnavailableError
-from clients._procs import EtcdServer, ManagedProcess, free_port, stop_all
+from clients._procs import EtcdServer, ManagedProcess, ProcessFailed, free_port, stop_all
 from clients.chaos._history import HistoryWriter
 from coordinator.wal import drop_unsynced
 from registry.transport import make_channel
@@ -328,10 +328,24 @@ class Chaos:
 
     async def _restart(self, node: Node, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
-        t0 = time.monotonic()
-        await asyncio.to_thread(node.proc.start, 60.0)
-        self.stats.restart_to_ready_s.append(time.monotonic() - t0)
+        await self._start(node)
         self._fault("restart", node.name)
+
+    async def _start(self, node: Node) -> None:
+        """Starts a process again. A coordinator may stop right after starting (exit 75:
+        it took its shard over, was then paused past its lease, and found itself fenced):
+        that is the design working, so it is simply started again."""
+        for attempt in range(10):
+            t0 = time.monotonic()
+            try:
+                await asyncio.to_thread(node.proc.start, 60.0)
+            except ProcessFailed:
+                if attempt == 9:
+                    raise
+                await asyncio.sleep(1)
+                continue
+            self.stats.restart_to_ready_s.append(time.monotonic() - t0)
+            return
 
     def _owner(self, shard: str) -> Node | None:
         for node in self.nodes.values():
@@ -400,7 +414,12 @@ class Chaos:
                     node.proc.proc.send_signal(signal.SIGCONT)
                 node.paused = False
                 self._fault("resume", node.name)
-                if node.kind == "coordinator" and not node.proc.alive():
+                # A coordinator paused past its lease finds itself fenced and exits 75.
+                for _ in range(30):
+                    if not node.proc.alive():
+                        break
+                    await asyncio.sleep(0.1)
+                if not node.proc.alive():
                     pending.append(asyncio.create_task(self._restart(node, 1)))
             elif fault == "etcd":
                 assert self.etcd is not None
@@ -410,7 +429,7 @@ class Chaos:
                 await asyncio.to_thread(self.etcd.start)
                 self._fault("etcd-start", "etcd")
         for task in pending:
-            await task
+            await task  # a process that cannot be started again fails the run
 
     async def heal(self) -> None:
         assert self.etcd is not None
@@ -421,7 +440,7 @@ class Chaos:
                 node.proc.proc.send_signal(signal.SIGCONT)
                 node.paused = False
             if not node.proc.alive():
-                await asyncio.to_thread(node.proc.start, 60.0)
+                await self._start(node)
         self.history.fault("heal", "all", {})
 
     # ------------------------------------------------------------ quiescence
