@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import random
-import shutil
 import signal
 import time
 from collections import Counter
@@ -31,6 +30,7 @@ from clients._errors import AccordClientError, UnavailableError
 from clients._procs import EtcdServer, ManagedProcess, ProcessFailed, free_port, stop_all
 from clients.chaos._history import HistoryWriter
 from coordinator.wal import drop_unsynced
+from participants import copy_database
 from registry.transport import make_channel
 
 INJECTABLE_FAULTS = ("kill-coordinator", "kill-participant", "pause", "etcd", "power-loss")
@@ -504,10 +504,6 @@ class Chaos:
             await asyncio.gather(*workers)
 
 
-def elapsed_since(t0: float) -> float:
-    return time.monotonic() - t0
-
-
 def percentile(values: list[float], p: float) -> float | None:
     if not values:
         return None
@@ -521,16 +517,8 @@ def save_json(path: Path, data: Any) -> None:
 
 
 def copy_dbs(root: Path, banks: list[str], dest: Path) -> dict[str, Path]:
-    """Copies each bank's SQLite file (with its -wal) once the banks are stopped."""
-    dest.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for name in banks:
-        for suffix in ("", "-wal", "-shm"):
-            src = root / f"{name}.db{suffix}"
-            if src.exists():
-                shutil.copy2(src, dest / src.name)
-        out[name] = dest / f"{name}.db"
-    return out
+    """A consistent copy of each bank's database (the SDK's backup-based copy)."""
+    return {name: copy_database(root / f"{name}.db", dest / f"{name}.db") for name in banks}
 
 
 def settings_dict(s: ChaosSettings) -> dict[str, Any]:

@@ -94,6 +94,7 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
     save_json(root / "initial.json", initial)
     check = check_run(root, dbs, initial, coordinators, s.recovery_bound_s)
     st = chaos.stats
+    faults = _faults(root)
     report = {
         "seed": s.seed,
         "settings": settings_dict(s),
@@ -107,11 +108,11 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
         "sagas": st.ops["saga"],
         "coordinator_kills": sum(
             1
-            for f in _faults(root)
+            for f in faults
             if f["fault"] in ("kill", "power-loss") and f["target"].startswith("coord")
         ),
         "participant_kills": sum(
-            1 for f in _faults(root) if f["fault"] == "kill" and f["target"].startswith("bank")
+            1 for f in faults if f["fault"] == "kill" and f["target"].startswith("bank")
         ),
         "faults": dict(st.faults),
         "power_losses": st.faults["power-loss"],

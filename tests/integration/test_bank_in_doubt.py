@@ -84,3 +84,6 @@ async def test_resolution_after_a_crash(
         return await bank.balances() == {"bank-0": (90, 0)}
 
     await assert_eventually(committed, what="resolution after restart")
+    # Resolved by asking the coordinator after the restart, not by anything else.
+    assert "g-commit" in coordinator.queries
+    assert (await bank.summary()).prepared_branches == 0
