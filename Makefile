@@ -62,6 +62,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --out bench/results.json
+	$(PY) -m bench.plot bench/results.json bench/results.png
 
 # Kill coordinators and participants under load for CHAOS_S seconds, then check the
 # history (exit 1 on any violation). The run's files stay in chaos-out/.

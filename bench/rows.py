@@ -548,6 +548,25 @@ async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
         )
 
 
+@row(
+    "2pc-nodb",
+    "Accord's coordinator (WAL, fsync) with the baseline's bare participants: what the "
+    "coordinator alone adds to the baseline's call pattern",
+    baseline="baseline-2pc",
+)
+@asynccontextmanager
+async def accord_2pc_nodb(env: RowEnv) -> AsyncIterator[Target]:
+    bare = [sys.executable, "-m", "bench.baseline"]
+    banks = {name: env.process(name, [*bare, "participant", "--listen", LISTEN]) for name in BANKS}
+    await env.start(*banks.values())
+    coord = await accord_coordinator(env, {name: p.address for name, p in banks.items()})
+    async with accord_client(env, coord.address) as client:
+        yield Target(
+            factory=transfer_factory(client, transfer_plan(env)),
+            processes={"coordinator": coord, **banks},
+        )
+
+
 # The static side of the resolution-cost pair: the same code as ``2pc``, measured as its
 # own row next to ``2pc-etcd`` (a ratio is only quoted between rows of the same run).
 row(

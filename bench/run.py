@@ -150,7 +150,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     parser.add_argument("--duration", type=float, default=10.0, metavar="S", help="measured")
     parser.add_argument("--warmup", type=float, default=2.0, metavar="S", help="not measured")
-    parser.add_argument("--concurrency", type=_int_list, default=(1, 16, 64), metavar="N,N,...")
+    parser.add_argument("--concurrency", type=_int_list, default=(1, 64), metavar="N,N,...")
     parser.add_argument("--only", default="", metavar="NAME,...", help="run only these rows")
     parser.add_argument(
         "--max-transactions",

@@ -1,0 +1,57 @@
+"""The README's benchmark figure: CPU per transaction by process group, and the PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.plot import cpu_ms_per_txn, plot, top_results
+
+
+def _result(name: str, concurrency: int, tps: float, **cpu: float) -> dict[str, object]:
+    return {
+        "name": name,
+        "concurrency": concurrency,
+        "tps": tps,
+        "client_cpu_pct": cpu.pop("client", 0.0),
+        "kernel_cpu_pct": cpu.pop("kernel", 0.0),
+        "server_cpu_pct": cpu,
+    }
+
+
+def test_cpu_per_transaction_is_grouped_by_process() -> None:
+    r = _result("2pc", 64, 200.0, client=20.0, kernel=2.0, coordinator=80.0, **{"bank-a": 40.0})
+    got = cpu_ms_per_txn(r)
+    # 80 % of a core at 200 tx/s = 4 ms of coordinator CPU per transaction.
+    assert got == pytest.approx(
+        {
+            "load generator": 1.0,
+            "coordinator": 4.0,
+            "participants": 2.0,
+            "etcd / sink / kernel": 0.1,
+        }
+    )
+    assert set(cpu_ms_per_txn(_result("x", 1, 0.0, coordinator=50.0)).values()) == {0.0}
+
+
+def test_only_the_highest_concurrency_is_plotted(tmp_path: Path) -> None:
+    report = {
+        "machine": {"cpu": "test", "cores": 2, "python": "3.11", "grpcio": "1", "date": "x"},
+        "results": [
+            _result("baseline-2pc", 1, 100.0, coordinator=30.0),
+            _result("baseline-2pc", 64, 500.0, coordinator=80.0),
+            _result("2pc", 1, 50.0, coordinator=30.0),
+            _result("2pc", 64, 250.0, coordinator=80.0),
+        ],
+        "ratios": [{"name": "2pc/baseline-2pc", "concurrency": 64, "ratio": 0.5}],
+    }
+    assert [(r["name"], r["concurrency"]) for r in top_results(report)] == [
+        ("baseline-2pc", 64),
+        ("2pc", 64),
+    ]
+    out = tmp_path / "fig.png"
+    plot(report, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError):
+        plot({"results": []}, tmp_path / "empty.png")
