@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos check-protos lint typecheck unit integration test demo bench chaos clean prometheus
+.PHONY: all venv protos check-protos lint typecheck unit integration test demo bench profile chaos clean prometheus
 
 all: test
 
@@ -63,6 +63,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run --out bench/results.json
 	$(PY) -m bench.plot bench/results.json bench/results.png
+
+# Where a benchmark row's processes spend their CPU (py-spy, native stacks), by layer.
+PROFILE_ROW ?= 2pc
+profile: $(STAMP)
+	$(PY) -m bench.profile --row $(PROFILE_ROW) --out profile-out
 
 # Kill coordinators and participants under load for CHAOS_S seconds, then check the
 # history (exit 1 on any violation). The run's files stay in chaos-out/.

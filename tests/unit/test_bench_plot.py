@@ -55,3 +55,27 @@ def test_only_the_highest_concurrency_is_plotted(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
         plot({"results": []}, tmp_path / "empty.png")
+
+
+def test_profile_samples_are_attributed_to_the_innermost_known_layer() -> None:
+    from bench.profile import breakdown, classify
+
+    loop = "Runner.run (asyncio/runners.py:118)"
+    handler = "ParticipantServicer.Prepare (participants/_servicer.py:73)"
+    grpc_server = "_handle_rpc (grpc/_cython/cygrpc.so)"
+    assert classify([loop, grpc_server, handler]) == "participant SDK"
+    assert classify([loop, "Engine.call_branch (coordinator/_engine.py:1)", grpc_server]) == "gRPC"
+    assert classify([loop, grpc_server, "sendmsg (libc.so.6)"]) == "gRPC sendmsg"
+    assert classify([loop, "epoll_wait (libc.so.6)"]) == "waiting (epoll)"
+    assert classify([loop, "SegmentLog.sync (coordinator/wal/_segment.py:9)"]) == "WAL"
+    assert classify([loop, "task_step (_asynciomodule.c:1)"]) == "event loop, other"
+    collapsed = "\n".join(
+        [
+            f"{loop};{handler} 3",
+            f"{loop};epoll_wait (libc.so.6) 1",
+            "Thread.run (threading.py:982);fdatasync (libc.so.6) 5",  # not the main thread
+        ]
+    )
+    layers, total = breakdown(collapsed)
+    assert total == 4
+    assert layers == {"participant SDK": 3, "waiting (epoll)": 1}
