@@ -158,12 +158,12 @@ class ParticipantServicer(pb.ParticipantServicer):
             context.set_details(details)
         return response
 
-    async def handle(self, op: Op, call: BranchCall) -> Answer:
+    async def handle(self, op: Op, call: BranchCall, transport: str = "unary") -> Answer:
         """One call, whatever the transport: the span (a child of the caller's context),
         the service (barrier, fencing), the metrics, and the answer."""
         tel = self._tel
         t0 = time.monotonic_ns()
-        span = tel.start(op, call)
+        span = tel.start(op, call, transport)
         if span is not None:
             # This handler's task: its log lines carry the gid and the trace.
             bind_gid(call.gid)
@@ -265,7 +265,7 @@ class _StreamSession:
             return
         # No stream metadata: the trace context travels in each request.
         task = asyncio.get_running_loop().create_task(
-            self._servicer.handle(op, to_call(c.request, None))
+            self._servicer.handle(op, to_call(c.request, None), "stream")
         )
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._done, c.id))
