@@ -145,6 +145,9 @@ class ParticipantStream:
         try:
             while True:
                 await self._wake.wait()
+                # One more loop iteration: the callers woken by the same event (a result
+                # batch, a WAL group commit) join this batch instead of the next one.
+                await asyncio.sleep(0)
                 self._wake.clear()
                 batches = self._full
                 if self._batch.calls:
@@ -225,5 +228,11 @@ class ParticipantStream:
 
     async def close(self) -> None:
         """Ends the stream (pending calls fail as UNAVAILABLE) and waits for its tasks."""
+        log.info(
+            "event=stream_closed address=%s batches=%d calls=%d",
+            self.address,
+            self.batches_sent,
+            self.calls_sent,
+        )
         self._break("the coordinator is closing it")
         await asyncio.gather(self._reader, self._writer, return_exceptions=True)
