@@ -234,6 +234,9 @@ class _StreamSession:
 
     def stop(self) -> None:
         """Stop reading; the calls in flight are still answered, then the RPC ends."""
+        # Set here too: a reader cancelled before it first ran never runs its finally.
+        self._reading = False
+        self._wake.set()
         if self._reader is not None:
             self._reader.cancel()
 
