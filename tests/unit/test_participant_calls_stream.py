@@ -241,3 +241,19 @@ async def test_close_fails_pending_calls(participant: Served) -> None:
     await calls.close()
     result = await asyncio.wait_for(pending, 5)
     assert result.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_large_payloads_are_split_across_batches(participant: Served) -> None:
+    calls = calls_for()
+    big = b"x" * (400 * 1024)  # two fit in one batch (about 1 MiB), three do not
+    try:
+        results = await asyncio.gather(
+            *(
+                calls.call("Prepare", participant.address, req(f"g{i}", payload=big), 5)
+                for i in range(3)
+            )
+        )
+        assert [r.verdict for r in results] == [Verdict.OK] * 3
+        assert sorted(len(b) for b in participant.servicer.batches) == [1, 2]
+    finally:
+        await calls.close()
