@@ -15,7 +15,7 @@ steps it depends on have returned (a chain ``a <- b <- c`` runs strictly in sequ
 independent steps in parallel), never compensates, and answers a COMPLETED
 ``TransactionResponse`` with one status per step. The "participants" serve
 ``accord.v1.Participant`` Prepare/Commit/Abort/Execute/Compensate and answer an empty
-``BranchResponse`` at once.
+``BranchResponse`` at once; their ``Stream`` answers UNIMPLEMENTED.
 The real accord.v1 messages are used everywhere, so serialisation costs the same as in
 Accord. Like Accord's processes, each runs on uvloop, is built through
 :mod:`registry.transport`, prints ``listening on HOST:PORT`` once it serves and stops on
@@ -55,7 +55,15 @@ async def _unimplemented_stream(self: object, request: object, context: Any) -> 
 
 
 class BareParticipant(pb.ParticipantServicer):
-    """Votes yes, commits and executes saga steps without looking at the request."""
+    """Votes yes, commits and executes saga steps without looking at the request. It
+    has no ``Stream``: the baseline measures unary calls, and Accord's coordinator falls
+    back to them for it (a participant that predates the stream transport)."""
+
+    async def Stream(
+        self, request_iterator: object, context: Any
+    ) -> AsyncIterator[pb.BranchResultBatch]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the baseline")
+        yield pb.BranchResultBatch()  # pragma: no cover - makes this an async generator
 
     async def Prepare(self, request: pb.BranchRequest, context: Any) -> pb.BranchResponse:
         return pb.BranchResponse()

@@ -134,6 +134,14 @@ def coordinator(
     max_branches: Annotated[int, typer.Option(envvar="ACCORD_MAX_BRANCHES")] = 64,
     max_payload_bytes: Annotated[int, typer.Option(envvar="ACCORD_MAX_PAYLOAD_BYTES")] = 256 * 1024,
     call_timeout_s: Annotated[float, typer.Option(envvar="ACCORD_CALL_TIMEOUT_S")] = 5.0,
+    participant_transport: Annotated[
+        str,
+        typer.Option(
+            envvar="ACCORD_PARTICIPANT_TRANSPORT",
+            help="auto (a stream per participant where supported, else unary), stream, "
+            "or unary (one RPC per call)",
+        ),
+    ] = "auto",
     retry_initial_s: Annotated[float, typer.Option(envvar="ACCORD_RETRY_INITIAL_S")] = 0.02,
     retry_max_s: Annotated[float, typer.Option(envvar="ACCORD_RETRY_MAX_S")] = 2.0,
     checkpoint_every: Annotated[int, typer.Option(envvar="ACCORD_CHECKPOINT_EVERY")] = 100_000,
@@ -166,11 +174,24 @@ def coordinator(
     trace_console: TraceConsole = False,
 ) -> None:
     """Run a coordinator: replay its WAL, finish what was unfinished, serve."""
-    from coordinator import CoordinatorConfig, Limits, RetryPolicy, ServerSettings, serve
+    from coordinator import (
+        CoordinatorConfig,
+        Limits,
+        RetryPolicy,
+        ServerSettings,
+        Transport,
+        serve,
+    )
     from registry import EtcdRegistry, Registry, StaticRegistry
 
     setup_logging(log_level, log_format)
     registry: Registry
+    try:
+        transport = Transport(participant_transport)
+    except ValueError:
+        raise fail(
+            f"--participant-transport must be auto, stream or unary, not {participant_transport!r}"
+        ) from None
     try:
         if etcd and service:
             raise ValueError("give either --etcd or --service, not both")
@@ -199,6 +220,7 @@ def coordinator(
         config=config,
         registration_ttl_s=ttl,
         wal_sync_marker=wal_sync_marker,
+        participant_transport=transport,
     )
     telemetry = setup_telemetry("accord-coordinator", trace_console, metrics_listen)
     try:

@@ -3,6 +3,7 @@ same engine), its write-ahead log (:mod:`coordinator.wal`), recovery, timers, re
 the gRPC server. It reaches participants only through the registry and transport in
 :mod:`registry`, and never touches a participant's storage."""
 
+from coordinator._calls import Transport
 from coordinator._config import CoordinatorConfig, Limits, RetryPolicy
 from coordinator._engine import Engine
 from coordinator._errors import (
@@ -37,6 +38,7 @@ __all__ = [
     "ResourceExhausted",
     "RetryPolicy",
     "ServerSettings",
+    "Transport",
     "TxnState",
     "Unavailable",
     "allowed",

@@ -6,13 +6,21 @@ Routing: a branch named by service keeps to the instance it started on while tha
 instance is live (registered) and answering; when its key is gone, or a call to it
 fails as UNAVAILABLE, the next attempt goes to another live instance of the same
 service. Instances registered under one service name must therefore share their state
-(one database behind several processes): any phase of a branch may reach any of them."""
+(one database behind several processes): any phase of a branch may reach any of them.
+
+Transport (``--participant-transport``): ``unary`` sends one RPC per call; ``stream``
+multiplexes the calls to each address over one long-lived bidirectional stream
+(:mod:`coordinator._stream`); ``auto`` (the default) streams to every participant that
+supports it and falls back to unary, for that address, when one answers UNIMPLEMENTED
+(asking again after ``UNARY_RECHECK_S``). Both give the same :class:`CallResult`."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +28,7 @@ import grpc
 from grpc import aio
 
 import accord.v1 as pb
+from coordinator._stream import METHOD_NUMBERS, ParticipantStream, StreamUnsupported
 from registry import Registry
 from registry.transport import TransportSettings, make_channel
 
@@ -46,10 +55,24 @@ _EXPECTED_RETRY = frozenset(
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.FAILED_PRECONDITION,
+        # A participant's bound on calls in flight per stream.
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
 
 METHODS = ("Prepare", "Commit", "Abort", "Execute", "Compensate")
+
+_STATUS: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+#: An address found without ``Stream`` (transport ``auto``) is called unary for this
+#: long, then asked again (it may have been upgraded).
+UNARY_RECHECK_S = 300.0
+
+
+class Transport(enum.StrEnum):
+    AUTO = "auto"
+    STREAM = "stream"
+    UNARY = "unary"
 
 
 class ParticipantCalls:
@@ -61,12 +84,25 @@ class ParticipantCalls:
         registry: Registry,
         transport: TransportSettings | None = None,
         on_fenced: Callable[[str], None] | None = None,
+        mode: Transport = Transport.AUTO,
+        on_fallback: Callable[[str], None] | None = None,
+        on_stream_open: Callable[[str], None] | None = None,
     ) -> None:
         self._registry = registry
         self._on_fenced = on_fenced
         self._transport = transport or TransportSettings.from_env()
+        self.mode = mode
+        self._on_fallback = on_fallback
+        self._on_stream_open = on_stream_open
         self._stubs: dict[str, pb.ParticipantStub] = {}
         self._channels: list[aio.Channel] = []
+        self._streams: dict[str, ParticipantStream] = {}
+        #: Addresses called unary (no Stream there), until a monotonic time.
+        self._unary_until: dict[str, float] = {}
+        #: Times an address was found without Stream and its calls went unary.
+        self.fallbacks = 0
+        #: Streams opened (first call to an address, or again after one broke).
+        self.streams_opened = 0
         self._rr = itertools.count()
 
     def resolve(self, service: str, address: str) -> str:
@@ -145,26 +181,32 @@ class ParticipantCalls:
         *,
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> CallResult:
-        """``metadata``: the W3C trace context of the call's span (None: tracing off)."""
+        """``metadata``: the W3C trace context of the call's span (None: tracing off);
+        over a stream it travels in the request's ``trace_context``."""
+        if self.mode is not Transport.UNARY and not self._unary_only(address):
+            stream = self._stream(address)
+            try:
+                r = await stream.call(METHOD_NUMBERS[method], request, attempt_s, metadata)
+            except StreamUnsupported:
+                if self.mode is Transport.STREAM:
+                    return self._answer(
+                        method,
+                        address,
+                        request,
+                        grpc.StatusCode.UNIMPLEMENTED,
+                        "the participant has no Stream (transport: stream)",
+                        None,
+                    )
+                # auto: this call (not yet handled by the participant) goes unary.
+            else:
+                code = _STATUS.get(r.code, grpc.StatusCode.UNKNOWN)
+                return self._answer(method, address, request, code, r.message, r.response)
         stub = self._stub(address)
         rpc = getattr(stub, method)
         try:
             response: pb.BranchResponse = await rpc(request, timeout=attempt_s, metadata=metadata)
         except aio.AioRpcError as e:
-            code = e.code()
-            detail = f"{method} {request.branch_id}@{address}: {code.name}: {e.details()}"
-            if code == grpc.StatusCode.ABORTED:
-                return CallResult(Verdict.NO, detail=e.details() or "aborted", code=code)
-            if (
-                code == grpc.StatusCode.FAILED_PRECONDITION
-                and (e.details() or "").startswith("fenced:")
-                and self._on_fenced is not None
-            ):
-                # A participant has seen a newer owner of this shard.
-                self._on_fenced(detail)
-            if code not in _EXPECTED_RETRY:
-                log.warning("unexpected participant status, will retry: %s", detail)
-            return CallResult(Verdict.RETRY, detail=detail, code=code)
+            return self._answer(method, address, request, e.code(), e.details() or "", None)
         return CallResult(
             Verdict.OK,
             read_only=response.read_only,
@@ -172,7 +214,73 @@ class ParticipantCalls:
             result=response.result,
         )
 
+    def _answer(
+        self,
+        method: str,
+        address: str,
+        request: pb.BranchRequest,
+        code: grpc.StatusCode,
+        details: str,
+        response: pb.BranchResponse | None,
+    ) -> CallResult:
+        """The result contract (DESIGN.md), the same for both transports."""
+        if code == grpc.StatusCode.OK:
+            if response is None:
+                response = pb.BranchResponse()
+            return CallResult(
+                Verdict.OK,
+                read_only=response.read_only,
+                detail=response.message,
+                result=response.result,
+            )
+        if code == grpc.StatusCode.ABORTED:
+            return CallResult(Verdict.NO, detail=details or "aborted", code=code)
+        detail = f"{method} {request.branch_id}@{address}: {code.name}: {details}"
+        if (
+            code == grpc.StatusCode.FAILED_PRECONDITION
+            and details.startswith("fenced:")
+            and self._on_fenced is not None
+        ):
+            # A participant has seen a newer owner of this shard.
+            self._on_fenced(detail)
+        if code not in _EXPECTED_RETRY:
+            log.warning("unexpected participant status, will retry: %s", detail)
+        return CallResult(Verdict.RETRY, detail=detail, code=code)
+
+    def _unary_only(self, address: str) -> bool:
+        until = self._unary_until.get(address)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._unary_until[address]
+        return False
+
+    def _stream(self, address: str) -> ParticipantStream:
+        stream = self._streams.get(address)
+        if stream is None or stream.broken is not None:
+            stream = self._streams[address] = ParticipantStream(
+                self._stub(address), address, on_unsupported=self._stream_unsupported
+            )
+            self.streams_opened += 1
+            if self._on_stream_open is not None:
+                self._on_stream_open(address)
+        return stream
+
+    def _stream_unsupported(self, stream: ParticipantStream) -> None:
+        if self.mode is not Transport.AUTO:
+            log.warning("event=stream_unsupported address=%s transport=stream", stream.address)
+            return
+        self._unary_until[stream.address] = time.monotonic() + UNARY_RECHECK_S
+        self.fallbacks += 1
+        log.info("event=stream_fallback address=%s transport=unary", stream.address)
+        if self._on_fallback is not None:
+            self._on_fallback(stream.address)
+
     async def close(self) -> None:
+        streams = list(self._streams.values())
+        self._streams.clear()
+        await asyncio.gather(*(s.close() for s in streams))
         for channel in self._channels:
             await channel.close()
         self._channels.clear()

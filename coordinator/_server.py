@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 
 import accord.v1 as pb
-from coordinator._calls import ParticipantCalls
+from coordinator._calls import ParticipantCalls, Transport
 from coordinator._config import CoordinatorConfig
 from coordinator._engine import Engine
 from coordinator._errors import (
@@ -221,6 +221,9 @@ class ServerSettings:
     takeover_wait_s: float = 300.0
     #: Keep the WAL's SYNCED marker (chaos testing: lets a power loss be simulated).
     wal_sync_marker: bool = False
+    #: How participant calls travel: one stream per participant address (``stream``),
+    #: one RPC per call (``unary``), or streams where supported (``auto``).
+    participant_transport: Transport = Transport.AUTO
 
 
 #: Exit status of a coordinator that stopped because another one owns its shard now.
@@ -304,7 +307,12 @@ class CoordinatorServer:
         for note in recovered.repaired:
             log.warning("WAL repaired: %s", note)
         self._calls = ParticipantCalls(
-            registry=self._registry, transport=self._transport, on_fenced=self._fenced
+            registry=self._registry,
+            transport=self._transport,
+            on_fenced=self._fenced,
+            mode=s.participant_transport,
+            on_fallback=self.telemetry.on_stream_fallback,
+            on_stream_open=self.telemetry.on_stream_open,
         )
         engine = Engine(
             wal=wal,

@@ -116,6 +116,16 @@ class CoordinatorTelemetry:
             "accord.participant.call.retries",
             description="participant calls answered 'retry later' (retried), by status",
         )
+        self._fallbacks = m.create_counter(
+            "accord.participant.stream.fallbacks",
+            description="participant addresses found without the Stream RPC, whose calls "
+            "went unary (transport auto), by address",
+        )
+        self._streams = m.create_counter(
+            "accord.participant.streams.opened",
+            description="participant streams opened (the first call to an address, and "
+            "again after a stream broke), by address",
+        )
         self._fsync_ms = m.create_histogram(
             "accord.wal.fsync.duration",
             unit="ms",
@@ -346,6 +356,13 @@ class CoordinatorTelemetry:
                 "retry",
                 {"rpc.method": method, "accord.service": service, "rpc.grpc.status": code},
             )
+
+    def on_stream_open(self, address: str) -> None:
+        self._streams.add(1, _attrs(address=address))
+
+    def on_stream_fallback(self, address: str) -> None:
+        """A participant answered UNIMPLEMENTED to Stream: its calls go unary."""
+        self._fallbacks.add(1, _attrs(address=address))
 
     def on_wal_sync(self, batch: int, seconds: float) -> None:
         """The WAL's ``on_sync`` hook: one fdatasync of a group-commit batch."""

@@ -22,7 +22,7 @@ import accord.v1 as pb
 from participants._app import Participant, ParticipantApp
 from participants._resolver import InDoubtResolver
 from participants._service import ParticipantService
-from participants._servicer import ParticipantServicer
+from participants._servicer import DEFAULT_STREAM_MAX_INFLIGHT, ParticipantServicer
 from participants._store import Store
 from participants._telemetry import ParticipantTelemetry
 from registry import (
@@ -77,6 +77,7 @@ class ParticipantServer:
         resolver_interval_s: float | None = None,
         grace_s: float = 5.0,
         max_batch: int = 256,
+        stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
         transport: TransportSettings | None = None,
         services: Sequence[ServiceInstaller] = (),
         server_options: Sequence[tuple[str, Any]] = (),
@@ -97,6 +98,9 @@ class ParticipantServer:
         )
         self.telemetry = ParticipantTelemetry(
             telemetry, service=self.service.service, db=self.service.store.path
+        )
+        self._servicer = ParticipantServicer(
+            self.service, self.telemetry, stream_max_inflight=stream_max_inflight
         )
         self._transport = transport
         self._installers = tuple(services)
@@ -128,9 +132,7 @@ class ParticipantServer:
         await self.service.open()
         try:
             server, settings = make_server(self._transport, options=self._server_options)
-            pb.add_ParticipantServicer_to_server(
-                ParticipantServicer(self.service, self.telemetry), server
-            )
+            pb.add_ParticipantServicer_to_server(self._servicer, server)
             names = [PARTICIPANT_SERVICE_NAME]
             names += [install(server, self.service) for install in self._installers]
             self._health = health.aio.HealthServicer()
@@ -206,6 +208,9 @@ class ParticipantServer:
             if self._health is not None:
                 await self._health.enter_graceful_shutdown()
             await self.resolver.close()
+            # Streams stop reading and end once their calls in flight are answered, so
+            # the server does not wait out the grace period for a coordinator's stream.
+            self._servicer.shutdown()
             if self._server is not None:
                 await self._server.stop(grace)
         finally:

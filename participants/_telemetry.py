@@ -61,7 +61,9 @@ class ParticipantTelemetry:
                 description="branches held PREPARED (yes vote given, outcome not applied)",
             )
 
-    def start(self, op: Op, call: BranchCall) -> trace.Span | None:
+    def start(self, op: Op, call: BranchCall, transport: str = "unary") -> trace.Span | None:
+        """``transport``: ``unary`` (one RPC per call) or ``stream`` (a call of a
+        ``Stream`` batch)."""
         if not self.tracing:
             return None
         parent = incoming_context(call.trace_context.items()) if call.trace_context else None
@@ -71,7 +73,11 @@ class ParticipantTelemetry:
             kind=SpanKind.SERVER,
             # Few attributes (each costs microseconds): the span name says the op, the
             # resource says the service.
-            attributes={"accord.gid": call.gid, "accord.branch": call.branch_id},
+            attributes={
+                "accord.gid": call.gid,
+                "accord.branch": call.branch_id,
+                "accord.transport": transport,
+            },
         )
 
     def done(self, span: trace.Span | None, op: Op, result: Result | None, t0_ns: int) -> None:

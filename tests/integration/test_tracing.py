@@ -76,11 +76,14 @@ def transfer(amount: int) -> list[Branch]:
     ]
 
 
+@pytest.mark.parametrize("transport", ["stream", "unary"])
 async def test_2pc_is_one_trace_across_every_process(
-    cluster: Cluster, receiver: OtlpReceiver, client_tracing: TracerProvider
+    cluster: Cluster, receiver: OtlpReceiver, client_tracing: TracerProvider, transport: str
 ) -> None:
     services = await _start(cluster, receiver)
-    coord = cluster.coordinator(services, env=receiver.env())
+    coord = cluster.coordinator(
+        services, env=receiver.env(), extra=["--participant-transport", transport]
+    )
     async with AccordClient(coord.address, tracer_provider=client_tracing) as client:
         result = await client.execute(transfer(30))
     assert result.committed
@@ -128,6 +131,9 @@ async def test_2pc_is_one_trace_across_every_process(
         assert len(handlers) == 2
         for h in handlers:
             assert h.kind == "SERVER"
+            # Over the stream the context travels in each call's request, and each
+            # handler span is still the child of its own call span.
+            assert h.attributes["accord.transport"] == transport
             parent = by_id[h.parent_id]
             assert parent.name == f"accord.call {method}"
             assert h.service == f"accord-participant-{parent.attributes['accord.service']}"

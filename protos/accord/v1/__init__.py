@@ -31,8 +31,19 @@ from accord.v1.coordinator_pb2_grpc import (
 )
 from accord.v1 import coordinator_pb2 as coordinator_pb2
 from accord.v1.participant_pb2 import (
+    BatchedCall as BatchedCall,
+    BatchedResult as BatchedResult,
+    BranchBatch as BranchBatch,
+    BranchMethod as BranchMethod,
     BranchRequest as BranchRequest,
     BranchResponse as BranchResponse,
+    BranchResultBatch as BranchResultBatch,
+    BRANCH_METHOD_ABORT as BRANCH_METHOD_ABORT,
+    BRANCH_METHOD_COMMIT as BRANCH_METHOD_COMMIT,
+    BRANCH_METHOD_COMPENSATE as BRANCH_METHOD_COMPENSATE,
+    BRANCH_METHOD_EXECUTE as BRANCH_METHOD_EXECUTE,
+    BRANCH_METHOD_PREPARE as BRANCH_METHOD_PREPARE,
+    BRANCH_METHOD_UNSPECIFIED as BRANCH_METHOD_UNSPECIFIED,
 )
 from accord.v1.participant_pb2_grpc import (
     ParticipantStub as ParticipantStub,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61\x63\x63ord/v1/participant.proto\x12\taccord.v1\"\x99\x02\n\rBranchRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x11\n\tbranch_id\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\r\n\x05shard\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x1b\n\x13\x63oordinator_address\x18\x07 \x01(\t\x12\x11\n\tone_phase\x18\x08 \x01(\x08\x12\x41\n\rtrace_context\x18\t \x03(\x0b\x32*.accord.v1.BranchRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x0e\x42ranchResponse\x12\x11\n\tread_only\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06result\x18\x03 \x01(\x0c\x32\xcd\x02\n\x0bParticipant\x12>\n\x07Prepare\x12\x18.accord.v1.BranchRequest\x1a\x19.accord.v1.BranchResponse\x12=\n\x06\x43ommit\x12\x18.accord.v1.BranchRequest\x1a\x19.accord.v1.BranchResponse\x12<\n\x05\x41\x62ort\x12\x18.accord.v1.BranchRequest\x1a\x19.accord.v1.BranchResponse\x12>\n\x07\x45xecute\x12\x18.accord.v1.BranchRequest\x1a\x19.accord.v1.BranchResponse\x12\x41\n\nCompensate\x12\x18.accord.v1.BranchRequest\x1a\x19.accord.v1.BranchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61\x63\x63ord/v1/participant.proto\x12\taccord.v1\"m\n\x0b\x42\x61tchedCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12\'\n\x06method\x18\x02 \x01(\x0e\x32\x17.accord.v1.BranchMethod\x12)\n\x07request\x18\x03 \x01(\x0b\x32\x18.accord.v1.BranchRequest\"4\n\x0b\x42ranchBatch\x12%\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x16.accord.v1.BatchedCall\"g\n\rBatchedResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12+\n\x08response\x18\x04 \x01(\x0b\x32\x19.accord.v1.BranchResponse\">\n\x11\x42ranchResultBatch\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.accord.v1.BatchedResult\"\x99\x02\n\rBranchRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x11\n\tbranch_id\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\r\n\x05shard\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x1b\n\x13\x63oordinator_address\x18\x07 \x01(\t\x12\x11\n\tone_phase\x18\x08 \x01(\x08\x12\x41\n\rtrace_context\x18\t \x03(\x0b\x32*.accord.v1.BranchRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x0e\x42ranchResponse\x12\x11\n\tread_only\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06result\x18\x03 \x01(\x0c*\xb4\x01\n\x0c\x42ranchMethod\x12\x1d\n\x19\x42RANCH_METHOD_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42RANCH_METHOD_PREPARE\x10\x01\x12\x18\n\x14\x42RANCH_METHOD_COMMIT\x10\x02\x12\x17\n\x13\x42RANCH_METHOD_ABORT\x10\x03\x12\x19\n\x15\x42RANCH_METHOD_EXECUTE\x10\x04\x12\x1c\n\x18\x42RANCH_METHOD_COMPENSATE\x10\x05\x32\x91\x03\n\x0bParticipant\x12>\n\x07Prepare\x12\x18.accord.v1.BranchRequest\x1a\x19.accord.v1.BranchResponse\x12=\n\x06\x43ommit\x12\x18.accord.v1.BranchRequest\x1a\x19.accord.v1.BranchResponse\x12<\n\x05\x41\x62ort\x12\x18.accord.v1.BranchRequest\x1a\x19.accord.v1.BranchResponse\x12>\n\x07\x45xecute\x12\x18.accord.v1.BranchRequest\x1a\x19.accord.v1.BranchResponse\x12\x41\n\nCompensate\x12\x18.accord.v1.BranchRequest\x1a\x19.accord.v1.BranchResponse\x12\x42\n\x06Stream\x12\x16.accord.v1.BranchBatch\x1a\x1c.accord.v1.BranchResultBatch(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BRANCHREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_BRANCHREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_BRANCHREQUEST']._serialized_start=43
-  _globals['_BRANCHREQUEST']._serialized_end=324
-  _globals['_BRANCHREQUEST_TRACECONTEXTENTRY']._serialized_start=273
-  _globals['_BRANCHREQUEST_TRACECONTEXTENTRY']._serialized_end=324
-  _globals['_BRANCHRESPONSE']._serialized_start=326
-  _globals['_BRANCHRESPONSE']._serialized_end=394
-  _globals['_PARTICIPANT']._serialized_start=397
-  _globals['_PARTICIPANT']._serialized_end=730
+  _globals['_BRANCHMETHOD']._serialized_start=731
+  _globals['_BRANCHMETHOD']._serialized_end=911
+  _globals['_BATCHEDCALL']._serialized_start=42
+  _globals['_BATCHEDCALL']._serialized_end=151
+  _globals['_BRANCHBATCH']._serialized_start=153
+  _globals['_BRANCHBATCH']._serialized_end=205
+  _globals['_BATCHEDRESULT']._serialized_start=207
+  _globals['_BATCHEDRESULT']._serialized_end=310
+  _globals['_BRANCHRESULTBATCH']._serialized_start=312
+  _globals['_BRANCHRESULTBATCH']._serialized_end=374
+  _globals['_BRANCHREQUEST']._serialized_start=377
+  _globals['_BRANCHREQUEST']._serialized_end=658
+  _globals['_BRANCHREQUEST_TRACECONTEXTENTRY']._serialized_start=607
+  _globals['_BRANCHREQUEST_TRACECONTEXTENTRY']._serialized_end=658
+  _globals['_BRANCHRESPONSE']._serialized_start=660
+  _globals['_BRANCHRESPONSE']._serialized_end=728
+  _globals['_PARTICIPANT']._serialized_start=914
+  _globals['_PARTICIPANT']._serialized_end=1315
 # @@protoc_insertion_point(module_scope)

@@ -5,7 +5,8 @@ The participant's API, implemented by participant services and called by the
 coordinator. Every call carries gid, branch id, operation, payload, the coordinator's
 fencing epoch and the W3C trace context (also sent as gRPC metadata).
 
-Result contract, the same on every RPC (the gRPC status of the call):
+Result contract, the same on every RPC (the gRPC status of the call; over Stream, the
+code of each call's BatchedResult):
   OK                   yes / done (for Prepare: a yes vote, or read-only if the
                        response says so)
   ABORTED              a business "no": the vote is no, or the saga step failed for good
@@ -20,6 +21,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -30,6 +32,132 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _BranchMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BranchMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BranchMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BRANCH_METHOD_UNSPECIFIED: _BranchMethod.ValueType  # 0
+    BRANCH_METHOD_PREPARE: _BranchMethod.ValueType  # 1
+    BRANCH_METHOD_COMMIT: _BranchMethod.ValueType  # 2
+    BRANCH_METHOD_ABORT: _BranchMethod.ValueType  # 3
+    BRANCH_METHOD_EXECUTE: _BranchMethod.ValueType  # 4
+    BRANCH_METHOD_COMPENSATE: _BranchMethod.ValueType  # 5
+
+class BranchMethod(_BranchMethod, metaclass=_BranchMethodEnumTypeWrapper):
+    """The participant RPC a stream call stands for."""
+
+BRANCH_METHOD_UNSPECIFIED: BranchMethod.ValueType  # 0
+BRANCH_METHOD_PREPARE: BranchMethod.ValueType  # 1
+BRANCH_METHOD_COMMIT: BranchMethod.ValueType  # 2
+BRANCH_METHOD_ABORT: BranchMethod.ValueType  # 3
+BRANCH_METHOD_EXECUTE: BranchMethod.ValueType  # 4
+BRANCH_METHOD_COMPENSATE: BranchMethod.ValueType  # 5
+Global___BranchMethod: _TypeAlias = BranchMethod  # noqa: Y015
+
+@_typing.final
+class BatchedCall(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the caller, unique among its calls pending on the stream."""
+    method: Global___BranchMethod.ValueType
+    @_builtins.property
+    def request(self) -> Global___BranchRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        method: Global___BranchMethod.ValueType = ...,
+        request: Global___BranchRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "method", b"method", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchedCall: _TypeAlias = BatchedCall  # noqa: Y015
+
+@_typing.final
+class BranchBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchedCall]: ...
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___BatchedCall] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BranchBatch: _TypeAlias = BranchBatch  # noqa: Y015
+
+@_typing.final
+class BatchedResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The id of the call this answers."""
+    code: _builtins.int
+    """The gRPC status code number the unary RPC would have ended with (0 OK, 9
+    FAILED_PRECONDITION, 10 ABORTED, 13 INTERNAL, ...), and its details.
+    """
+    message: _builtins.str
+    @_builtins.property
+    def response(self) -> Global___BranchResponse:
+        """Set when code is OK (as the unary response); may carry a message otherwise."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        response: Global___BranchResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "id", b"id", "message", b"message", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchedResult: _TypeAlias = BatchedResult  # noqa: Y015
+
+@_typing.final
+class BranchResultBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchedResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BatchedResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BranchResultBatch: _TypeAlias = BranchResultBatch  # noqa: Y015
 
 @_typing.final
 class BranchRequest(_message.Message):

@@ -59,6 +59,11 @@ class ParticipantStub:
                 request_serializer=accord_dot_v1_dot_participant__pb2.BranchRequest.SerializeToString,
                 response_deserializer=accord_dot_v1_dot_participant__pb2.BranchResponse.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/accord.v1.Participant/Stream',
+                request_serializer=accord_dot_v1_dot_participant__pb2.BranchBatch.SerializeToString,
+                response_deserializer=accord_dot_v1_dot_participant__pb2.BranchResultBatch.FromString,
+                _registered_method=True)
 
 
 class ParticipantServicer:
@@ -99,6 +104,25 @@ class ParticipantServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stream(self, request_iterator, context):
+        """Many branch calls over one long-lived stream per coordinator-participant pair (one
+        unary round trip costs more CPU than the call's work). Each BatchedCall is handled
+        exactly as the unary RPC of its method would be (barrier, fencing, one_phase,
+        tracing), and answered by one BatchedResult with the same id, carrying the status
+        the unary RPC would have ended with (the result contract above, per call). Results
+        come in any order, several per batch. A malformed call (unknown method, no gid) is
+        answered INVALID_ARGUMENT for its id; the stream goes on. A participant bounds the
+        calls in flight per stream and answers RESOURCE_EXHAUSTED (retryable) beyond it.
+        Trace context travels per call in BranchRequest.trace_context (stream metadata is
+        per stream). A participant without this method answers UNIMPLEMENTED; the
+        coordinator then uses the unary RPCs for it. The stream ends (the coordinator
+        fails every call still pending on it as UNAVAILABLE and retries) when either side
+        closes it or the connection breaks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParticipantServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +150,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.Compensate,
                     request_deserializer=accord_dot_v1_dot_participant__pb2.BranchRequest.FromString,
                     response_serializer=accord_dot_v1_dot_participant__pb2.BranchResponse.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=accord_dot_v1_dot_participant__pb2.BranchBatch.FromString,
+                    response_serializer=accord_dot_v1_dot_participant__pb2.BranchResultBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +292,33 @@ class Participant:
             '/accord.v1.Participant/Compensate',
             accord_dot_v1_dot_participant__pb2.BranchRequest.SerializeToString,
             accord_dot_v1_dot_participant__pb2.BranchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/accord.v1.Participant/Stream',
+            accord_dot_v1_dot_participant__pb2.BranchBatch.SerializeToString,
+            accord_dot_v1_dot_participant__pb2.BranchResultBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,7 +5,8 @@ The participant's API, implemented by participant services and called by the
 coordinator. Every call carries gid, branch id, operation, payload, the coordinator's
 fencing epoch and the W3C trace context (also sent as gRPC metadata).
 
-Result contract, the same on every RPC (the gRPC status of the call):
+Result contract, the same on every RPC (the gRPC status of the call; over Stream, the
+code of each call's BatchedResult):
   OK                   yes / done (for Prepare: a yes vote, or read-only if the
                        response says so)
   ABORTED              a business "no": the vote is no, or the saga step failed for good
@@ -56,6 +57,21 @@ class ParticipantStub:
     Execute: _grpc.UnaryUnaryMultiCallable[_participant_pb2.BranchRequest, _participant_pb2.BranchResponse]
     """Saga step and its compensation."""
     Compensate: _grpc.UnaryUnaryMultiCallable[_participant_pb2.BranchRequest, _participant_pb2.BranchResponse]
+    Stream: _grpc.StreamStreamMultiCallable[_participant_pb2.BranchBatch, _participant_pb2.BranchResultBatch]
+    """Many branch calls over one long-lived stream per coordinator-participant pair (one
+    unary round trip costs more CPU than the call's work). Each BatchedCall is handled
+    exactly as the unary RPC of its method would be (barrier, fencing, one_phase,
+    tracing), and answered by one BatchedResult with the same id, carrying the status
+    the unary RPC would have ended with (the result contract above, per call). Results
+    come in any order, several per batch. A malformed call (unknown method, no gid) is
+    answered INVALID_ARGUMENT for its id; the stream goes on. A participant bounds the
+    calls in flight per stream and answers RESOURCE_EXHAUSTED (retryable) beyond it.
+    Trace context travels per call in BranchRequest.trace_context (stream metadata is
+    per stream). A participant without this method answers UNIMPLEMENTED; the
+    coordinator then uses the unary RPCs for it. The stream ends (the coordinator
+    fails every call still pending on it as UNAVAILABLE and retries) when either side
+    closes it or the connection breaks.
+    """
 
 @_typing.type_check_only
 class ParticipantAsyncStub(ParticipantStub):
@@ -72,6 +88,21 @@ class ParticipantAsyncStub(ParticipantStub):
     Execute: _aio.UnaryUnaryMultiCallable[_participant_pb2.BranchRequest, _participant_pb2.BranchResponse]  # type: ignore[assignment]
     """Saga step and its compensation."""
     Compensate: _aio.UnaryUnaryMultiCallable[_participant_pb2.BranchRequest, _participant_pb2.BranchResponse]  # type: ignore[assignment]
+    Stream: _aio.StreamStreamMultiCallable[_participant_pb2.BranchBatch, _participant_pb2.BranchResultBatch]  # type: ignore[assignment]
+    """Many branch calls over one long-lived stream per coordinator-participant pair (one
+    unary round trip costs more CPU than the call's work). Each BatchedCall is handled
+    exactly as the unary RPC of its method would be (barrier, fencing, one_phase,
+    tracing), and answered by one BatchedResult with the same id, carrying the status
+    the unary RPC would have ended with (the result contract above, per call). Results
+    come in any order, several per batch. A malformed call (unknown method, no gid) is
+    answered INVALID_ARGUMENT for its id; the stream goes on. A participant bounds the
+    calls in flight per stream and answers RESOURCE_EXHAUSTED (retryable) beyond it.
+    Trace context travels per call in BranchRequest.trace_context (stream metadata is
+    per stream). A participant without this method answers UNIMPLEMENTED; the
+    coordinator then uses the unary RPCs for it. The stream ends (the coordinator
+    fails every call still pending on it as UNAVAILABLE and retries) when either side
+    closes it or the connection breaks.
+    """
 
 class ParticipantServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -115,5 +146,26 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
         request: _participant_pb2.BranchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_participant_pb2.BranchResponse, _abc.Awaitable[_participant_pb2.BranchResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Stream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_participant_pb2.BranchBatch],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_participant_pb2.BranchResultBatch], _abc.AsyncIterator[_participant_pb2.BranchResultBatch]]:
+        """Many branch calls over one long-lived stream per coordinator-participant pair (one
+        unary round trip costs more CPU than the call's work). Each BatchedCall is handled
+        exactly as the unary RPC of its method would be (barrier, fencing, one_phase,
+        tracing), and answered by one BatchedResult with the same id, carrying the status
+        the unary RPC would have ended with (the result contract above, per call). Results
+        come in any order, several per batch. A malformed call (unknown method, no gid) is
+        answered INVALID_ARGUMENT for its id; the stream goes on. A participant bounds the
+        calls in flight per stream and answers RESOURCE_EXHAUSTED (retryable) beyond it.
+        Trace context travels per call in BranchRequest.trace_context (stream metadata is
+        per stream). A participant without this method answers UNIMPLEMENTED; the
+        coordinator then uses the unary RPCs for it. The stream ends (the coordinator
+        fails every call still pending on it as UNAVAILABLE and retries) when either side
+        closes it or the connection breaks.
+        """
 
 def add_ParticipantServicer_to_server(servicer: ParticipantServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
