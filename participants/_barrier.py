@@ -46,8 +46,10 @@ epoch, coordinator_address, detail, at)``
 
 The hot path costs few statements: a Prepare claims its branch row first (an INSERT that
 does nothing when the row exists: then it is a duplicate, answered from the barrier), and
-a Commit or Abort of a PREPARED branch changes the state with one ``UPDATE ... RETURNING``
-that also yields the prepared operation and payload. Either is undone with the handler's
+a Commit or Abort of a PREPARED branch changes the state with one ``UPDATE`` that matches
+the call's operation and payload (a call carrying something else than what was prepared
+falls back to an ``UPDATE ... RETURNING`` that yields the prepared operation and payload:
+the prepared branch is the truth). Either is undone with the handler's
 changes when the handler refuses or says "not yet". New databases store both tables
 ``WITHOUT ROWID`` and index only PREPARED branches; older files keep their layout.
 
@@ -247,6 +249,13 @@ _SQL_INSERT_BRANCH = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SQL_CLAIM_BRANCH = _SQL_INSERT_BRANCH + " ON CONFLICT (gid, branch_id) DO NOTHING"
+#: Phase two of a PREPARED branch whose call carries what was prepared (the usual case):
+#: the new state, with no RETURNING (which costs SQLite an ephemeral table and a second
+#: step). Measured alone, 11.5 against 16.6 µs of CPU.
+_SQL_FINISH_SAME = (
+    "UPDATE accord_branches SET state = ?, updated_at = ?"
+    " WHERE gid = ? AND branch_id = ? AND state = 'PREPARED' AND operation = ? AND payload = ?"
+)
 #: Phase two of a PREPARED branch: the new state, returning what was prepared.
 _SQL_FINISH = (
     "UPDATE accord_branches SET state = ?, updated_at = ?"
@@ -359,21 +368,29 @@ class Barrier:
                 result, outcome = recorded, Outcome.DUPLICATE
         elif op is Op.COMMIT or op is Op.ABORT:
             # Phase two of a PREPARED branch (the usual case) in one statement: the state
-            # changes and the stored operation and payload come back. A PREPARED branch
-            # has no recorded commit or abort: that answer is recorded with the change.
-            finished = conn.execute(
-                _SQL_FINISH,
-                (
-                    _COMMITTED_STATE if op is Op.COMMIT else _ABORTED_STATE,
-                    self._clock(),
-                    call.gid,
-                    call.branch_id,
-                ),
-            ).fetchone()
-            if finished is not None:
-                result, outcome = self._finish(conn, call, op, finished)
+            # changes, if the call carries the prepared operation and payload (else they
+            # come back from a second UPDATE ... RETURNING, as the prepared branch is the
+            # truth). A PREPARED branch has no recorded commit or abort: that answer is
+            # recorded with the change.
+            state = _COMMITTED_STATE if op is Op.COMMIT else _ABORTED_STATE
+            now = self._clock()
+            if (
+                conn.execute(
+                    _SQL_FINISH_SAME,
+                    (state, now, call.gid, call.branch_id, call.operation, call.payload),
+                ).rowcount
+                == 1
+            ):
+                result, outcome = self._finish(conn, call, op)
             else:
-                result, outcome = self._phase_two(conn, op, call)
+                finished = conn.execute(
+                    _SQL_FINISH, (state, now, call.gid, call.branch_id)
+                ).fetchone()
+                if finished is not None:
+                    stored = (BranchState.PREPARED, str(finished[0]), bytes(finished[1]))
+                    result, outcome = self._finish(conn, _stored(call, stored), op)
+                else:
+                    result, outcome = self._phase_two(conn, op, call)
         elif op is Op.EXECUTE:
             recorded = _recorded(conn, call, op)
             if recorded is None:
@@ -454,12 +471,10 @@ class Barrier:
         self._record(conn, call, _PREPARED, Op.PREPARE)
         return _PREPARED, Outcome.PREPARED
 
-    def _finish(
-        self, conn: sqlite3.Connection, call: BranchCall, op: Op, stored: tuple[Any, ...]
-    ) -> _Answer:
+    def _finish(self, conn: sqlite3.Connection, call: BranchCall, op: Op) -> _Answer:
         """Commit or abort of a PREPARED branch whose state the caller just changed
-        (undone with the handler's changes if the handler says "not yet")."""
-        call = _stored(call, (BranchState.PREPARED, str(stored[0]), bytes(stored[1])))
+        (undone with the handler's changes if the handler says "not yet"); ``call``
+        carries the prepared operation and payload."""
         try:
             if op is Op.COMMIT:
                 self._p.commit(conn, call)

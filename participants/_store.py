@@ -1,6 +1,8 @@
 """The participant's SQLite database, and the one thread that writes it.
 
-Blocking SQLite work never runs on the event loop. One writer thread owns the write
+Blocking SQLite work never runs on the event loop. The event loop hands the jobs of one
+loop iteration to the writer together (one queue item, one wake-up of the writer, after
+the iteration's handlers queued theirs). One writer thread owns the write
 connection and does group commit: it takes every job waiting in its queue (up to
 ``max_batch``), runs each in its own SAVEPOINT inside one transaction (a job that raises
 rolls back only its savepoint), COMMITs once (one fsync for the whole batch: WAL mode,
@@ -90,8 +92,10 @@ class Store:
         self.path = Path(path)
         self.max_batch = max_batch
         self.stats = StoreStats()
-        # None is the stop sentinel.
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # Jobs in lists (one per event-loop iteration); None is the stop sentinel.
+        self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        #: Jobs queued in this event-loop iteration (event loop only).
+        self._pending: list[_Job] = []
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: ThreadPoolExecutor | None = None
@@ -130,12 +134,23 @@ class Store:
         if self._closed or self._loop is None:
             raise StoreError("participants: store is closed")
         future: asyncio.Future[_T] = self._loop.create_future()
-        self._queue.put((fn, future))
+        # Handed over once per event-loop iteration, not per call: the writer is woken
+        # once, after this iteration's other handlers queued theirs, instead of waking at
+        # the first one and then contending for the GIL while they run.
+        pending = self._pending
+        pending.append((fn, future))
+        if len(pending) == 1:
+            self._loop.call_soon(self._hand_over)
         # A cancelled caller does not cancel the job: the writer runs every queued job
         # whatever became of its future, commits, and drops the answer of a cancelled one
         # (no shield needed). The barrier makes the coordinator's retry see the recorded
         # result.
         return await future
+
+    def _hand_over(self) -> None:
+        if self._pending:
+            jobs, self._pending = self._pending, []
+            self._queue.put(jobs)
 
     async def read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Runs ``fn`` on the reader thread (committed data only)."""
@@ -151,6 +166,7 @@ class Store:
         self._closed = True
         thread = self._thread
         if thread is not None:
+            self._hand_over()  # jobs of this iteration run before the stop sentinel
             self._queue.put(None)
             await asyncio.to_thread(thread.join)
         if self._reader is not None:
@@ -191,20 +207,23 @@ class Store:
 
     def _run(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
         stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.max_batch:
+        jobs: list[_Job] = []
+        while jobs or not stopping:
+            if not jobs:
+                item = self._queue.get()
+                if item is None:
+                    return
+                jobs = item
+            while len(jobs) < self.max_batch and not stopping:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
                     stopping = True
-                    break
-                batch.append(item)
+                else:
+                    jobs += item
+            batch, jobs = jobs[: self.max_batch], jobs[self.max_batch :]
             try:
                 answers = self._commit_batch(conn, batch)
             except BaseException as exc:  # BEGIN or SAVEPOINT failed (e.g. locked)

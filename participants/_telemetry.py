@@ -36,6 +36,7 @@ class ParticipantTelemetry:
     def __init__(self, telemetry: Telemetry | None, *, service: str, db: Path | str) -> None:
         t = telemetry or Telemetry.disabled()
         self.tracing = t.tracing
+        self.metering = t.metering
         self._tracer = t.tracer
         self._service = service
         self._db = str(db)
@@ -81,6 +82,8 @@ class ParticipantTelemetry:
         )
 
     def done(self, span: trace.Span | None, op: Op, result: Result | None, t0_ns: int) -> None:
+        if span is None and not self.metering:
+            return  # nothing to record: the no-op instruments would still cost a microsecond or two
         status = result.status.value if result is not None else "INTERNAL"
         self._handled_ms.record(
             (time.monotonic_ns() - t0_ns) / 1e6, _attrs(op=op.value, status=status)

@@ -244,6 +244,30 @@ async def test_phase_two_uses_the_prepared_payload(svc: ParticipantService) -> N
     assert seen == [b'{"x": 1}']
 
 
+async def test_phase_two_with_the_prepared_payload_or_another(svc: ParticipantService) -> None:
+    # The usual call carries what was prepared (one UPDATE); a call carrying something
+    # else still finishes the branch, with the handler given the prepared payload.
+    seen: list[tuple[str, str, bytes]] = []
+
+    class Spy(Counting):
+        def commit(self, conn: sqlite3.Connection, call: BranchCall) -> None:
+            seen.append(("commit", call.operation, call.payload))
+
+        def abort(self, conn: sqlite3.Connection, call: BranchCall) -> None:
+            seen.append(("abort", call.operation, call.payload))
+
+    spy = ParticipantService(Spy(), svc.store)
+    await spy.call(Op.PREPARE, bc("g1", payload=b"p1"))
+    await spy.call(Op.PREPARE, bc("g2", payload=b"p2"))
+    assert (await spy.call(Op.COMMIT, bc("g1", payload=b"p1"))).message == "committed"
+    assert (await spy.call(Op.ABORT, bc("g2", operation="other", payload=b"x"))).ok
+    assert seen == [("commit", "ok", b"p1"), ("abort", "ok", b"p2")]
+    # Retries are answered from the barrier, whatever they carry.
+    assert (await spy.call(Op.COMMIT, bc("g1", payload=b"x"))).duplicate
+    assert (await spy.call(Op.ABORT, bc("g2", payload=b"p2"))).duplicate
+    assert len(seen) == 2
+
+
 async def test_validation(svc: ParticipantService, logic: Counting) -> None:
     for op in Op:
         assert (await svc.call(op, bc(gid=""))).status is Status.INVALID

@@ -111,3 +111,43 @@ async def test_closed_store_refuses_writes(tmp_path: Path) -> None:
     await s.close()  # twice is fine
     with pytest.raises(StoreError):
         await s.write(lambda c: None)
+
+
+def _returns(k: int) -> Callable[[sqlite3.Connection], int]:
+    return lambda c: k
+
+
+def _inserts(k: int) -> Callable[[sqlite3.Connection], int]:
+    return lambda c: c.execute("INSERT INTO t VALUES (?)", (k,)).rowcount
+
+
+async def test_writes_of_one_loop_iteration_are_one_batch(store: Store) -> None:
+    # The writer is handed every job queued in one event-loop iteration at once, so
+    # callers that started together share one COMMIT (and one wake-up of the writer).
+    commits, jobs = store.stats.commits, store.stats.jobs
+    n = 40
+    results = await asyncio.gather(*(store.write(_returns(k)) for k in range(n)))
+    assert results == list(range(n))
+    assert (store.stats.jobs - jobs, store.stats.commits - commits) == (n, 1)
+
+
+async def test_batches_are_capped_at_max_batch(tmp_path: Path) -> None:
+    s = Store(tmp_path / "m.db", max_batch=8)
+    await s.open(lambda c: c.execute("CREATE TABLE t (k INTEGER PRIMARY KEY)"))
+    try:
+        n = 20
+        inserted = await asyncio.gather(*(s.write(_inserts(k)) for k in range(n)))
+        assert inserted == [1] * n
+        assert s.stats.max_batch == 8 and s.stats.commits == 3, s.stats
+    finally:
+        await s.close()
+
+
+async def test_close_runs_the_writes_of_the_current_iteration(tmp_path: Path) -> None:
+    s = Store(tmp_path / "q.db")
+    await s.open(lambda c: c.execute("CREATE TABLE t (k INTEGER PRIMARY KEY)"))
+    tasks = [asyncio.ensure_future(s.write(_inserts(k))) for k in range(5)]
+    await asyncio.sleep(0)  # the writes are queued in this iteration, not yet handed over
+    await s.close()
+    await asyncio.gather(*tasks)
+    assert s.stats.jobs == 5
