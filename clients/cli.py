@@ -167,13 +167,14 @@ def coordinator(
 ) -> None:
     """Run a coordinator: replay its WAL, finish what was unfinished, serve."""
     from coordinator import CoordinatorConfig, Limits, RetryPolicy, ServerSettings, serve
-    from registry import EtcdRegistry, Registry, StaticRegistry
+    from registry import EtcdRegistry, Registry, StaticRegistry, check_shard_name
 
     setup_logging(log_level, log_format)
     registry: Registry
     try:
         if etcd and service:
             raise ValueError("give either --etcd or --service, not both")
+        check_shard_name(shard or coordinator_id)
         registry = EtcdRegistry.from_url(etcd) if etcd else StaticRegistry.parse(service or [])
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
