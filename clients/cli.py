@@ -415,7 +415,9 @@ EtcdUrl = Annotated[
     typer.Option(
         "--etcd",
         envvar="ACCORD_ETCD",
-        help="find a live coordinator in etcd (http://host:port) instead of --coordinator",
+        help="use the coordinators registered in etcd (http://host:port) instead of "
+        "--coordinator: every shard's owner, new transactions spread over the shards, "
+        "each gid sent to its own shard",
     ),
 ]
 
