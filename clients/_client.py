@@ -716,29 +716,18 @@ class AccordClient:
         token = txns[-1].gid if more and txns else ""
         return [TxnResult.from_pb(t) for t in txns], token
 
-    async def list_by_shard(
-        self, *, states: Sequence[str] = (), limit: int = 100
-    ) -> dict[str, tuple[TxnResult, ...]]:
-        """Sharded client: the first page of each live shard's transactions."""
-        req = pb.ListTransactionsRequest(
-            states=[pb.TxnState.Value(f"TXN_STATE_{s.upper()}") for s in states], limit=limit
-        )
-        shards = self._live if self._sharded else ("",)
-        out: dict[str, tuple[TxnResult, ...]] = {}
-        for s in shards:
-            resp = await self._on_shard(
-                s, lambda stub: stub.ListTransactions(req, timeout=self._timeout)
-            )
-            out[s] = tuple(TxnResult.from_pb(t) for t in resp.transactions)
-        return out
-
     async def watch(self, gid: str) -> AsyncIterator[TxnResult]:
         """Yields the transaction's state now, then after every change, until final."""
         shard = await self._gid_shard(gid)
-        stub = self._conns[shard].stub if self._sharded and shard in self._conns else None
-        if self._sharded and stub is None:
-            raise UnavailableError(f"UNAVAILABLE: no live coordinator owns shard {shard!r}")
-        stream = (stub or self._stub).WatchTransaction(pb.WatchTransactionRequest(gid=gid))
+        if self._sharded:
+            if shard not in self._conns:
+                await self._refresh()  # a standby may own it by now
+            if shard not in self._conns:
+                raise UnavailableError(f"UNAVAILABLE: no live coordinator owns shard {shard!r}")
+            stub = self._conns[shard].stub
+        else:
+            stub = self._stub
+        stream = stub.WatchTransaction(pb.WatchTransactionRequest(gid=gid))
         try:
             async for event in stream:
                 yield TxnResult.from_pb(event.transaction)

@@ -6,14 +6,17 @@ took a shard over. Real etcd, real coordinators and banks on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import subprocess
+import sys
 import time
 from collections import Counter
 
 import pytest
 
 from clients import AccordClient, Branch, TxnResult
-from clients._errors import FailedPreconditionError, UnavailableError
+from clients._errors import FailedPreconditionError, NotFoundError, UnavailableError
 from clients._procs import ManagedProcess
 from registry import shard_for_key, shard_of
 from tests.integration._util import assert_eventually
@@ -147,6 +150,24 @@ async def test_the_sharded_client_spreads_load_and_routes_gids(cluster: Cluster)
         for gid in gids:
             assert (await client.commit(gid)).committed
             assert (await client.get(gid)).state == "COMMITTED"
+
+        async for seen in client.watch(gids[1]):
+            assert seen.gid == gids[1]
+        assert seen.state == "COMMITTED"
+        # A gid in the older form (no shard): every shard is asked; none knows this one.
+        with pytest.raises(NotFoundError, match="asked shards"):
+            await client.get("0190c1a2b3c4deadbeef00000001")
+
+        # The command line with --etcd routes by gid too.
+        for gid in gids[:2]:
+            cli = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "clients.cli", "txn", "get", gid, "--etcd", etcd),
+                "--json",
+                stdout=subprocess.PIPE,
+            )
+            stdout, _ = await asyncio.wait_for(cli.communicate(), 60)
+            assert cli.returncode == 0
+            assert json.loads(stdout)["state"] == "COMMITTED"
 
         # A gid sent to the wrong coordinator: FAILED_PRECONDITION naming its shard.
         gid = gids[0]
