@@ -529,8 +529,10 @@ class AccordClient:
             self._map_task is None or self._map_task.done()
         ):
             self._map_task = asyncio.get_running_loop().create_task(self._refresh_once())
+        if not self._known:
+            raise UnavailableError(f"no coordinator registered in etcd at {self._etcd}")
         if key:
-            return shard_for_key(key, self._known or self._live or ("",))
+            return shard_for_key(key, self._known)
         if not self._live:
             raise UnavailableError(f"no live coordinator registered in etcd at {self._etcd}")
         self._rr += 1
@@ -594,15 +596,13 @@ class AccordClient:
     async def close(self) -> None:
         if self._map_task is not None:
             self._map_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._map_task
+            # Its own cancellation comes back as a value; ours still propagates.
+            await asyncio.gather(self._map_task, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
         for conn in self._conns.values():
             await conn.channel.close()
-        for task in list(self._closing):
-            with contextlib.suppress(Exception):
-                await task
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
         channels = [c.channel for c in self._conns.values()] if self._sharded else [self._channel]
