@@ -178,7 +178,27 @@ async def test_the_sharded_client_spreads_load_and_routes_gids(cluster: Cluster)
             with pytest.raises(FailedPreconditionError, match="belongs to shard"):
                 await direct.commit(gid)
 
-    assert await settled(banks) == 2 * ACCOUNTS * OPENING
+        # accord load --etcd spreads its transactions over both shards too.
+        for bank, name in zip(banks, ("bank-a", "bank-b"), strict=True):
+            await open_accounts(bank, {f"{name}-{i}": OPENING for i in range(ACCOUNTS)})
+        counts = {}
+        for shard, proc in coords.items():
+            async with AccordClient(proc.address) as direct:
+                counts[shard] = len((await direct.list(limit=1000))[0])
+        cli = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "clients.cli", "load", "--etcd", etcd, "--json", "-"),
+            *("--transactions", "40", "--concurrency", "4", "--accounts", str(ACCOUNTS)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        stdout, _ = await asyncio.wait_for(cli.communicate(), 120)
+        assert cli.returncode == 0 and json.loads(stdout)["errors"] == {}
+        for shard, proc in coords.items():
+            async with AccordClient(proc.address) as direct:
+                own, _ = await direct.list(limit=1000)
+            assert len(own) >= counts[shard] + 10, (shard, len(own), counts[shard])
+
+    assert await settled(banks) == 4 * ACCOUNTS * OPENING
 
 
 async def test_a_standby_takes_a_shard_over_and_the_client_finds_it(cluster: Cluster) -> None:
