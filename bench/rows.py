@@ -606,6 +606,9 @@ async def accord_2pc_2coord(env: RowEnv) -> AsyncIterator[Target]:
                 *("--wal-dir", str(env.data_dir / f"wal-s{i}"), "--etcd", etcd.url),
                 *("--log-level", "warning"),
             ],
+            # As 2pc-etcd: one unary RPC per participant call. Set through the
+            # environment, which a coordinator without this setting ignores.
+            {"ACCORD_PARTICIPANT_TRANSPORT": "unary"},
         )
         for i in (1, 2)
     }
