@@ -12,8 +12,11 @@ Protobuf stays at the edge: results are plain frozen dataclasses.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -26,14 +29,24 @@ from opentelemetry.trace import TracerProvider
 import accord.v1 as pb
 from clients._errors import (
     AccordClientError,
+    NotFoundError,
     TransactionAborted,
     UnavailableError,
     from_rpc_error,
 )
 from clients._tracing import TracedStub, recording
+from registry import find_shards, shard_for_key, shard_of
 from registry.transport import TransportSettings, make_channel
 
 T = TypeVar("T")
+StubCall = Callable[[pb.CoordinatorStub], Awaitable[T]]
+
+log = logging.getLogger("accord.client")
+
+#: A sharded client re-reads etcd at least this often (new shards, moved owners) ...
+SHARD_MAP_MAX_AGE_S = 10.0
+#: ... and, after a failure, at most this often.
+SHARD_MAP_MIN_AGE_S = 0.25
 
 _STATE_NAMES = {v: k.removeprefix("TXN_STATE_") for k, v in pb.TxnState.items()}
 _BRANCH_STATE_NAMES = {v: k.removeprefix("BRANCH_STATE_") for k, v in pb.BranchState.items()}
@@ -326,8 +339,20 @@ class _TransactionScope:
             raise TransactionAborted(f"transaction {self.tx.gid} aborted: {self.result.reason}")
 
 
+@dataclass(frozen=True)
+class _Conn:
+    address: str
+    channel: aio.Channel
+    stub: pb.CoordinatorStub
+
+
 class AccordClient:
-    """Async client of one coordinator. Use as ``async with`` or call :meth:`close`."""
+    """Async client of Accord. Use as ``async with`` or call :meth:`close`.
+
+    ``AccordClient(address)`` talks to one coordinator. ``await
+    AccordClient.from_etcd(url)`` is *sharded*: it talks to the owner of every shard
+    registered in etcd, spreads new transactions over them, and sends every call about
+    a gid to the shard that made it (see :meth:`from_etcd`)."""
 
     def __init__(
         self,
@@ -348,16 +373,31 @@ class AccordClient:
         self._coordinator_id = ""
         self._shard = ""
         self._channel: aio.Channel | None = None
+        # Sharded mode (from_etcd without a coordinator or shard): one connection per
+        # shard owner, the live shards and every known one (sorted), a round-robin
+        # counter for keyless new transactions.
+        self._sharded = False
+        self._conns: dict[str, _Conn] = {}
+        self._live: tuple[str, ...] = ()
+        self._known: tuple[str, ...] = ()
+        self._rr = 0
+        self._map_at = 0.0
+        self._map_task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         if connect:
             self._connect(address)
 
-    def _connect(self, address: str) -> None:
-        self.address = address
-        self._channel = make_channel(address, self._transport)
-        self._stub = pb.CoordinatorStub(self._channel)
+    def _open(self, address: str) -> _Conn:
+        channel = make_channel(address, self._transport)
+        stub = pb.CoordinatorStub(channel)
         if recording(self._tracer_provider):
             tracer = trace.get_tracer("accord.client", tracer_provider=self._tracer_provider)
-            self._stub = cast(pb.CoordinatorStub, TracedStub(self._stub, tracer))
+            stub = cast(pb.CoordinatorStub, TracedStub(stub, tracer))
+        return _Conn(address, channel, stub)
+
+    def _connect(self, address: str) -> None:
+        conn = self._open(address)
+        self.address, self._channel, self._stub = address, conn.channel, conn.stub
 
     @classmethod
     async def from_etcd(
@@ -370,9 +410,22 @@ class AccordClient:
         timeout_s: float = 60.0,
         tracer_provider: TracerProvider | None = None,
     ) -> AccordClient:
-        """A client of a live coordinator found in etcd: ``coordinator_id``, or the owner
-        of ``shard``, or any one registered. :meth:`reconnect` finds it again after a
-        failover. Raises :class:`UnavailableError` when none is registered."""
+        """A client of the coordinators registered in etcd.
+
+        With ``coordinator_id`` or ``shard``: a client of that one coordinator (or of
+        the shard's current owner); :meth:`reconnect` finds it again after a failover.
+
+        With neither: a sharded client of every shard's owner. New transactions go
+        round robin over the live shards; one with an idempotency key always goes to
+        the key's shard (rendezvous hashing over every shard that has ever had an
+        owner, so a retry reaches the shard that saw the first attempt, or fails with
+        ``UNAVAILABLE`` while that shard has no owner). Calls about a gid go to the
+        shard named in the gid (an older gid that names none: to each shard in turn).
+        After ``UNAVAILABLE`` the client reads etcd again before raising, so a retry
+        reaches a standby that took the shard over; it also re-reads every
+        :data:`SHARD_MAP_MAX_AGE_S` to see new shards.
+
+        Raises :class:`UnavailableError` when no coordinator is registered."""
         client = cls(
             "",
             transport=transport,
@@ -381,17 +434,28 @@ class AccordClient:
             tracer_provider=tracer_provider,
         )
         client._etcd, client._coordinator_id, client._shard = etcd, coordinator_id, shard
+        client._sharded = not coordinator_id and not shard
         await client.reconnect()
         return client
 
+    @property
+    def shards(self) -> dict[str, str]:
+        """Sharded client: the address of each live shard's owner, as last read."""
+        return {s: c.address for s, c in self._conns.items()}
+
     async def reconnect(self) -> str:
         """Finds the coordinator again in etcd (after ``UNAVAILABLE``: a standby may own
-        the shard now) and switches to it; returns its address. Without etcd, a no-op."""
+        the shard now) and switches to it; returns its address (a sharded client: reads
+        the shard map again; returns every owner's address, comma-separated). Without
+        etcd, a no-op."""
         import random
 
         from registry import find_coordinators
 
         if not self._etcd:
+            return self.address
+        if self._sharded:
+            await self._reload_map()
             return self.address
         try:
             live = await find_coordinators(self._etcd)
@@ -417,6 +481,112 @@ class AccordClient:
                 await old.close()
         return self.address
 
+    # ------------------------------------------------------------ shard routing
+
+    async def _reload_map(self) -> None:
+        try:
+            m = await find_shards(self._etcd)
+        except ConnectionError as e:
+            raise UnavailableError(str(e)) from e
+        if not m.owners:
+            raise UnavailableError(f"no live coordinator registered in etcd at {self._etcd}")
+        conns: dict[str, _Conn] = {}
+        for shard, info in sorted(m.owners.items()):
+            old = self._conns.get(shard)
+            keep = old is not None and old.address == info.address
+            conns[shard] = old if keep and old is not None else self._open(info.address)
+        stale = [c for s, c in self._conns.items() if conns.get(s) is not c]
+        self._conns, self._live, self._known = conns, tuple(conns), m.known
+        self.address = ",".join(c.address for c in conns.values())
+        self._map_at = time.monotonic()
+        for c in stale:
+            # Calls still running on a former owner may finish (or fail) on their own.
+            task = asyncio.get_running_loop().create_task(c.channel.close(grace=self._timeout))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        if stale:
+            log.info("event=shard_map_changed shards=%s", self.shards)
+
+    async def _refresh(self) -> None:
+        """Reads the shard map again, unless that was done a moment ago; concurrent
+        callers share one read. Never raises: the caller's own error says more."""
+        if time.monotonic() - self._map_at < SHARD_MAP_MIN_AGE_S:
+            return
+        if self._map_task is None or self._map_task.done():
+            self._map_task = asyncio.get_running_loop().create_task(self._refresh_once())
+        await asyncio.shield(self._map_task)
+
+    async def _refresh_once(self) -> None:
+        try:
+            await self._reload_map()
+        except UnavailableError as e:
+            log.warning("event=shard_map_unavailable error=%s", e)
+            self._map_at = time.monotonic()  # do not hammer an unreachable etcd
+
+    def _place(self, key: str) -> str:
+        """The shard a new transaction goes to."""
+        if time.monotonic() - self._map_at > SHARD_MAP_MAX_AGE_S and (
+            self._map_task is None or self._map_task.done()
+        ):
+            self._map_task = asyncio.get_running_loop().create_task(self._refresh_once())
+        if not self._known:
+            raise UnavailableError(f"no coordinator registered in etcd at {self._etcd}")
+        if key:
+            return shard_for_key(key, self._known)
+        if not self._live:
+            raise UnavailableError(f"no live coordinator registered in etcd at {self._etcd}")
+        self._rr += 1
+        return self._live[self._rr % len(self._live)]
+
+    async def _on_shard(self, shard: str, call: StubCall[T]) -> T:
+        if not self._sharded:
+            return await _call(lambda: call(self._stub))
+        conn = self._conns.get(shard)
+        if conn is None:
+            await self._refresh()  # a standby may own it by now
+            conn = self._conns.get(shard)
+            if conn is None:
+                raise UnavailableError(
+                    f"UNAVAILABLE: no live coordinator owns shard {shard!r} "
+                    f"(registry: etcd at {self._etcd}; live shards: {list(self._live)})"
+                )
+        try:
+            return await call(conn.stub)
+        except aio.AioRpcError as e:
+            err = from_rpc_error(e)
+            if isinstance(err, UnavailableError):
+                await self._refresh()
+            raise err from e
+
+    async def _new(self, key: str, call: StubCall[T]) -> T:
+        """A call that starts a transaction, on the shard it belongs to."""
+        return await self._on_shard(self._place(key) if self._sharded else "", call)
+
+    async def _gid_shard(self, gid: str) -> str:
+        """The shard of ``gid``; for an older gid that names none, the live shard that
+        knows it (NotFoundError if none does)."""
+        if not self._sharded:
+            return ""
+        shard = shard_of(gid)
+        if shard:
+            return shard
+        req = pb.GetTransactionRequest(gid=gid)
+        for s in self._live:
+            with contextlib.suppress(NotFoundError):
+                await self._on_shard(
+                    s, lambda stub: stub.GetTransaction(req, timeout=self._timeout)
+                )
+                return s
+        raise NotFoundError(
+            f"NOT_FOUND: unknown transaction {gid!r} (asked shards {list(self._live)})"
+        )
+
+    async def _by_gid(self, gid: str, call: StubCall[T]) -> T:
+        """A call about ``gid``, on the shard that made it."""
+        return await self._on_shard(await self._gid_shard(gid), call)
+
+    # ------------------------------------------------------------ life cycle
+
     async def __aenter__(self) -> AccordClient:
         return self
 
@@ -424,20 +594,27 @@ class AccordClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._map_task is not None:
+            self._map_task.cancel()
+            # Its own cancellation comes back as a value; ours still propagates.
+            await asyncio.gather(self._map_task, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
+        for conn in self._conns.values():
+            await conn.channel.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
-        import asyncio
-
-        assert self._channel is not None
+        channels = [c.channel for c in self._conns.values()] if self._sharded else [self._channel]
         async with asyncio.timeout(timeout_s):
-            await self._channel.channel_ready()
+            for channel in channels:
+                assert channel is not None
+                await channel.channel_ready()
 
     # 2PC, interactive
     async def begin(self, *, timeout_ms: int = 0, idempotency_key: str = "") -> Transaction:
         req = pb.BeginRequest(idempotency_key=idempotency_key, timeout_ms=timeout_ms)
-        resp = await _call(lambda: self._stub.Begin(req, timeout=self._timeout))
+        resp = await self._new(idempotency_key, lambda stub: stub.Begin(req, timeout=self._timeout))
         return Transaction(self, resp.gid)
 
     def transaction(self, *, timeout_ms: int = 0, idempotency_key: str = "") -> _TransactionScope:
@@ -447,17 +624,17 @@ class AccordClient:
 
     async def enlist(self, gid: str, branch: Branch) -> str:
         req = pb.EnlistRequest(gid=gid, branch=branch.to_pb())
-        resp = await _call(lambda: self._stub.Enlist(req, timeout=self._timeout))
+        resp = await self._by_gid(gid, lambda stub: stub.Enlist(req, timeout=self._timeout))
         return str(resp.branch_id)
 
     async def commit(self, gid: str) -> TxnResult:
         req = pb.CommitRequest(gid=gid)
-        resp = await _call(lambda: self._stub.Commit(req, timeout=self._timeout))
+        resp = await self._by_gid(gid, lambda stub: stub.Commit(req, timeout=self._timeout))
         return TxnResult.from_pb(resp.transaction)
 
     async def abort(self, gid: str, reason: str = "") -> TxnResult:
         req = pb.AbortRequest(gid=gid, reason=reason)
-        resp = await _call(lambda: self._stub.Abort(req, timeout=self._timeout))
+        resp = await self._by_gid(gid, lambda stub: stub.Abort(req, timeout=self._timeout))
         return TxnResult.from_pb(resp.transaction)
 
     # 2PC, one shot
@@ -469,7 +646,9 @@ class AccordClient:
             timeout_ms=timeout_ms,
             branches=[b.to_pb() for b in branches],
         )
-        resp = await _call(lambda: self._stub.Execute(req, timeout=self._timeout))
+        resp = await self._new(
+            idempotency_key, lambda stub: stub.Execute(req, timeout=self._timeout)
+        )
         return TxnResult.from_pb(resp.transaction)
 
     # sagas
@@ -490,43 +669,70 @@ class AccordClient:
             wait=wait,
         )
         timeout = None if wait else self._timeout
-        resp = await _call(lambda: self._stub.StartSaga(req, timeout=timeout))
+        resp = await self._new(idempotency_key, lambda stub: stub.StartSaga(req, timeout=timeout))
         return TxnResult.from_pb(resp.transaction)
 
     async def cancel_saga(self, gid: str, reason: str = "") -> TxnResult:
         req = pb.CancelSagaRequest(gid=gid, reason=reason)
-        resp = await _call(lambda: self._stub.CancelSaga(req))
+        resp = await self._by_gid(gid, lambda stub: stub.CancelSaga(req))
         return TxnResult.from_pb(resp.transaction)
 
     async def retry(self, gid: str) -> TxnResult:
         """Operator action: compensate a STUCK saga again."""
         req = pb.RetryTransactionRequest(gid=gid)
-        resp = await _call(lambda: self._stub.RetryTransaction(req))
+        resp = await self._by_gid(gid, lambda stub: stub.RetryTransaction(req))
         return TxnResult.from_pb(resp.transaction)
 
     # reads
     async def get(self, gid: str) -> TxnResult:
         req = pb.GetTransactionRequest(gid=gid)
         return TxnResult.from_pb(
-            await _call(lambda: self._stub.GetTransaction(req, timeout=self._timeout))
+            await self._by_gid(gid, lambda stub: stub.GetTransaction(req, timeout=self._timeout))
         )
 
     async def list(
         self, *, states: Sequence[str] = (), limit: int = 100, page_token: str = ""
     ) -> tuple[list[TxnResult], str]:
+        """Transactions in gid order, a page at a time. A sharded client asks every
+        live shard for a page after ``page_token`` and keeps the first ``limit`` of
+        them all: the same order and paging as one coordinator's."""
         try:
             codes = [pb.TxnState.Value(f"TXN_STATE_{s.upper()}") for s in states]
         except ValueError as e:
             raise ValueError(f"unknown state in {list(states)}: {e}") from None
         req = pb.ListTransactionsRequest(states=codes, limit=limit, page_token=page_token)
-        resp = await _call(lambda: self._stub.ListTransactions(req, timeout=self._timeout))
-        return [TxnResult.from_pb(t) for t in resp.transactions], resp.next_page_token
+        shards = self._live if self._sharded else ("",)
+        pages = await asyncio.gather(
+            *(
+                self._on_shard(s, lambda stub: stub.ListTransactions(req, timeout=self._timeout))
+                for s in shards
+            )
+        )
+        txns = sorted((t for p in pages for t in p.transactions), key=lambda t: t.gid)
+        more = len(txns) > limit or any(p.next_page_token for p in pages)
+        if len(shards) == 1:
+            return [TxnResult.from_pb(t) for t in txns], pages[0].next_page_token
+        txns = txns[:limit] if limit > 0 else txns
+        token = txns[-1].gid if more and txns else ""
+        return [TxnResult.from_pb(t) for t in txns], token
 
     async def watch(self, gid: str) -> AsyncIterator[TxnResult]:
         """Yields the transaction's state now, then after every change, until final."""
-        stream = self._stub.WatchTransaction(pb.WatchTransactionRequest(gid=gid))
+        shard = await self._gid_shard(gid)
+        if self._sharded:
+            if shard not in self._conns:
+                await self._refresh()  # a standby may own it by now
+            if shard not in self._conns:
+                raise UnavailableError(f"UNAVAILABLE: no live coordinator owns shard {shard!r}")
+            stub = self._conns[shard].stub
+        else:
+            stub = self._stub
+        stream = stub.WatchTransaction(pb.WatchTransactionRequest(gid=gid))
         try:
             async for event in stream:
                 yield TxnResult.from_pb(event.transaction)
         except aio.AioRpcError as e:
-            raise from_rpc_error(e) from e
+            err = from_rpc_error(e)
+            if self._sharded and isinstance(err, UnavailableError):
+                await self._refresh()
+            raise err from e

@@ -568,7 +568,8 @@ def cpu_s() -> float:
 
 
 async def connect(s: LoadSettings) -> AccordClient:
-    """A client of the coordinator (or of one found in etcd), ready; LoadError if not."""
+    """A client of the coordinator (or, with etcd, a sharded client of every shard's
+    owner: the load is spread over them all), ready; LoadError if not."""
     try:
         client = await AccordClient.from_etcd(s.etcd) if s.etcd else AccordClient(s.coordinator)
     except AccordClientError as e:

@@ -182,7 +182,7 @@ def coordinator(
         Transport,
         serve,
     )
-    from registry import EtcdRegistry, Registry, StaticRegistry
+    from registry import EtcdRegistry, Registry, StaticRegistry, check_shard_name
 
     setup_logging(log_level, log_format)
     registry: Registry
@@ -195,6 +195,7 @@ def coordinator(
     try:
         if etcd and service:
             raise ValueError("give either --etcd or --service, not both")
+        check_shard_name(shard or coordinator_id)
         registry = EtcdRegistry.from_url(etcd) if etcd else StaticRegistry.parse(service or [])
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
@@ -436,7 +437,9 @@ EtcdUrl = Annotated[
     typer.Option(
         "--etcd",
         envvar="ACCORD_ETCD",
-        help="find a live coordinator in etcd (http://host:port) instead of --coordinator",
+        help="use the coordinators registered in etcd (http://host:port) instead of "
+        "--coordinator: every shard's owner, new transactions spread over the shards, "
+        "each gid sent to its own shard",
     ),
 ]
 

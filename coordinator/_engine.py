@@ -52,6 +52,7 @@ from coordinator._records import (
 )
 from coordinator._states import BranchState, TxnState, allowed
 from coordinator._telemetry import CoordinatorTelemetry
+from registry import gid_prefix, shard_of
 from registry.telemetry import attach_span, bind_gid, outgoing_metadata
 
 log = logging.getLogger("accord.coordinator.engine")
@@ -145,6 +146,8 @@ class Engine:
         self._records_since_checkpoint = 0
         self._checkpointing = False
         self._closed = False
+        # ValueError for a shard name a gid cannot carry (the CLI checks it first).
+        self._gid_shard = gid_prefix(self.config.shard)
         self._gid_prefix = os.urandom(4).hex()
         self._gid_seq = 0
         # Imported here to keep the mode pluggable without an import cycle.
@@ -159,8 +162,20 @@ class Engine:
     def get(self, gid: str) -> Txn:
         txn = self._txns.get(_checked_gid(gid))
         if txn is None:
+            self._check_shard(gid)
             raise NotFound(f"unknown transaction {gid!r}")
         return txn
+
+    def _check_shard(self, gid: str) -> None:
+        """FAILED_PRECONDITION for an unknown gid made by another shard: it may well
+        exist there, so "not found" (or, to a participant, "presumed aborted") would be
+        wrong. The message names the owning shard, for a client to route by."""
+        shard = shard_of(gid)
+        if shard and shard != self.config.shard:
+            raise FailedPrecondition(
+                f"transaction {gid} belongs to shard {shard}; this coordinator owns shard "
+                f"{self.config.shard}: send it to the owner of shard {shard}"
+            )
 
     def _get_2pc(self, gid: str) -> Txn:
         txn = self.get(gid)
@@ -190,6 +205,9 @@ class Engine:
     def query_outcome(self, gid: str) -> int:
         txn = self._txns.get(_checked_gid(gid))
         if txn is None:
+            # Only this shard's gids can be presumed aborted; another shard's is a
+            # misdirected question (answered "not yet": the participant asks again).
+            self._check_shard(gid)
             # Recovery has finished before the server answers anything: a gid we do not
             # know was never decided to commit (presumed abort).
             return pb.OUTCOME_ABORTED
@@ -894,10 +912,11 @@ class Engine:
         )
 
     def _new_gid(self, now_ms: int) -> str:
-        # Time-ordered and unique across restarts: start time, a random per-process
+        # The shard first, so any client can route the gid (registry/_routing.py); then,
+        # time-ordered and unique across restarts: start time, a random per-process
         # prefix, a counter. (An os.urandom call per transaction showed up in profiles.)
         self._gid_seq += 1
-        return f"{now_ms:012x}{self._gid_prefix}{self._gid_seq:08x}"
+        return f"{self._gid_shard}{now_ms:012x}{self._gid_prefix}{self._gid_seq:08x}"
 
     def _arm_expiry(self, txn: Txn) -> None:
         delay = max(0.0, (txn.deadline_ms - self._clock.now_ms()) / 1000)

@@ -24,15 +24,34 @@ from registry._etcd import (
     service_key,
     service_value,
 )
-from registry._shard import SHARDS, Owner, ShardLease, epoch_key, owner_key
+from registry._routing import (
+    GID_SEPARATOR,
+    SHARD_NAME,
+    check_shard_name,
+    gid_prefix,
+    shard_for_key,
+    shard_of,
+)
+from registry._shard import (
+    SHARDS,
+    Owner,
+    ShardLease,
+    ShardMap,
+    epoch_key,
+    find_shards,
+    owner_key,
+    shard_map,
+)
 from registry._sidecar import Sidecar, SidecarSettings
 from registry._static import StaticRegistry
 
 __all__ = [
     "COORDINATORS",
     "DEFAULT_TTL_S",
+    "GID_SEPARATOR",
     "SERVICES",
     "SHARDS",
+    "SHARD_NAME",
     "CoordinatorInfo",
     "Etcd",
     "EtcdRegistry",
@@ -43,17 +62,24 @@ __all__ = [
     "Registration",
     "Registry",
     "ShardLease",
+    "ShardMap",
     "Sidecar",
     "SidecarSettings",
     "StaticRegistry",
+    "check_shard_name",
     "coordinator_key",
     "coordinator_value",
     "dialable",
     "epoch_key",
     "find_coordinators",
+    "find_shards",
+    "gid_prefix",
     "owner_key",
     "parse_coordinators",
     "parse_endpoints",
     "service_key",
     "service_value",
+    "shard_for_key",
+    "shard_map",
+    "shard_of",
 ]

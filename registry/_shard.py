@@ -30,9 +30,20 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from registry._etcd import _ERRORS, REQUEST_TIMEOUT_S, ROOT, Etcd, _short
+from etcd3aio import prefix_range_end
+
+from registry._etcd import (
+    _ERRORS,
+    COORDINATORS,
+    REQUEST_TIMEOUT_S,
+    ROOT,
+    CoordinatorInfo,
+    Etcd,
+    _short,
+    parse_coordinators,
+)
 
 log = logging.getLogger("accord.registry.shard")
 
@@ -222,3 +233,47 @@ class ShardLease:
                 log.info("event=shard_released shard=%s owner=%s", self.shard, self.owner_id)
             except (*_ERRORS, RuntimeError) as e:
                 log.warning("event=shard_release_failed shard=%s error=%s", self.shard, _short(e))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardMap:
+    """Who serves each shard now, as a sharded client sees it."""
+
+    #: The live coordinator of each shard that has one (the highest epoch registered).
+    owners: dict[str, CoordinatorInfo] = field(default_factory=dict)
+    #: Every shard that has ever had an owner (its epoch key is never leased), sorted.
+    #: Idempotency keys are placed over these, not over the live ones: a key whose
+    #: shard is down waits for it (a standby) rather than moving to another shard,
+    #: which would not know the first attempt.
+    known: tuple[str, ...] = ()
+
+
+def shard_map(coordinators: list[CoordinatorInfo], epoch_shards: list[str]) -> ShardMap:
+    owners: dict[str, CoordinatorInfo] = {}
+    for c in coordinators:
+        if c.shard and (c.shard not in owners or c.epoch > owners[c.shard].epoch):
+            owners[c.shard] = c
+    return ShardMap(owners=owners, known=tuple(sorted({*owners, *epoch_shards})))
+
+
+async def find_shards(url: str, timeout_s: float = 5.0) -> ShardMap:
+    """The shard map from etcd (two reads; for clients, on start and after a failure)."""
+    async with Etcd(url) as etcd:
+        kv = etcd.client.kv
+        assert kv is not None
+        try:
+            coords = await kv.get(
+                COORDINATORS, prefix_range_end(COORDINATORS), timeout=timeout_s, max_attempts=2
+            )
+            epochs = await kv.get(
+                SHARDS, prefix_range_end(SHARDS), timeout=timeout_s, max_attempts=2, keys_only=True
+            )
+        except _ERRORS as e:
+            raise ConnectionError(f"etcd at {url} unreachable: {_short(e)}") from e
+    coordinators = parse_coordinators({kv_.key.decode(): bytes(kv_.value) for kv_ in coords.kvs})
+    shards = [
+        k[len(SHARDS) : -len("/epoch")]
+        for k in (kv_.key.decode() for kv_ in epochs.kvs)
+        if k.endswith("/epoch")
+    ]
+    return shard_map(coordinators, shards)

@@ -6,7 +6,8 @@ The coordinator's API, called by clients (and, for QueryOutcome, by participants
 Errors are gRPC status codes with a clear message:
   INVALID_ARGUMENT    malformed request; nothing is logged or kept
   NOT_FOUND           unknown gid
-  FAILED_PRECONDITION illegal state change (e.g. Enlist after Commit)
+  FAILED_PRECONDITION illegal state change (e.g. Enlist after Commit), or a gid made
+                      by another shard ("<shard>:<hex>"; the message names the shard)
   ALREADY_EXISTS      idempotency key reused with a different request
   RESOURCE_EXHAUSTED  a documented limit is reached (in-flight transactions ...)
   UNAVAILABLE         the coordinator cannot make a decision durable (or is recovering)
