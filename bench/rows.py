@@ -648,10 +648,9 @@ async def accord_2pc_2coord(env: RowEnv) -> AsyncIterator[Target]:
                 *("--listen", LISTEN, "--id", f"c{i}", "--shard", f"s{i}"),
                 *("--wal-dir", str(env.data_dir / f"wal-s{i}"), "--etcd", etcd.url),
                 *("--log-level", "warning"),
+                # As 2pc-etcd: one unary RPC per participant call.
+                *("--participant-transport", "unary"),
             ],
-            # As 2pc-etcd: one unary RPC per participant call. Set through the
-            # environment, which a coordinator without this setting ignores.
-            {"ACCORD_PARTICIPANT_TRANSPORT": "unary"},
         )
         for i in (1, 2)
     }
