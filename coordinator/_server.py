@@ -5,6 +5,7 @@ open the WAL, replay it, serve, resume unfinished transactions, stop gracefully.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -433,6 +434,24 @@ class CoordinatorServer:
         await self.stop()
 
 
+#: The cyclic garbage collector's thresholds while serving (CPython's default is
+#: (700, 10, 10)). A transaction allocates hundreds of short-lived objects (tasks,
+#: futures, messages), and every collection of the oldest generation walks every
+#: finished transaction kept for look-ups, so with the defaults the engine's CPU per
+#: transaction grew with the number kept: 250 -> 375 us over 40 000 transactions in the
+#: engine micro-run, against a flat 210 us with these (and ``gc.freeze`` after start-up).
+GC_THRESHOLDS = (20_000, 50, 50)
+
+
+def tune_gc() -> None:
+    """Called once start-up (recovery included) is done: what start-up allocated leaves
+    the collector's sight (``gc.freeze``) and collections become rarer. Young cycles are
+    still collected every ``GC_THRESHOLDS[0]`` allocations."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(
     settings: ServerSettings,
     *,
@@ -447,6 +466,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     async with CoordinatorServer(settings, registry=registry, telemetry=telemetry) as srv:
         host = settings.listen.rsplit(":", 1)[0]
+        tune_gc()
         print(f"listening on {host}:{srv.port}", flush=True)
         await stop.wait()
         log.info("stopping (signal)")
