@@ -634,8 +634,24 @@ async def accord_2pc_etcd(env: RowEnv) -> AsyncIterator[Target]:
     "own WAL) and the sharded client spreading transactions over both",
     baseline="2pc-etcd",
 )
+def accord_2pc_2coord(env: RowEnv) -> AbstractAsyncContextManager[Target]:
+    return two_coordinators(env, transport="unary")
+
+
+@row(
+    "2pc-2coord-stream",
+    "as 2pc-2coord, but each coordinator streams its participant calls "
+    "(--participant-transport stream)",
+    baseline="2pc-stream",
+)
+def accord_2pc_2coord_stream(env: RowEnv) -> AbstractAsyncContextManager[Target]:
+    return two_coordinators(env, transport="stream")
+
+
 @asynccontextmanager
-async def accord_2pc_2coord(env: RowEnv) -> AsyncIterator[Target]:
+async def two_coordinators(env: RowEnv, *, transport: str) -> AsyncIterator[Target]:
+    """etcd, the two banks registered there, two coordinators (shards s1 and s2, each
+    its own WAL, ``--participant-transport transport``) and the sharded client."""
     etcd = await env.etcd()
     banks = await bank_participants(env, BANKS, etcd=etcd.url)
     addresses = {name: p.address for name, p in banks.items()}
@@ -648,8 +664,7 @@ async def accord_2pc_2coord(env: RowEnv) -> AsyncIterator[Target]:
                 *("--listen", LISTEN, "--id", f"c{i}", "--shard", f"s{i}"),
                 *("--wal-dir", str(env.data_dir / f"wal-s{i}"), "--etcd", etcd.url),
                 *("--log-level", "warning"),
-                # As 2pc-etcd: one unary RPC per participant call.
-                *("--participant-transport", "unary"),
+                *("--participant-transport", transport),
             ],
         )
         for i in (1, 2)
