@@ -438,8 +438,9 @@ class CoordinatorServer:
 #: (700, 10, 10)). A transaction allocates hundreds of short-lived objects (tasks,
 #: futures, messages), and every collection of the oldest generation walks every
 #: finished transaction kept for look-ups, so with the defaults the engine's CPU per
-#: transaction grew with the number kept: 250 -> 375 us over 40 000 transactions in the
-#: engine micro-run, against a flat 210 us with these (and ``gc.freeze`` after start-up).
+#: transaction grew with the number kept: ``python -m bench.engine --default-gc`` gave
+#: 311, 345, 371 us per transaction in three rounds of 20 000; with these (and
+#: ``gc.freeze`` after start-up) 311, 305, 288 us.
 GC_THRESHOLDS = (20_000, 50, 50)
 
 
