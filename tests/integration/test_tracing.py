@@ -174,7 +174,7 @@ async def test_saga_is_one_trace_with_steps_and_compensations(
         result = await client.start_saga(steps)
     assert result.compensated, result
 
-    services = {
+    processes = {
         "accord-client",
         "accord-coordinator",
         "accord-participant-bank-a",
@@ -187,13 +187,13 @@ async def test_saga_is_one_trace_with_steps_and_compensations(
         lambda ss: (
             any(s.name == "accord.txn saga" for s in ss)
             and sum(s.name == "accord.participant compensate" for s in ss) >= 2
-            and {s.service for s in ss} >= services
+            and {s.service for s in ss} >= processes
         ),
         what="saga root, its compensations and a span from every process",
     )
     client_span = _one(spans, "accord.client StartSaga")
     assert {s.trace_id for s in spans} == {client_span.trace_id}
-    assert {s.service for s in spans} == services
+    assert {s.service for s in spans} == processes
     by_id = _by_id(spans)
     root = _one(spans, "accord.txn saga")
     assert root.parent_id == client_span.span_id
