@@ -322,7 +322,7 @@ class CoordinatorServer:
             failpoints=self._fp,
             telemetry=self.telemetry,
         )
-        engine.replay(
+        await engine.replay_yielding(
             recovered.checkpoint, [(r.lsn, r.rtype, r.payload) for r in recovered.records]
         )
         self.engine = engine

@@ -311,3 +311,34 @@ async def test_checkpoint_image_rebuilds_the_same_transactions() -> None:
     for g in gids:
         assert e2.get(g).state == TxnState.COMMITTED
     assert set(e2._keys) == {"k0", "k1", "k2", "k3"}
+
+
+async def test_a_long_replay_gives_the_event_loop_turns_and_rebuilds_the_same_state() -> None:
+    e, wal, _ = engine()
+    done = [await e.execute(key=f"k{i}", timeout_ms=0, branches=two_branches()) for i in range(6)]
+    active = await e.begin(key="", timeout_ms=0)
+    records = [(lsn, rt, p) for lsn, rt, p, _ in wal.records]
+    assert len(records) > 12
+
+    at_once = Engine(wal=FakeWal(), calls=FakeCalls(), config=FAST, clock=FakeClock())
+    at_once.replay(None, records)
+    chunked = Engine(wal=FakeWal(), calls=FakeCalls(), config=FAST, clock=FakeClock())
+    turns = 0
+
+    async def keepalive() -> None:  # stands for the shard lease's keepalive task
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    beat = asyncio.create_task(keepalive())
+    await asyncio.sleep(0)
+    before = turns
+    await chunked.replay_yielding(None, records, every=4)
+    beat.cancel()
+    # The other task ran between chunks: at least once per 4 records.
+    assert turns - before >= len(records) // 4
+    for txn in [*done, active]:
+        assert chunked.get(txn.gid).to_pb() == at_once.get(txn.gid).to_pb()
+        assert chunked.get(txn.gid).state == at_once.get(txn.gid).state
+    assert chunked.get(done[0].gid).key == "k0"
