@@ -550,13 +550,12 @@ class AccordClient:
                     f"UNAVAILABLE: no live coordinator owns shard {shard!r} "
                     f"(registry: etcd at {self._etcd}; live shards: {list(self._live)})"
                 )
+        stub = conn.stub
         try:
-            return await call(conn.stub)
-        except aio.AioRpcError as e:
-            err = from_rpc_error(e)
-            if isinstance(err, UnavailableError):
-                await self._refresh()
-            raise err from e
+            return await _call(lambda: call(stub))
+        except UnavailableError:
+            await self._refresh()
+            raise
 
     async def _new(self, key: str, call: StubCall[T]) -> T:
         """A call that starts a transaction, on the shard it belongs to."""

@@ -103,6 +103,26 @@ class Cluster:
         self.procs.append(p)
         return p.start()
 
+    def shard_coordinator(
+        self, cid: str, shard: str, etcd: str, *, ttl_s: float, standby: bool = False
+    ) -> ManagedProcess:
+        """Coordinator ``cid`` for ``shard`` through etcd, with the shard's WAL directory
+        (``wal-<shard>``, shared by the shard's owner and standby: a shared volume's
+        stand-in). A standby is ready once it waits for the shard."""
+        p = ManagedProcess.accord(
+            cid,
+            [
+                "coordinator",
+                *("--listen", "127.0.0.1:0", "--wal-dir", str(self.root / f"wal-{shard}")),
+                *("--id", cid, "--shard", shard, "--etcd", etcd),
+                *("--ttl", str(ttl_s), "--retry-max-s", "0.2"),
+            ],
+            log_path=self.root / f"{cid}.log",
+            ready_prefix="standby for shard" if standby else "listening on ",
+        )
+        self.procs.append(p)
+        return p.start()
+
     def stop(self) -> None:
         stop_all(list(reversed(self.procs)))
 

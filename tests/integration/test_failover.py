@@ -27,30 +27,7 @@ SHARD = "s1"
 
 
 def coordinator(cluster: Cluster, cid: str, etcd: str, *, standby: bool = False) -> ManagedProcess:
-    p = ManagedProcess.accord(
-        cid,
-        [
-            "coordinator",
-            "--listen",
-            "127.0.0.1:0",
-            "--wal-dir",
-            str(cluster.root / "wal-s1"),  # one directory: a shared volume's stand-in
-            "--id",
-            cid,
-            "--shard",
-            SHARD,
-            "--etcd",
-            etcd,
-            "--ttl",
-            str(TTL_S),
-            "--retry-max-s",
-            "0.2",
-        ],
-        log_path=cluster.root / f"{cid}.log",
-        ready_prefix="standby for shard" if standby else "listening on ",
-    )
-    cluster.procs.append(p)
-    return p.start()
+    return cluster.shard_coordinator(cid, SHARD, etcd, ttl_s=TTL_S, standby=standby)
 
 
 async def owner(etcd: str) -> dict[str, object]:

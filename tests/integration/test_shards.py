@@ -32,30 +32,7 @@ OPENING = 1000
 def coordinator(
     cluster: Cluster, cid: str, shard: str, etcd: str, *, standby: bool = False
 ) -> ManagedProcess:
-    p = ManagedProcess.accord(
-        cid,
-        [
-            "coordinator",
-            "--listen",
-            "127.0.0.1:0",
-            "--wal-dir",
-            str(cluster.root / f"wal-{shard}"),  # shared by a shard's owner and standby
-            "--id",
-            cid,
-            "--shard",
-            shard,
-            "--etcd",
-            etcd,
-            "--ttl",
-            str(TTL_S),
-            "--retry-max-s",
-            "0.2",
-        ],
-        log_path=cluster.root / f"{cid}.log",
-        ready_prefix="standby for shard" if standby else "listening on ",
-    )
-    cluster.procs.append(p)
-    return p.start()
+    return cluster.shard_coordinator(cid, shard, etcd, ttl_s=TTL_S, standby=standby)
 
 
 async def two_shards(cluster: Cluster) -> tuple[str, dict[str, ManagedProcess], list[str]]:
