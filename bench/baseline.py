@@ -18,7 +18,7 @@ independent steps in parallel), never compensates, and answers a COMPLETED
 ``BranchResponse`` at once; their ``Stream`` answers UNIMPLEMENTED.
 The real accord.v1 messages are used everywhere, so serialisation costs the same as in
 Accord. Like Accord's processes, each runs on uvloop, is built through
-:mod:`registry.transport`, prints ``listening on HOST:PORT`` once it serves and stops on
+:mod:`accord.common.transport`, prints ``listening on HOST:PORT`` once it serves and stops on
 SIGTERM or SIGINT.
 """
 
@@ -38,8 +38,8 @@ import grpc
 from grpc import aio
 
 import accord.v1 as pb
+from accord.common.transport import TransportSettings, bind, make_channel, make_server
 from bench._loop import run_uvloop
-from registry.transport import TransportSettings, bind, make_channel, make_server
 
 #: Participant call timeout, as Accord's coordinator sets one on every call.
 CALL_TIMEOUT_S = 5.0

@@ -25,11 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import accord.v1 as pb
+from accord.coordinator import CoordinatorConfig, Engine
+from accord.coordinator._calls import CallResult, Verdict
+from accord.coordinator._server import tune_gc
+from accord.coordinator.wal import WAL
 from bench._loop import run_uvloop
-from coordinator import CoordinatorConfig, Engine
-from coordinator._calls import CallResult, Verdict
-from coordinator._server import tune_gc
-from coordinator.wal import WAL
 
 _OK = CallResult(Verdict.OK)
 

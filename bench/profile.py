@@ -26,10 +26,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from accord.tools._procs import stop_all
 from bench._loop import run_uvloop
 from bench.load import LoadSettings, run_closed_loop
 from bench.rows import ROWS, RowEnv
-from clients._procs import stop_all
 
 #: Layers and how their frames are recognised (a frame is "function (file:line)").
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (

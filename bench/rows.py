@@ -32,11 +32,11 @@ from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.trace import TracerProvider
 
 import accord.bank.v1 as bankpb
+from accord.client._client import AccordClient, Branch, SagaStep
+from accord.common.transport import make_channel
+from accord.registry import EtcdRegistry, find_coordinators
+from accord.tools._procs import EtcdServer, ManagedProcess
 from bench.load import TxnFactory, TxnFn
-from clients._client import AccordClient, Branch, SagaStep
-from clients._procs import EtcdServer, ManagedProcess
-from registry import EtcdRegistry, find_coordinators
-from registry.transport import make_channel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BANKS = ("bank-a", "bank-b")
@@ -80,8 +80,8 @@ class RowEnv:
     def accord(
         self, name: str, args: Sequence[str], extra_env: Mapping[str, str] | None = None
     ) -> ManagedProcess:
-        """An ``accord`` subcommand (``python -m clients.cli ...``)."""
-        return self.process(name, [sys.executable, "-m", "clients.cli", *args], extra_env)
+        """An ``accord`` subcommand (``python -m accord.tools.cli ...``)."""
+        return self.process(name, [sys.executable, "-m", "accord.tools.cli", *args], extra_env)
 
     async def start(self, *procs: ManagedProcess) -> None:
         """Starts the processes in parallel and waits until each serves. They are

@@ -21,11 +21,11 @@ from typing import Any
 
 from rich.console import Console
 
+from accord.tools._procs import stop_all
 from bench._loop import run_uvloop
 from bench.load import LoadSettings, run_closed_loop
 from bench.report import build_report, render, result_row, write_report
 from bench.rows import ROWS, RowEnv, RowSpec
-from clients._procs import stop_all
 
 #: A window in which other processes used more than this (% of one core) is flagged.
 DISTURBED_PCT = 10.0

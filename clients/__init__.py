@@ -2,7 +2,7 @@
 (async first, a sync wrapper), the ``accord`` command line, the demo, and (later) the
 load generator and the chaos harness. It talks to coordinators only over gRPC."""
 
-from clients._client import (
+from accord.client._client import (
     AccordClient,
     Branch,
     BranchResult,
@@ -11,7 +11,7 @@ from clients._client import (
     Transaction,
     TxnResult,
 )
-from clients._errors import (
+from accord.client._errors import (
     AccordClientError,
     AlreadyExistsError,
     DeadlineExceededError,
@@ -22,7 +22,7 @@ from clients._errors import (
     TransactionAborted,
     UnavailableError,
 )
-from clients._sync import SyncAccordClient
+from accord.client._sync import SyncAccordClient
 
 __all__ = [
     "AccordClient",

@@ -27,16 +27,16 @@ from opentelemetry import trace
 from opentelemetry.trace import TracerProvider
 
 import accord.v1 as pb
-from clients._errors import (
+from accord.client._errors import (
     AccordClientError,
     NotFoundError,
     TransactionAborted,
     UnavailableError,
     from_rpc_error,
 )
-from clients._tracing import TracedStub, recording
-from registry import find_shards, shard_for_key, shard_of
-from registry.transport import TransportSettings, make_channel
+from accord.client._tracing import TracedStub, recording
+from accord.common.gid import shard_for_key, shard_of
+from accord.common.transport import TransportSettings, make_channel
 
 T = TypeVar("T")
 StubCall = Callable[[pb.CoordinatorStub], Awaitable[T]]
@@ -450,7 +450,7 @@ class AccordClient:
         etcd, a no-op."""
         import random
 
-        from registry import find_coordinators
+        from accord.registry import find_coordinators
 
         if not self._etcd:
             return self.address
@@ -484,6 +484,10 @@ class AccordClient:
     # ------------------------------------------------------------ shard routing
 
     async def _reload_map(self) -> None:
+        # etcd's client is a dependency of the registry, not of the SDK: only a client
+        # made with from_etcd needs it.
+        from accord.registry import find_shards
+
         try:
             m = await find_shards(self._etcd)
         except ConnectionError as e:

@@ -8,8 +8,8 @@ import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from clients._client import AccordClient, Branch, TxnResult
-from registry.transport import TransportSettings
+from accord.client._client import AccordClient, Branch, TxnResult
+from accord.common.transport import TransportSettings
 
 T = TypeVar("T")
 

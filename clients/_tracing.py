@@ -13,7 +13,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from registry.telemetry import current_metadata
+from accord.common.telemetry import current_metadata
 
 #: Methods that return a single response (``WatchTransaction`` streams: not wrapped).
 _UNARY = frozenset(

@@ -10,7 +10,7 @@ service. Instances registered under one service name must therefore share their 
 
 Transport (``--participant-transport``): ``unary`` sends one RPC per call; ``stream``
 multiplexes the calls to each address over one long-lived bidirectional stream
-(:mod:`coordinator._stream`); ``auto`` (the default) streams to every participant that
+(:mod:`accord.coordinator._stream`); ``auto`` (the default) streams to every participant that
 supports it and falls back to unary, for that address, when one answers UNIMPLEMENTED
 (asking again after ``UNARY_RECHECK_S``). Both give the same :class:`CallResult`."""
 
@@ -28,9 +28,9 @@ import grpc
 from grpc import aio
 
 import accord.v1 as pb
-from coordinator._stream import METHOD_NUMBERS, ParticipantStream, StreamUnsupported
-from registry import Registry
-from registry.transport import TransportSettings, make_channel
+from accord.common.transport import TransportSettings, make_channel
+from accord.coordinator._stream import METHOD_NUMBERS, ParticipantStream, StreamUnsupported
+from accord.registry import Registry
 
 log = logging.getLogger("accord.coordinator.calls")
 

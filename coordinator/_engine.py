@@ -24,10 +24,12 @@ from typing import Protocol
 from opentelemetry.trace import Span
 
 import accord.v1 as pb
-from coordinator import _validate as v
-from coordinator._calls import CallResult, ParticipantCalls, Verdict
-from coordinator._config import CoordinatorConfig
-from coordinator._errors import (
+from accord.common.gid import gid_prefix, shard_of
+from accord.common.telemetry import attach_span, bind_gid, outgoing_metadata
+from accord.coordinator import _validate as v
+from accord.coordinator._calls import CallResult, ParticipantCalls, Verdict
+from accord.coordinator._config import CoordinatorConfig
+from accord.coordinator._errors import (
     AlreadyExists,
     FailedPrecondition,
     IllegalTransition,
@@ -36,9 +38,9 @@ from coordinator._errors import (
     ResourceExhausted,
     Unavailable,
 )
-from coordinator._failpoints import Failpoints
-from coordinator._model import BranchRt, StepRt, Txn
-from coordinator._records import (
+from accord.coordinator._failpoints import Failpoints
+from accord.coordinator._model import BranchRt, StepRt, Txn
+from accord.coordinator._records import (
     RT_ABORT,
     RT_BEGIN,
     RT_COMMIT,
@@ -50,10 +52,8 @@ from coordinator._records import (
     Record,
     RecordType,
 )
-from coordinator._states import BranchState, TxnState, allowed
-from coordinator._telemetry import CoordinatorTelemetry
-from registry import gid_prefix, shard_of
-from registry.telemetry import attach_span, bind_gid, outgoing_metadata
+from accord.coordinator._states import BranchState, TxnState, allowed
+from accord.coordinator._telemetry import CoordinatorTelemetry
 
 log = logging.getLogger("accord.coordinator.engine")
 
@@ -62,7 +62,7 @@ REPLAY_CHUNK = 2_000
 
 
 class WalLike(Protocol):
-    """What the engine needs of the WAL (``coordinator.wal.WAL`` in production)."""
+    """What the engine needs of the WAL (``accord.coordinator.wal.WAL`` in production)."""
 
     @property
     def last_lsn(self) -> int: ...
@@ -154,8 +154,8 @@ class Engine:
         self._gid_prefix = os.urandom(4).hex()
         self._gid_seq = 0
         # Imported here to keep the mode pluggable without an import cycle.
-        from coordinator._saga import SagaMode
-        from coordinator._twopc import TwoPhaseCommit
+        from accord.coordinator._saga import SagaMode
+        from accord.coordinator._twopc import TwoPhaseCommit
 
         self._twopc = TwoPhaseCommit(self)
         self._saga = SagaMode(self)
@@ -930,7 +930,7 @@ class Engine:
         )
 
     def _new_gid(self, now_ms: int) -> str:
-        # The shard first, so any client can route the gid (registry/_routing.py); then,
+        # The shard first, so any client can route the gid (common/gid.py); then,
         # time-ordered and unique across restarts: start time, a random per-process
         # prefix, a counter. (An os.urandom call per transaction showed up in profiles.)
         self._gid_seq += 1

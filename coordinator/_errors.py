@@ -1,5 +1,5 @@
 """Domain errors of the coordinator. The gRPC layer maps them to status codes in one
-place (``coordinator._server``); nothing else knows about status codes."""
+place (``accord.coordinator._server``); nothing else knows about status codes."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import accord.v1 as pb
-from coordinator._states import BranchState, TxnState
+from accord.coordinator._states import BranchState, TxnState
 
 
 @dataclass(kw_only=True)

@@ -26,14 +26,14 @@ import logging
 from typing import TYPE_CHECKING
 
 import accord.v1 as pb
-from coordinator._calls import CallResult, Verdict
-from coordinator._config import RetryPolicy
-from coordinator._model import StepRt, Txn
-from coordinator._states import BranchState, TxnState
-from coordinator._validate import after_pivot, topological_order
+from accord.coordinator._calls import CallResult, Verdict
+from accord.coordinator._config import RetryPolicy
+from accord.coordinator._model import StepRt, Txn
+from accord.coordinator._states import BranchState, TxnState
+from accord.coordinator._validate import after_pivot, topological_order
 
 if TYPE_CHECKING:
-    from coordinator._engine import Engine
+    from accord.coordinator._engine import Engine
 
 log = logging.getLogger("accord.coordinator.saga")
 

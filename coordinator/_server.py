@@ -23,10 +23,12 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 
 import accord.v1 as pb
-from coordinator._calls import ParticipantCalls, Transport
-from coordinator._config import CoordinatorConfig
-from coordinator._engine import Engine
-from coordinator._errors import (
+from accord.common.telemetry import Telemetry, incoming_context
+from accord.common.transport import TransportSettings, bind, make_server
+from accord.coordinator._calls import ParticipantCalls, Transport
+from accord.coordinator._config import CoordinatorConfig
+from accord.coordinator._engine import Engine
+from accord.coordinator._errors import (
     AccordError,
     AlreadyExists,
     FailedPrecondition,
@@ -35,11 +37,11 @@ from coordinator._errors import (
     ResourceExhausted,
     Unavailable,
 )
-from coordinator._failpoints import Failpoints
-from coordinator._states import TxnState
-from coordinator._telemetry import CoordinatorTelemetry
-from coordinator.wal import WAL, WalLockedError
-from registry import (
+from accord.coordinator._failpoints import Failpoints
+from accord.coordinator._states import TxnState
+from accord.coordinator._telemetry import CoordinatorTelemetry
+from accord.coordinator.wal import WAL, WalLockedError
+from accord.registry import (
     DEFAULT_TTL_S,
     EtcdRegistry,
     Registration,
@@ -49,9 +51,7 @@ from registry import (
     coordinator_value,
     dialable,
 )
-from registry._shard import Owner, ShardLease
-from registry.telemetry import Telemetry, incoming_context
-from registry.transport import TransportSettings, bind, make_server
+from accord.registry._shard import Owner, ShardLease
 
 log = logging.getLogger("accord.coordinator")
 

@@ -5,7 +5,7 @@ A unary grpc.aio round trip costs a Python process about 0.25 ms of CPU on each 
 more than a branch call's own work; a stream pays that per batch. Per address, one
 :class:`ParticipantStream`:
 
-- is opened lazily (by :class:`~coordinator._calls.ParticipantCalls`, on the first call);
+- is opened lazily (by :class:`~accord.coordinator._calls.ParticipantCalls`, on the first call);
 - queues each call with a future and its deadline; a writer task sends everything
   queued since its last write as one batch (all calls made in one event-loop tick go
   out together), a batch being cut at about ``BATCH_BYTES``;

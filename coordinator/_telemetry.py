@@ -39,13 +39,13 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 import accord.v1 as pb
-from coordinator._calls import CallResult, Verdict
-from coordinator._states import TxnState
-from registry.telemetry import Telemetry, context_from_traceparent, traceparent_of
+from accord.common.telemetry import Telemetry, context_from_traceparent, traceparent_of
+from accord.coordinator._calls import CallResult, Verdict
+from accord.coordinator._states import TxnState
 
 if TYPE_CHECKING:
-    from coordinator._engine import Engine
-    from coordinator._model import StepRt, Txn
+    from accord.coordinator._engine import Engine
+    from accord.coordinator._model import StepRt, Txn
 
 _PROTOCOL: dict[int, str] = {pb.PROTOCOL_TWO_PHASE_COMMIT: "2pc", pb.PROTOCOL_SAGA: "saga"}
 #: States that end a transaction's story (STUCK until an operator retries).

@@ -18,12 +18,12 @@ import logging
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from coordinator._calls import Verdict
-from coordinator._model import BranchRt, Txn
-from coordinator._states import BranchState, TxnState
+from accord.coordinator._calls import Verdict
+from accord.coordinator._model import BranchRt, Txn
+from accord.coordinator._states import BranchState, TxnState
 
 if TYPE_CHECKING:
-    from coordinator._engine import Engine
+    from accord.coordinator._engine import Engine
 
 T = TypeVar("T")
 

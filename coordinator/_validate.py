@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import accord.v1 as pb
-from coordinator._config import CoordinatorConfig, Limits
-from coordinator._errors import InvalidArgument
+from accord.coordinator._config import CoordinatorConfig, Limits
+from accord.coordinator._errors import InvalidArgument
 
 _BRANCH_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")

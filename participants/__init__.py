@@ -31,11 +31,11 @@ Two ways to write a participant::
 and serve either with ``async with ParticipantServer(app, db=path) as srv`` or
 ``await serve(app, db=path, listen="127.0.0.1:7101")``.
 
-The example participants live in subpackages (``participants.bank``,
-``participants.trip``).
+The example participants live in subpackages (``accord.participants.bank``,
+``accord.participants.trip``).
 """
 
-from participants._app import (
+from accord.participants._app import (
     CompensateHandler,
     ExecuteHandler,
     Participant,
@@ -44,8 +44,8 @@ from participants._app import (
     PrepareHandler,
     SetupHandler,
 )
-from participants._audit import AuditRow, copy_database, read_audit
-from participants._barrier import (
+from accord.participants._audit import AuditRow, copy_database, read_audit
+from accord.participants._barrier import (
     OP_ONE_PHASE_COMMIT,
     SOURCE_COORDINATOR,
     SOURCE_RESOLVER,
@@ -53,18 +53,18 @@ from participants._barrier import (
     BranchState,
     Outcome,
 )
-from participants._resolver import InDoubtResolver
-from participants._server import (
+from accord.participants._resolver import InDoubtResolver
+from accord.participants._server import (
     PARTICIPANT_SERVICE_NAME,
     Announce,
     ParticipantServer,
     ServiceInstaller,
     serve,
 )
-from participants._service import ParticipantService
-from participants._servicer import ParticipantServicer
-from participants._store import Store, StoreError, StoreStats
-from participants._types import BranchCall, NotYet, Op, Refuse, Result, Status, Vote
+from accord.participants._service import ParticipantService
+from accord.participants._servicer import ParticipantServicer
+from accord.participants._store import Store, StoreError, StoreStats
+from accord.participants._types import BranchCall, NotYet, Op, Refuse, Result, Status, Vote
 
 __all__ = [
     "OP_ONE_PHASE_COMMIT",

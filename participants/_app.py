@@ -23,7 +23,7 @@ import sqlite3
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from participants._types import BranchCall, NotYet, Refuse, Vote
+from accord.participants._types import BranchCall, NotYet, Refuse, Vote
 
 #: A prepare handler: returns its vote (``None`` means yes), or raises
 #: :class:`~participants.Refuse` (no) or :class:`~participants.NotYet` (retry later).

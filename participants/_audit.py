@@ -1,5 +1,5 @@
 """Reading a participant's durable audit (``accord_audit``, documented in
-:mod:`participants._barrier`) offline: from a database file whose process may be dead or
+:mod:`accord.participants._barrier`) offline: from a database file whose process may be dead or
 still running, or from a copy of it.
 
 These readers never write: the file is opened read-only (``mode=ro``), and SQLite
@@ -17,7 +17,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from participants._barrier import Outcome
+from accord.participants._barrier import Outcome
 
 
 @dataclass(frozen=True, kw_only=True)

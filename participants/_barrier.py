@@ -36,7 +36,7 @@ epoch, coordinator_address, detail, at)``
     one INSERT per call: measured on the barrier alone (no fsync), 5-8 µs of CPU on a
     call of 31-46 µs, a few percent of a participant's CPU per gRPC call; duplicates are
     rare retries, so recording them costs the hot path nothing. Like ``accord_barrier`` it is never pruned by the SDK: it is the evidence
-    the offline checker (``clients.chaos``) reads, with :func:`participants.read_audit`.
+    the offline checker (``accord.tools.chaos``) reads, with :func:`accord.participants.read_audit`.
 
 ``accord_fence(shard, epoch, updated_at)``
     The highest coordinator epoch seen per WAL shard. A call with a lower epoch is
@@ -97,9 +97,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from participants._app import Participant
-from participants._store import undo_job
-from participants._types import BranchCall, NotYet, Op, Refuse, Result, Status, Vote
+from accord.participants._app import Participant
+from accord.participants._store import undo_job
+from accord.participants._types import BranchCall, NotYet, Op, Refuse, Result, Status, Vote
 
 log = logging.getLogger("accord.participant")
 

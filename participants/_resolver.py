@@ -27,10 +27,10 @@ import grpc
 from grpc import aio
 
 import accord.v1 as pb
-from participants._barrier import BranchRecord
-from participants._service import ParticipantService
-from participants._types import BranchCall, Op, Status
-from registry.transport import TransportSettings, make_channel
+from accord.common.transport import TransportSettings, make_channel
+from accord.participants._barrier import BranchRecord
+from accord.participants._service import ParticipantService
+from accord.participants._types import BranchCall, Op, Status
 
 log = logging.getLogger("accord.participant.resolver")
 

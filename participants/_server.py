@@ -19,13 +19,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import accord.v1 as pb
-from participants._app import Participant, ParticipantApp
-from participants._resolver import InDoubtResolver
-from participants._service import ParticipantService
-from participants._servicer import DEFAULT_STREAM_MAX_INFLIGHT, ParticipantServicer
-from participants._store import Store
-from participants._telemetry import ParticipantTelemetry
-from registry import (
+from accord.common.telemetry import Telemetry
+from accord.common.transport import TransportSettings, bind, make_server
+from accord.participants._app import Participant, ParticipantApp
+from accord.participants._resolver import InDoubtResolver
+from accord.participants._service import ParticipantService
+from accord.participants._servicer import DEFAULT_STREAM_MAX_INFLIGHT, ParticipantServicer
+from accord.participants._store import Store
+from accord.participants._telemetry import ParticipantTelemetry
+from accord.registry import (
     DEFAULT_TTL_S,
     Etcd,
     Registration,
@@ -34,8 +36,6 @@ from registry import (
     service_key,
     service_value,
 )
-from registry.telemetry import Telemetry
-from registry.transport import TransportSettings, bind, make_server
 
 log = logging.getLogger("accord.participant")
 

@@ -10,10 +10,16 @@ import sqlite3
 import time
 from collections.abc import Callable
 
-from participants._app import Participant, ParticipantApp, as_participant
-from participants._barrier import Barrier, BranchRecord, branch_counts, create_schema, in_doubt
-from participants._store import Store
-from participants._types import BranchCall, Op, Result, Status
+from accord.participants._app import Participant, ParticipantApp, as_participant
+from accord.participants._barrier import (
+    Barrier,
+    BranchRecord,
+    branch_counts,
+    create_schema,
+    in_doubt,
+)
+from accord.participants._store import Store
+from accord.participants._types import BranchCall, Op, Result, Status
 
 log = logging.getLogger("accord.participant")
 

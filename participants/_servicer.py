@@ -1,5 +1,5 @@
 """The accord.v1.Participant gRPC servicer: a thin translation between protobuf and the
-transport-neutral :class:`~participants._service.ParticipantService`. The one table
+transport-neutral :class:`~accord.participants._service.ParticipantService`. The one table
 mapping results to gRPC status codes lives here.
 
 Two transports, one handling path (:meth:`ParticipantServicer.handle`: barrier, fencing,
@@ -21,10 +21,10 @@ from typing import Any
 import grpc
 
 import accord.v1 as pb
-from participants._service import ParticipantService
-from participants._telemetry import ParticipantTelemetry
-from participants._types import _EMPTY, BranchCall, Op, Result, Status
-from registry.telemetry import attach_span, bind_gid
+from accord.common.telemetry import attach_span, bind_gid
+from accord.participants._service import ParticipantService
+from accord.participants._telemetry import ParticipantTelemetry
+from accord.participants._types import _EMPTY, BranchCall, Op, Result, Status
 
 log = logging.getLogger("accord.participant")
 

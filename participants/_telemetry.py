@@ -20,9 +20,9 @@ from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from participants._types import BranchCall, Op, Result
-from participants._types import Status as CallStatus
-from registry.telemetry import Telemetry, incoming_context
+from accord.common.telemetry import Telemetry, incoming_context
+from accord.participants._types import BranchCall, Op, Result
+from accord.participants._types import Status as CallStatus
 
 _LATENCY_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 

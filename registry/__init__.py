@@ -1,12 +1,15 @@
-"""The registry package owns how every piece finds and connects to every other: service
-discovery (the :class:`Registry` interface, a static implementation, and later etcd) and
-transport (every gRPC server and channel is built in :mod:`registry.transport`). The etcd
-implementation also keeps processes registered (:class:`Registration`).
+"""The registry package: how the pieces of an Accord deployment find each other.
 
-It must not know about transactions."""
+It owns service discovery (the :class:`Registry` interface, the etcd registry with its
+watched caches, and a static registry for single-node use), keeping processes registered
+(:class:`Registration`, leases and keepalive), the shard leases that fence WAL owners
+(:class:`ShardLease`), and the sidecar that registers a participant from outside it.
 
-from registry._base import Instance, NoInstanceError, Registry
-from registry._etcd import (
+It must not know about transactions: to it a gid is an opaque string. Building servers
+and channels, telemetry and the gid format live in :mod:`accord.common`."""
+
+from accord.registry._base import Instance, NoInstanceError, Registry
+from accord.registry._etcd import (
     COORDINATORS,
     DEFAULT_TTL_S,
     SERVICES,
@@ -24,15 +27,7 @@ from registry._etcd import (
     service_key,
     service_value,
 )
-from registry._routing import (
-    GID_SEPARATOR,
-    SHARD_NAME,
-    check_shard_name,
-    gid_prefix,
-    shard_for_key,
-    shard_of,
-)
-from registry._shard import (
+from accord.registry._shard import (
     SHARDS,
     Owner,
     ShardLease,
@@ -42,16 +37,14 @@ from registry._shard import (
     owner_key,
     shard_map,
 )
-from registry._sidecar import Sidecar, SidecarSettings
-from registry._static import StaticRegistry
+from accord.registry._sidecar import Sidecar, SidecarSettings
+from accord.registry._static import StaticRegistry
 
 __all__ = [
     "COORDINATORS",
     "DEFAULT_TTL_S",
-    "GID_SEPARATOR",
     "SERVICES",
     "SHARDS",
-    "SHARD_NAME",
     "CoordinatorInfo",
     "Etcd",
     "EtcdRegistry",
@@ -66,20 +59,16 @@ __all__ = [
     "Sidecar",
     "SidecarSettings",
     "StaticRegistry",
-    "check_shard_name",
     "coordinator_key",
     "coordinator_value",
     "dialable",
     "epoch_key",
     "find_coordinators",
     "find_shards",
-    "gid_prefix",
     "owner_key",
     "parse_coordinators",
     "parse_endpoints",
     "service_key",
     "service_value",
-    "shard_for_key",
     "shard_map",
-    "shard_of",
 ]

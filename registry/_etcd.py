@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
 
-from registry._base import Instance
+from accord.registry._base import Instance
 
 log = logging.getLogger("accord.registry")
 # etcd3aio warns at every watch reconnect attempt; this module logs an outage once.

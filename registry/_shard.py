@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from etcd3aio import prefix_range_end
 
-from registry._etcd import (
+from accord.registry._etcd import (
     _ERRORS,
     COORDINATORS,
     REQUEST_TIMEOUT_S,

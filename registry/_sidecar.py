@@ -19,8 +19,8 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from registry._etcd import DEFAULT_TTL_S, Etcd, Registration, service_key, service_value
-from registry.transport import TransportSettings, make_channel
+from accord.common.transport import TransportSettings, make_channel
+from accord.registry._etcd import DEFAULT_TTL_S, Etcd, Registration, service_key, service_value
 
 log = logging.getLogger("accord.sidecar")
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from registry._base import Instance
+from accord.registry._base import Instance
 
 
 class StaticRegistry:

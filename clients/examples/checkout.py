@@ -1,12 +1,12 @@
 """A checkout as one 2PC: pay at the bank and reserve the item, or neither.
-Run: python -m clients.examples.checkout COORDINATOR_HOST:PORT ORDER_ID"""
+Run: python -m accord.client.examples.checkout COORDINATOR_HOST:PORT ORDER_ID"""
 
 from __future__ import annotations
 
 import asyncio
 import sys
 
-from clients import AccordClient, Branch, SyncAccordClient
+from accord.client import AccordClient, Branch, SyncAccordClient
 
 
 async def checkout(coordinator: str, order_id: str) -> bool:

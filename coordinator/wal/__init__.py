@@ -81,7 +81,7 @@ are returned. A torn or zeroed tail of the last segment is repaired (damaged byt
 copied aside, the file cut at the first bad record and preallocated again); a bad
 record anywhere else raises WalCorruptionError naming the segment and the offset.
 
-Torn or corrupt (full rule in ``coordinator.wal._recovery``): only the last segment can
+Torn or corrupt (full rule in ``accord.coordinator.wal._recovery``): only the last segment can
 have a torn tail. Damage there at offset X is corruption if a later record header (found
 by its magic at an aligned offset, header CRC verified, plausible LSN) has a
 ``synced_lsn`` at or past the damaged record's LSN, which proves the damaged bytes had

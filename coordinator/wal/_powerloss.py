@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from coordinator.wal._errors import WalError
-from coordinator.wal._format import parse_segment_name
-from coordinator.wal._recovery import _scan_segment
-from coordinator.wal._segment import SYNC_MARKER
+from accord.coordinator.wal._errors import WalError
+from accord.coordinator.wal._format import parse_segment_name
+from accord.coordinator.wal._recovery import _scan_segment
+from accord.coordinator.wal._segment import SYNC_MARKER
 
 
 def drop_unsynced(directory: Path) -> int:

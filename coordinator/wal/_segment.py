@@ -28,7 +28,7 @@ from ._format import (
     segment_name,
 )
 
-logger = logging.getLogger("coordinator.wal")
+logger = logging.getLogger("accord.coordinator.wal")
 
 #: The sync marker file of a directory opened with ``sync_marker=True``.
 SYNC_MARKER: Final = "SYNCED"

@@ -28,7 +28,7 @@ from ._segment import SegmentLog
 from ._types import RecoveredLog, WalStats
 from ._writer import GroupCommitWriter
 
-logger = logging.getLogger("coordinator.wal")
+logger = logging.getLogger("accord.coordinator.wal")
 
 DEFAULT_SEGMENT_SIZE: Final = 64 * 1024 * 1024
 MIN_SEGMENT_SIZE: Final = SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE

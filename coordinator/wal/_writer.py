@@ -21,7 +21,7 @@ from ._errors import WalFatalError
 from ._format import record_size
 from ._segment import SegmentLog
 
-logger = logging.getLogger("coordinator.wal")
+logger = logging.getLogger("accord.coordinator.wal")
 
 MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
 """A batch stops growing here (it always takes at least one record)."""

@@ -20,13 +20,13 @@ Seeded accounts are named ``<service>-<index>`` (:func:`account_id`). The admin 
 (``accord.bank.v1.Bank``: OpenAccounts, GetBalances) is served on the same port.
 
 Run it with the :func:`serve_bank` coroutine (the ``accord participant bank`` command) or
-``python -m participants.bank --listen 127.0.0.1:0 --db FILE [--service NAME]
+``python -m accord.participants.bank --listen 127.0.0.1:0 --db FILE [--service NAME]
 [--accounts N --initial-balance X]``; it prints ``listening on HOST:PORT`` once serving.
 """
 
-from participants.bank._admin import BANK_SERVICE_NAME, BankAdmin, install_admin
-from participants.bank._logic import SCHEMA, Movement, bank_app, parse
-from participants.bank._main import (
+from accord.participants.bank._admin import BANK_SERVICE_NAME, BankAdmin, install_admin
+from accord.participants.bank._logic import SCHEMA, Movement, bank_app, parse
+from accord.participants.bank._main import (
     account_id,
     main,
     seed_accounts,

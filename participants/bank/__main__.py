@@ -1,3 +1,3 @@
-from participants.bank._main import main
+from accord.participants.bank._main import main
 
 raise SystemExit(main())

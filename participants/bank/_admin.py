@@ -11,7 +11,7 @@ import grpc
 from grpc import aio
 
 import accord.bank.v1 as bankpb
-from participants import ParticipantService
+from accord.participants import ParticipantService
 
 BANK_SERVICE_NAME: str = bankpb.bank_pb2.DESCRIPTOR.services_by_name["Bank"].full_name
 

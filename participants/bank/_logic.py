@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from participants import BranchCall, NotYet, ParticipantApp, Refuse, Vote
+from accord.participants import BranchCall, NotYet, ParticipantApp, Refuse, Vote
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (

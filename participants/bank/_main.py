@@ -1,5 +1,5 @@
 """Running the bank: the :func:`serve_bank` coroutine (what ``accord participant bank``
-runs) and ``python -m participants.bank``."""
+runs) and ``python -m accord.participants.bank``."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from participants import Announce, ParticipantServer, serve
-from participants.bank._admin import install_admin
-from participants.bank._logic import bank_app
-from registry.telemetry import Telemetry
-from registry.transport import TransportSettings
+from accord.common.telemetry import Telemetry
+from accord.common.transport import TransportSettings
+from accord.participants import Announce, ParticipantServer, serve
+from accord.participants.bank._admin import install_admin
+from accord.participants.bank._logic import bank_app
 
 log = logging.getLogger("accord.participant.bank")
 
@@ -76,7 +76,7 @@ async def serve_bank(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m participants.bank",
+        prog="python -m accord.participants.bank",
         description=(
             "The Accord example bank participant (2PC debit/credit/balance;"
             " saga debit/refund, credit/uncredit)."

@@ -1,5 +1,5 @@
 """An inventory participant written with the SDK: reserve an item in phase one, ship it
-on commit, put it back on abort. Run: python -m participants.examples.inventory HOST:PORT DB"""
+on commit, put it back on abort. Run: python -m accord.participants.examples.inventory HOST:PORT DB"""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import sqlite3
 import sys
 
-from participants import BranchCall, ParticipantApp, ParticipantServer, Refuse, Vote, serve
+from accord.participants import BranchCall, ParticipantApp, ParticipantServer, Refuse, Vote, serve
 
 app = ParticipantApp("inventory")
 

@@ -7,8 +7,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from participants import Announce, BranchCall, ParticipantApp, ParticipantServer, Refuse, serve
-from registry.telemetry import Telemetry
+from accord.common.telemetry import Telemetry
+from accord.participants import (
+    Announce,
+    BranchCall,
+    ParticipantApp,
+    ParticipantServer,
+    Refuse,
+    serve,
+)
 
 KINDS = ("flight", "hotel", "car")
 

@@ -1,5 +1,5 @@
 """Helpers for the bank integration tests: bank participant processes started with
-``python -m participants.bank`` (port read from their first stdout line, stopped by PID),
+``python -m accord.participants.bank`` (port read from their first stdout line, stopped by PID),
 a fake coordinator answering only ``QueryOutcome``, and request builders."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from grpc import aio
 
 import accord.bank.v1 as bankpb
 import accord.v1 as pb
-from registry.transport import bind, make_channel, make_server
+from accord.common.transport import bind, make_channel, make_server
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -27,7 +27,7 @@ STOP_TIMEOUT_S = 10.0
 
 @dataclass
 class BankProcess:
-    """One ``python -m participants.bank`` process and a channel to it."""
+    """One ``python -m accord.participants.bank`` process and a channel to it."""
 
     db: Path
     log: Path
@@ -97,7 +97,7 @@ class BankProcesses:
         args = [
             sys.executable,
             "-m",
-            "participants.bank",
+            "accord.participants.bank",
             "--listen",
             "127.0.0.1:0",
             "--db",

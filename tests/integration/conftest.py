@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 import accord.bank.v1 as bankpb
-from clients._procs import EtcdServer, ManagedProcess, free_port, stop_all
+from accord.tools._procs import EtcdServer, ManagedProcess, free_port, stop_all
 
 __all__ = ["Cluster", "balances", "free_port", "open_accounts"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.chaos import ChaosSettings, run_chaos
+from accord.tools.chaos import ChaosSettings, run_chaos
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ def test_chaos_run_finds_no_violation(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "clients.cli",
+            "accord.tools.cli",
             "chaos",
             "--duration",
             "75",

@@ -12,8 +12,9 @@ import random
 import time
 from pathlib import Path
 
-from clients import AccordClient, AccordClientError, TxnResult
-from clients.chaos import (
+from accord.client import AccordClient, AccordClientError, TxnResult
+from accord.participants import copy_database
+from accord.tools.chaos import (
     HistoryWriter,
     SagaStepSpec,
     TransferBranch,
@@ -21,7 +22,6 @@ from clients.chaos import (
     saga_request,
     transfer_request,
 )
-from participants import copy_database
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, open_accounts
 

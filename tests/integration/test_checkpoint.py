@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from clients import AccordClient, Branch
+from accord.client import AccordClient, Branch
 from tests.integration.conftest import Cluster, balances, open_accounts
 
 

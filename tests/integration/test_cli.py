@@ -16,7 +16,7 @@ from tests.integration.conftest import Cluster, balances, open_accounts
 
 def accord(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "clients.cli", *args],
+        [sys.executable, "-m", "accord.tools.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,

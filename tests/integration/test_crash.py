@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from clients import AccordClient, AccordClientError, Branch
+from accord.client import AccordClient, AccordClientError, Branch
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, open_accounts
 

@@ -9,8 +9,8 @@ import re
 import sys
 from pathlib import Path
 
-from clients._procs import ManagedProcess
-from clients.examples.checkout import checkout, checkout_interactive
+from accord.client.examples.checkout import checkout, checkout_interactive
+from accord.tools._procs import ManagedProcess
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, open_accounts
 
@@ -33,7 +33,7 @@ async def test_checkout_example(cluster: Cluster) -> None:
         [
             sys.executable,
             "-m",
-            "participants.examples.inventory",
+            "accord.participants.examples.inventory",
             "127.0.0.1:0",
             str(cluster.root / "inv.db"),
         ],

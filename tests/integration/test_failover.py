@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from clients import AccordClient, Branch, TxnResult
-from clients._errors import AccordClientError, UnavailableError
-from clients._procs import ManagedProcess
-from registry import Etcd, owner_key
+from accord.client import AccordClient, Branch, TxnResult
+from accord.client._errors import AccordClientError, UnavailableError
+from accord.registry import Etcd, owner_key
+from accord.tools._procs import ManagedProcess
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, open_accounts
 

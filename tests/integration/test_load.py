@@ -28,7 +28,7 @@ TOTAL = len(BANKS) * ACCOUNTS * BALANCE
 
 def load(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "load", "--accounts", str(ACCOUNTS), *args],
+        [sys.executable, "-m", "accord.tools.cli", "load", "--accounts", str(ACCOUNTS), *args],
         capture_output=True,
         text=True,
         timeout=90,

@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 import accord.v1 as pb
-from clients import AccordClient, Branch, SagaStep
+from accord.client import AccordClient, Branch, SagaStep
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, free_port, open_accounts
 

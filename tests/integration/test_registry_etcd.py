@@ -15,9 +15,9 @@ from collections import Counter
 import pytest
 from etcd3aio import prefix_range_end
 
-from clients import AccordClient, Branch, TxnResult
-from clients._errors import AccordClientError, UnavailableError
-from registry import (
+from accord.client import AccordClient, Branch, TxnResult
+from accord.client._errors import AccordClientError, UnavailableError
+from accord.registry import (
     COORDINATORS,
     SERVICES,
     Etcd,
@@ -372,7 +372,7 @@ async def test_sidecar_registers_a_plain_health_checked_service(cluster: Cluster
     """A participant without the SDK's registration (a bank started without --etcd,
     standing for a service in any language) kept in etcd by ``accord sidecar`` while its
     gRPC health status is SERVING."""
-    from clients._procs import ManagedProcess, free_port
+    from accord.tools._procs import ManagedProcess, free_port
 
     etcd = cluster.etcd()
     port = free_port()

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 import accord.v1 as pb
-from clients import AccordClient, AccordClientError, SagaStep
+from accord.client import AccordClient, AccordClientError, SagaStep
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, free_port, open_accounts
 

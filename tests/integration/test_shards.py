@@ -15,10 +15,10 @@ from collections import Counter
 
 import pytest
 
-from clients import AccordClient, Branch, TxnResult
-from clients._errors import FailedPreconditionError, NotFoundError, UnavailableError
-from clients._procs import ManagedProcess
-from registry import shard_for_key, shard_of
+from accord.client import AccordClient, Branch, TxnResult
+from accord.client._errors import FailedPreconditionError, NotFoundError, UnavailableError
+from accord.common.gid import shard_for_key, shard_of
+from accord.tools._procs import ManagedProcess
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, open_accounts
 
@@ -138,7 +138,7 @@ async def test_the_sharded_client_spreads_load_and_routes_gids(cluster: Cluster)
         # The command line with --etcd routes by gid too.
         for gid in gids[:2]:
             cli = await asyncio.create_subprocess_exec(
-                *(sys.executable, "-m", "clients.cli", "txn", "get", gid, "--etcd", etcd),
+                *(sys.executable, "-m", "accord.tools.cli", "txn", "get", gid, "--etcd", etcd),
                 "--json",
                 stdout=subprocess.PIPE,
             )
@@ -163,7 +163,7 @@ async def test_the_sharded_client_spreads_load_and_routes_gids(cluster: Cluster)
             async with AccordClient(proc.address) as direct:
                 counts[shard] = len((await direct.list(limit=1000))[0])
         cli = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "clients.cli", "load", "--etcd", etcd, "--json", "-"),
+            *(sys.executable, "-m", "accord.tools.cli", "load", "--etcd", etcd, "--json", "-"),
             *("--transactions", "40", "--concurrency", "4", "--accounts", str(ACCOUNTS)),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

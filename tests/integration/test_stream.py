@@ -17,11 +17,11 @@ import grpc
 import pytest
 
 import accord.v1 as pb
-from clients import AccordClient, Branch, SagaStep
-from clients._procs import ManagedProcess
-from coordinator._calls import ParticipantCalls, Transport, Verdict
-from registry import StaticRegistry
-from registry.transport import TransportSettings, make_channel
+from accord.client import AccordClient, Branch, SagaStep
+from accord.common.transport import TransportSettings, make_channel
+from accord.coordinator._calls import ParticipantCalls, Transport, Verdict
+from accord.registry import StaticRegistry
+from accord.tools._procs import ManagedProcess
 from tests.integration._bank_helpers import branch
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, free_port, open_accounts

@@ -21,7 +21,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from clients import AccordClient, AccordClientError, Branch, SagaStep
+from accord.client import AccordClient, AccordClientError, Branch, SagaStep
 from tests.integration._otlp import OtlpReceiver, Span, otlp_receiver
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, open_accounts
@@ -280,7 +280,16 @@ async def test_accord_txn_command_starts_the_trace(
 ) -> None:
     services = await _start(cluster, receiver, 1)
     coord = cluster.coordinator(services, env=receiver.env())
-    cmd = [sys.executable, "-m", "clients.cli", "txn", "execute", "--json", "-c", coord.address]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accord.tools.cli",
+        "txn",
+        "execute",
+        "--json",
+        "-c",
+        coord.address,
+    ]
     cmd.append('bank-a/debit:{"account":"acct0","amount":1}')
     env = {**os.environ, **receiver.env()}
     out = await asyncio.to_thread(

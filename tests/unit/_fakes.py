@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 import accord.v1 as pb
-from coordinator._calls import CallResult, Verdict
+from accord.coordinator._calls import CallResult, Verdict
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from participants import (
+from accord.participants import (
     BranchCall,
     NotYet,
     Op,

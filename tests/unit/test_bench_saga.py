@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 import accord.v1 as pb
+from accord.client._client import AccordClient, SagaStep, TxnResult
+from accord.common.transport import TransportSettings, bind, make_server
 from bench.baseline import BareCoordinator, BareParticipant
 from bench.report import ratios
 from bench.rows import ROWS, SAGA_BANKS, RowEnv, SagaTally, saga_factory, saga_plan
-from clients._client import AccordClient, SagaStep, TxnResult
-from registry.transport import TransportSettings, bind, make_server
 
 
 class RecordingParticipant(BareParticipant):

@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
-from clients.chaos import (
+from accord.participants import BranchCall, Op, ParticipantService, Status, Store, copy_database
+from accord.participants.bank import bank_app
+from accord.tools.chaos import (
     ATOMICITY,
     BANK_CONSERVATION,
     BOUNDED_RECOVERY,
@@ -41,9 +43,7 @@ from clients.chaos import (
     saga_request,
     transfer_request,
 )
-from clients.chaos.checker import main as check_main
-from participants import BranchCall, Op, ParticipantService, Status, Store, copy_database
-from participants.bank import bank_app
+from accord.tools.chaos.checker import main as check_main
 
 INITIAL = {"bank-1-0": 100, "bank-1-1": 100, "bank-2-0": 100, "bank-2-1": 100}
 
@@ -598,7 +598,7 @@ async def test_cli_json_and_table(
     # The module runs as a program.
     proc = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "clients.chaos.checker", *args, "--json"],
+        [sys.executable, "-m", "accord.tools.chaos.checker", *args, "--json"],
         capture_output=True,
         text=True,
         check=False,
@@ -623,7 +623,7 @@ async def test_render_shows_the_smallest_example(run: Run) -> None:
 
 
 async def test_writer_classifies_results_and_errors(run: Run) -> None:
-    from clients import AlreadyExistsError, TxnResult, UnavailableError
+    from accord.client import AlreadyExistsError, TxnResult, UnavailableError
 
     w = run.history
     assert w.result(1, "transfer", "a", TxnResult(gid="g", state="COMMITTING")).type == "ok"

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import accord.v1 as pb
-from coordinator import (
+from accord.coordinator import (
     AlreadyExists,
     CoordinatorConfig,
     Engine,
@@ -20,8 +20,8 @@ from coordinator import (
     TxnState,
     Unavailable,
 )
-from coordinator._calls import CallResult, Verdict
-from coordinator._records import RecordType
+from accord.coordinator._calls import CallResult, Verdict
+from accord.coordinator._records import RecordType
 from tests.unit._fakes import FakeCalls, FakeClock, FakeWal
 
 FAST = CoordinatorConfig(retry=RetryPolicy(initial_s=0.001, max_s=0.002), phase_two_wait_s=1.0)

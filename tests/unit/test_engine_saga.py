@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import accord.v1 as pb
-from coordinator import (
+from accord.coordinator import (
     AlreadyExists,
     BranchState,
     CoordinatorConfig,
@@ -16,9 +16,9 @@ from coordinator import (
     InvalidArgument,
     TxnState,
 )
-from coordinator._calls import CallResult, Verdict
-from coordinator._model import Txn
-from coordinator._records import RecordType
+from accord.coordinator._calls import CallResult, Verdict
+from accord.coordinator._model import Txn
+from accord.coordinator._records import RecordType
 from tests.unit._fakes import FakeCalls, FakeClock, FakeWal
 
 FAST_RETRY = pb.RetryPolicy(initial_interval_ms=1, max_interval_ms=2, max_attempts=3)

@@ -9,9 +9,9 @@ import itertools
 import pytest
 
 import accord.v1 as pb
-from coordinator import TRANSITIONS, CoordinatorConfig, Engine, IllegalTransition, TxnState
-from coordinator._model import BranchRt, Txn
-from coordinator._records import RecordType
+from accord.coordinator import TRANSITIONS, CoordinatorConfig, Engine, IllegalTransition, TxnState
+from accord.coordinator._model import BranchRt, Txn
+from accord.coordinator._records import RecordType
 from tests.unit._fakes import FakeCalls, FakeClock, FakeWal
 
 ALL_PAIRS = list(itertools.product(TxnState, TxnState))
@@ -120,7 +120,7 @@ async def test_failed_append_leaves_state_unchanged() -> None:
 
     engine, _ = make_engine(BrokenWal())
     txn = txn_in(TxnState.PREPARING)
-    from coordinator import Unavailable
+    from accord.coordinator import Unavailable
 
     with pytest.raises(Unavailable):
         await engine.transition(txn, TxnState.COMMITTING)

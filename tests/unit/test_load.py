@@ -13,7 +13,7 @@ import pytest
 from hdrh.histogram import HdrHistogram
 from typer.testing import CliRunner
 
-from clients._load import (
+from accord.tools._load import (
     Bounds,
     LoadSettings,
     Recorder,
@@ -23,9 +23,9 @@ from clients._load import (
     run_closed_loop,
     run_open_loop,
 )
-from clients._load_report import build_report, merge_histograms, merge_progress
-from clients._load_view import render_table
-from clients.cli import app
+from accord.tools._load_report import build_report, merge_histograms, merge_progress
+from accord.tools._load_view import render_table
+from accord.tools.cli import app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,7 +105,7 @@ async def test_open_loop_keeps_the_rate_and_warmup_is_not_measured() -> None:
 
 
 async def test_closed_loop_errors_and_timeouts_are_counted_by_code() -> None:
-    from clients._errors import UnavailableError
+    from accord.client._errors import UnavailableError
 
     calls = 0
 

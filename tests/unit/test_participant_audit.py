@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from participants import (
+from accord.participants import (
     BranchCall,
     Op,
     Outcome,
@@ -20,7 +20,7 @@ from participants import (
     copy_database,
     read_audit,
 )
-from participants.bank import bank_app, seed_accounts
+from accord.participants.bank import bank_app, seed_accounts
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from participants import BranchCall, Op, ParticipantService, Status, Store
-from participants.bank import account_id, bank_app, seed_accounts
+from accord.participants import BranchCall, Op, ParticipantService, Status, Store
+from accord.participants.bank import account_id, bank_app, seed_accounts
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ import pytest
 from grpc import aio
 
 import accord.v1 as pb
-from coordinator._calls import ParticipantCalls, Transport, Verdict
-from registry import StaticRegistry
-from registry.transport import TransportSettings, bind, make_server
+from accord.common.transport import TransportSettings, bind, make_server
+from accord.coordinator._calls import ParticipantCalls, Transport, Verdict
+from accord.registry import StaticRegistry
 
 
 class Controlled(pb.ParticipantServicer):

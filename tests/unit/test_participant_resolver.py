@@ -13,7 +13,8 @@ import grpc
 import pytest
 
 import accord.v1 as pb
-from participants import (
+from accord.common.transport import bind, make_server
+from accord.participants import (
     BranchCall,
     InDoubtResolver,
     Op,
@@ -21,8 +22,7 @@ from participants import (
     ParticipantService,
     Store,
 )
-from participants.bank import bank_app, seed_accounts
-from registry.transport import bind, make_server
+from accord.participants.bank import bank_app, seed_accounts
 
 
 class FakeCoordinator:

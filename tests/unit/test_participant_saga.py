@@ -17,7 +17,8 @@ import grpc
 import pytest
 
 import accord.v1 as pb
-from participants import (
+from accord.common.transport import make_channel
+from accord.participants import (
     BranchCall,
     NotYet,
     Op,
@@ -29,8 +30,7 @@ from participants import (
     Status,
     Store,
 )
-from participants.bank import bank_app, seed_accounts
-from registry.transport import make_channel
+from accord.participants.bank import bank_app, seed_accounts
 
 # -- a counting participant (subclass style) ----------------------------------------------
 

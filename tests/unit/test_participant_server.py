@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import accord.v1 as pb
-from participants import (
+from accord.common.transport import make_channel
+from accord.participants import (
     PARTICIPANT_SERVICE_NAME,
     BranchCall,
     NotYet,
@@ -23,7 +24,6 @@ from participants import (
     Refuse,
     Vote,
 )
-from registry.transport import make_channel
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS stock (item TEXT PRIMARY KEY, free INTEGER, held INTEGER)"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from participants import Store, StoreError
+from accord.participants import Store, StoreError
 
 
 @pytest.fixture

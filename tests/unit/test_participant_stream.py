@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 import accord.v1 as pb
-from participants import ParticipantServer
-from registry.transport import make_channel
+from accord.common.transport import make_channel
+from accord.participants import ParticipantServer
 from tests.unit.test_participant_server import inventory, req, seen, stock
 
 OK = grpc.StatusCode.OK.value[0]

@@ -1,4 +1,4 @@
-"""The trip-booking example (participants.trip) on the SDK's saga API: book, a refused
+"""The trip-booking example (accord.participants.trip) on the SDK's saga API: book, a refused
 city, cancel, duplicates, a cancel that overtakes its booking; and serving it."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import grpc
 import pytest
 
 import accord.v1 as pb
-from participants import BranchCall, Op, ParticipantService, Status, Store
-from participants.trip import KINDS, serve_trip, trip_app
-from participants.trip._service import bookings
-from registry.transport import make_channel
+from accord.common.transport import make_channel
+from accord.participants import BranchCall, Op, ParticipantService, Status, Store
+from accord.participants.trip import KINDS, serve_trip, trip_app
+from accord.participants.trip._service import bookings
 
 
 @pytest.fixture

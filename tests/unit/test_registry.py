@@ -7,8 +7,8 @@ import grpc
 import pytest
 
 import accord.v1 as pb
-from coordinator._calls import CallResult, ParticipantCalls, Verdict
-from registry import (
+from accord.coordinator._calls import CallResult, ParticipantCalls, Verdict
+from accord.registry import (
     StaticRegistry,
     coordinator_value,
     dialable,
@@ -17,7 +17,7 @@ from registry import (
     service_key,
     service_value,
 )
-from registry._etcd import COORDINATORS, parse_services
+from accord.registry._etcd import COORDINATORS, parse_services
 
 
 def test_parse_endpoints() -> None:

@@ -1,4 +1,4 @@
-"""Gid ↔ shard routing (registry/_routing.py) and the coordinator's side of it."""
+"""Gid ↔ shard routing (common/gid.py) and the coordinator's side of it."""
 
 from __future__ import annotations
 
@@ -7,14 +7,11 @@ from collections import Counter
 import pytest
 
 import accord.v1 as pb
-from coordinator import CoordinatorConfig, Engine, FailedPrecondition, NotFound, RetryPolicy
-from registry import (
+from accord.common.gid import check_shard_name, gid_prefix, shard_for_key, shard_of
+from accord.coordinator import CoordinatorConfig, Engine, FailedPrecondition, NotFound, RetryPolicy
+from accord.registry import (
     CoordinatorInfo,
-    check_shard_name,
-    gid_prefix,
-    shard_for_key,
     shard_map,
-    shard_of,
 )
 from tests.unit._fakes import FakeCalls, FakeClock, FakeWal
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from coordinator._server import GC_THRESHOLDS, tune_gc
+from accord.coordinator._server import GC_THRESHOLDS, tune_gc
 
 
 @pytest.fixture

@@ -19,11 +19,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 import accord.v1 as pb
-from clients._logs import JsonFormatter, TextFormatter
-from coordinator import CoordinatorConfig, Engine, RetryPolicy, TxnState
-from coordinator._calls import CallResult, Verdict
-from coordinator._telemetry import CoordinatorTelemetry
-from registry.telemetry import (
+from accord.common.logs import JsonFormatter, TextFormatter
+from accord.common.telemetry import (
     Telemetry,
     TraceLogFilter,
     bind_gid,
@@ -32,6 +29,9 @@ from registry.telemetry import (
     outgoing_metadata,
     traceparent_of,
 )
+from accord.coordinator import CoordinatorConfig, Engine, RetryPolicy, TxnState
+from accord.coordinator._calls import CallResult, Verdict
+from accord.coordinator._telemetry import CoordinatorTelemetry
 from tests.unit._fakes import FakeCalls, FakeClock, FakeWal
 
 FAST = CoordinatorConfig(retry=RetryPolicy(initial_s=0.001, max_s=0.002), phase_two_wait_s=1.0)
@@ -115,7 +115,7 @@ def test_log_lines_carry_gid_and_trace(spans: tuple[TracerProvider, InMemorySpan
             given.gid = "explicit"
             f.filter(given)
         finally:
-            from registry.telemetry import _GID
+            from accord.common.telemetry import _GID
 
             _GID.reset(token)
     ctx = span.get_span_context()
@@ -284,7 +284,7 @@ async def test_recovery_span_continues_the_logged_trace(
         b.branch_id = f"b{i + 1}"
     prepare = pb.WalPrepare(gid="g1", branches=branches, traceparent=tp)
     commit = pb.WalCommit(gid="g1", branch_ids=["b1", "b2"])
-    from coordinator._records import RT_COMMIT, RT_PREPARE
+    from accord.coordinator._records import RT_COMMIT, RT_PREPARE
 
     e.replay(
         None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.wal import (
+from accord.coordinator.wal import (
     MAX_PAYLOAD,
     WAL,
     WalError,

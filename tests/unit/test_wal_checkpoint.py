@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.wal import WAL, WalCorruptionError, WalError, WalRecord
-from coordinator.wal._checkpoint import write_checkpoint_file
+from accord.coordinator.wal import WAL, WalCorruptionError, WalError, WalRecord
+from accord.coordinator.wal._checkpoint import write_checkpoint_file
 from tests.unit.test_wal_helpers import RTYPE, dir_usage, read_records, segments
 
 SEG = 4096

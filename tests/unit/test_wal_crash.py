@@ -9,14 +9,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-from coordinator.wal import WAL
+from accord.coordinator.wal import WAL
 
 CHILD = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from coordinator._failpoints import Failpoints
-    from coordinator.wal import WAL
+    from accord.coordinator._failpoints import Failpoints
+    from accord.coordinator.wal import WAL
 
     async def main() -> None:
         wal, recovered = await WAL.open(

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator._failpoints import Failpoints
-from coordinator.wal import WAL, WalFatalError
+from accord.coordinator._failpoints import Failpoints
+from accord.coordinator.wal import WAL, WalFatalError
 from tests.unit.test_wal_helpers import RTYPE
 
 
@@ -73,7 +73,7 @@ async def test_failed_write_is_fatal(tmp_path: Path) -> None:
 
 async def test_slow_fsync_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     wal, _ = await WAL.open(tmp_path, slow_fsync_warn_s=0.0)
-    with caplog.at_level("WARNING", logger="coordinator.wal"):
+    with caplog.at_level("WARNING", logger="accord.coordinator.wal"):
         await wal.append(RTYPE, b"x", sync=True)
     await wal.close()
     assert any("slow fdatasync" in r.getMessage() for r in caplog.records)

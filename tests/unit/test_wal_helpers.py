@@ -12,7 +12,7 @@ from pathlib import Path
 
 import crc32c
 
-from coordinator.wal import WAL, WalRecord
+from accord.coordinator.wal import WAL, WalRecord
 
 SEGMENT_HEADER = struct.Struct("<8sQIIII")
 RECORD_HEADER = struct.Struct("<IIQQHHI")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.wal import SYNC_MARKER, WAL, WalError, drop_unsynced
+from accord.coordinator.wal import SYNC_MARKER, WAL, WalError, drop_unsynced
 
 SEGMENT = 64 * 1024
 

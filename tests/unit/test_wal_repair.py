@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.wal import WAL, WalCorruptionError, WalRecord
+from accord.coordinator.wal import WAL, WalCorruptionError, WalRecord
 from tests.unit.test_wal_helpers import (
     RTYPE,
     DiskRecord,

@@ -50,7 +50,7 @@ class ManagedProcess:
     @classmethod
     def accord(cls, name: str, args: Sequence[str], **kw: object) -> ManagedProcess:
         """An ``accord`` subcommand run with this interpreter."""
-        return cls(name, [sys.executable, "-m", "clients.cli", *args], **kw)  # type: ignore[arg-type]
+        return cls(name, [sys.executable, "-m", "accord.tools.cli", *args], **kw)  # type: ignore[arg-type]
 
     @property
     def pid(self) -> int:

@@ -54,7 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clients.chaos._final import (
+from accord.participants import AuditRow, Outcome
+from accord.tools.chaos._final import (
     BranchRow,
     CoordinatorTxn,
     LedgerEntry,
@@ -62,7 +63,7 @@ from clients.chaos._final import (
     load_participant,
     merge_coordinator_lists,
 )
-from clients.chaos._history import (
+from accord.tools.chaos._history import (
     Completion,
     Event,
     Fault,
@@ -75,7 +76,6 @@ from clients.chaos._history import (
     parse_transfer,
     read_history,
 )
-from participants import AuditRow, Outcome
 
 ATOMICITY = "atomicity"
 CLIENT_AGREEMENT = "client-agreement"

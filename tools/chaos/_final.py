@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from participants import AuditRow, read_audit
+from accord.participants import AuditRow, read_audit
 
 #: Final transaction states, and STUCK (a saga waiting for an operator: reported).
 FINAL_STATES = frozenset({"COMMITTED", "ABORTED", "COMPLETED", "COMPENSATED"})

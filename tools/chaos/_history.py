@@ -41,8 +41,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal
 
-from clients._client import Branch, SagaStep, TxnResult
-from clients._errors import AlreadyExistsError, InvalidArgumentError
+from accord.client._client import Branch, SagaStep, TxnResult
+from accord.client._errors import AlreadyExistsError, InvalidArgumentError
 
 OpName = Literal["transfer", "saga"]
 CompletionType = Literal["ok", "fail", "info"]

@@ -20,7 +20,7 @@ Two ways of driving it:
 ``--warmup`` seconds run first and are not measured; then the measured part is bounded by
 ``--duration`` or ``--transactions``. Latencies go into an HDR histogram (microseconds,
 3 significant digits); per-second histograms (2 digits) make the timeline. With
-``--processes P`` each of P worker processes (``python -m clients._load_worker``) runs its
+``--processes P`` each of P worker processes (``python -m accord.tools._load_worker``) runs its
 own event loop and client with its share of the concurrency, rate and transactions; the
 parent aligns their start, merges their histograms exactly (encode, decode, add) and shows
 the live progress. Every process measures its own CPU time over the run, so the report
@@ -49,8 +49,8 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from clients._client import AccordClient, Branch, SagaStep
-from clients._errors import AccordClientError
+from accord.client._client import AccordClient, Branch, SagaStep
+from accord.client._errors import AccordClientError
 
 MODES = ("2pc", "saga", "mixed")
 #: Latencies in microseconds, 1 us .. 1 h.

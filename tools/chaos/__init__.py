@@ -1,16 +1,16 @@
 """Chaos testing, Jepsen style: ``accord chaos`` (:func:`run_chaos`, the harness in
-:mod:`clients.chaos._harness`) kills coordinators and participants under a bank
+:mod:`accord.tools.chaos._harness`) kills coordinators and participants under a bank
 workload and records a history of client operations and injected faults; the checker
 then verifies invariants offline against what the participants durably hold.
 
-This package owns the history format (:mod:`clients.chaos._history`: the dataclasses, a
+This package owns the history format (:mod:`accord.tools.chaos._history`: the dataclasses, a
 reader, and :class:`HistoryWriter` for the harness), the final-state loaders, and the
-checker (:func:`check` → :class:`Report`; ``python -m clients.chaos.checker`` on saved
+checker (:func:`check` → :class:`Report`; ``python -m accord.tools.chaos.checker`` on saved
 files). It only reads participant databases (read-only) and never talks to a running
 process.
 """
 
-from clients.chaos._checker import (
+from accord.tools.chaos._checker import (
     ATOMICITY,
     BANK_CONSERVATION,
     BOUNDED_RECOVERY,
@@ -28,7 +28,7 @@ from clients.chaos._checker import (
     Violation,
     check,
 )
-from clients.chaos._final import (
+from accord.tools.chaos._final import (
     Account,
     BarrierRow,
     BranchRow,
@@ -41,8 +41,8 @@ from clients.chaos._final import (
     load_participant,
     merge_coordinator_lists,
 )
-from clients.chaos._harness import INJECTABLE_FAULTS, Chaos, ChaosSettings
-from clients.chaos._history import (
+from accord.tools.chaos._harness import INJECTABLE_FAULTS, Chaos, ChaosSettings
+from accord.tools.chaos._history import (
     Completion,
     Event,
     Fault,
@@ -61,8 +61,8 @@ from clients.chaos._history import (
     transfer_request,
     write_history,
 )
-from clients.chaos._render import render_report
-from clients.chaos._run import run_chaos
+from accord.tools.chaos._render import render_report
+from accord.tools.chaos._run import run_chaos
 
 __all__ = [
     "ATOMICITY",

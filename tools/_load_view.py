@@ -1,5 +1,5 @@
 """What ``accord load`` shows: the live progress (stderr, twice a second), the final
-table, the JSON report and the plot. The measuring is in :mod:`clients._load`."""
+table, the JSON report and the plot. The measuring is in :mod:`accord.tools._load`."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from clients._load import LoadError, LoadSettings
-from clients._load_report import Report, merge_progress
-from clients._load_run import run_load
+from accord.tools._load import LoadError, LoadSettings
+from accord.tools._load_report import Report, merge_progress
+from accord.tools._load_run import run_load
 
 
 def _ms(v: float | None) -> str:
@@ -158,7 +158,7 @@ def run_command(
 ) -> int:
     """``accord load``: runs, shows, writes; returns the exit status (1 when the run could
     not start or no transaction succeeded)."""
-    from clients.cli import run_async
+    from accord.tools.cli import run_async
 
     err = Console(stderr=True)
     to_stdout = json_out == "-"
@@ -188,7 +188,7 @@ def run_command(
         if json_out and not to_stdout:
             Path(json_out).write_text(json.dumps(report.data, indent=1) + "\n")
         if plot is not None:
-            from clients._load_plot import plot_report
+            from accord.tools._load_plot import plot_report
 
             plot_report(report.data, report.hist, plot)
             err.print(f"plot written to {plot}", highlight=False)

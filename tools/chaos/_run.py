@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from clients.chaos._harness import (
+from accord.tools.chaos._harness import (
     Chaos,
     ChaosSettings,
     copy_dbs,
@@ -33,7 +33,7 @@ def run_chaos(s: ChaosSettings, *, console: Console | None) -> dict[str, Any]:
         tmp = tempfile.mkdtemp(prefix="accord-chaos-")
         root = Path(tmp)
     root.mkdir(parents=True, exist_ok=True)
-    from clients.cli import run_async
+    from accord.tools.cli import run_async
 
     try:
         report = run_async(_run(s, root, console))
@@ -163,7 +163,7 @@ def check_run(
     coordinators: list[dict[str, Any]],
     bound_s: float,
 ) -> dict[str, Any]:
-    from clients.chaos._checker import check
+    from accord.tools.chaos._checker import check
 
     report = check(
         root / "history.jsonl",

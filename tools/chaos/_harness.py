@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import accord.bank.v1 as bankpb
-from clients._client import AccordClient, Branch, SagaStep, TxnResult
-from clients._errors import AccordClientError, UnavailableError
-from clients._procs import EtcdServer, ManagedProcess, ProcessFailed, free_port, stop_all
-from clients.chaos._history import HistoryWriter
-from coordinator.wal import drop_unsynced
-from participants import copy_database
-from registry.transport import make_channel
+from accord.client._client import AccordClient, Branch, SagaStep, TxnResult
+from accord.client._errors import AccordClientError, UnavailableError
+from accord.common.transport import make_channel
+from accord.coordinator.wal import drop_unsynced
+from accord.participants import copy_database
+from accord.tools._procs import EtcdServer, ManagedProcess, ProcessFailed, free_port, stop_all
+from accord.tools.chaos._history import HistoryWriter
 
 INJECTABLE_FAULTS = ("kill-coordinator", "kill-participant", "pause", "etcd", "power-loss")
 #: Nothing more will happen to these without an operator (STUCK is reported, not in doubt).

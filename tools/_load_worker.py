@@ -1,5 +1,5 @@
 """One worker process of ``accord load --processes P``:
-``python -m clients._load_worker SETTINGS_JSON INDEX``.
+``python -m accord.tools._load_worker SETTINGS_JSON INDEX``.
 
 It talks to its parent in JSON lines: on stdout ``{"type": "ready"}`` once its client is
 connected, ``{"type": "progress", ...}`` twice a second, then ``{"type": "result", ...}``
@@ -17,7 +17,7 @@ import sys
 import threading
 from typing import Any
 
-from clients._load import LoadError, LoadSettings, connect, run_worker
+from accord.tools._load import LoadError, LoadSettings, connect, run_worker
 
 
 def _emit(msg: dict[str, Any]) -> None:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = LoadSettings.from_dict(json.loads(args[0]))
-    from clients.cli import run_async
+    from accord.tools.cli import run_async
 
     return run_async(_main(settings, int(args[1])))
 

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from clients.chaos._checker import Report, Violation
+from accord.tools.chaos._checker import Report, Violation
 
 #: At most this many rows of each kind of evidence are shown per example.
 _MAX_ROWS = 20

@@ -1,7 +1,7 @@
 """Logging set-up for every Accord process: readable text by default, one JSON object
 per line with ``--log-format json``. Every line carries ``gid`` where there is one (from
 ``extra`` or the task's transaction) and ``trace_id``/``span_id`` when a span is active
-(:class:`registry.telemetry.TraceLogFilter`)."""
+(:class:`accord.common.telemetry.TraceLogFilter`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-from registry.telemetry import TraceLogFilter
+from accord.common.telemetry import TraceLogFilter
 
 
 class JsonFormatter(logging.Formatter):

@@ -47,7 +47,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def setup_logging(level: str, fmt: str) -> None:
-    from clients._logs import configure
+    from accord.common.logs import configure
 
     configure(level=level, fmt=fmt)
 
@@ -90,7 +90,7 @@ TraceConsole = Annotated[
 def setup_telemetry(service_name: str, trace_console: bool, metrics_listen: str) -> Any:
     """Traces (OTEL_* / --trace-console) and metrics (--metrics-listen) for a server
     process; the caller shuts it down on exit (flushing pending spans)."""
-    from registry.telemetry import Telemetry
+    from accord.common.telemetry import Telemetry
 
     try:
         return Telemetry.setup(
@@ -174,7 +174,8 @@ def coordinator(
     trace_console: TraceConsole = False,
 ) -> None:
     """Run a coordinator: replay its WAL, finish what was unfinished, serve."""
-    from coordinator import (
+    from accord.common.gid import check_shard_name
+    from accord.coordinator import (
         CoordinatorConfig,
         Limits,
         RetryPolicy,
@@ -182,7 +183,7 @@ def coordinator(
         Transport,
         serve,
     )
-    from registry import EtcdRegistry, Registry, StaticRegistry, check_shard_name
+    from accord.registry import EtcdRegistry, Registry, StaticRegistry
 
     setup_logging(log_level, log_format)
     registry: Registry
@@ -247,7 +248,7 @@ Advertise = Annotated[
 
 
 def _announce(etcd: str, instance_id: str, ttl: int, advertise: str) -> Any:
-    from participants import Announce
+    from accord.participants import Announce
 
     if not etcd:
         return None
@@ -280,7 +281,7 @@ def participant_bank(
     trace_console: TraceConsole = False,
 ) -> None:
     """Run the bank participant (accounts in SQLite; debit, credit, balance)."""
-    from participants.bank import serve_bank
+    from accord.participants.bank import serve_bank
 
     setup_logging(log_level, log_format)
     telemetry = setup_telemetry(f"accord-participant-{service}", trace_console, metrics_listen)
@@ -326,7 +327,7 @@ def _trip_command(kind: str) -> None:
         metrics_listen: MetricsListen = "",
         trace_console: TraceConsole = False,
     ) -> None:
-        from participants.trip import serve_trip
+        from accord.participants.trip import serve_trip
 
         setup_logging(log_level, log_format)
         telemetry = setup_telemetry(f"accord-participant-{kind}", trace_console, metrics_listen)
@@ -392,7 +393,7 @@ def sidecar(
     health status is SERVING (the sidecar pattern)."""
     import signal
 
-    from registry import Sidecar, SidecarSettings
+    from accord.registry import Sidecar, SidecarSettings
 
     setup_logging(log_level, log_format)
     try:
@@ -445,8 +446,8 @@ EtcdUrl = Annotated[
 
 
 def _client_call(address: str, etcd: str, fn: Any) -> Any:
-    from clients import AccordClient, AccordClientError
-    from registry.telemetry import Telemetry
+    from accord.client import AccordClient, AccordClientError
+    from accord.common.telemetry import Telemetry
 
     # Spans only when OTEL_EXPORTER_OTLP_ENDPOINT is set (the coordinator continues them).
     telemetry = Telemetry.setup("accord-client")
@@ -512,7 +513,7 @@ def _print_txn(result: Any, as_json: bool) -> None:
 
 def _branch(spec: str) -> Any:
     """TARGET/OPERATION[:PAYLOAD]; TARGET is a service name, or HOST:PORT."""
-    from clients import Branch
+    from accord.client import Branch
 
     target, sep, rest = spec.partition("/")
     op, _, payload = rest.partition(":")
@@ -620,7 +621,7 @@ def txn_saga(
     "action", "compensation", "payload", "depends_on": [...], "pivot", "timeout_ms",
     "retry": {"max_attempts", "initial_interval_ms", "max_interval_ms", "multiplier",
     "final_codes"}}], "timeout_ms": N}. Exit 1 unless it COMPLETED (or is running)."""
-    from clients import SagaStep
+    from accord.client import SagaStep
 
     try:
         doc = json.loads(file.read_text())
@@ -749,7 +750,7 @@ def demo(
 ) -> None:
     """The whole topology on this machine (etcd, a coordinator, two bank participants),
     a workload of concurrent transfers, and a summary."""
-    from clients._demo import DemoSettings, run_demo
+    from accord.tools._demo import DemoSettings, run_demo
 
     settings = DemoSettings(
         transfers=transfers,
@@ -797,7 +798,7 @@ def chaos(
 ) -> None:
     """Kill coordinators and participants under a bank workload, then check the history:
     exit 0 only with zero violations."""
-    from clients.chaos import INJECTABLE_FAULTS, ChaosSettings, run_chaos
+    from accord.tools.chaos import INJECTABLE_FAULTS, ChaosSettings, run_chaos
 
     chosen = tuple(f.strip() for f in faults.split(",") if f.strip())
     unknown = [f for f in chosen if f not in INJECTABLE_FAULTS]
@@ -888,8 +889,8 @@ def load(
     """Load generator: bank transfers (2PC, sagas or both) against a coordinator;
     throughput, latency percentiles (HDR histogram), outcomes, the generator's own CPU.
     The bank services must hold the accounts (accord participant bank --accounts N)."""
-    from clients._load import LoadSettings
-    from clients._load_view import run_command
+    from accord.tools._load import LoadSettings
+    from accord.tools._load_view import run_command
 
     settings = LoadSettings(
         coordinator=coordinator,

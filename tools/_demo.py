@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.table import Table
 
 import accord.bank.v1 as bankpb
-from clients._client import AccordClient, Branch, SagaStep
-from clients._errors import AccordClientError
-from clients._procs import EtcdServer, ManagedProcess, stop_all
-from registry.transport import make_channel
+from accord.client._client import AccordClient, Branch, SagaStep
+from accord.client._errors import AccordClientError
+from accord.common.transport import make_channel
+from accord.tools._procs import EtcdServer, ManagedProcess, stop_all
 
 BANKS = ("bank-a", "bank-b")
 
@@ -87,7 +87,7 @@ async def _client(coordinator: str, etcd: str) -> AccordClient:
 
 
 async def _book_trips(coordinator: str, etcd: str, data: Path) -> list[dict[str, Any]]:
-    from participants.trip._service import bookings
+    from accord.participants.trip._service import bookings
 
     out: list[dict[str, Any]] = []
     async with await _client(coordinator, etcd) as client:
@@ -325,7 +325,7 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
                 "data_dir": str(data) if settings.data_dir else None,
             }
 
-        from clients.cli import run_async
+        from accord.tools.cli import run_async
 
         summary = run_async(go())
     finally:

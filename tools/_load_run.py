@@ -1,5 +1,5 @@
 """``accord load``: the whole run, in this process or in worker processes
-(``python -m clients._load_worker``) started together, whose results are merged."""
+(``python -m accord.tools._load_worker``) started together, whose results are merged."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from clients._load import LoadError, LoadSettings, ProgressFn, connect, cpu_s, run_worker
-from clients._load_report import Report, build_report
+from accord.tools._load import LoadError, LoadSettings, ProgressFn, connect, cpu_s, run_worker
+from accord.tools._load_report import Report, build_report
 
 
 @dataclass
@@ -47,7 +47,7 @@ async def run_processes(
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "clients._load_worker",
+                "accord.tools._load_worker",
                 json.dumps(s.to_dict()),
                 str(i),
                 stdin=asyncio.subprocess.PIPE,

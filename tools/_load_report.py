@@ -11,7 +11,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from clients._load import (
+from accord.tools._load import (
     HIST_DIGITS,
     LATE_S,
     SATURATED_PCT,

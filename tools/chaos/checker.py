@@ -1,11 +1,11 @@
-"""``python -m clients.chaos.checker HISTORY --db NAME=PATH ... --initial FILE
+"""``python -m accord.tools.chaos.checker HISTORY --db NAME=PATH ... --initial FILE
 --coordinator-state FILE [--coordinator-state FILE ...] [--recovery-bound-s S] [--json]``
 
 Checks a saved chaos run offline. Exit code 0: no violations; 1: violations found;
 2: the input could not be read (a one-line reason on stderr).
 
-(Named ``checker``, not ``check``: importing a submodule ``clients.chaos.check`` would
-replace the package's :func:`clients.chaos.check` function with the module.)
+(Named ``checker``, not ``check``: importing a submodule ``accord.tools.chaos.check`` would
+replace the package's :func:`accord.tools.chaos.check` function with the module.)
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 
 from rich.console import Console
 
-from clients.chaos._checker import DEFAULT_RECOVERY_BOUND_S, check
-from clients.chaos._final import StateError, load_coordinator_state, load_initial
-from clients.chaos._history import HistoryError
-from clients.chaos._render import render_report
+from accord.tools.chaos._checker import DEFAULT_RECOVERY_BOUND_S, check
+from accord.tools.chaos._final import StateError, load_coordinator_state, load_initial
+from accord.tools.chaos._history import HistoryError
+from accord.tools.chaos._render import render_report
 
 
 def _db(text: str) -> tuple[str, Path]:
@@ -34,7 +34,7 @@ def _db(text: str) -> tuple[str, Path]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m clients.chaos.checker",
+        prog="python -m accord.tools.chaos.checker",
         description="Check a chaos history against the participants' final databases.",
     )
     p.add_argument("history", type=Path, help="the JSONL history file")
