@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from accord.common import runner
 from accord.tools._load import LoadError, LoadSettings
 from accord.tools._load_report import Report, merge_progress
 from accord.tools._load_run import run_load
@@ -158,8 +159,6 @@ def run_command(
 ) -> int:
     """``accord load``: runs, shows, writes; returns the exit status (1 when the run could
     not start or no transaction succeeded)."""
-    from accord.tools.cli import run_async
-
     err = Console(stderr=True)
     to_stdout = json_out == "-"
     out = err if to_stdout else Console()
@@ -174,9 +173,9 @@ def run_command(
     try:
         if view is not None:
             with view.live:
-                report = run_async(_run_with_view(settings, view))
+                report = runner.run(_run_with_view(settings, view))
         else:
-            report = run_async(_run_with_view(settings, None))
+            report = runner.run(_run_with_view(settings, None))
     except LoadError as e:
         err.print(f"[red]error:[/red] load: {e}", highlight=False, soft_wrap=True)
         return 1

@@ -17,6 +17,7 @@ import sys
 import threading
 from typing import Any
 
+from accord.common import runner
 from accord.tools._load import LoadError, LoadSettings, connect, run_worker
 
 
@@ -78,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = LoadSettings.from_dict(json.loads(args[0]))
-    from accord.tools.cli import run_async
-
-    return run_async(_main(settings, int(args[1])))
+    return runner.run(_main(settings, int(args[1])))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from accord.common import runner
 
 T = TypeVar("T")
 
@@ -31,19 +32,6 @@ app.add_typer(txn_app, name="txn")
 
 console = Console()
 err_console = Console(stderr=True)
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Runs a coroutine on uvloop where available (faster gRPC I/O), else asyncio."""
-    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-    try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        pass
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro)
 
 
 def setup_logging(level: str, fmt: str) -> None:
@@ -226,7 +214,7 @@ def coordinator(
     )
     telemetry = setup_telemetry("accord-coordinator", trace_console, metrics_listen)
     try:
-        run_async(serve(settings, registry=registry, telemetry=telemetry))
+        runner.run(serve(settings, registry=registry, telemetry=telemetry))
     except Exception as e:  # one line, non-zero: the log has the details
         logging.getLogger("accord").exception("coordinator failed")
         raise fail(f"coordinator: {e}") from None
@@ -286,7 +274,7 @@ def participant_bank(
     setup_logging(log_level, log_format)
     telemetry = setup_telemetry(f"accord-participant-{service}", trace_console, metrics_listen)
     try:
-        run_async(
+        runner.run(
             serve_bank(
                 listen,
                 db,
@@ -332,7 +320,7 @@ def _trip_command(kind: str) -> None:
         setup_logging(log_level, log_format)
         telemetry = setup_telemetry(f"accord-participant-{kind}", trace_console, metrics_listen)
         try:
-            run_async(
+            runner.run(
                 serve_trip(
                     kind,
                     listen,
@@ -421,7 +409,7 @@ def sidecar(
         await car.run(stop)
 
     try:
-        run_async(go())
+        runner.run(go())
     except Exception as e:
         logging.getLogger("accord").exception("sidecar failed")
         raise fail(f"sidecar: {e}") from None
@@ -463,7 +451,7 @@ def _client_call(address: str, etcd: str, fn: Any) -> Any:
             return await fn(client)
 
     try:
-        return run_async(go())
+        return runner.run(go())
     except AccordClientError as e:
         raise fail(str(e)) from None
     except ValueError as e:

@@ -4,14 +4,14 @@ runs) and ``python -m accord.participants.bank``."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
+from accord.common import runner
 from accord.common.telemetry import Telemetry
 from accord.common.transport import TransportSettings
 from accord.participants import Announce, ParticipantServer, serve
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         grace_s=args.grace,
     )
     try:
-        _run(coro)
+        runner.run(coro)
     except KeyboardInterrupt:
         return 130
     except Exception as err:
@@ -123,12 +123,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bank: {err}", file=sys.stderr)
         return 1
     return 0
-
-
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
