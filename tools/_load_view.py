@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from accord.common import runner
+from accord.common.exits import ExitCode
 from accord.tools._load import LoadError, LoadSettings
 from accord.tools._load_report import Report, merge_progress
 from accord.tools._load_run import run_load
@@ -167,7 +168,7 @@ def run_command(
         # Found out now, not after the run.
         if target and not Path(target).resolve().parent.is_dir():
             err.print(f"[red]error:[/red] load: {flag}: no directory for {target}", highlight=False)
-            return 1
+            return ExitCode.FAILURE
     show = err.is_terminal if progress is None else progress
     view = LiveView(settings, err) if show else None
     try:
@@ -178,7 +179,7 @@ def run_command(
             report = runner.run(_run_with_view(settings, None))
     except LoadError as e:
         err.print(f"[red]error:[/red] load: {e}", highlight=False, soft_wrap=True)
-        return 1
+        return ExitCode.FAILURE
     out.print(render_table(report.data))
     if to_stdout:
         sys.stdout.write(json.dumps(report.data) + "\n")
@@ -193,7 +194,7 @@ def run_command(
             err.print(f"plot written to {plot}", highlight=False)
     except OSError as e:
         err.print(f"[red]error:[/red] load: {e}", highlight=False, soft_wrap=True)
-        return 1
+        return ExitCode.FAILURE
     if report.exit_code:
         why = "no transaction succeeded" if report.data["transactions"] else "nothing ran"
         err.print(f"[red]error:[/red] load: {why}", highlight=False)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from accord.common import runner
+from accord.common.exits import ExitCode
 
 T = TypeVar("T")
 
@@ -40,7 +41,7 @@ def setup_logging(level: str, fmt: str) -> None:
     configure(level=level, fmt=fmt)
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
+def fail(message: str, code: ExitCode = ExitCode.FAILURE) -> typer.Exit:
     err_console.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(code)
 
@@ -559,7 +560,7 @@ def txn_commit(
     result = _client_call(coordinator, etcd, lambda c: c.commit(gid))
     _print_txn(result, as_json)
     if not result.committed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
 
 
 @txn_app.command("abort")
@@ -592,7 +593,7 @@ def txn_execute(
     )
     _print_txn(result, as_json)
     if not result.committed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
 
 
 @txn_app.command("saga")
@@ -626,7 +627,7 @@ def txn_saga(
     )
     _print_txn(result, as_json)
     if wait and not result.completed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
 
 
 @txn_app.command("cancel")
@@ -652,7 +653,7 @@ def txn_retry(
     result = _client_call(coordinator, etcd, lambda c: c.retry(gid))
     _print_txn(result, as_json)
     if result.stuck:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
 
 
 @txn_app.command("get")
@@ -757,9 +758,9 @@ def demo(
     if as_json:
         print(json.dumps(summary))
     if summary["total_before"] != summary["total_after"] or summary["errors"]:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
     if saga and not all(s["consistent"] for s in summary["sagas"]):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
 
 
 @app.command()
@@ -810,7 +811,7 @@ def chaos(
     if as_json:
         print(json.dumps(report))
     if report["violations"]:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
 
 
 # ---------------------------------------------------------------- load
@@ -900,7 +901,7 @@ def load(
     try:
         settings.validate()
     except ValueError as e:
-        raise fail(str(e), code=2) from None
+        raise fail(str(e), code=ExitCode.USAGE) from None
     code = run_command(settings, json_out=json_out, plot=plot, progress=progress)
     if code:
         raise typer.Exit(code)
@@ -910,7 +911,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
 
 
 if __name__ == "__main__":

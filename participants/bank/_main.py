@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from accord.common import runner
+from accord.common.exits import ExitCode
 from accord.common.telemetry import Telemetry
 from accord.common.transport import TransportSettings
 from accord.participants import Announce, ParticipantServer, serve
@@ -117,9 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runner.run(coro)
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     except Exception as err:
         log.debug("bank failed", exc_info=True)
         print(f"bank: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return ExitCode.FAILURE
+    return ExitCode.OK

@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
+from accord.common.exits import ExitCode
 from accord.tools.chaos._checker import DEFAULT_RECOVERY_BOUND_S, check
 from accord.tools.chaos._final import StateError, load_coordinator_state, load_initial
 from accord.tools.chaos._history import HistoryError
@@ -83,12 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (HistoryError, StateError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         render_report(report, Console())
-    return 0 if report.valid else 1
+    return ExitCode.OK if report.valid else ExitCode.FAILURE
 
 
 if __name__ == "__main__":
