@@ -7,8 +7,10 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterable, Sequence
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,8 +18,7 @@ from rich.table import Table
 
 from accord.common import runner
 from accord.common.exits import ExitCode
-
-T = TypeVar("T")
+from accord.common.logs import LogFormat, LogLevel
 
 app = typer.Typer(
     name="accord",
@@ -35,18 +36,67 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def setup_logging(level: str, fmt: str) -> None:
+def setup_logging(level: LogLevel, fmt: LogFormat) -> None:
     from accord.common.logs import configure
 
     configure(level=level, fmt=fmt)
 
 
+# The choices of options. Their owners (accord.coordinator.Transport, the chaos
+# harness's INJECTABLE_FAULTS, the load generator's MODES) are not imported here: every
+# command would pay for importing them (tests/unit/test_cli_choices.py keeps them equal).
+
+
+class ParticipantTransport(StrEnum):
+    AUTO = "auto"
+    STREAM = "stream"
+    UNARY = "unary"
+
+
+class LoadMode(StrEnum):
+    TWO_PC = "2pc"
+    SAGA = "saga"
+    MIXED = "mixed"
+
+
+class Fault(StrEnum):
+    KILL_COORDINATOR = "kill-coordinator"
+    KILL_PARTICIPANT = "kill-participant"
+    PAUSE = "pause"
+    ETCD = "etcd"
+    POWER_LOSS = "power-loss"
+
+
+class Faults(tuple[Fault, ...]):
+    """The value of ``--faults``: comma-separated :class:`Fault` names."""
+
+    @classmethod
+    def parse(cls, value: str | Iterable[Fault]) -> Faults:
+        if not isinstance(value, str):
+            return cls(value)
+        try:
+            chosen = cls(Fault(f.strip()) for f in value.split(",") if f.strip())
+        except ValueError as e:
+            raise typer.BadParameter(f"{e}; choose from {', '.join(Fault)}") from None
+        if not chosen:
+            raise typer.BadParameter(f"choose from {', '.join(Fault)}")
+        return chosen
+
+    def __str__(self) -> str:
+        return ",".join(self)
+
+
+DEFAULT_FAULTS = Faults((Fault.KILL_COORDINATOR, Fault.KILL_PARTICIPANT))
+
+
 def fail(message: str, code: ExitCode = ExitCode.FAILURE) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
-LogLevel = Annotated[str, typer.Option(envvar="ACCORD_LOG_LEVEL", help="debug|info|warning|error")]
+LogLevelOpt = Annotated[
+    LogLevel, typer.Option(envvar="ACCORD_LOG_LEVEL", case_sensitive=False, help="log level")
+]
 RegistryEtcd = Annotated[
     str,
     typer.Option(
@@ -58,7 +108,9 @@ RegistryEtcd = Annotated[
 LeaseTtl = Annotated[
     int, typer.Option("--ttl", envvar="ACCORD_TTL_S", help="lease TTL of the registration (s)")
 ]
-LogFormat = Annotated[str, typer.Option(envvar="ACCORD_LOG_FORMAT", help="text|json")]
+LogFormatOpt = Annotated[
+    LogFormat, typer.Option(envvar="ACCORD_LOG_FORMAT", case_sensitive=False, help="log format")
+]
 MetricsListen = Annotated[
     str,
     typer.Option(
@@ -124,13 +176,13 @@ def coordinator(
     max_payload_bytes: Annotated[int, typer.Option(envvar="ACCORD_MAX_PAYLOAD_BYTES")] = 256 * 1024,
     call_timeout_s: Annotated[float, typer.Option(envvar="ACCORD_CALL_TIMEOUT_S")] = 5.0,
     participant_transport: Annotated[
-        str,
+        ParticipantTransport,
         typer.Option(
             envvar="ACCORD_PARTICIPANT_TRANSPORT",
             help="auto (a stream per participant where supported, else unary), stream, "
             "or unary (one RPC per call)",
         ),
-    ] = "auto",
+    ] = ParticipantTransport.AUTO,
     retry_initial_s: Annotated[float, typer.Option(envvar="ACCORD_RETRY_INITIAL_S")] = 0.02,
     retry_max_s: Annotated[float, typer.Option(envvar="ACCORD_RETRY_MAX_S")] = 2.0,
     checkpoint_every: Annotated[int, typer.Option(envvar="ACCORD_CHECKPOINT_EVERY")] = 100_000,
@@ -157,8 +209,8 @@ def coordinator(
             help="a deliberately broken build for the chaos checker's own test",
         ),
     ] = False,
-    log_level: LogLevel = "info",
-    log_format: LogFormat = "text",
+    log_level: LogLevelOpt = LogLevel.INFO,
+    log_format: LogFormatOpt = LogFormat.TEXT,
     metrics_listen: MetricsListen = "",
     trace_console: TraceConsole = False,
 ) -> None:
@@ -176,12 +228,6 @@ def coordinator(
 
     setup_logging(log_level, log_format)
     registry: Registry
-    try:
-        transport = Transport(participant_transport)
-    except ValueError:
-        raise fail(
-            f"--participant-transport must be auto, stream or unary, not {participant_transport!r}"
-        ) from None
     try:
         if etcd and service:
             raise ValueError("give either --etcd or --service, not both")
@@ -211,7 +257,7 @@ def coordinator(
         config=config,
         registration_ttl_s=ttl,
         wal_sync_marker=wal_sync_marker,
-        participant_transport=transport,
+        participant_transport=Transport(participant_transport.value),
     )
     telemetry = setup_telemetry("accord-coordinator", trace_console, metrics_listen)
     try:
@@ -246,26 +292,43 @@ def _announce(etcd: str, instance_id: str, ttl: int, advertise: str) -> Any:
 
 @participant_app.command("bank")
 def participant_bank(
-    listen: Annotated[str, typer.Option(envvar="ACCORD_LISTEN")] = "127.0.0.1:7101",
-    db: Annotated[Path, typer.Option(envvar="ACCORD_DB", help="SQLite file")] = Path("bank.db"),
+    listen: Annotated[
+        str, typer.Option(envvar="ACCORD_LISTEN", help="host:port (port 0 picks one)")
+    ] = "127.0.0.1:7101",
+    db: Annotated[
+        Path, typer.Option(envvar="ACCORD_DB", help="SQLite file (created if missing)")
+    ] = Path("bank.db"),
     service: Annotated[str, typer.Option(envvar="ACCORD_SERVICE", help="service name")] = "bank",
     accounts: Annotated[
-        int, typer.Option(envvar="ACCORD_ACCOUNTS", help="accounts to create if missing")
+        int,
+        typer.Option(
+            envvar="ACCORD_ACCOUNTS", help="accounts <service>-0..N-1 to create if missing"
+        ),
     ] = 0,
-    initial_balance: Annotated[int, typer.Option(envvar="ACCORD_INITIAL_BALANCE")] = 0,
+    initial_balance: Annotated[
+        int, typer.Option(envvar="ACCORD_INITIAL_BALANCE", help="balance of a created account")
+    ] = 0,
     in_doubt_after_s: Annotated[
         float,
         typer.Option(
+            "--in-doubt-after-s",
+            "--in-doubt-after",
             envvar="ACCORD_IN_DOUBT_AFTER_S",
             help="ask the coordinator about a branch prepared this long",
         ),
     ] = 10.0,
+    grace: Annotated[
+        float,
+        typer.Option(
+            envvar="ACCORD_GRACE_S", help="on SIGTERM/SIGINT, seconds for calls in progress"
+        ),
+    ] = 5.0,
     etcd: RegistryEtcd = "",
     instance_id: InstanceId = "",
     ttl: LeaseTtl = 5,
     advertise: Advertise = "",
-    log_level: LogLevel = "info",
-    log_format: LogFormat = "text",
+    log_level: LogLevelOpt = LogLevel.INFO,
+    log_format: LogFormatOpt = LogFormat.TEXT,
     metrics_listen: MetricsListen = "",
     trace_console: TraceConsole = False,
 ) -> None:
@@ -283,6 +346,7 @@ def participant_bank(
                 accounts=accounts,
                 initial_balance=initial_balance,
                 in_doubt_after_s=in_doubt_after_s,
+                grace_s=grace,
                 announce=_announce(etcd, instance_id, ttl, advertise),
                 telemetry=telemetry,
             )
@@ -292,6 +356,12 @@ def participant_bank(
         raise fail(f"participant: {e}") from None
     finally:
         telemetry.shutdown()
+
+
+def bank_main() -> None:
+    """``python -m accord.participants.bank``: the same command as ``accord participant
+    bank``."""
+    sys.exit(run_standalone(participant_bank, "python -m accord.participants.bank"))
 
 
 def _trip_command(kind: str) -> None:
@@ -311,8 +381,8 @@ def _trip_command(kind: str) -> None:
         instance_id: InstanceId = "",
         ttl: LeaseTtl = 5,
         advertise: Advertise = "",
-        log_level: LogLevel = "info",
-        log_format: LogFormat = "text",
+        log_level: LogLevelOpt = LogLevel.INFO,
+        log_format: LogFormatOpt = LogFormat.TEXT,
         metrics_listen: MetricsListen = "",
         trace_console: TraceConsole = False,
     ) -> None:
@@ -375,8 +445,8 @@ def sidecar(
     interval_s: Annotated[
         float, typer.Option(envvar="ACCORD_INTERVAL_S", help="health check period (s)")
     ] = 1.0,
-    log_level: LogLevel = "info",
-    log_format: LogFormat = "text",
+    log_level: LogLevelOpt = LogLevel.INFO,
+    log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
     """Keep a participant that does not embed the SDK registered in etcd while its gRPC
     health status is SERVING (the sidecar pattern)."""
@@ -763,8 +833,15 @@ def demo(
         raise typer.Exit(ExitCode.FAILURE)
 
 
-@app.command()
+# `accord chaos [OPTIONS]` runs a test (the group's callback); `accord chaos check` checks
+# a saved run. The help is the callback's docstring.
+chaos_app = typer.Typer(invoke_without_command=True)
+app.add_typer(chaos_app, name="chaos")
+
+
+@chaos_app.callback()
 def chaos(
+    ctx: typer.Context,
     duration: Annotated[float, typer.Option(help="seconds of load and faults")] = 120.0,
     coordinators: Annotated[int, typer.Option(help="WAL shards (each an owner + a standby)")] = 2,
     participants: Annotated[int, typer.Option(help="bank participant services")] = 4,
@@ -773,12 +850,15 @@ def chaos(
     saga_share: Annotated[float, typer.Option(help="share of operations that are sagas")] = 0.3,
     fault_every: Annotated[float, typer.Option(help="mean seconds between faults")] = 6.0,
     faults: Annotated[
-        str,
+        Faults,
         typer.Option(
+            parser=Faults.parse,
+            metavar="FAULT,...",
             help="comma-separated: kill-coordinator, kill-participant, pause (SIGSTOP past "
-            "the lease), etcd (stop etcd for a while)"
+            "the lease), etcd (stop etcd for a while), power-loss (a coordinator's unsynced "
+            "WAL tail is lost)",
         ),
-    ] = "kill-coordinator,kill-participant",
+    ] = DEFAULT_FAULTS,
     ttl: LeaseTtl = 2,
     out: Annotated[
         Path | None, typer.Option(help="keep the run here (history, databases, logs)")
@@ -786,13 +866,11 @@ def chaos(
     as_json: JsonOut = False,
 ) -> None:
     """Kill coordinators and participants under a bank workload, then check the history:
-    exit 0 only with zero violations."""
-    from accord.tools.chaos import INJECTABLE_FAULTS, ChaosSettings, run_chaos
+    exit 0 only with zero violations. `accord chaos check` checks a saved run again."""
+    if ctx.invoked_subcommand is not None:
+        return  # the options above are the run's, not the subcommand's
+    from accord.tools.chaos import ChaosSettings, run_chaos
 
-    chosen = tuple(f.strip() for f in faults.split(",") if f.strip())
-    unknown = [f for f in chosen if f not in INJECTABLE_FAULTS]
-    if unknown or not chosen:
-        raise fail(f"--faults: unknown {unknown}; choose from {', '.join(INJECTABLE_FAULTS)}")
     if duration <= 0 or coordinators < 1 or participants < 2 or workers < 1:
         raise fail("need --duration > 0, --coordinators >= 1, --participants >= 2, --workers >= 1")
     settings = ChaosSettings(
@@ -803,7 +881,7 @@ def chaos(
         workers=workers,
         saga_share=saga_share,
         fault_every_s=fault_every,
-        faults=chosen,
+        faults=tuple(f.value for f in faults),
         ttl_s=ttl,
         out_dir=out,
     )
@@ -811,6 +889,76 @@ def chaos(
     if as_json:
         print(json.dumps(report))
     if report["violations"]:
+        raise typer.Exit(ExitCode.FAILURE)
+
+
+def _named_db(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise typer.BadParameter(f"expected NAME=PATH, got {text!r}")
+    return name, Path(path)
+
+
+@chaos_app.command("check")
+def chaos_check(
+    history: Annotated[Path, typer.Argument(help="the JSONL history file")],
+    initial: Annotated[
+        Path, typer.Option(help="JSON object: account -> initial balance", show_default=False)
+    ],
+    db: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=PATH",
+            help="a participant service and its SQLite file (repeat per participant)",
+        ),
+    ] = None,
+    coordinator_state: Annotated[
+        list[Path] | None,
+        typer.Option(
+            metavar="FILE",
+            help="JSON list of the coordinator's final transactions (repeat per coordinator)",
+        ),
+    ] = None,
+    recovery_bound_s: Annotated[
+        float | None,
+        typer.Option(
+            help="longest allowed time from the last heal to quiescence (default: the "
+            "checker's, 60)",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Check a saved chaos run offline against the participants' final databases. Exit
+    code 0: no violations; 1: violations found; 2: the input could not be read."""
+    from accord.tools.chaos import (
+        DEFAULT_RECOVERY_BOUND_S,
+        HistoryError,
+        StateError,
+        check,
+        load_coordinator_state,
+        load_initial,
+        render_report,
+    )
+
+    databases = dict(_named_db(d) for d in db or ())
+    try:
+        report = check(
+            history,
+            databases=databases,
+            initial=load_initial(initial),
+            coordinator_state=[load_coordinator_state(f) for f in coordinator_state or ()],
+            recovery_bound_s=(
+                DEFAULT_RECOVERY_BOUND_S if recovery_bound_s is None else recovery_bound_s
+            ),
+        )
+    except (HistoryError, StateError, OSError) as e:
+        raise fail(str(e), code=ExitCode.USAGE) from None
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render_report(report, Console())
+    if not report.valid:
         raise typer.Exit(ExitCode.FAILURE)
 
 
@@ -823,7 +971,9 @@ def load(
         str, typer.Option("--coordinator", "-c", envvar="ACCORD_COORDINATOR", help="host:port")
     ] = "",
     etcd: EtcdUrl = "",
-    mode: Annotated[str, typer.Option(envvar="ACCORD_LOAD_MODE", help="2pc|saga|mixed")] = "2pc",
+    mode: Annotated[
+        LoadMode, typer.Option(envvar="ACCORD_LOAD_MODE", help="2PC transfers, sagas, or both")
+    ] = LoadMode.TWO_PC,
     concurrency: Annotated[
         int,
         typer.Option(
@@ -884,7 +1034,7 @@ def load(
     settings = LoadSettings(
         coordinator=coordinator,
         etcd=etcd,
-        mode=mode,
+        mode=mode.value,
         concurrency=concurrency,
         duration_s=duration,
         transactions=transactions,
@@ -905,6 +1055,24 @@ def load(
     code = run_command(settings, json_out=json_out, plot=plot, progress=progress)
     if code:
         raise typer.Exit(code)
+
+
+def run_standalone(
+    command: Callable[..., None], prog_name: str, argv: Sequence[str] | None = None
+) -> int:
+    """Runs one command of this CLI as a program of its own (``python -m ...``) on
+    ``argv`` (default: ``sys.argv[1:]``); returns its exit code."""
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command()(command)
+    try:
+        single(args=None if argv is None else list(argv), prog_name=prog_name)
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+    except SystemExit as e:  # click ends every standalone run so, success included
+        if e.code is None or isinstance(e.code, int):
+            return e.code or ExitCode.OK
+        return ExitCode.FAILURE
+    return ExitCode.OK
 
 
 def main() -> None:
