@@ -22,9 +22,11 @@ from accord.client._errors import (
     TransactionAborted,
     UnavailableError,
 )
+from accord.client._states import FINAL_STATES, TxnState
 from accord.client._sync import SyncAccordClient
 
 __all__ = [
+    "FINAL_STATES",
     "AccordClient",
     "AccordClientError",
     "AlreadyExistsError",
@@ -41,5 +43,6 @@ __all__ = [
     "Transaction",
     "TransactionAborted",
     "TxnResult",
+    "TxnState",
     "UnavailableError",
 ]

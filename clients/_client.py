@@ -34,6 +34,7 @@ from accord.client._errors import (
     UnavailableError,
     from_rpc_error,
 )
+from accord.client._states import FINAL_STATES, TxnState
 from accord.client._tracing import TracedStub, recording
 from accord.common.gid import shard_for_key, shard_of
 from accord.common.transport import TransportSettings, make_channel
@@ -48,9 +49,7 @@ SHARD_MAP_MAX_AGE_S = 10.0
 #: ... and, after a failure, at most this often.
 SHARD_MAP_MIN_AGE_S = 0.25
 
-_STATE_NAMES = {v: k.removeprefix("TXN_STATE_") for k, v in pb.TxnState.items()}
 _BRANCH_STATE_NAMES = {v: k.removeprefix("BRANCH_STATE_") for k, v in pb.BranchState.items()}
-FINAL_STATES = frozenset({"COMMITTED", "ABORTED", "COMPLETED", "COMPENSATED"})
 _PROTOCOL_NAMES = {v: k.removeprefix("PROTOCOL_") for k, v in pb.Protocol.items()}
 
 
@@ -195,6 +194,7 @@ class BranchResult:
 @dataclass(frozen=True, kw_only=True)
 class TxnResult:
     gid: str
+    #: A :class:`TxnState` (its name as text if this client does not know the state).
     state: str
     reason: str = ""
     lsn: int = 0
@@ -209,11 +209,11 @@ class TxnResult:
     @property
     def committed(self) -> bool:
         """The commit decision is durable (phase two may still be finishing)."""
-        return self.state in ("COMMITTED", "COMMITTING")
+        return self.state in (TxnState.COMMITTED, TxnState.COMMITTING)
 
     @property
     def aborted(self) -> bool:
-        return self.state in ("ABORTED", "ABORTING")
+        return self.state in (TxnState.ABORTED, TxnState.ABORTING)
 
     @property
     def final(self) -> bool:
@@ -221,21 +221,21 @@ class TxnResult:
 
     @property
     def completed(self) -> bool:
-        return self.state == "COMPLETED"
+        return self.state == TxnState.COMPLETED
 
     @property
     def compensated(self) -> bool:
-        return self.state == "COMPENSATED"
+        return self.state == TxnState.COMPENSATED
 
     @property
     def stuck(self) -> bool:
-        return self.state == "STUCK"
+        return self.state == TxnState.STUCK
 
     @classmethod
     def from_pb(cls, t: pb.Transaction) -> TxnResult:
         return cls(
             gid=t.gid,
-            state=_STATE_NAMES.get(t.state, str(t.state)),
+            state=TxnState.from_pb(t.state),
             reason=t.reason,
             lsn=t.lsn,
             idempotency_key=t.idempotency_key,
@@ -700,7 +700,7 @@ class AccordClient:
         live shard for a page after ``page_token`` and keeps the first ``limit`` of
         them all: the same order and paging as one coordinator's."""
         try:
-            codes = [pb.TxnState.Value(f"TXN_STATE_{s.upper()}") for s in states]
+            codes = [TxnState(s.upper()).to_pb() for s in states]
         except ValueError as e:
             raise ValueError(f"unknown state in {list(states)}: {e}") from None
         req = pb.ListTransactionsRequest(states=codes, limit=limit, page_token=page_token)
