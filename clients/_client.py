@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
+from google.protobuf import json_format
 from grpc import aio
 from opentelemetry import trace
 from opentelemetry.trace import TracerProvider
@@ -129,42 +130,50 @@ class SagaStep:
         )
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SagaStep:
-        """From the JSON form used by ``accord txn saga --file``."""
-        retry = d.get("retry") or {}
-        known = {
-            "name",
-            "action",
-            "compensation",
-            "service",
-            "address",
-            "payload",
-            "compensation_payload",
-            "depends_on",
-            "pivot",
-            "timeout_ms",
-            "retry",
-        }
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"step {d.get('name')!r}: unknown fields {sorted(unknown)}")
+    def from_pb(cls, st: pb.SagaStep) -> SagaStep:
         return cls(
-            name=str(d["name"]),
-            action=str(d["action"]),
-            compensation=str(d.get("compensation", "")),
-            service=str(d.get("service", "")),
-            address=str(d.get("address", "")),
-            payload=d.get("payload", b""),
-            compensation_payload=d.get("compensation_payload"),
-            depends_on=tuple(d.get("depends_on", ())),
-            pivot=bool(d.get("pivot", False)),
-            timeout_ms=int(d.get("timeout_ms", 0)),
-            max_attempts=int(retry.get("max_attempts", 0)),
-            initial_interval_ms=int(retry.get("initial_interval_ms", 0)),
-            max_interval_ms=int(retry.get("max_interval_ms", 0)),
-            multiplier=float(retry.get("multiplier", 0.0)),
-            final_codes=tuple(retry.get("final_codes", ())),
+            name=st.name,
+            action=st.action,
+            compensation=st.compensation,
+            service=st.service,
+            address=st.address,
+            payload=st.payload,
+            compensation_payload=st.compensation_payload or None,
+            depends_on=tuple(st.depends_on),
+            pivot=st.pivot,
+            timeout_ms=st.timeout_ms,
+            max_attempts=st.retry.max_attempts,
+            initial_interval_ms=st.retry.initial_interval_ms,
+            max_interval_ms=st.retry.max_interval_ms,
+            multiplier=st.retry.multiplier,
+            final_codes=tuple(st.retry.final_codes),
         )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SagaStep:
+        """From the JSON form used by ``accord txn saga --file``: ``accord.v1.SagaStep``
+        in protobuf's JSON mapping (``depends_on`` or ``dependsOn``, ``retry`` a
+        RetryPolicy), except that a payload is a JSON value or text, not base64."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a step must be a JSON object, not {d!r}")
+        fields = {k: v for k, v in d.items() if k not in _PAYLOAD_FIELDS}
+        try:
+            st = json_format.ParseDict(fields, pb.SagaStep())
+        except json_format.ParseError as e:
+            raise ValueError(f"step {d.get('name')!r}: {e}") from None
+        for key, field_name in _PAYLOAD_FIELDS.items():
+            if key in d:
+                setattr(st, field_name, _encode(d[key]))
+        return cls.from_pb(st)
+
+
+#: The payload fields of a step's JSON (both spellings of protobuf's JSON mapping): any
+#: JSON value, or text sent as it is (protobuf's own mapping would want base64).
+_PAYLOAD_FIELDS = {
+    "payload": "payload",
+    "compensation_payload": "compensation_payload",
+    "compensationPayload": "compensation_payload",
+}
 
 
 @dataclass(frozen=True, kw_only=True)

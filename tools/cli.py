@@ -679,7 +679,9 @@ def txn_saga(
     """Start a saga from a JSON file: {"steps": [{"name", "service" or "address",
     "action", "compensation", "payload", "depends_on": [...], "pivot", "timeout_ms",
     "retry": {"max_attempts", "initial_interval_ms", "max_interval_ms", "multiplier",
-    "final_codes"}}], "timeout_ms": N}. Exit 1 unless it COMPLETED (or is running)."""
+    "final_codes"}}], "timeout_ms": N} (a step is accord.v1.SagaStep in protobuf's JSON
+    mapping; a payload is any JSON value, or text). Exit 1 unless it COMPLETED (or is
+    running)."""
     from accord.client import SagaStep
 
     try:
