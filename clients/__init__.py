@@ -1,6 +1,12 @@
-"""The clients package owns everything that calls Accord from outside: the client SDK
-(async first, a sync wrapper), the ``accord`` command line, the demo, and (later) the
-load generator and the chaos harness. It talks to coordinators only over gRPC."""
+"""The client SDK (``accord.client``): how a service runs 2PC transactions and sagas on
+Accord. Async first (:class:`AccordClient`), with a synchronous wrapper
+(:class:`SyncAccordClient`); results are plain frozen dataclasses, transaction states a
+:class:`TxnState`, errors one exception class per gRPC status.
+
+It talks to coordinators only over gRPC, and imports nothing at import time beyond
+grpcio, protobuf and opentelemetry-api (tests/unit/test_sdk_deps.py checks it): the
+command line, the demo, the load generator and the chaos harness are in
+:mod:`accord.tools`."""
 
 from accord.client._client import (
     AccordClient,

@@ -266,8 +266,3 @@ class Telemetry:
     def tracer_provider(self) -> Any:
         """The SDK tracer provider (None when tracing is off)."""
         return self._tracer_provider
-
-
-def client_telemetry(*, trace_console: bool = False) -> Telemetry:
-    """Telemetry for a client command (``accord txn ...``): traces only."""
-    return Telemetry.setup("accord-client", trace_console=trace_console)
