@@ -34,6 +34,7 @@ app.add_typer(txn_app, name="txn")
 
 console = Console()
 err_console = Console(stderr=True)
+log = logging.getLogger("accord.cli")
 
 
 def setup_logging(level: LogLevel, fmt: LogFormat) -> None:
@@ -263,7 +264,7 @@ def coordinator(
     try:
         runner.run(serve(settings, registry=registry, telemetry=telemetry))
     except Exception as e:  # one line, non-zero: the log has the details
-        logging.getLogger("accord").exception("coordinator failed")
+        log.exception("event=coordinator_failed")
         raise fail(f"coordinator: {e}") from None
     finally:
         telemetry.shutdown()
@@ -352,7 +353,7 @@ def participant_bank(
             )
         )
     except Exception as e:
-        logging.getLogger("accord").exception("participant failed")
+        log.exception("event=participant_failed service=%s", service)
         raise fail(f"participant: {e}") from None
     finally:
         telemetry.shutdown()
@@ -403,7 +404,7 @@ def _trip_command(kind: str) -> None:
                 )
             )
         except Exception as e:
-            logging.getLogger("accord").exception("participant failed")
+            log.exception("event=participant_failed service=%s", kind)
             raise fail(f"participant: {e}") from None
         finally:
             telemetry.shutdown()
@@ -482,7 +483,7 @@ def sidecar(
     try:
         runner.run(go())
     except Exception as e:
-        logging.getLogger("accord").exception("sidecar failed")
+        log.exception("event=sidecar_failed service=%s", service)
         raise fail(f"sidecar: {e}") from None
 
 
