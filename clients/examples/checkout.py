@@ -7,7 +7,6 @@ import asyncio
 import sys
 
 from accord.client import AccordClient, Branch, SyncAccordClient
-from accord.common.exits import ExitCode
 
 
 async def checkout(coordinator: str, order_id: str) -> bool:
@@ -41,4 +40,4 @@ def checkout_interactive(coordinator: str, order_id: str) -> bool:
 
 if __name__ == "__main__":
     ok = asyncio.run(checkout(sys.argv[1], sys.argv[2]))
-    sys.exit(ExitCode.OK if ok else ExitCode.FAILURE)
+    sys.exit(0 if ok else 1)
