@@ -898,7 +898,7 @@ def chaos(
 def _named_db(text: str) -> tuple[str, Path]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise typer.BadParameter(f"expected NAME=PATH, got {text!r}")
+        raise typer.BadParameter(f"expected NAME=PATH, got {text!r}", param_hint="'--db'")
     return name, Path(path)
 
 
@@ -932,8 +932,9 @@ def chaos_check(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
-    """Check a saved chaos run offline against the participants' final databases. Exit
-    code 0: no violations; 1: violations found; 2: the input could not be read."""
+    """Check a saved chaos run offline against the participants' final databases.
+
+    Exit code 0: no violations; 1: violations found; 2: the input could not be read."""
     from accord.tools.chaos import (
         DEFAULT_RECOVERY_BOUND_S,
         HistoryError,
