@@ -26,8 +26,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from accord.common import runner
 from accord.tools._procs import stop_all
-from bench._loop import run_uvloop
 from bench.load import LoadSettings, run_closed_loop
 from bench.rows import ROWS, RowEnv
 
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     say = Console(width=None if sys.stdout.isatty() else 150)
     args.out.mkdir(parents=True, exist_ok=True)
-    files = run_uvloop(
+    files = runner.run(
         profile_row(
             args.row, args.concurrency, args.warmup, args.duration, args.rate, args.out, say
         )

@@ -28,6 +28,7 @@ from rich.table import Table
 import accord.bank.v1 as bankpb
 from accord.client._client import AccordClient, Branch, SagaStep
 from accord.client._errors import AccordClientError
+from accord.common import runner
 from accord.common.transport import make_channel
 from accord.tools._procs import EtcdServer, ManagedProcess, stop_all
 
@@ -325,9 +326,7 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
                 "data_dir": str(data) if settings.data_dir else None,
             }
 
-        from accord.tools.cli import run_async
-
-        summary = run_async(go())
+        summary = runner.run(go())
     finally:
         stop_all(list(reversed(procs)))
         if tmp is not None:

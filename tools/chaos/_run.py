@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from accord.common import runner
 from accord.tools.chaos._harness import (
     Chaos,
     ChaosSettings,
@@ -33,10 +34,8 @@ def run_chaos(s: ChaosSettings, *, console: Console | None) -> dict[str, Any]:
         tmp = tempfile.mkdtemp(prefix="accord-chaos-")
         root = Path(tmp)
     root.mkdir(parents=True, exist_ok=True)
-    from accord.tools.cli import run_async
-
     try:
-        report = run_async(_run(s, root, console))
+        report = runner.run(_run(s, root, console))
     finally:
         if tmp is not None and console is None:
             shutil.rmtree(tmp, ignore_errors=True)
