@@ -121,7 +121,7 @@ class WAL:
             spare.shutdown(wait=False)
             raise
         for note in recovery.notes:
-            logger.warning("%s", note)
+            logger.warning("event=wal_recovery_note note=%r", note)
         wal = cls(
             directory=directory,
             lock=lock,
