@@ -242,7 +242,8 @@ def _fail_stop(exc: BaseException) -> None:
     os._exit(70)
 
 
-def _fenced_stop(why: str) -> None:
+def _fenced_stop(_why: str) -> None:
+    """Another coordinator owns the shard: exit at once (the reason is logged already)."""
     for h in logging.getLogger().handlers:
         h.flush()
     sys.stderr.flush()
