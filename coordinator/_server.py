@@ -235,7 +235,7 @@ EXIT_FENCED = 75
 
 def _fail_stop(exc: BaseException) -> None:
     """The WAL could not make a record durable: stop now, answer nothing more."""
-    log.critical("event=wal_failure action=fail_stop error=%r", str(exc))
+    log.critical("event=wal_failure action=fail-stop error=%r", str(exc))
     for h in logging.getLogger().handlers:
         h.flush()
     sys.stderr.flush()
