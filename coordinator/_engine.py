@@ -591,7 +591,6 @@ class Engine:
         service = target.service
         address = target.address
         label = service or address
-        name = method.value
         attempt = 0
         while True:
             attempt += 1
@@ -602,7 +601,7 @@ class Engine:
                 if left <= 0:
                     return None
                 timeout = min(timeout, left)
-            span = tel.call_span(parent, name, label, request.branch_id)
+            span = tel.call_span(parent, method, label, request.branch_id)
             t0 = time.monotonic_ns()
             result, target.resolved = await self._calls.send(
                 method,
@@ -613,7 +612,7 @@ class Engine:
                 timeout,
                 metadata=outgoing_metadata(span),
             )
-            tel.call_done(parent, span, name, label, t0, result)
+            tel.call_done(parent, span, method, label, t0, result)
             verdict = result.verdict
             if verdict is Verdict.OK:
                 return result
@@ -632,7 +631,7 @@ class Engine:
                     "event=refused_retrying gid=%s branch=%s method=%s detail=%r",
                     txn.gid,
                     request.branch_id,
-                    name,
+                    method,
                     result.detail,
                 )
             delay = policy.backoff.delay(attempt, self._rand())

@@ -14,6 +14,6 @@ class Method(enum.StrEnum):
     EXECUTE = "Execute"
     COMPENSATE = "Compensate"
 
-    # Hash as the name does, so a member and its name are one dict key (test scripts and
-    # metric labels use the plain name).
+    # Hash as the name does, so a member and its name are one dict key (test scripts,
+    # and metric labels: a member is the str it names, used as one without ``.value``).
     __hash__ = str.__hash__

@@ -63,6 +63,7 @@ class TwoPhaseCommit:
         self._fp = host.failpoints
         self._tel = host.telemetry
         cfg = host.config
+        self._unsafe_ignore_no_votes = cfg.unsafe_ignore_no_votes
         #: Every 2PC call: retried until it is answered (or the Prepare deadline).
         self._policy = CallPolicy(backoff=cfg.retry, attempt_s=cfg.call_timeout_s)
 
@@ -212,7 +213,7 @@ class TwoPhaseCommit:
     async def _prepare_phase(self, txn: Txn) -> None:
         await self._fp.acheck(Failpoint.BEFORE_PREPARE)
         refused: list[str] = []
-        unsafe = self._host.config.unsafe_ignore_no_votes
+        unsafe = self._unsafe_ignore_no_votes
 
         async def prepare(b: BranchRt) -> None:
             result = await self._call(
