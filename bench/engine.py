@@ -26,7 +26,7 @@ from pathlib import Path
 
 import accord.v1 as pb
 from accord.common import runner
-from accord.coordinator import CoordinatorConfig, Engine
+from accord.coordinator import BranchSpec, CoordinatorConfig, Engine, Method
 from accord.coordinator._calls import CallResult, Verdict
 from accord.coordinator._server import tune_gc
 from accord.coordinator.wal import WAL
@@ -49,7 +49,7 @@ class InstantParticipants:
 
     async def send(
         self,
-        method: str,
+        method: Method,
         service: str,
         address: str,
         current: str,
@@ -63,7 +63,7 @@ class InstantParticipants:
 
     async def call(
         self,
-        method: str,
+        method: Method,
         address: str,
         request: pb.BranchRequest,
         attempt_s: float,
@@ -79,8 +79,8 @@ class InstantParticipants:
 
 async def run(transactions: int, concurrency: int, rounds: int, gc_tuned: bool) -> list[float]:
     branches = [
-        pb.Branch(service="bank-a", operation="debit", payload=b'{"account":"a-1","amount":1}'),
-        pb.Branch(service="bank-b", operation="credit", payload=b'{"account":"b-1","amount":1}'),
+        BranchSpec(service="bank-a", operation="debit", payload=b'{"account":"a-1","amount":1}'),
+        BranchSpec(service="bank-b", operation="credit", payload=b'{"account":"b-1","amount":1}'),
     ]
     per_worker = max(1, transactions // concurrency)
     with tempfile.TemporaryDirectory(prefix="accord-engine-bench-") as tmp:

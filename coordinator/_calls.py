@@ -29,6 +29,7 @@ from grpc import aio
 
 import accord.v1 as pb
 from accord.common.transport import TransportSettings, make_channel
+from accord.coordinator._methods import Method
 from accord.coordinator._stream import METHOD_NUMBERS, ParticipantStream, StreamUnsupported
 from accord.registry import Registry
 
@@ -59,8 +60,6 @@ _EXPECTED_RETRY = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
-
-METHODS = ("Prepare", "Commit", "Abort", "Execute", "Compensate")
 
 _STATUS: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -129,7 +128,7 @@ class ParticipantCalls:
 
     async def send(
         self,
-        method: str,
+        method: Method,
         service: str,
         address: str,
         current: str,
@@ -174,7 +173,7 @@ class ParticipantCalls:
 
     async def call(
         self,
-        method: str,
+        method: Method,
         address: str,
         request: pb.BranchRequest,
         attempt_s: float,
@@ -202,7 +201,7 @@ class ParticipantCalls:
                 code = _STATUS.get(r.code, grpc.StatusCode.UNKNOWN)
                 return self._answer(method, address, request, code, r.message, r.response)
         stub = self._stub(address)
-        rpc = getattr(stub, method)
+        rpc = getattr(stub, method.value)
         try:
             response: pb.BranchResponse = await rpc(request, timeout=attempt_s, metadata=metadata)
         except aio.AioRpcError as e:
@@ -216,7 +215,7 @@ class ParticipantCalls:
 
     def _answer(
         self,
-        method: str,
+        method: Method,
         address: str,
         request: pb.BranchRequest,
         code: grpc.StatusCode,
@@ -244,7 +243,15 @@ class ParticipantCalls:
             # A participant has seen a newer owner of this shard.
             self._on_fenced(detail)
         if code not in _EXPECTED_RETRY:
-            log.warning("unexpected participant status, will retry: %s", detail)
+            log.warning(
+                "event=unexpected_participant_status method=%s branch=%s address=%s code=%s "
+                "detail=%r; will retry",
+                method.value,
+                request.branch_id,
+                address,
+                code.name,
+                details,
+            )
         return CallResult(Verdict.RETRY, detail=detail, code=code)
 
     def _unary_only(self, address: str) -> bool:

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from accord.common.retry import Backoff
 
-@dataclass(frozen=True, kw_only=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter for participant calls."""
-
-    initial_s: float = 0.02
-    multiplier: float = 2.0
-    max_s: float = 2.0
-
-    def delay(self, attempt: int, rand: float) -> float:
-        """Delay before retry number ``attempt`` (1-based); rand in [0, 1)."""
-        cap = min(self.max_s, self.initial_s * self.multiplier ** (attempt - 1))
-        return cap * (0.5 + rand / 2)
+#: The backoff of a 2PC branch call answered "retry later" (a saga step's comes from
+#: its definition): 20 ms doubling to 2 s, half of each delay random.
+RetryPolicy = Backoff
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +33,7 @@ class CoordinatorConfig:
     default_timeout_ms: int = 30_000
     #: Per-attempt deadline of a participant call.
     call_timeout_s: float = 5.0
-    retry: RetryPolicy = RetryPolicy()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     limits: Limits = Limits()
     #: How long Commit/Execute wait for phase two before answering with the decision.
     phase_two_wait_s: float = 10.0

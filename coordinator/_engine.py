@@ -1,11 +1,17 @@
 """The transaction engine: one engine for every protocol.
 
-The engine owns persistence (the WAL), timers, retries, idempotency keys, watchers and
-recovery. A protocol module (``_twopc``) only decides which branches get which call next
-and which state comes after. Every state change goes through :meth:`Engine.transition`:
-check the state table, append the record, wait until it is durable, then change memory
-and tell anyone. Recovery rebuilds the transactions from the WAL and hands every
-unfinished one to the same driver that runs live ones.
+The engine owns persistence (the WAL), timers, retries (:meth:`Engine.call`, the one
+retry loop), idempotency keys and recovery; the transaction table (``_table``), replay
+(``_replay``) and watchers (``_watch``) are its parts. A protocol is a mode
+(``_host.Mode``: 2PC in ``_twopc``, sagas in ``_saga``), found in a table keyed by
+protocol; a mode decides which branch gets which call next and which state follows,
+and reaches the engine only through ``_host.Host``.
+
+Every state change goes through :meth:`Engine.transition`: check the state table, append
+the mode's record, wait until it is durable, then change memory and tell anyone.
+Recovery rebuilds the transactions from the WAL and hands every unfinished one to the
+same driver that runs live ones. The API takes plain values (``_specs``), never protobuf:
+the gRPC edge converts.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import logging
 import os
 import random
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
@@ -25,6 +30,7 @@ from opentelemetry.trace import Span
 
 import accord.v1 as pb
 from accord.common.gid import gid_prefix, shard_of
+from accord.common.retry import pause
 from accord.common.telemetry import attach_span, bind_gid, outgoing_metadata
 from accord.coordinator import _validate as v
 from accord.coordinator._calls import CallResult, ParticipantCalls, Verdict
@@ -39,21 +45,20 @@ from accord.coordinator._errors import (
     Unavailable,
 )
 from accord.coordinator._failpoints import Failpoints
-from accord.coordinator._model import BranchRt, StepRt, Txn
-from accord.coordinator._records import (
-    RT_ABORT,
-    RT_BEGIN,
-    RT_COMMIT,
-    RT_END,
-    RT_PREPARE,
-    RT_SAGA_START,
-    RT_SAGA_STATE,
-    RT_SAGA_STEP,
-    Record,
-    RecordType,
-)
-from accord.coordinator._states import BranchState, TxnState, allowed
+from accord.coordinator._host import CallPolicy, CallTarget, Clock, Mode, SystemClock
+from accord.coordinator._methods import Method
+from accord.coordinator._model import BranchRt, Txn
+from accord.coordinator._records import Record, RecordType
+from accord.coordinator._replay import Replay
+from accord.coordinator._saga import SagaMode
+from accord.coordinator._specs import BranchSpec, SagaSpec, branch_to_pb, saga_to_pb
+from accord.coordinator._states import Outcome, TxnState, allowed
+from accord.coordinator._table import TxnTable
 from accord.coordinator._telemetry import CoordinatorTelemetry
+from accord.coordinator._twopc import TwoPhaseCommit
+from accord.coordinator._watch import Watchers
+
+__all__ = ["Caller", "Clock", "Engine", "SystemClock", "WalLike"]
 
 log = logging.getLogger("accord.coordinator.engine")
 
@@ -74,15 +79,6 @@ class WalLike(Protocol):
     async def checkpoint(self, image: bytes, lsn: int) -> None: ...
 
 
-class Clock(Protocol):
-    def now_ms(self) -> int: ...
-
-
-class SystemClock:
-    def now_ms(self) -> int:
-        return time.time_ns() // 1_000_000
-
-
 class Caller(Protocol):
     """What the engine needs to reach participants (``ParticipantCalls``)."""
 
@@ -94,7 +90,7 @@ class Caller(Protocol):
 
     async def send(
         self,
-        method: str,
+        method: Method,
         service: str,
         address: str,
         current: str,
@@ -122,6 +118,8 @@ def _digest(*parts: bytes) -> bytes:
 
 
 class Engine:
+    """Implements :class:`~accord.coordinator._host.Host` for its modes."""
+
     def __init__(
         self,
         *,
@@ -135,35 +133,55 @@ class Engine:
     ) -> None:
         self._wal = wal
         self._calls = calls
-        self.config = config or CoordinatorConfig()
+        self._config = config or CoordinatorConfig()
         self._clock = clock or SystemClock()
-        self._fp = failpoints or Failpoints()
+        self._failpoints = failpoints or Failpoints()
         self._rand = rand
+        limits = self._config.limits
+        self.table = TxnTable(
+            retain_finished=self._config.retain_finished, max_inflight=limits.max_inflight
+        )
         self._tel = telemetry or CoordinatorTelemetry()
-        self._tel.bind(self)
-        self._txns: dict[str, Txn] = {}
-        self._live: set[str] = set()
-        self._finished: OrderedDict[str, None] = OrderedDict()
-        self._keys: dict[str, str] = {}
+        self._tel.bind(self.table)
+        self._watchers = Watchers(clock=self._clock, queue_size=limits.watch_queue)
         self._tasks: set[asyncio.Task[None]] = set()
         self._records_since_checkpoint = 0
         self._checkpointing = False
         self._closed = False
         # ValueError for a shard name a gid cannot carry (the CLI checks it first).
-        self._gid_shard = gid_prefix(self.config.shard)
+        self._gid_shard = gid_prefix(self._config.shard)
         self._gid_prefix = os.urandom(4).hex()
         self._gid_seq = 0
-        # Imported here to keep the mode pluggable without an import cycle.
-        from accord.coordinator._saga import SagaMode
-        from accord.coordinator._twopc import TwoPhaseCommit
-
         self._twopc = TwoPhaseCommit(self)
         self._saga = SagaMode(self)
+        #: The modes, by ``accord.v1.Protocol``: the only place protocols are told apart.
+        self._modes: dict[int, Mode] = {m.protocol: m for m in (self._twopc, self._saga)}
+        self._replay = Replay(
+            self.table, self._modes.values(), enter=self._enter, finish=self._finish
+        )
+
+    # ------------------------------------------------------------------ host
+
+    @property
+    def config(self) -> CoordinatorConfig:
+        return self._config
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def failpoints(self) -> Failpoints:
+        return self._failpoints
+
+    @property
+    def telemetry(self) -> CoordinatorTelemetry:
+        return self._tel
 
     # ------------------------------------------------------------------ queries
 
     def get(self, gid: str) -> Txn:
-        txn = self._txns.get(_checked_gid(gid))
+        txn = self.table.find(_checked_gid(gid))
         if txn is None:
             self._check_shard(gid)
             raise NotFound(f"unknown transaction {gid!r}")
@@ -174,84 +192,60 @@ class Engine:
         exist there, so "not found" (or, to a participant, "presumed aborted") would be
         wrong. The message names the owning shard, for a client to route by."""
         shard = shard_of(gid)
-        if shard and shard != self.config.shard:
+        if shard and shard != self._config.shard:
             raise FailedPrecondition(
                 f"transaction {gid} belongs to shard {shard}; this coordinator owns shard "
-                f"{self.config.shard}: send it to the owner of shard {shard}"
+                f"{self._config.shard}: send it to the owner of shard {shard}"
             )
 
-    def _get_2pc(self, gid: str) -> Txn:
+    def _get_for(self, gid: str, mode: Mode) -> Txn:
+        """The transaction, when ``mode`` drives it (a call of that protocol's API)."""
         txn = self.get(gid)
-        if txn.protocol != pb.PROTOCOL_TWO_PHASE_COMMIT:
-            raise FailedPrecondition(f"transaction {gid} is a saga: use CancelSaga")
+        other = self._modes[txn.protocol]
+        if other is not mode:
+            raise FailedPrecondition(f"transaction {gid} {other.misuse}")
         return txn
 
     @property
     def inflight(self) -> int:
-        return len(self._live)
+        return self.table.inflight
 
     def list(
         self, states: Sequence[TxnState], limit: int, page_token: str
     ) -> tuple[list[Txn], str]:
-        wanted = set(states)
-        gids = sorted(g for g in self._txns if g > page_token)
-        out: list[Txn] = []
-        for gid in gids:
-            txn = self._txns[gid]
-            if wanted and txn.state not in wanted:
-                continue
-            out.append(txn)
-            if len(out) == limit:
-                return out, gid
-        return out, ""
+        return self.table.page(states, limit, page_token)
 
-    def query_outcome(self, gid: str) -> int:
-        txn = self._txns.get(_checked_gid(gid))
+    def query_outcome(self, gid: str) -> Outcome:
+        txn = self.table.find(_checked_gid(gid))
         if txn is None:
             # Only this shard's gids can be presumed aborted; another shard's is a
             # misdirected question (answered "not yet": the participant asks again).
             self._check_shard(gid)
             # Recovery has finished before the server answers anything: a gid we do not
             # know was never decided to commit (presumed abort).
-            return pb.OUTCOME_ABORTED
+            return Outcome.ABORTED
         if txn.state in (TxnState.COMMITTING, TxnState.COMMITTED):
-            return pb.OUTCOME_COMMITTED
+            return Outcome.COMMITTED
         if txn.state in (TxnState.ABORTING, TxnState.ABORTED):
-            return pb.OUTCOME_ABORTED
-        return pb.OUTCOME_IN_PROGRESS
+            return Outcome.ABORTED
+        return Outcome.IN_PROGRESS
 
-    async def watch(self, gid: str) -> AsyncIterator[pb.TransactionEvent]:
-        txn = self.get(gid)
-        queue: asyncio.Queue[pb.TransactionEvent | None] = asyncio.Queue(
-            self.config.limits.watch_queue
-        )
-        txn.watchers.append(queue)
-        try:
-            yield self._event(txn)
-            if txn.state.final:
-                return
-            while True:
-                event = await queue.get()
-                if event is None:
-                    return
-                yield event
-                if TxnState(event.state).final:
-                    return
-        finally:
-            if queue in txn.watchers:
-                txn.watchers.remove(queue)
+    def watch(self, gid: str) -> AsyncIterator[pb.TransactionEvent]:
+        """The transaction's state now, then every durable change (NOT_FOUND at once for
+        an unknown gid)."""
+        return self._watchers.watch(self.get(gid))
 
-    # ------------------------------------------------------------------ client API
+    # ------------------------------------------------------------------ 2PC API
 
     async def begin(self, *, key: str, timeout_ms: int) -> Txn:
-        v.check_key(key, self.config.limits)
-        timeout_ms = v.check_timeout(timeout_ms, self.config)
+        v.check_key(key, self._config.limits)
+        timeout_ms = v.check_timeout(timeout_ms, self._config)
         digest = _digest(b"begin", str(timeout_ms).encode())
         if key:
-            existing = self._by_key(key, digest)
+            existing = self.table.by_key(key, digest)
             if existing is not None:
                 return existing
-        self._check_capacity()
+        self.table.check_capacity()
         now = self._clock.now_ms()
         txn = Txn(gid=self._new_gid(now), key=key, digest=digest, created_ms=now)
         txn.deadline_ms = now + timeout_ms
@@ -264,16 +258,16 @@ class Engine:
             deadline_unix_ms=txn.deadline_ms,
             traceparent=txn.traceparent,
         )
-        self._admit(txn)
+        self.table.admit(txn)
         txn.rec_begin = rec
-        lsn = await self._append(RT_BEGIN, rec, sync=False)
+        lsn = await self.append(RecordType.BEGIN, rec, sync=False)
         txn.lsn = lsn
         self._arm_expiry(txn)
         return txn
 
-    async def enlist(self, gid: str, branch: pb.Branch) -> str:
-        txn = self._get_2pc(gid)
-        v.check_branch(branch, self.config.limits)
+    async def enlist(self, gid: str, branch: BranchSpec) -> str:
+        txn = self._get_for(gid, self._twopc)
+        v.check_branch(branch, self._config.limits)
         if txn.claimed != TxnState.ACTIVE:
             raise FailedPrecondition(
                 f"transaction {gid} is {txn.claimed.name}: branches can only be enlisted "
@@ -288,10 +282,11 @@ class Engine:
             raise AlreadyExists(
                 f"branch {new.branch_id!r} is already enlisted with another request"
             )
-        if len(txn.branches) >= self.config.limits.max_branches:
+        limits = self._config.limits
+        if len(txn.branches) >= limits.max_branches:
             raise ResourceExhausted(
                 f"transaction {gid} already has {len(txn.branches)} branches "
-                f"(limit {self.config.limits.max_branches})"
+                f"(limit {limits.max_branches})"
             )
         # Nothing is logged yet: no participant has heard of this branch, so a crash
         # before Commit loses nothing that would need undoing (presumed abort).
@@ -299,7 +294,7 @@ class Engine:
         return new.branch_id
 
     async def commit(self, gid: str) -> Txn:
-        txn = self._get_2pc(gid)
+        txn = self._get_for(gid, self._twopc)
         if txn.claimed == TxnState.ACTIVE:
             # Losing a race with Abort or another Commit is fine: report the outcome.
             with contextlib.suppress(IllegalTransition):
@@ -307,7 +302,7 @@ class Engine:
         return await self._outcome(txn)
 
     async def abort(self, gid: str, reason: str) -> Txn:
-        txn = self._get_2pc(gid)
+        txn = self._get_for(gid, self._twopc)
         reason = reason or "aborted by the client"
         if txn.claimed == TxnState.ACTIVE:
             try:
@@ -324,10 +319,10 @@ class Engine:
             raise FailedPrecondition(f"transaction {gid} is already committed")
         return await self._outcome(txn)
 
-    async def execute(self, *, key: str, timeout_ms: int, branches: Sequence[pb.Branch]) -> Txn:
-        limits = self.config.limits
+    async def execute(self, *, key: str, timeout_ms: int, branches: Sequence[BranchSpec]) -> Txn:
+        limits = self._config.limits
         v.check_key(key, limits)
-        timeout_ms = v.check_timeout(timeout_ms, self.config)
+        timeout_ms = v.check_timeout(timeout_ms, self._config)
         v.check_branch_count(len(branches), limits)
         rts: list[BranchRt] = []
         seen: set[str] = set()
@@ -345,46 +340,47 @@ class Engine:
             digest = _digest(
                 b"execute",
                 str(timeout_ms).encode(),
-                *(b.SerializeToString(deterministic=True) for b in branches),
+                *(branch_to_pb(b).SerializeToString(deterministic=True) for b in branches),
             )
-            existing = self._by_key(key, digest)
+            existing = self.table.by_key(key, digest)
             if existing is not None:
                 return await self._outcome(existing)
-        self._check_capacity()
+        self.table.check_capacity()
         now = self._clock.now_ms()
         txn = Txn(gid=self._new_gid(now), key=key, digest=digest, created_ms=now)
         txn.deadline_ms = now + timeout_ms
         txn.branches = rts
-        self._admit(txn)
+        self.table.admit(txn)
         self._tel.started(txn)
         try:
             await self._start(txn)
         except BaseException:
             if txn.claimed == TxnState.ACTIVE:
-                self._forget(txn)
+                self.table.forget(txn)
                 self._tel.closing(txn)
             raise
         return await self._outcome(txn)
 
-    # ------------------------------------------------------------------ sagas
+    # ------------------------------------------------------------------ saga API
 
     async def start_saga(
-        self, *, key: str, timeout_ms: int, definition: pb.SagaDefinition, wait: bool
+        self, *, key: str, timeout_ms: int, definition: SagaSpec, wait: bool
     ) -> Txn:
-        v.check_key(key, self.config.limits)
-        timeout_ms = v.check_timeout(timeout_ms, self.config)
-        after = v.check_saga(definition, self.config)
+        v.check_key(key, self._config.limits)
+        timeout_ms = v.check_timeout(timeout_ms, self._config)
+        after = v.check_saga(definition, self._config)
         for step in definition.steps:
             self._check_service(step.service, step.address)
+        wire = saga_to_pb(definition)
         digest = b""
         if key:
             digest = _digest(
-                b"saga", str(timeout_ms).encode(), definition.SerializeToString(deterministic=True)
+                b"saga", str(timeout_ms).encode(), wire.SerializeToString(deterministic=True)
             )
-            existing = self._by_key(key, digest)
+            existing = self.table.by_key(key, digest)
             if existing is not None:
                 return await self._settled(existing) if wait else existing
-        self._check_capacity()
+        self.table.check_capacity()
         now = self._clock.now_ms()
         rec = pb.WalSagaStart(
             gid=self._new_gid(now),
@@ -392,38 +388,28 @@ class Engine:
             request_digest=digest,
             created_unix_ms=now,
             deadline_unix_ms=now + timeout_ms,
-            definition=definition,
+            definition=wire,
             resolved_addresses=[
                 self._calls.resolve(st.service, st.address) for st in definition.steps
             ],
         )
-        txn = self._saga.build(rec, after)
-        self._admit(txn)
+        txn = self._saga.build(rec, definition, after)
+        self.table.admit(txn)
         self._tel.started(txn)
         rec.traceparent = txn.traceparent
         try:
-            txn.lsn = await self._append(RT_SAGA_START, rec, sync=False)
+            txn.lsn = await self.append(RecordType.SAGA_START, rec, sync=False)
         except BaseException:
-            self._forget(txn)
+            self.table.forget(txn)
             raise
         if txn.watchers:
-            self._publish(txn)
+            self.publish(txn)
         self._spawn_driver(txn)
         return await self._settled(txn) if wait else txn
 
     async def cancel_saga(self, gid: str, reason: str) -> Txn:
-        txn = self.get(gid)
-        if txn.protocol != pb.PROTOCOL_SAGA:
-            raise FailedPrecondition(f"transaction {gid} is not a saga (use Abort)")
-        if txn.claimed == TxnState.COMPLETED or self._saga.pivot_done(txn):
-            raise FailedPrecondition(
-                f"saga {gid} is past its pivot ({txn.claimed.name}): it can only go forward"
-            )
-        if txn.claimed == TxnState.RUNNING:
-            txn.reason = txn.reason or reason or "cancelled by the client"
-            txn.abort_requested.set()
-            if txn.wake is not None:
-                txn.wake.set()
+        txn = self._get_for(gid, self._saga)
+        self._saga.cancel(txn, reason)
         return await self._settled(txn)
 
     async def retry(self, gid: str) -> Txn:
@@ -432,42 +418,13 @@ class Engine:
             raise FailedPrecondition(
                 f"transaction {gid} is {txn.claimed.name}: only a STUCK saga can be retried"
             )
-        self._tel.recovering(txn, "operator retry")
-        await self.transition(txn, TxnState.COMPENSATING, reason="retried by an operator")
-        for st in txn.steps:
-            st.compensation_attempts = 0
+        await self._saga.retry(txn)
         self._spawn_driver(txn)
         return await self._settled(txn)
 
     async def _settled(self, txn: Txn) -> Txn:
         await txn.decided.wait()
         return txn
-
-    async def log_step(
-        self,
-        txn: Txn,
-        step: StepRt,
-        state: BranchState,
-        *,
-        sync: bool,
-        error: str = "",
-        result: bytes = b"",
-    ) -> None:
-        """A saga step's state change: logged (forced for a step start), then applied."""
-        rec = pb.WalSagaStep(
-            gid=txn.gid,
-            step=step.index,
-            state=int(state),  # type: ignore[arg-type]
-            attempts=step.attempts,
-            error=error,
-            result=result,
-        )
-        txn.rec_steps[step.index] = rec
-        lsn = await self._append(RT_SAGA_STEP, rec, sync=sync, parent=step.span)
-        self._saga.apply_step(step, rec)
-        txn.lsn = lsn
-        if txn.watchers:
-            self._publish(txn)
 
     # ------------------------------------------------------------------ transitions
 
@@ -485,10 +442,11 @@ class Engine:
             raise IllegalTransition(
                 f"transaction {txn.gid}: {old.name} -> {new.name} is not allowed"
             )
-        rtype, record, sync = self._record_for(txn, new, reason, commit_branches)
+        mode = self._modes[txn.protocol]
+        rtype, record, sync = mode.record(txn, new, reason, commit_branches)
         txn.claimed = new
         try:
-            lsn = await self._append(rtype, record, sync=sync, parent=txn.phase_span or txn.span)
+            lsn = await self.append(rtype, record, sync=sync, parent=txn.phase_span or txn.span)
         except BaseException:
             txn.claimed = old
             raise
@@ -496,50 +454,32 @@ class Engine:
             txn.reason = ""  # an operator's retry starts a new story
         if reason and (not txn.reason or new == TxnState.STUCK):
             txn.reason = reason
-        self._set(txn, new, lsn)
+        self._enter(txn, new, lsn, mode)
         if new.final:
             self._finish(txn)
         self._tel.state_changed(txn, new)
         if txn.watchers:
-            self._publish(txn)
+            self.publish(txn)
         return lsn
 
-    def _record_for(
-        self, txn: Txn, new: TxnState, reason: str, commit_branches: Sequence[str]
-    ) -> tuple[RecordType, _Record, bool]:
-        if txn.protocol == pb.PROTOCOL_SAGA:
-            rec_s = pb.WalSagaState(gid=txn.gid, state=int(new), reason=reason)  # type: ignore[arg-type]
-            txn.rec_saga_state = rec_s
-            return RT_SAGA_STATE, rec_s, False
-        if new == TxnState.PREPARING:
-            rec_p = pb.WalPrepare(
-                gid=txn.gid,
-                idempotency_key=txn.key,
-                request_digest=txn.digest,
-                created_unix_ms=txn.created_ms,
-                deadline_unix_ms=txn.deadline_ms,
-                branches=[b.spec() for b in txn.branches],
-                resolved_addresses=[b.resolved for b in txn.branches],
-                one_phase=txn.one_phase,
-                traceparent=txn.traceparent,
-            )
-            txn.rec_prepare = rec_p
-            # Rides the group commit: written before the first Prepare, not forced.
-            return RT_PREPARE, rec_p, False
-        if new == TxnState.COMMITTING:
-            rec_c = pb.WalCommit(gid=txn.gid, branch_ids=list(commit_branches))
-            txn.rec_commit = rec_c
-            return RT_COMMIT, rec_c, True  # the one forced record: the decision
-        if new == TxnState.ABORTING:
-            rec_a = pb.WalAbort(gid=txn.gid, reason=reason)
-            txn.rec_abort = rec_a
-            return RT_ABORT, rec_a, False  # presumed abort: never forced
-        rec_e = pb.WalEnd(gid=txn.gid, state=int(new), reason=reason or txn.reason)  # type: ignore[arg-type]
-        txn.rec_end = rec_e
-        return RT_END, rec_e, False  # lazy
+    def _enter(self, txn: Txn, state: TxnState, lsn: int, mode: Mode | None = None) -> None:
+        """Memory follows a durable (or replayed) state change."""
+        txn.state = txn.claimed = state
+        txn.lsn = lsn
+        if state.decided:
+            txn.decided.set()
+        elif txn.decided.is_set():  # a STUCK saga retried by an operator
+            txn.decided = asyncio.Event()
+        (mode or self._modes[txn.protocol]).entered(txn, state)
 
-    async def _append(
-        self, rtype: RecordType, record: _Record, *, sync: bool, parent: Span | None = None
+    def _finish(self, txn: Txn) -> None:
+        if txn.expiry is not None:
+            txn.expiry.cancel()
+            txn.expiry = None
+        self.table.finish(txn)
+
+    async def append(
+        self, rtype: RecordType, record: Record, *, sync: bool, parent: Span | None = None
     ) -> int:
         """Appends; returns once the record is written (``sync``: fdatasync'ed). A forced
         append gets an ``accord.wal.sync`` span under ``parent`` when tracing."""
@@ -548,7 +488,7 @@ class Engine:
         except Exception as e:  # WalFatalError and friends: the log cannot take it
             raise Unavailable(f"cannot make the change durable: {e}") from e
         self._records_since_checkpoint += 1
-        if self._records_since_checkpoint >= self.config.checkpoint_every:
+        if self._records_since_checkpoint >= self._config.checkpoint_every:
             self._maybe_checkpoint()
         span = self._tel.wal_span(parent) if sync else None
         try:
@@ -559,6 +499,9 @@ class Engine:
             if span is not None:
                 self._tel.wal_done(span, lsn)
         return lsn
+
+    def publish(self, txn: Txn) -> None:
+        self._watchers.publish(txn)
 
     # ------------------------------------------------------------------ driving
 
@@ -587,34 +530,31 @@ class Engine:
         if txn.span is not None:
             attach_span(txn.span)
         try:
-            if txn.protocol == pb.PROTOCOL_SAGA:
-                await self._saga.run(txn)
-            else:
-                await self._twopc.run(txn)
+            await self._modes[txn.protocol].run(txn)
         except Unavailable as e:
-            log.error("gid=%s stopped: %s", txn.gid, e)
+            log.error("event=driver_stopped gid=%s error=%r", txn.gid, str(e))
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("gid=%s driver failed", txn.gid)
+            log.exception("event=driver_failed gid=%s", txn.gid)
 
     async def _outcome(self, txn: Txn) -> Txn:
         """Waits for the decision, then (bounded) for phase two to finish."""
         await txn.decided.wait()
         if not txn.finished.is_set():
             try:
-                async with asyncio.timeout(self.config.phase_two_wait_s):
+                async with asyncio.timeout(self._config.phase_two_wait_s):
                     await txn.finished.wait()
             except TimeoutError:
                 pass  # decided; phase two goes on in the background
         return txn
 
-    def branch_request(
+    def request(
         self, gid: str, branch_id: str, operation: str, payload: bytes, *, one_phase: bool = False
     ) -> pb.BranchRequest:
         """A participant call, with this coordinator's fencing epoch and the address to
         ask for outcomes."""
-        cfg = self.config
+        cfg = self._config
         return pb.BranchRequest(
             gid=gid,
             branch_id=branch_id,
@@ -626,87 +566,79 @@ class Engine:
             one_phase=one_phase,
         )
 
-    async def call_branch(
+    async def call(
         self,
         txn: Txn,
-        branch: BranchRt,
-        method: str,
+        target: CallTarget,
+        method: Method,
+        request: pb.BranchRequest,
+        policy: CallPolicy,
         *,
-        deadline_ms: int | None,
-        one_phase: bool = False,
+        parent: Span | None,
+        deadline_ms: int | None = None,
         stop: asyncio.Event | None = None,
+        forever: Callable[[], bool] | None = None,
     ) -> CallResult | None:
-        """Calls until the participant gives a final answer (OK or NO). Retryable
-        answers back off with jitter; returns None when the deadline passes or ``stop``
-        is set first."""
-        cfg = self.config
-        request = self.branch_request(
-            txn.gid, branch.branch_id, branch.operation, branch.payload, one_phase=one_phase
-        )
+        """The one retry loop: calls until the participant's answer is final (OK, or a
+        "no" under ``policy``). Each attempt is routed by ``ParticipantCalls.send`` (which
+        gives the address for the next one) under a CLIENT span of ``parent`` whose
+        context travels in the call's metadata; "retry later" backs off on
+        ``policy.backoff``. None when the attempts run out, ``deadline_ms`` passes or
+        ``stop`` is set first; ``forever()`` True lifts the attempt limit and makes a "no"
+        one more reason to retry."""
+        tel = self._tel
+        clock = self._clock
+        service = target.service
+        address = target.address
+        label = service or address
         attempt = 0
         while True:
             attempt += 1
-            branch.attempts += 1
-            timeout = cfg.call_timeout_s
+            target.attempted(method)
+            timeout = policy.attempt_s
             if deadline_ms is not None:
-                left = (deadline_ms - self._clock.now_ms()) / 1000
+                left = (deadline_ms - clock.now_ms()) / 1000
                 if left <= 0:
                     return None
                 timeout = min(timeout, left)
-            result, branch.resolved = await self.call_participant(
-                txn.phase_span or txn.span,
+            span = tel.call_span(parent, method, label, request.branch_id)
+            t0 = time.monotonic_ns()
+            result, target.resolved = await self._calls.send(
                 method,
-                branch.service,
-                branch.address,
-                branch.resolved,
+                service,
+                address,
+                target.resolved,
                 request,
                 timeout,
+                metadata=outgoing_metadata(span),
             )
-            if result.verdict != Verdict.RETRY:
+            tel.call_done(parent, span, method, label, t0, result)
+            verdict = result.verdict
+            if verdict is Verdict.OK:
                 return result
-            branch.last_error = result.detail
-            delay = cfg.retry.delay(attempt, self._rand())
-            if deadline_ms is not None and self._clock.now_ms() + delay * 1000 >= deadline_ms:
+            refused = verdict is Verdict.NO or (
+                bool(policy.final_codes) and result.code.name in policy.final_codes
+            )
+            if verdict is Verdict.RETRY or policy.no_is_error:
+                target.last_error = result.detail
+            endless = forever is not None and forever()
+            if refused and policy.no_is_final and not endless:
+                return result
+            if policy.max_attempts and attempt >= policy.max_attempts and not endless:
                 return None
-            if stop is not None:
-                try:
-                    async with asyncio.timeout(delay):
-                        await stop.wait()
-                    return None
-                except TimeoutError:
-                    pass
-            else:
-                await asyncio.sleep(delay)
-
-    async def call_participant(
-        self,
-        parent: Span | None,
-        method: str,
-        service: str,
-        address: str,
-        current: str,
-        request: pb.BranchRequest,
-        attempt_s: float,
-    ) -> tuple[CallResult, str]:
-        """One participant call, routed by ``ParticipantCalls.send`` (returns the answer
-        and the address for the next attempt): a CLIENT span under ``parent`` (a phase or
-        step span) whose context travels in the call's metadata, its latency, and a retry
-        event on ``parent`` when the answer is "retry later"."""
-        tel = self._tel
-        label = service or address
-        span = tel.call_span(parent, method, label, request.branch_id)
-        t0 = time.monotonic_ns()
-        result, following = await self._calls.send(
-            method,
-            service,
-            address,
-            current,
-            request,
-            attempt_s,
-            metadata=outgoing_metadata(span),
-        )
-        tel.call_done(parent, span, method, label, t0, result)
-        return result, following
+            if refused and endless:
+                log.error(
+                    "event=refused_retrying gid=%s branch=%s method=%s detail=%r",
+                    txn.gid,
+                    request.branch_id,
+                    method,
+                    result.detail,
+                )
+            delay = policy.backoff.delay(attempt, self._rand())
+            if deadline_ms is not None and clock.now_ms() + delay * 1000 >= deadline_ms:
+                return None
+            if await pause(delay, stop):
+                return None
 
     # ------------------------------------------------------------------ recovery
 
@@ -714,28 +646,8 @@ class Engine:
         """Rebuilds every transaction from a checkpoint image and the records after it.
         Call before serving; then :meth:`resume` drives the unfinished ones."""
         if checkpoint:
-            image = pb.CheckpointImage.FromString(checkpoint)
-            for entry in image.transactions:
-                lsn = image.lsn
-                if entry.HasField("begin"):
-                    self._apply(RT_BEGIN, entry.begin, lsn)
-                if entry.HasField("prepare"):
-                    self._apply(RT_PREPARE, entry.prepare, lsn)
-                if entry.HasField("commit"):
-                    self._apply(RT_COMMIT, entry.commit, lsn)
-                if entry.HasField("abort"):
-                    self._apply(RT_ABORT, entry.abort, lsn)
-                if entry.HasField("end"):
-                    self._apply(RT_END, entry.end, lsn)
-                if entry.HasField("saga"):
-                    self._apply(RT_SAGA_START, entry.saga, lsn)
-                    for step in entry.steps:
-                        self._apply(RT_SAGA_STEP, step, lsn)
-                if entry.HasField("saga_state"):
-                    self._apply(RT_SAGA_STATE, entry.saga_state, lsn)
-        for lsn, rtype, payload in records:
-            kind = RecordType(rtype)
-            self._apply(kind, kind.decode(payload), lsn)
+            self._replay.checkpoint(checkpoint)
+        self._replay.records(records)
 
     async def replay_yielding(
         self,
@@ -752,165 +664,18 @@ class Engine:
             self.replay(None, records[start : start + every])
             await asyncio.sleep(0)
 
-    def _apply(self, rtype: RecordType, rec: _Record, lsn: int) -> None:
-        gid: str = rec.gid
-        txn = self._txns.get(gid)
-        if isinstance(rec, pb.WalSagaStart):
-            if txn is None:
-                txn = self._saga.build(rec)
-                self._admit(txn)
-            txn.traceparent = rec.traceparent
-            txn.lsn = lsn
-            return
-        if rtype in (RT_BEGIN, RT_PREPARE):
-            assert isinstance(rec, pb.WalBegin | pb.WalPrepare)
-            if txn is None:
-                txn = Txn(gid=gid)
-                self._admit(txn)
-            txn.key = rec.idempotency_key
-            txn.digest = rec.request_digest
-            txn.created_ms = rec.created_unix_ms
-            txn.deadline_ms = rec.deadline_unix_ms
-            txn.traceparent = rec.traceparent or txn.traceparent
-            if isinstance(rec, pb.WalBegin):
-                txn.rec_begin = rec
-            else:
-                txn.rec_prepare = rec
-                txn.one_phase = rec.one_phase
-                txn.branches = [
-                    BranchRt(
-                        branch_id=b.branch_id,
-                        service=b.service,
-                        address=b.address,
-                        operation=b.operation,
-                        payload=b.payload,
-                        resolved=rec.resolved_addresses[i]
-                        if i < len(rec.resolved_addresses)
-                        else "",
-                    )
-                    for i, b in enumerate(rec.branches)
-                ]
-                self._set(txn, TxnState.PREPARING, lsn)
-            if txn.key:
-                self._keys[txn.key] = gid
-            txn.lsn = lsn
-            return
-        if txn is None:
-            log.warning("WAL record %s at lsn %d for unknown gid %s ignored", rtype.name, lsn, gid)
-            return
-        if isinstance(rec, pb.WalCommit):
-            txn.rec_commit = rec
-            self._set(txn, TxnState.COMMITTING, lsn)
-        elif isinstance(rec, pb.WalAbort):
-            txn.rec_abort = rec
-            txn.reason = txn.reason or rec.reason
-            self._set(txn, TxnState.ABORTING, lsn)
-        elif isinstance(rec, pb.WalSagaStep):
-            step = txn.steps[rec.step]
-            txn.rec_steps[rec.step] = rec
-            self._saga.apply_step(step, rec)
-            txn.lsn = lsn
-        elif isinstance(rec, pb.WalSagaState):
-            txn.rec_saga_state = rec
-            txn.reason = rec.reason or txn.reason
-            self._set(txn, TxnState(rec.state), lsn)
-            if txn.state.final:
-                self._finish(txn)
-        elif isinstance(rec, pb.WalEnd):
-            txn.rec_end = rec
-            txn.reason = txn.reason or rec.reason
-            self._set(txn, TxnState(rec.state), lsn)
-            self._finish(txn)
-
-    @staticmethod
-    def _set(txn: Txn, state: TxnState, lsn: int) -> None:
-        txn.state = txn.claimed = state
-        txn.lsn = lsn
-        if state.decided:
-            txn.decided.set()
-        elif txn.decided.is_set():  # a STUCK saga retried by an operator
-            txn.decided = asyncio.Event()
-        if state == TxnState.COMMITTING and txn.rec_commit is not None:
-            phase_two = set(txn.rec_commit.branch_ids)
-            for b in txn.branches:
-                b.state = (
-                    BranchState.PREPARED if b.branch_id in phase_two else BranchState.READ_ONLY
-                )
-        if state.final:
-            final = BranchState.COMMITTED if state == TxnState.COMMITTED else BranchState.ABORTED
-            for b in txn.branches:
-                if b.state in (BranchState.PENDING, BranchState.PREPARED):
-                    b.state = final
-
     async def resume(self) -> int:
-        """Drives every unfinished transaction to its end, through the live code path."""
-        unfinished = [self._txns[g] for g in sorted(self._live)]
+        """Drives every unfinished transaction to its end, through the live code path;
+        each mode says first what recovery does (2PC: presumed abort)."""
+        unfinished = self.table.unfinished()
         for txn in unfinished:
-            if txn.state != TxnState.STUCK:
-                self._tel.recovering(txn)
-            if txn.protocol == pb.PROTOCOL_SAGA:
-                if txn.state != TxnState.STUCK:  # STUCK waits for an operator
-                    self._spawn_driver(txn)
-                continue
-            if txn.state == TxnState.ACTIVE:
-                await self.transition(
-                    txn, TxnState.ABORTING, reason="coordinator restarted before Commit"
-                )
-            elif txn.state == TxnState.PREPARING and not txn.one_phase:
-                await self.transition(
-                    txn,
-                    TxnState.ABORTING,
-                    reason="coordinator restarted before a decision (presumed abort)",
-                )
-            self._spawn_driver(txn)
+            if await self._modes[txn.protocol].recover(txn):
+                self._spawn_driver(txn)
         if unfinished:
-            log.info("recovery: driving %d unfinished transactions", len(unfinished))
+            log.info("event=recovery unfinished=%d", len(unfinished))
         return len(unfinished)
 
     # ------------------------------------------------------------------ bookkeeping
-
-    def _admit(self, txn: Txn) -> None:
-        self._txns[txn.gid] = txn
-        self._live.add(txn.gid)
-        if txn.key:
-            self._keys[txn.key] = txn.gid
-
-    def _forget(self, txn: Txn) -> None:
-        self._txns.pop(txn.gid, None)
-        self._live.discard(txn.gid)
-        if txn.key and self._keys.get(txn.key) == txn.gid:
-            del self._keys[txn.key]
-
-    def _finish(self, txn: Txn) -> None:
-        txn.finished.set()
-        txn.decided.set()
-        if txn.expiry is not None:
-            txn.expiry.cancel()
-            txn.expiry = None
-        self._live.discard(txn.gid)
-        self._finished[txn.gid] = None
-        while len(self._finished) > self.config.retain_finished:
-            old, _ = self._finished.popitem(last=False)
-            gone = self._txns.pop(old, None)
-            if gone is not None and gone.key and self._keys.get(gone.key) == old:
-                del self._keys[gone.key]
-
-    def _by_key(self, key: str, digest: bytes) -> Txn | None:
-        gid = self._keys.get(key)
-        if gid is None:
-            return None
-        txn = self._txns[gid]
-        if txn.digest != digest:
-            raise AlreadyExists(
-                f"idempotency key {key!r} was used for a different request (transaction {gid})"
-            )
-        return txn
-
-    def _check_capacity(self) -> None:
-        if len(self._live) >= self.config.limits.max_inflight:
-            raise ResourceExhausted(
-                f"{len(self._live)} transactions in flight (limit {self.config.limits.max_inflight})"
-            )
 
     def _check_service(self, service: str, address: str) -> None:
         if not address and not self._calls.known(service):
@@ -920,7 +685,7 @@ class Engine:
             )
 
     @staticmethod
-    def _branch_rt(branch: pb.Branch, index: int) -> BranchRt:
+    def _branch_rt(branch: BranchSpec, index: int) -> BranchRt:
         return BranchRt(
             branch_id=branch.branch_id or f"b{index + 1}",
             service=branch.service,
@@ -958,26 +723,6 @@ class Engine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _event(self, txn: Txn) -> pb.TransactionEvent:
-        return pb.TransactionEvent(
-            gid=txn.gid,
-            lsn=txn.lsn,
-            state=int(txn.state),  # type: ignore[arg-type]
-            unix_ms=self._clock.now_ms(),
-            transaction=txn.to_pb(),
-        )
-
-    def _publish(self, txn: Txn) -> None:
-        event = self._event(txn)
-        for q in list(txn.watchers):
-            try:
-                q.put_nowait(event)
-            except asyncio.QueueFull:
-                txn.watchers.remove(q)  # a watcher too slow to keep up is dropped
-                while not q.empty():
-                    q.get_nowait()
-                q.put_nowait(None)
-
     def _maybe_checkpoint(self) -> None:
         if self._checkpointing or self._closed:
             return
@@ -986,16 +731,15 @@ class Engine:
         # The image must reflect every record up to `lsn`: records are attached to their
         # transaction when submitted, and nothing awaits between here and the snapshot.
         lsn = self._wal.last_lsn
-        entries = [self._txns[g].checkpoint_entry() for g in self._live]
-        entries += [self._txns[g].checkpoint_entry() for g in self._finished if self._txns[g].key]
+        entries = self.table.checkpoint_entries()
         image = pb.CheckpointImage(lsn=lsn, transactions=entries).SerializeToString()
 
         async def run() -> None:
             try:
                 await self._wal.checkpoint(image, lsn)
-                log.info("checkpoint at lsn %d: %d transactions", lsn, len(entries))
+                log.info("event=checkpoint lsn=%d transactions=%d", lsn, len(entries))
             except Exception:
-                log.exception("checkpoint at lsn %d failed", lsn)
+                log.exception("event=checkpoint_failed lsn=%d", lsn)
             finally:
                 self._checkpointing = False
 
@@ -1009,11 +753,8 @@ class Engine:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for txn in self._txns.values():
+        for txn in self.table.all():
             if txn.expiry is not None:
                 txn.expiry.cancel()
             if txn.span is not None:
                 self._tel.closing(txn)
-
-
-_Record = Record

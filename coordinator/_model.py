@@ -1,5 +1,6 @@
 """In-memory transaction objects: the engine's view of every live and recently finished
-transaction, rebuilt from the WAL on start-up."""
+transaction, rebuilt from the WAL on start-up. ``to_pb`` gives the wire form (the gRPC
+edge and watchers use it), ``checkpoint_entry`` the records that rebuild one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import accord.v1 as pb
+from accord.coordinator._host import CallPolicy
+from accord.coordinator._methods import Method
+from accord.coordinator._specs import StepSpec, step_to_pb
 from accord.coordinator._states import BranchState, TxnState
 
 
@@ -22,6 +26,9 @@ class BranchRt:
     state: BranchState = BranchState.PENDING
     attempts: int = 0
     last_error: str = ""
+
+    def attempted(self, method: Method) -> None:
+        self.attempts += 1
 
     def spec(self) -> pb.Branch:
         return pb.Branch(
@@ -46,7 +53,9 @@ class StepRt:
     """A saga step at run time."""
 
     index: int
-    spec: pb.SagaStep
+    spec: StepSpec
+    #: ``spec`` as the SAGA_START record holds it (the wire form, made once).
+    wire: pb.SagaStep | None = None
     resolved: str = ""
     state: BranchState = BranchState.PENDING
     attempts: int = 0
@@ -60,10 +69,26 @@ class StepRt:
     after_pivot: bool = False
     #: The span of the action or compensation in progress (tracing on only).
     span: Any = None
+    #: The retry policies of the action and of the compensation (made on first use).
+    policies: tuple[CallPolicy, CallPolicy] | None = None
+
+    @property
+    def service(self) -> str:
+        return self.spec.service
+
+    @property
+    def address(self) -> str:
+        return self.spec.address
+
+    def attempted(self, method: Method) -> None:
+        if method is Method.COMPENSATE:
+            self.compensation_attempts += 1
+        else:
+            self.attempts += 1
 
     def to_pb(self) -> pb.StepStatus:
         return pb.StepStatus(
-            step=self.spec,
+            step=self.wire if self.wire is not None else step_to_pb(self.spec),
             state=int(self.state),  # type: ignore[arg-type]
             attempts=self.attempts,
             compensation_attempts=self.compensation_attempts,

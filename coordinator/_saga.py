@@ -1,6 +1,7 @@
 """Orchestrated sagas: which step runs next, and what to undo.
 
-Persistence, timers and recovery are the engine's; this module sequences steps. Steps
+Persistence, timers, retries and the transaction table are the engine's (this mode sees
+them through :class:`~accord.coordinator._host.Host`); this module sequences steps. Steps
 whose dependencies have all succeeded run in parallel. A step start is forced to the
 WAL before its action is sent (a lost start record would leave an effect nobody undoes);
 results ride the group commit (a lost result is learned again by re-sending the action,
@@ -23,17 +24,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import replace
 
 import accord.v1 as pb
+from accord.common.retry import Backoff
 from accord.coordinator._calls import CallResult, Verdict
-from accord.coordinator._config import RetryPolicy
+from accord.coordinator._errors import FailedPrecondition
+from accord.coordinator._failpoints import Failpoint
+from accord.coordinator._host import CallPolicy, Host, Replayed
+from accord.coordinator._methods import Method
 from accord.coordinator._model import StepRt, Txn
+from accord.coordinator._records import Record, RecordType
+from accord.coordinator._specs import SagaSpec, StepRetry, saga_from_pb
 from accord.coordinator._states import BranchState, TxnState
 from accord.coordinator._validate import after_pivot, topological_order
-
-if TYPE_CHECKING:
-    from accord.coordinator._engine import Engine
 
 log = logging.getLogger("accord.coordinator.saga")
 
@@ -46,35 +51,41 @@ _MAY_HAVE_RUN = frozenset({BranchState.RUNNING, BranchState.SUCCEEDED, BranchSta
 
 
 class SagaMode:
-    def __init__(self, engine: Engine) -> None:
-        self._e = engine
-        self._fp = engine._fp
+    protocol: int = pb.PROTOCOL_SAGA
+    records = frozenset({RecordType.SAGA_START, RecordType.SAGA_STEP, RecordType.SAGA_STATE})
+    misuse = "is a saga: use CancelSaga"
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self._fp = host.failpoints
+        self._tel = host.telemetry
 
     # ------------------------------------------------------------------ model
 
-    def build(self, rec: pb.WalSagaStart, after: list[bool] | None = None) -> Txn:
-        """A saga's in-memory form from its SAGA_START record (live or replayed);
-        ``after`` (which steps are the pivot or after it) when validation computed it."""
-        d = rec.definition
-        names = {st.name: i for i, st in enumerate(d.steps)}
+    def build(self, rec: pb.WalSagaStart, spec: SagaSpec, after: list[bool] | None = None) -> Txn:
+        """A saga's in-memory form from its SAGA_START record (live or replayed) and its
+        definition (``spec``, the same as ``rec.definition``); ``after`` (which steps are
+        the pivot or after it) when validation computed it."""
+        names = {st.name: i for i, st in enumerate(spec.steps)}
         if after is None:
-            after = after_pivot(d, topological_order(d))
+            after = after_pivot(spec, topological_order(spec))
+        wire = rec.definition.steps
+        resolved = rec.resolved_addresses
         steps = [
             StepRt(
                 index=i,
                 spec=st,
-                resolved=rec.resolved_addresses[i]
-                if i < len(rec.resolved_addresses)
-                else st.address,
+                wire=wire[i],
+                resolved=resolved[i] if i < len(resolved) else st.address,
                 deps=[names[n] for n in st.depends_on],
                 after_pivot=after[i],
             )
-            for i, st in enumerate(d.steps)
+            for i, st in enumerate(spec.steps)
         ]
         for st in steps:
             for dep in st.deps:
                 steps[dep].dependents.append(st.index)
-        txn = Txn(
+        return Txn(
             gid=rec.gid,
             protocol=pb.PROTOCOL_SAGA,
             key=rec.idempotency_key,
@@ -86,7 +97,6 @@ class SagaMode:
             steps=steps,
             rec_saga=rec,
         )
-        return txn
 
     @staticmethod
     def apply_step(step: StepRt, rec: pb.WalSagaStep) -> None:
@@ -105,6 +115,88 @@ class SagaMode:
     @staticmethod
     def pivot_done(txn: Txn) -> bool:
         return any(st.spec.pivot and st.state == BranchState.SUCCEEDED for st in txn.steps)
+
+    # ------------------------------------------------------------------ records
+
+    def record(
+        self, txn: Txn, new: TxnState, reason: str, commit_branches: Sequence[str]
+    ) -> tuple[RecordType, Record, bool]:
+        rec = pb.WalSagaState(gid=txn.gid, state=int(new), reason=reason)  # type: ignore[arg-type]
+        txn.rec_saga_state = rec
+        return RecordType.SAGA_STATE, rec, False
+
+    def entered(self, txn: Txn, state: TxnState) -> None:
+        return None
+
+    def replay(self, rtype: RecordType, rec: Record, txn: Txn | None) -> Replayed | None:
+        if isinstance(rec, pb.WalSagaStart):
+            if txn is None:
+                txn = self.build(rec, saga_from_pb(rec.definition))
+            txn.traceparent = rec.traceparent
+            return txn, None
+        if txn is None:
+            return None
+        if isinstance(rec, pb.WalSagaStep):
+            txn.rec_steps[rec.step] = rec
+            self.apply_step(txn.steps[rec.step], rec)
+            return txn, None
+        assert isinstance(rec, pb.WalSagaState), rtype
+        txn.rec_saga_state = rec
+        txn.reason = rec.reason or txn.reason
+        return txn, TxnState(rec.state)
+
+    async def log_step(
+        self,
+        txn: Txn,
+        step: StepRt,
+        state: BranchState,
+        *,
+        sync: bool,
+        error: str = "",
+        result: bytes = b"",
+    ) -> None:
+        """A step's state change: logged (forced for a step start), then applied."""
+        rec = pb.WalSagaStep(
+            gid=txn.gid,
+            step=step.index,
+            state=int(state),  # type: ignore[arg-type]
+            attempts=step.attempts,
+            error=error,
+            result=result,
+        )
+        txn.rec_steps[step.index] = rec
+        lsn = await self._host.append(RecordType.SAGA_STEP, rec, sync=sync, parent=step.span)
+        self.apply_step(step, rec)
+        txn.lsn = lsn
+        if txn.watchers:
+            self._host.publish(txn)
+
+    # ------------------------------------------------------------------ client calls
+
+    def cancel(self, txn: Txn, reason: str) -> None:
+        """CancelSaga: before the pivot, the saga turns to compensate."""
+        if txn.claimed == TxnState.COMPLETED or self.pivot_done(txn):
+            raise FailedPrecondition(
+                f"saga {txn.gid} is past its pivot ({txn.claimed.name}): it can only go forward"
+            )
+        if txn.claimed == TxnState.RUNNING:
+            txn.reason = txn.reason or reason or "cancelled by the client"
+            txn.abort_requested.set()
+            if txn.wake is not None:
+                txn.wake.set()
+
+    async def retry(self, txn: Txn) -> None:
+        """RetryTransaction of a STUCK saga: compensate again, every attempt afresh."""
+        self._tel.recovering(txn, "operator retry")
+        await self._host.transition(txn, TxnState.COMPENSATING, reason="retried by an operator")
+        for st in txn.steps:
+            st.compensation_attempts = 0
+
+    async def recover(self, txn: Txn) -> bool:
+        if txn.state == TxnState.STUCK:
+            return False  # waits for an operator
+        self._tel.recovering(txn)
+        return True
 
     # ------------------------------------------------------------------ driving
 
@@ -150,7 +242,7 @@ class SagaMode:
                 wake.clear()
                 timeout = None
                 if txn.deadline_ms and not self.pivot_done(txn):
-                    timeout = max(0.0, (txn.deadline_ms - self._e._clock.now_ms()) / 1000)
+                    timeout = max(0.0, (txn.deadline_ms - self._host.clock.now_ms()) / 1000)
                 try:
                     async with asyncio.timeout(timeout):
                         await wake.wait()
@@ -177,34 +269,34 @@ class SagaMode:
                 break
         txn.wake = None
         if all(st.state == BranchState.SUCCEEDED for st in txn.steps):
-            await self._e.transition(txn, TxnState.COMPLETED)
+            await self._host.transition(txn, TxnState.COMPLETED)
             return
         reason = failed[0] if failed else (txn.reason or "cancelled by the client")
-        await self._e.transition(txn, TxnState.COMPENSATING, reason=reason)
+        await self._host.transition(txn, TxnState.COMPENSATING, reason=reason)
 
     async def _step(self, txn: Txn, st: StepRt) -> bool:
         """Runs one action to a final answer; False when it failed for good (or its
         attempts ran out before the pivot)."""
-        with self._e._tel.step(txn, st, compensation=False):
+        with self._tel.step(txn, st, compensation=False):
             return await self._step_traced(txn, st)
 
     async def _step_traced(self, txn: Txn, st: StepRt) -> bool:
-        await self._e.log_step(txn, st, BranchState.RUNNING, sync=True)
-        await self._fp.acheck("before_step_send")
+        await self.log_step(txn, st, BranchState.RUNNING, sync=True)
+        await self._fp.acheck(Failpoint.BEFORE_STEP_SEND)
         # The pivot, and everything after it, must reach a definite answer.
         forever = st.after_pivot
         result = await self._attempts(
             txn, st, st.spec.action, st.spec.payload, forever=forever, compensation=False
         )
-        await self._fp.acheck("after_step_result")
+        await self._fp.acheck(Failpoint.AFTER_STEP_RESULT)
         if result is None:
             return False  # attempts exhausted: outcome unknown, state stays RUNNING
         if result.verdict == Verdict.OK:
-            await self._e.log_step(txn, st, BranchState.SUCCEEDED, sync=False, result=result.result)
+            await self.log_step(txn, st, BranchState.SUCCEEDED, sync=False, result=result.result)
             return True
         if forever:
             raise AssertionError("a step after the pivot cannot fail")  # pragma: no cover
-        await self._e.log_step(txn, st, BranchState.FAILED, sync=False, error=result.detail)
+        await self.log_step(txn, st, BranchState.FAILED, sync=False, error=result.detail)
         return False
 
     async def _backward(self, txn: Txn) -> None:
@@ -239,7 +331,7 @@ class SagaMode:
                 if t.result():
                     done_count += 1
                     if done_count == 1:
-                        await self._fp.acheck("mid_compensation")
+                        await self._fp.acheck(Failpoint.MID_COMPENSATION)
         # Compensations that ran and failed first (the cause), then those they blocked.
         for i in sorted(todo, key=lambda i: (i not in tasks, -i)):
             task = tasks.get(i)
@@ -249,19 +341,19 @@ class SagaMode:
                     f"compensation of step {st.spec.name} failed: {st.last_error or 'blocked by a failed dependent'}"
                 )
         if stuck:
-            log.error("gid=%s saga STUCK: %s", txn.gid, "; ".join(stuck))
-            await self._e.transition(txn, TxnState.STUCK, reason=stuck[0])
+            log.error("event=saga_stuck gid=%s reasons=%r", txn.gid, "; ".join(stuck))
+            await self._host.transition(txn, TxnState.STUCK, reason=stuck[0])
             return
-        await self._e.transition(txn, TxnState.COMPENSATED)
+        await self._host.transition(txn, TxnState.COMPENSATED)
 
     async def _compensate(self, txn: Txn, st: StepRt) -> bool:
         if st.state == BranchState.COMPENSATED:
             return True
-        with self._e._tel.step(txn, st, compensation=True):
+        with self._tel.step(txn, st, compensation=True):
             return await self._compensate_traced(txn, st)
 
     async def _compensate_traced(self, txn: Txn, st: StepRt) -> bool:
-        await self._e.log_step(txn, st, BranchState.COMPENSATING, sync=False)
+        await self.log_step(txn, st, BranchState.COMPENSATING, sync=False)
         payload = st.spec.compensation_payload or st.spec.payload
         result = await self._attempts(
             txn, st, st.spec.compensation, payload, forever=False, compensation=True
@@ -270,7 +362,7 @@ class SagaMode:
             if result is not None:
                 st.last_error = result.detail
             return False
-        await self._e.log_step(txn, st, BranchState.COMPENSATED, sync=False)
+        await self.log_step(txn, st, BranchState.COMPENSATED, sync=False)
         return True
 
     async def _attempts(
@@ -284,50 +376,44 @@ class SagaMode:
         compensation: bool,
     ) -> CallResult | None:
         """Calls until a final answer. Returns None when the attempts run out."""
-        policy = st.spec.retry
-        max_attempts = policy.max_attempts or DEFAULT_ATTEMPTS
-        backoff = RetryPolicy(
-            initial_s=(policy.initial_interval_ms or DEFAULT_INITIAL_MS) / 1000,
-            multiplier=policy.multiplier or 2.0,
-            max_s=(policy.max_interval_ms or DEFAULT_MAX_MS) / 1000,
-        )
-        final_codes = set(policy.final_codes)
-        attempt_s = (
-            (st.spec.timeout_ms / 1000) if st.spec.timeout_ms else self._e.config.call_timeout_s
-        )
-        request = self._e.branch_request(txn.gid, st.spec.name, operation, payload)
-        method = "Compensate" if compensation else "Execute"
-        n = 0
-        while True:
-            n += 1
-            if compensation:
-                st.compensation_attempts += 1
-            else:
-                st.attempts += 1
-            forever = forever or (not compensation and self.pivot_done(txn))
-            result, st.resolved = await self._e.call_participant(
-                st.span or txn.span,
-                method,
-                st.spec.service,
-                st.spec.address,
-                st.resolved,
-                request,
-                attempt_s,
+        host = self._host
+        action, undo = st.policies or self._policies(st)
+        request = host.request(txn.gid, st.spec.name, operation, payload)
+        if compensation:
+            return await host.call(
+                txn, st, Method.COMPENSATE, request, undo, parent=st.span or txn.span
             )
-            if result.verdict == Verdict.OK:
-                return result
-            final = result.verdict == Verdict.NO or result.code.name in final_codes
-            st.last_error = result.detail
-            if final and not forever and not compensation:
-                return result
-            if n >= max_attempts and not forever:
-                return None
-            if final and forever:
-                log.error(
-                    "gid=%s step %s after the pivot refused (%s); retrying",
-                    txn.gid,
-                    st.spec.name,
-                    result.detail,
-                )
-            delay = backoff.delay(n, self._e._rand())
-            await asyncio.sleep(delay)
+
+        def only_forward() -> bool:
+            # Once the pivot has succeeded (maybe while this step retries), a "no" is
+            # retried like "retry later", past any number of attempts.
+            return forever or self.pivot_done(txn)
+
+        return await host.call(
+            txn,
+            st,
+            Method.EXECUTE,
+            request,
+            action,
+            parent=st.span or txn.span,
+            forever=only_forward,
+        )
+
+    def _policies(self, st: StepRt) -> tuple[CallPolicy, CallPolicy]:
+        """The step's retry policies (action, compensation) from its definition."""
+        r = st.spec.retry or StepRetry()
+        attempt_s = st.spec.timeout_ms / 1000 or self._host.config.call_timeout_s
+        action = CallPolicy(
+            backoff=Backoff(
+                initial_s=(r.initial_interval_ms or DEFAULT_INITIAL_MS) / 1000,
+                multiplier=r.multiplier or 2.0,
+                max_s=(r.max_interval_ms or DEFAULT_MAX_MS) / 1000,
+            ),
+            attempt_s=attempt_s,
+            max_attempts=r.max_attempts or DEFAULT_ATTEMPTS,
+            final_codes=frozenset(r.final_codes),
+            no_is_error=True,
+        )
+        # A compensation must run: a "no" is retried until the attempts run out.
+        st.policies = (action, replace(action, no_is_final=False))
+        return st.policies

@@ -1,5 +1,6 @@
 """The coordinator's gRPC transport: handlers only translate between protobuf and the
-engine, and one table maps domain errors to status codes. Also the server's lifecycle:
+engine's plain values (``_specs``, the ``Txn`` model), and one table maps domain errors
+to status codes. Also the server's lifecycle:
 open the WAL, replay it, serve, resume unfinished transactions, stop gracefully."""
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from accord.coordinator._errors import (
     Unavailable,
 )
 from accord.coordinator._failpoints import Failpoints
+from accord.coordinator._specs import branch_from_pb, saga_from_pb
 from accord.coordinator._states import TxnState
 from accord.coordinator._telemetry import CoordinatorTelemetry
 from accord.coordinator.wal import WAL, WalLockedError
@@ -94,7 +96,7 @@ async def _guard(
     except (asyncio.CancelledError, aio.AbortError):
         raise
     except Exception:
-        log.exception("internal error")
+        log.exception("event=internal_error")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the coordinator's log)")
     raise AssertionError("unreachable")
 
@@ -115,7 +117,7 @@ class CoordinatorServicer(pb.CoordinatorServicer):
     async def Enlist(self, request: pb.EnlistRequest, context: Any) -> pb.EnlistResponse:
         if not request.HasField("branch"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "branch is required")
-        bid = await _guard(context, self._e.enlist(request.gid, request.branch))
+        bid = await _guard(context, self._e.enlist(request.gid, branch_from_pb(request.branch)))
         return pb.EnlistResponse(branch_id=bid)
 
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.TransactionResponse:
@@ -132,7 +134,7 @@ class CoordinatorServicer(pb.CoordinatorServicer):
             self._e.execute(
                 key=request.idempotency_key,
                 timeout_ms=request.timeout_ms,
-                branches=request.branches,
+                branches=[branch_from_pb(b) for b in request.branches],
             ),
             traced=self._traced,
         )
@@ -144,7 +146,7 @@ class CoordinatorServicer(pb.CoordinatorServicer):
             self._e.start_saga(
                 key=request.idempotency_key,
                 timeout_ms=request.timeout_ms,
-                definition=request.definition,
+                definition=saga_from_pb(request.definition),
                 wait=request.wait,
             ),
             traced=self._traced,
@@ -234,14 +236,15 @@ EXIT_FENCED = ExitCode.FENCED
 
 def _fail_stop(exc: BaseException) -> None:
     """The WAL could not make a record durable: stop now, answer nothing more."""
-    log.critical("WAL failure, stopping the coordinator (fail-stop): %s", exc)
+    log.critical("event=wal_failure action=fail-stop error=%r", str(exc))
     for h in logging.getLogger().handlers:
         h.flush()
     sys.stderr.flush()
     os._exit(ExitCode.WAL_FAILURE)
 
 
-def _fenced_stop(why: str) -> None:
+def _fenced_stop(_why: str) -> None:
+    """Another coordinator owns the shard: exit at once (the reason is logged already)."""
     for h in logging.getLogger().handlers:
         h.flush()
     sys.stderr.flush()
@@ -307,7 +310,7 @@ class CoordinatorServer:
         wal, recovered = await self._open_wal()
         self._wal = wal
         for note in recovered.repaired:
-            log.warning("WAL repaired: %s", note)
+            log.warning("event=wal_repaired note=%r", note)
         self._calls = ParticipantCalls(
             registry=self._registry,
             transport=self._transport,
@@ -352,7 +355,7 @@ class CoordinatorServer:
             )
             await self.registration.start()
         log.info(
-            "coordinator %s serving on %s:%d (wal %s, %d records replayed, %d unfinished)",
+            "event=serving coordinator=%s address=%s:%d wal=%s replayed=%d unfinished=%d",
             config.coordinator_id,
             host,
             self.port,
@@ -395,7 +398,7 @@ class CoordinatorServer:
 
     def _fenced(self, why: str) -> None:
         """Another coordinator owns this shard now: stop at once, answer nothing more."""
-        log.critical("fenced, stopping the coordinator: %s", why)
+        log.critical("event=fenced action=stop reason=%r", why)
         self._on_fenced(why)
 
     async def stop(self) -> None:
@@ -471,4 +474,4 @@ async def serve(
         tune_gc()
         print(f"listening on {host}:{srv.port}", flush=True)
         await stop.wait()
-        log.info("stopping (signal)")
+        log.info("event=stopping cause=signal")

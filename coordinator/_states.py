@@ -41,6 +41,14 @@ _FINAL = frozenset({TxnState.COMMITTED, TxnState.ABORTED, TxnState.COMPLETED, Tx
 _DECIDED = _FINAL | {TxnState.COMMITTING, TxnState.ABORTING, TxnState.STUCK}
 
 
+class Outcome(enum.IntEnum):
+    """A 2PC transaction's outcome as a participant asks for it (``QueryOutcome``)."""
+
+    IN_PROGRESS = pb.OUTCOME_IN_PROGRESS
+    COMMITTED = pb.OUTCOME_COMMITTED
+    ABORTED = pb.OUTCOME_ABORTED
+
+
 class BranchState(enum.IntEnum):
     PENDING = pb.BRANCH_STATE_PENDING
     PREPARED = pb.BRANCH_STATE_PREPARED

@@ -32,6 +32,7 @@ import grpc
 from grpc import aio
 
 import accord.v1 as pb
+from accord.coordinator._methods import Method
 
 log = logging.getLogger("accord.coordinator.calls")
 
@@ -41,12 +42,12 @@ BATCH_BYTES = 1024 * 1024
 #: Bytes counted per call on top of its payload (ids, gid, operation, trace context).
 _CALL_OVERHEAD = 256
 
-METHOD_NUMBERS: dict[str, int] = {
-    "Prepare": pb.BRANCH_METHOD_PREPARE,
-    "Commit": pb.BRANCH_METHOD_COMMIT,
-    "Abort": pb.BRANCH_METHOD_ABORT,
-    "Execute": pb.BRANCH_METHOD_EXECUTE,
-    "Compensate": pb.BRANCH_METHOD_COMPENSATE,
+METHOD_NUMBERS: dict[Method, int] = {
+    Method.PREPARE: pb.BRANCH_METHOD_PREPARE,
+    Method.COMMIT: pb.BRANCH_METHOD_COMMIT,
+    Method.ABORT: pb.BRANCH_METHOD_ABORT,
+    Method.EXECUTE: pb.BRANCH_METHOD_EXECUTE,
+    Method.COMPENSATE: pb.BRANCH_METHOD_COMPENSATE,
 }
 
 

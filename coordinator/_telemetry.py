@@ -44,8 +44,8 @@ from accord.coordinator._calls import CallResult, Verdict
 from accord.coordinator._states import TxnState
 
 if TYPE_CHECKING:
-    from accord.coordinator._engine import Engine
     from accord.coordinator._model import StepRt, Txn
+    from accord.coordinator._table import TxnTable
 
 _PROTOCOL: dict[int, str] = {pb.PROTOCOL_TWO_PHASE_COMMIT: "2pc", pb.PROTOCOL_SAGA: "saga"}
 #: States that end a transaction's story (STUCK until an operator retries).
@@ -81,7 +81,7 @@ class CoordinatorTelemetry:
         t = telemetry or Telemetry.disabled()
         self.tracing = t.tracing
         self._tracer = t.tracer
-        self._engine: Engine | None = None
+        self._table: TxnTable | None = None
         #: Records in the most recent fsync'ed group-commit batch (see on_wal_sync).
         self.last_batch = 0
         m = t.meter
@@ -149,19 +149,15 @@ class CoordinatorTelemetry:
             "without knowing the outcome (PREPARING, COMMITTING, ABORTING)",
         )
 
-    def bind(self, engine: Engine) -> None:
-        self._engine = engine
+    def bind(self, table: TxnTable) -> None:
+        """The engine's transaction table, which the gauges read."""
+        self._table = table
 
     # ------------------------------------------------------------------ gauges
-    # Called from the metrics endpoint's thread: copy the set first (one C call under the
-    # GIL), then only single lookups.
+    # Called from the metrics endpoint's thread (TxnTable.live is safe there).
 
     def _live(self) -> list[Txn]:
-        e = self._engine
-        if e is None:
-            return []
-        txns = e._txns
-        return [t for t in (txns.get(g) for g in list(e._live)) if t is not None]
+        return [] if self._table is None else self._table.live()
 
     def _observe_in_flight(self, _options: CallbackOptions) -> Iterable[Observation]:
         counts = {"2pc": 0, "saga": 0}

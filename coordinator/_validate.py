@@ -1,12 +1,13 @@
-"""Request validation: a malformed request is refused before anything is logged or kept."""
+"""Request validation: a malformed request is refused before anything is logged or kept.
+It checks the plain values the engine takes (:mod:`accord.coordinator._specs`)."""
 
 from __future__ import annotations
 
 import re
 
-import accord.v1 as pb
 from accord.coordinator._config import CoordinatorConfig, Limits
 from accord.coordinator._errors import InvalidArgument
+from accord.coordinator._specs import BranchSpec, SagaSpec, StepRetry
 
 _BRANCH_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -46,7 +47,7 @@ def check_branch_count(n: int, limits: Limits) -> None:
         raise InvalidArgument(f"branches: {n} branches, the limit is {limits.max_branches}")
 
 
-def check_branch(branch: pb.Branch, limits: Limits, where: str = "branch") -> None:
+def check_branch(branch: BranchSpec, limits: Limits, where: str = "branch") -> None:
     if bool(branch.service) == bool(branch.address):
         raise InvalidArgument(f"{where}: give exactly one of service and address")
     if branch.service and (
@@ -93,7 +94,7 @@ _STATUS_NAMES = frozenset(
 )
 
 
-def check_saga(definition: pb.SagaDefinition, config: CoordinatorConfig) -> list[bool]:
+def check_saga(definition: SagaSpec, config: CoordinatorConfig) -> list[bool]:
     """A saga definition: named steps, each a valid branch target, a DAG of
     dependencies, at most one pivot, and a compensation for every step that may have to
     be undone (every step that is not the pivot or after it)."""
@@ -112,7 +113,7 @@ def check_saga(definition: pb.SagaDefinition, config: CoordinatorConfig) -> list
             raise InvalidArgument(f"{where}: duplicate step name {st.name!r}")
         names[st.name] = i
         check_branch(
-            pb.Branch(
+            BranchSpec(
                 service=st.service, address=st.address, operation=st.action, payload=st.payload
             ),
             limits,
@@ -128,7 +129,7 @@ def check_saga(definition: pb.SagaDefinition, config: CoordinatorConfig) -> list
             )
         if st.timeout_ms > limits.max_timeout_ms:
             raise InvalidArgument(f"{where}: timeout_ms is over {limits.max_timeout_ms}")
-        r = st.retry
+        r = st.retry or StepRetry()
         if (
             r.max_attempts > 1000
             or r.max_interval_ms > limits.max_timeout_ms
@@ -161,7 +162,7 @@ def check_saga(definition: pb.SagaDefinition, config: CoordinatorConfig) -> list
     return after
 
 
-def topological_order(definition: pb.SagaDefinition) -> list[int]:
+def topological_order(definition: SagaSpec) -> list[int]:
     """Step indices in dependency order; INVALID_ARGUMENT names a cycle."""
     names = {st.name: i for i, st in enumerate(definition.steps)}
     state = [0] * len(definition.steps)  # 0 new, 1 on the path, 2 done
@@ -184,7 +185,7 @@ def topological_order(definition: pb.SagaDefinition) -> list[int]:
     return order
 
 
-def after_pivot(definition: pb.SagaDefinition, order: list[int]) -> list[bool]:
+def after_pivot(definition: SagaSpec, order: list[int]) -> list[bool]:
     """Whether each step is the pivot or depends (transitively) on it."""
     names = {st.name: i for i, st in enumerate(definition.steps)}
     after = [False] * len(definition.steps)

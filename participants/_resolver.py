@@ -6,7 +6,9 @@ branches held PREPARED for longer than ``after_s`` and asks the coordinator name
 their Prepare (``Coordinator.QueryOutcome``): COMMITTED → commit, ABORTED → abort, both
 through :meth:`ParticipantService.call` exactly like an incoming Commit/Abort (barrier
 included, so a racing coordinator call is harmless). IN_PROGRESS, an unreachable
-coordinator or any error → ask again later, with exponential backoff per gid.
+coordinator or any error → ask again later, backing off per gid on the schedule every
+retry in Accord uses (:class:`accord.common.retry.Backoff`; no jitter here: one pass
+asks for many gids at once anyway).
 
 After a failover the coordinator named in the Prepare is gone for good, and its shard
 has a new owner. When the named one cannot be reached and the participant runs with
@@ -27,6 +29,7 @@ import grpc
 from grpc import aio
 
 import accord.v1 as pb
+from accord.common.retry import Backoff
 from accord.common.transport import TransportSettings, make_channel
 from accord.participants._barrier import BranchRecord
 from accord.participants._service import ParticipantService
@@ -39,9 +42,11 @@ _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass
-class _Backoff:
+class _Waiting:
+    """A gid asked about ``attempts`` times in a row without an answer."""
+
     next_at: float
-    delay: float
+    attempts: int
 
 
 class InDoubtResolver:
@@ -64,12 +69,15 @@ class InDoubtResolver:
         self.find_owner = find_owner
         self.after_s = after_s
         self.interval_s = interval_s if interval_s is not None else min(1.0, max(0.05, after_s / 4))
-        self._max_backoff_s = max_backoff_s
+        #: The first retry waits one pass interval, each next one twice as long.
+        self._schedule = Backoff(
+            initial_s=self.interval_s, max_s=max_backoff_s, multiplier=2.0, jitter=0.0
+        )
         self._query_timeout_s = query_timeout_s
         self._transport = transport
         self._monotonic = monotonic
         self._channels: dict[str, tuple[aio.Channel, pb.CoordinatorStub]] = {}
-        self._backoff: dict[tuple[str, str], _Backoff] = {}
+        self._backoff: dict[tuple[str, str], _Waiting] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -192,9 +200,10 @@ class InDoubtResolver:
             return None
 
     def _later(self, key: tuple[str, str], why: str) -> None:
-        backoff = self._backoff.get(key)
-        delay = self.interval_s if backoff is None else min(backoff.delay * 2, self._max_backoff_s)
-        self._backoff[key] = _Backoff(next_at=self._monotonic() + delay, delay=delay)
+        waiting = self._backoff.get(key)
+        attempts = 1 if waiting is None else waiting.attempts + 1
+        delay = self._schedule.delay(attempts)
+        self._backoff[key] = _Waiting(next_at=self._monotonic() + delay, attempts=attempts)
         log.warning(
             "event=in_doubt_retry gid=%s coordinator=%s retry_in_s=%.2f reason=%s",
             key[1],

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from .._failpoints import Failpoints
+from .._failpoints import Failpoint, Failpoints
 from ._errors import WalFatalError
 from ._files import TMP_SUFFIX, fsync_dir, pwrite_all
 from ._format import (
@@ -171,10 +171,6 @@ class SegmentLog:
     def dirty(self) -> bool:
         return self._dirty
 
-    @property
-    def segment_count(self) -> int:
-        return len(self._segments)
-
     # --- appending --------------------------------------------------------------------
 
     def write_batch(self, items: Sequence[tuple[int, int, bytes]]) -> int:
@@ -216,7 +212,7 @@ class SegmentLog:
         data = b"".join(parts)
         try:
             if self._failpoints is not None:
-                self._failpoints.check("wal_before_write")
+                self._failpoints.check(Failpoint.WAL_BEFORE_WRITE)
             pwrite_all(active.fd, data, offset)
         except Exception as exc:
             raise WalFatalError(
@@ -229,7 +225,7 @@ class SegmentLog:
     def _datasync(self, active: _Active) -> float:
         try:
             if self._failpoints is not None:
-                self._failpoints.check("wal_fsync")
+                self._failpoints.check(Failpoint.WAL_FSYNC)
             t0 = time.perf_counter()
             os.fdatasync(active.fd)
             elapsed = time.perf_counter() - t0
@@ -247,7 +243,11 @@ class SegmentLog:
         m.total_s += elapsed
         m.max_s = max(m.max_s, elapsed)
         if elapsed >= self._slow_s:
-            logger.warning("wal: slow fdatasync of segment %s: %.3f s", active.path.name, elapsed)
+            logger.warning(
+                'event=slow_fdatasync segment=%s seconds=%.3f msg="wal: slow fdatasync"',
+                active.path.name,
+                elapsed,
+            )
         return elapsed
 
     # --- segment files ----------------------------------------------------------------

@@ -121,7 +121,7 @@ class WAL:
             spare.shutdown(wait=False)
             raise
         for note in recovery.notes:
-            logger.warning("%s", note)
+            logger.warning("event=wal_recovery_note note=%r", note)
         wal = cls(
             directory=directory,
             lock=lock,
@@ -214,7 +214,7 @@ class WAL:
             deleted = await loop.run_in_executor(self._io, self._log.delete_through, lsn)
             removed = await asyncio.to_thread(remove_checkpoints_except, self._dir, lsn)
             logger.debug(
-                "wal: checkpoint at lsn %d; deleted segments %s, checkpoint files %s",
+                "event=wal_checkpoint lsn=%d deleted_segments=%s deleted_checkpoints=%s",
                 lsn,
                 deleted,
                 removed,

@@ -139,7 +139,7 @@ class GroupCommitWriter:
                 try:
                     self._on_sync(len(batch), seconds)
                 except Exception:
-                    logger.exception("wal: on_sync callback failed")
+                    logger.exception("event=wal_on_sync_failed")
         self._inflight = []
 
     async def _in_io(self, fn: Callable[..., _T], *args: object) -> _T:
@@ -173,4 +173,4 @@ class GroupCommitWriter:
             try:
                 self._on_fatal(self._fatal or exc)
             except Exception:
-                logger.exception("wal: on_fatal callback failed")
+                logger.exception("event=wal_on_fatal_failed")

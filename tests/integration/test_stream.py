@@ -20,6 +20,7 @@ import accord.v1 as pb
 from accord.client import AccordClient, Branch, SagaStep
 from accord.common.transport import TransportSettings, make_channel
 from accord.coordinator._calls import ParticipantCalls, Transport, Verdict
+from accord.coordinator._methods import Method
 from accord.registry import StaticRegistry
 from accord.tools._procs import ManagedProcess
 from tests.integration._bank_helpers import branch
@@ -290,7 +291,10 @@ async def test_fencing_and_malformed_calls_on_a_real_bank_stream(cluster: Cluste
     )
     try:
         result = await calls.call(
-            "Prepare", bank.address, branch("g6", "b1", "debit", "x", 1, shard="s1", epoch=3), 5
+            Method.PREPARE,
+            bank.address,
+            branch("g6", "b1", "debit", "x", 1, shard="s1", epoch=3),
+            5,
         )
         assert (
             result.verdict is Verdict.RETRY and result.code == grpc.StatusCode.FAILED_PRECONDITION

@@ -22,6 +22,8 @@ from accord.coordinator import (
 )
 from accord.coordinator._calls import CallResult, Verdict
 from accord.coordinator._records import RecordType
+from accord.coordinator._specs import BranchSpec
+from accord.coordinator._states import Outcome
 from tests.unit._fakes import FakeCalls, FakeClock, FakeWal
 
 FAST = CoordinatorConfig(retry=RetryPolicy(initial_s=0.001, max_s=0.002), phase_two_wait_s=1.0)
@@ -34,10 +36,10 @@ def engine(
     return Engine(wal=wal, calls=calls, config=config, clock=FakeClock()), wal, calls
 
 
-def two_branches() -> list[pb.Branch]:
+def two_branches() -> list[BranchSpec]:
     return [
-        pb.Branch(service="bank-a", operation="debit", payload=b"1"),
-        pb.Branch(service="bank-b", operation="credit", payload=b"1"),
+        BranchSpec(service="bank-a", operation="debit", payload=b"1"),
+        BranchSpec(service="bank-b", operation="credit", payload=b"1"),
     ]
 
 
@@ -138,13 +140,13 @@ async def test_interactive_begin_enlist_commit() -> None:
     assert (b1, b2) == ("b1", "b2")
     assert (
         await e.enlist(
-            txn.gid, pb.Branch(service="bank-a", operation="debit", payload=b"1", branch_id="b1")
+            txn.gid, BranchSpec(service="bank-a", operation="debit", payload=b"1", branch_id="b1")
         )
         == "b1"
     )
     with pytest.raises(AlreadyExists):
         await e.enlist(
-            txn.gid, pb.Branch(service="bank-a", operation="debit", payload=b"2", branch_id="b1")
+            txn.gid, BranchSpec(service="bank-a", operation="debit", payload=b"2", branch_id="b1")
         )
     done = await e.commit(txn.gid)
     assert done.state == TxnState.COMMITTED
@@ -193,20 +195,20 @@ async def test_idempotency_keys() -> None:
     ("branches", "message"),
     [
         ([], "at least one"),
-        ([pb.Branch(operation="x")], "exactly one of service and address"),
-        ([pb.Branch(service="a", address="h:1", operation="x")], "exactly one"),
-        ([pb.Branch(service="a")], "operation is required"),
-        ([pb.Branch(service="a b", operation="x")], "not a valid service"),
-        ([pb.Branch(address="nohost", operation="x")], "host:port"),
-        ([pb.Branch(address="h:70000", operation="x")], "host:port"),
-        ([pb.Branch(service="a", operation="x", branch_id="bad id")], "branch_id"),
-        ([pb.Branch(service="a", operation="x", payload=b"x" * (256 * 1024 + 1))], "payload"),
-        ([pb.Branch(service="a", operation="x", branch_id="d")] * 2, "duplicate"),
-        ([pb.Branch(service="a", operation="x")] * 65, "limit"),
+        ([BranchSpec(operation="x")], "exactly one of service and address"),
+        ([BranchSpec(service="a", address="h:1", operation="x")], "exactly one"),
+        ([BranchSpec(service="a")], "operation is required"),
+        ([BranchSpec(service="a b", operation="x")], "not a valid service"),
+        ([BranchSpec(address="nohost", operation="x")], "host:port"),
+        ([BranchSpec(address="h:70000", operation="x")], "host:port"),
+        ([BranchSpec(service="a", operation="x", branch_id="bad id")], "branch_id"),
+        ([BranchSpec(service="a", operation="x", payload=b"x" * (256 * 1024 + 1))], "payload"),
+        ([BranchSpec(service="a", operation="x", branch_id="d")] * 2, "duplicate"),
+        ([BranchSpec(service="a", operation="x")] * 65, "limit"),
     ],
 )
 async def test_malformed_execute_is_refused_and_nothing_is_logged(
-    branches: list[pb.Branch], message: str
+    branches: list[BranchSpec], message: str
 ) -> None:
     e, wal, calls = engine()
     with pytest.raises(InvalidArgument, match=message):
@@ -218,7 +220,7 @@ async def test_unknown_service_is_unavailable_and_nothing_is_kept() -> None:
     e, wal, _ = engine()
     with pytest.raises(Unavailable, match="nowhere"):
         await e.execute(
-            key="", timeout_ms=0, branches=[pb.Branch(service="nowhere", operation="x")]
+            key="", timeout_ms=0, branches=[BranchSpec(service="nowhere", operation="x")]
         )
     assert wal.records == [] and e.inflight == 0
 
@@ -241,17 +243,17 @@ async def test_limits() -> None:
 async def test_query_outcome() -> None:
     e, _, _ = engine()
     t = await e.execute(key="", timeout_ms=0, branches=two_branches())
-    assert e.query_outcome(t.gid) == pb.OUTCOME_COMMITTED
-    assert e.query_outcome("never-heard-of-it") == pb.OUTCOME_ABORTED
+    assert e.query_outcome(t.gid) == Outcome.COMMITTED
+    assert e.query_outcome("never-heard-of-it") == Outcome.ABORTED
     a = await e.begin(key="", timeout_ms=0)
-    assert e.query_outcome(a.gid) == pb.OUTCOME_IN_PROGRESS
+    assert e.query_outcome(a.gid) == Outcome.IN_PROGRESS
 
 
 async def _replayed(wal: FakeWal, calls: FakeCalls, upto: int) -> Engine:
     e2 = Engine(wal=FakeWal(), calls=calls, config=FAST, clock=FakeClock())
     e2.replay(None, [(lsn, rt, p) for lsn, rt, p, _ in wal.records[:upto]])
     await e2.resume()
-    for t in list(e2._txns.values()):
+    for t in list(e2.table.all()):
         await asyncio.wait_for(t.finished.wait(), 2)
     return e2
 
@@ -264,7 +266,7 @@ async def test_recovery_finishes_a_committing_transaction() -> None:
     t2 = e2.get(txn.gid)
     assert t2.state == TxnState.COMMITTED
     assert sorted(m for m, _, _ in calls.log) == ["Commit", "Commit"]
-    assert e2._keys["k"] == txn.gid  # idempotency key survives
+    assert e2.table.gid_for_key("k") == txn.gid  # idempotency key survives
 
 
 async def test_recovery_aborts_an_undecided_transaction() -> None:
@@ -310,7 +312,7 @@ async def test_checkpoint_image_rebuilds_the_same_transactions() -> None:
     await e2.resume()
     for g in gids:
         assert e2.get(g).state == TxnState.COMMITTED
-    assert set(e2._keys) == {"k0", "k1", "k2", "k3"}
+    assert set(e2.table.keys()) == {"k0", "k1", "k2", "k3"}
 
 
 async def test_a_long_replay_gives_the_event_loop_turns_and_rebuilds_the_same_state() -> None:

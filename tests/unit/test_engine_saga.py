@@ -19,22 +19,23 @@ from accord.coordinator import (
 from accord.coordinator._calls import CallResult, Verdict
 from accord.coordinator._model import Txn
 from accord.coordinator._records import RecordType
+from accord.coordinator._specs import BranchSpec, SagaSpec, StepRetry, StepSpec
 from tests.unit._fakes import FakeCalls, FakeClock, FakeWal
 
-FAST_RETRY = pb.RetryPolicy(initial_interval_ms=1, max_interval_ms=2, max_attempts=3)
+FAST_RETRY = StepRetry(initial_interval_ms=1, max_interval_ms=2, max_attempts=3)
 OK = CallResult(Verdict.OK)
 NO = CallResult(Verdict.NO, detail="no cars left")
 BUSY = CallResult(Verdict.RETRY, detail="UNAVAILABLE")
 
 
-def step(name: str, *deps: str, pivot: bool = False, compensation: str = "undo") -> pb.SagaStep:
-    return pb.SagaStep(
+def step(name: str, *deps: str, pivot: bool = False, compensation: str = "undo") -> StepSpec:
+    return StepSpec(
         name=name,
         service="svc",
         action="do",
         compensation=compensation,
         payload=name.encode(),
-        depends_on=list(deps),
+        depends_on=deps,
         retry=FAST_RETRY,
         pivot=pivot,
     )
@@ -75,10 +76,8 @@ def steps_of(txn: Txn) -> dict[str, BranchState]:
     return {s.spec.name: s.state for s in txn.steps}
 
 
-async def start(e: Engine, *steps: pb.SagaStep, key: str = "") -> Txn:
-    return await e.start_saga(
-        key=key, timeout_ms=0, definition=pb.SagaDefinition(steps=steps), wait=True
-    )
+async def start(e: Engine, *steps: StepSpec, key: str = "") -> Txn:
+    return await e.start_saga(key=key, timeout_ms=0, definition=SagaSpec(steps=steps), wait=True)
 
 
 async def test_independent_steps_run_in_parallel_and_dependents_wait() -> None:
@@ -161,7 +160,7 @@ async def test_cancel_before_the_pivot_compensates_what_ran() -> None:
     txn = await e.start_saga(
         key="",
         timeout_ms=0,
-        definition=pb.SagaDefinition(steps=[step("a"), step("b", "a")]),
+        definition=SagaSpec(steps=(step("a"), step("b", "a"))),
         wait=False,
     )
     await asyncio.sleep(0.07)  # a done, b in flight
@@ -189,7 +188,7 @@ async def test_deadline_compensates() -> None:
 
     calls = Slow(delay=0)
     e = Engine(wal=FakeWal(), calls=calls, config=CoordinatorConfig(), clock=clock)
-    d = pb.SagaDefinition(steps=[step("a"), step("b", "a")])
+    d = SagaSpec(steps=(step("a"), step("b", "a")))
     txn = await asyncio.wait_for(e.start_saga(key="", timeout_ms=1000, definition=d, wait=True), 3)
     assert txn.state == TxnState.COMPENSATED and "deadline" in txn.reason
 
@@ -214,29 +213,29 @@ async def test_idempotent_start() -> None:
         ([step("a", pivot=True), step("b", pivot=True)], "at most one pivot"),
         (
             [
-                pb.SagaStep(
+                StepSpec(
                     name="a", service="svc", action="do", compensation="u", payload=b"x" * 300_000
                 )
             ],
             "payload",
         ),
-        ([pb.SagaStep(name="a", service="svc", compensation="u")], "operation is required"),
-        ([pb.SagaStep(name="bad name", service="svc", action="do", compensation="u")], "name"),
+        ([StepSpec(name="a", service="svc", compensation="u")], "operation is required"),
+        ([StepSpec(name="bad name", service="svc", action="do", compensation="u")], "name"),
         (
             [
-                pb.SagaStep(
+                StepSpec(
                     name="a",
                     service="svc",
                     action="do",
                     compensation="u",
-                    retry=pb.RetryPolicy(final_codes=["NOPE"]),
+                    retry=StepRetry(final_codes=("NOPE",)),
                 )
             ],
             "status code",
         ),
     ],
 )
-async def test_bad_definitions(steps: list[pb.SagaStep], message: str) -> None:
+async def test_bad_definitions(steps: list[StepSpec], message: str) -> None:
     e, wal = make(TimedCalls())
     with pytest.raises(InvalidArgument, match=message):
         await start(e, *steps)
@@ -247,7 +246,7 @@ async def _recover(wal: FakeWal, upto: int, calls: FakeCalls) -> Engine:
     e2 = Engine(wal=FakeWal(), calls=calls, config=CoordinatorConfig(), clock=FakeClock())
     e2.replay(None, [(n, rt, p) for n, rt, p, _ in wal.records[:upto]])
     await e2.resume()
-    for t in list(e2._txns.values()):
+    for t in list(e2.table.all()):
         await asyncio.wait_for(t.decided.wait(), 3)
     return e2
 
@@ -283,12 +282,12 @@ async def test_recovery_of_a_compensating_saga() -> None:
 async def test_2pc_calls_on_a_saga_are_refused_at_once() -> None:
     e, _ = make(TimedCalls(delay=0.05))
     txn = await e.start_saga(
-        key="", timeout_ms=0, definition=pb.SagaDefinition(steps=[step("a")]), wait=False
+        key="", timeout_ms=0, definition=SagaSpec(steps=(step("a"),)), wait=False
     )
     for call in (
         e.commit(txn.gid),
         e.abort(txn.gid, "x"),
-        e.enlist(txn.gid, pb.Branch(service="s", operation="o")),
+        e.enlist(txn.gid, BranchSpec(service="s", operation="o")),
     ):
         with pytest.raises(FailedPrecondition, match="saga"):
             await asyncio.wait_for(call, 0.5)  # refused, not left waiting for the saga

@@ -72,7 +72,7 @@ def test_table_is_what_the_protocol_needs() -> None:
 async def test_transition(old: TxnState, new: TxnState) -> None:
     engine, wal = make_engine()
     txn = txn_in(old)
-    engine._admit(txn)
+    engine.table.admit(txn)
     if (old, new) in TRANSITIONS:
         lsn = await engine.transition(txn, new, reason="r", commit_branches=["b1"])
         assert txn.state == new and txn.claimed == new and txn.lsn == lsn
@@ -96,7 +96,7 @@ async def test_transition(old: TxnState, new: TxnState) -> None:
 async def test_memory_changes_only_after_durability() -> None:
     engine, wal = make_engine(FakeWal(auto=False))
     txn = txn_in(TxnState.PREPARING)
-    engine._admit(txn)
+    engine.table.admit(txn)
     task = asyncio.create_task(engine.transition(txn, TxnState.COMMITTING, commit_branches=["b1"]))
     await asyncio.sleep(0)
     assert len(wal.records) == 1 and wal.records[0][3] is True  # logged, forced
@@ -130,7 +130,7 @@ async def test_failed_append_leaves_state_unchanged() -> None:
 async def test_watchers_hear_each_durable_change_with_its_lsn() -> None:
     engine, _ = make_engine()
     txn = txn_in(TxnState.PREPARING)
-    engine._admit(txn)
+    engine.table.admit(txn)
     events: list[pb.TransactionEvent] = []
 
     async def watch() -> None:

@@ -17,6 +17,7 @@ from grpc import aio
 import accord.v1 as pb
 from accord.common.transport import TransportSettings, bind, make_server
 from accord.coordinator._calls import ParticipantCalls, Transport, Verdict
+from accord.coordinator._methods import Method
 from accord.registry import StaticRegistry
 
 
@@ -112,7 +113,10 @@ async def test_calls_of_one_tick_share_a_batch_and_results_match_ids(
         gids = [f"g{i}" for i in range(20)] + ["no", "later"]
         requests = {g: req(g) for g in gids}
         results = await asyncio.gather(
-            *(calls.call("Prepare", participant.address, requests[g], 5, metadata=tp) for g in gids)
+            *(
+                calls.call(Method.PREPARE, participant.address, requests[g], 5, metadata=tp)
+                for g in gids
+            )
         )
         assert [r.verdict for r in results[:20]] == [Verdict.OK] * 20
         assert [r.detail for r in results[:20]] == [f"stream {g}" for g in gids[:20]]
@@ -139,10 +143,10 @@ async def test_deadline_gives_deadline_exceeded_and_the_stream_goes_on(
     participant.servicer.hold = {"slow"}
     try:
         t0 = asyncio.get_running_loop().time()
-        slow = await calls.call("Prepare", participant.address, req("slow"), 0.2)
+        slow = await calls.call(Method.PREPARE, participant.address, req("slow"), 0.2)
         assert slow.verdict is Verdict.RETRY and slow.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert 0.15 < asyncio.get_running_loop().time() - t0 < 2
-        fine = await calls.call("Prepare", participant.address, req("fine"), 5)
+        fine = await calls.call(Method.PREPARE, participant.address, req("fine"), 5)
         assert fine.verdict is Verdict.OK
         assert calls.streams_opened == 1
     finally:
@@ -155,8 +159,8 @@ async def test_broken_stream_fails_pending_as_unavailable_and_reopens() -> None:
     first.servicer.hold = {"stuck"}
     calls = calls_for()
     try:
-        assert (await calls.call("Prepare", first.address, req("a"), 5)).verdict is Verdict.OK
-        pending = asyncio.ensure_future(calls.call("Prepare", first.address, req("stuck"), 30))
+        assert (await calls.call(Method.PREPARE, first.address, req("a"), 5)).verdict is Verdict.OK
+        pending = asyncio.ensure_future(calls.call(Method.PREPARE, first.address, req("stuck"), 30))
         await asyncio.sleep(0.1)
         await first.stop()  # the participant goes away with a call in flight
         broken = await asyncio.wait_for(pending, 5)
@@ -166,7 +170,7 @@ async def test_broken_stream_fails_pending_as_unavailable_and_reopens() -> None:
         try:
             result = None
             for _ in range(50):
-                result = await calls.call("Prepare", first.address, req("b"), 5)
+                result = await calls.call(Method.PREPARE, first.address, req("b"), 5)
                 if result.verdict is Verdict.OK:
                     break
                 assert result.code == grpc.StatusCode.UNAVAILABLE
@@ -186,10 +190,10 @@ async def test_unimplemented_falls_back_to_unary_in_auto_mode() -> None:
     calls = calls_for(Transport.AUTO, on_fallback=fallbacks.append)
     try:
         results = await asyncio.gather(
-            *(calls.call("Prepare", bare.address, req(f"g{i}"), 5) for i in range(3))
+            *(calls.call(Method.PREPARE, bare.address, req(f"g{i}"), 5) for i in range(3))
         )
         assert [r.detail for r in results] == ["unary"] * 3
-        assert (await calls.call("Prepare", bare.address, req("g4"), 5)).detail == "unary"
+        assert (await calls.call(Method.PREPARE, bare.address, req("g4"), 5)).detail == "unary"
         assert sorted(bare.servicer.unary) == ["g0", "g1", "g2", "g4"]
         assert fallbacks == [bare.address] and calls.fallbacks == 1
         assert calls.streams_opened == 1  # not asked again for a while
@@ -202,7 +206,7 @@ async def test_unimplemented_is_retried_when_the_stream_is_required() -> None:
     bare = await Served(Controlled(stream=False)).start()
     calls = calls_for(Transport.STREAM)
     try:
-        result = await calls.call("Prepare", bare.address, req("g"), 5)
+        result = await calls.call(Method.PREPARE, bare.address, req("g"), 5)
         assert result.verdict is Verdict.RETRY and result.code == grpc.StatusCode.UNIMPLEMENTED
         assert bare.servicer.unary == [] and calls.fallbacks == 0
     finally:
@@ -213,7 +217,9 @@ async def test_unimplemented_is_retried_when_the_stream_is_required() -> None:
 async def test_unary_mode_never_opens_a_stream(participant: Served) -> None:
     calls = calls_for(Transport.UNARY)
     try:
-        assert (await calls.call("Prepare", participant.address, req("g"), 5)).detail == "unary"
+        assert (
+            await calls.call(Method.PREPARE, participant.address, req("g"), 5)
+        ).detail == "unary"
         assert participant.servicer.opened == 0 and calls.streams_opened == 0
     finally:
         await calls.close()
@@ -226,7 +232,7 @@ async def test_fenced_answer_over_the_stream_reaches_on_fenced(participant: Serv
         "old": (grpc.StatusCode.FAILED_PRECONDITION, "fenced: epoch 1 < 2 for shard 's'")
     }
     try:
-        result = await calls.call("Prepare", participant.address, req("old"), 5)
+        result = await calls.call(Method.PREPARE, participant.address, req("old"), 5)
         assert result.verdict is Verdict.RETRY
         assert len(fenced) == 1 and "fenced: epoch 1 < 2" in fenced[0]
     finally:
@@ -236,7 +242,9 @@ async def test_fenced_answer_over_the_stream_reaches_on_fenced(participant: Serv
 async def test_close_fails_pending_calls(participant: Served) -> None:
     calls = calls_for()
     participant.servicer.hold = {"stuck"}
-    pending = asyncio.ensure_future(calls.call("Prepare", participant.address, req("stuck"), 30))
+    pending = asyncio.ensure_future(
+        calls.call(Method.PREPARE, participant.address, req("stuck"), 30)
+    )
     await asyncio.sleep(0.1)
     await calls.close()
     result = await asyncio.wait_for(pending, 5)
@@ -249,7 +257,7 @@ async def test_large_payloads_are_split_across_batches(participant: Served) -> N
     try:
         results = await asyncio.gather(
             *(
-                calls.call("Prepare", participant.address, req(f"g{i}", payload=big), 5)
+                calls.call(Method.PREPARE, participant.address, req(f"g{i}", payload=big), 5)
                 for i in range(3)
             )
         )

@@ -8,6 +8,7 @@ import pytest
 
 import accord.v1 as pb
 from accord.coordinator._calls import CallResult, ParticipantCalls, Verdict
+from accord.coordinator._methods import Method
 from accord.registry import (
     StaticRegistry,
     coordinator_value,
@@ -99,28 +100,28 @@ async def test_routing_spreads_sticks_and_fails_over() -> None:
     assert {calls.resolve("bank", "") for _ in range(3)} == {"h:1", "h:2", "h:3"}
     # A branch keeps to its instance while it answers.
     for _ in range(3):
-        result, nxt = await calls.send("Prepare", "bank", "", "h:2", REQ, 1.0)
+        result, nxt = await calls.send(Method.PREPARE, "bank", "", "h:2", REQ, 1.0)
         assert result.verdict == Verdict.OK and nxt == "h:2"
     # UNAVAILABLE: the next attempt goes to another instance.
     calls.down = {"h:2"}
-    result, nxt = await calls.send("Commit", "bank", "", "h:2", REQ, 1.0)
+    result, nxt = await calls.send(Method.COMMIT, "bank", "", "h:2", REQ, 1.0)
     assert result.code == grpc.StatusCode.UNAVAILABLE and nxt in {"h:1", "h:3"}
-    result, nxt2 = await calls.send("Commit", "bank", "", nxt, REQ, 1.0)
+    result, nxt2 = await calls.send(Method.COMMIT, "bank", "", nxt, REQ, 1.0)
     assert result.verdict == Verdict.OK and nxt2 == nxt
     # An instance no longer registered is left for a live one.
-    result, nxt = await calls.send("Commit", "bank", "", "h:9", REQ, 1.0)
+    result, nxt = await calls.send(Method.COMMIT, "bank", "", "h:9", REQ, 1.0)
     assert calls.sent[-1] in {"h:1", "h:2", "h:3"}
 
 
 async def test_routing_with_a_direct_address_or_no_instance() -> None:
     calls = ScriptedCalls(StaticRegistry({"bank": ["h:1", "h:2"]}), down={"x:1"})
-    result, nxt = await calls.send("Prepare", "bank", "x:1", "x:1", REQ, 1.0)
+    result, nxt = await calls.send(Method.PREPARE, "bank", "x:1", "x:1", REQ, 1.0)
     assert nxt == "x:1", "a direct address is never replaced"
     empty = ScriptedCalls(StaticRegistry({}), down=set())
-    result, nxt = await empty.send("Prepare", "ghost", "", "", REQ, 1.0)
+    result, nxt = await empty.send(Method.PREPARE, "ghost", "", "", REQ, 1.0)
     assert result.verdict == Verdict.RETRY and result.code == grpc.StatusCode.UNAVAILABLE
     assert "no live instance of participant service 'ghost'" in result.detail
     assert empty.sent == []
     # The last address used is still tried when the registry knows nothing right now.
-    result, nxt = await empty.send("Commit", "ghost", "", "h:7", REQ, 1.0)
+    result, nxt = await empty.send(Method.COMMIT, "ghost", "", "h:7", REQ, 1.0)
     assert empty.sent == ["h:7"] and result.verdict == Verdict.OK

@@ -6,9 +6,10 @@ from collections import Counter
 
 import pytest
 
-import accord.v1 as pb
 from accord.common.gid import check_shard_name, gid_prefix, shard_for_key, shard_of
 from accord.coordinator import CoordinatorConfig, Engine, FailedPrecondition, NotFound, RetryPolicy
+from accord.coordinator._specs import BranchSpec
+from accord.coordinator._states import Outcome
 from accord.registry import (
     CoordinatorInfo,
     shard_map,
@@ -68,10 +69,10 @@ def engine(shard: str) -> Engine:
     return Engine(wal=FakeWal(), calls=FakeCalls(), config=config, clock=FakeClock())
 
 
-def two_branches() -> list[pb.Branch]:
+def two_branches() -> list[BranchSpec]:
     return [
-        pb.Branch(service="bank-a", operation="debit", payload=b"1"),
-        pb.Branch(service="bank-b", operation="credit", payload=b"1"),
+        BranchSpec(service="bank-a", operation="debit", payload=b"1"),
+        BranchSpec(service="bank-b", operation="credit", payload=b"1"),
     ]
 
 
@@ -97,4 +98,4 @@ async def test_another_shards_gid_is_refused_naming_its_shard() -> None:
     for unknown in ("s1:" + OLD_GID, OLD_GID, "not-a-gid"):
         with pytest.raises(NotFound):
             e.get(unknown)
-    assert e.query_outcome("s1:" + OLD_GID) == pb.OUTCOME_ABORTED
+    assert e.query_outcome("s1:" + OLD_GID) == Outcome.ABORTED

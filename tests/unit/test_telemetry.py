@@ -31,6 +31,7 @@ from accord.common.telemetry import (
 )
 from accord.coordinator import CoordinatorConfig, Engine, RetryPolicy, TxnState
 from accord.coordinator._calls import CallResult, Verdict
+from accord.coordinator._specs import BranchSpec
 from accord.coordinator._telemetry import CoordinatorTelemetry
 from tests.unit._fakes import FakeCalls, FakeClock, FakeWal
 
@@ -206,10 +207,10 @@ def _engine(provider: TracerProvider | None, calls: FakeCalls) -> tuple[Engine, 
     return e, wal
 
 
-def two_branches() -> list[pb.Branch]:
+def two_branches() -> list[BranchSpec]:
     return [
-        pb.Branch(service="bank-a", operation="debit", payload=b"1"),
-        pb.Branch(service="bank-b", operation="credit", payload=b"1"),
+        BranchSpec(service="bank-a", operation="debit", payload=b"1"),
+        BranchSpec(service="bank-b", operation="credit", payload=b"1"),
     ]
 
 
@@ -279,9 +280,12 @@ async def test_recovery_span_continues_the_logged_trace(
     e, _ = _engine(provider, RecordingCalls())
     # The coordinator had logged the branch list and the COMMIT decision, then died.
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    branches = two_branches()
-    for i, b in enumerate(branches):
-        b.branch_id = f"b{i + 1}"
+    branches = [
+        pb.Branch(
+            service=b.service, operation=b.operation, payload=b.payload, branch_id=f"b{i + 1}"
+        )
+        for i, b in enumerate(two_branches())
+    ]
     prepare = pb.WalPrepare(gid="g1", branches=branches, traceparent=tp)
     commit = pb.WalCommit(gid="g1", branch_ids=["b1", "b2"])
     from accord.coordinator._records import RT_COMMIT, RT_PREPARE
