@@ -26,7 +26,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from accord.tools._procs import stop_all
 from bench._loop import run_uvloop
 from bench.load import LoadSettings, run_closed_loop
 from bench.rows import ROWS, RowEnv
@@ -136,7 +135,7 @@ async def profile_row(
             if spy.returncode is None:
                 spy.kill()
                 await spy.wait()
-        stop_all(list(reversed(env.procs)))
+        env.topology.stop()
         shutil.rmtree(data, ignore_errors=True)
     return {n: f for n, f in files.items() if f.exists()}
 

@@ -372,13 +372,13 @@ async def test_sidecar_registers_a_plain_health_checked_service(cluster: Cluster
     """A participant without the SDK's registration (a bank started without --etcd,
     standing for a service in any language) kept in etcd by ``accord sidecar`` while its
     gRPC health status is SERVING."""
-    from accord.tools._procs import ManagedProcess, free_port
+    from tests.integration.conftest import free_port
 
     etcd = cluster.etcd()
     port = free_port()
     target = cluster.bank("plain", port=port)
     ttl = 2
-    car = ManagedProcess.accord(
+    car = cluster.topology.accord(
         "sidecar",
         [
             "sidecar",
@@ -395,11 +395,9 @@ async def test_sidecar_registers_a_plain_health_checked_service(cluster: Cluster
             "--instance-id",
             "plain-1",
         ],
-        log_path=cluster.root / "sidecar.log",
-        ready_prefix="sidecar watching ",
+        ready="sidecar watching ",
     )
-    cluster.procs.append(car)
-    car.start()
+    cluster.topology.start(car)
     key = service_key("plain", "plain-1")
 
     async def registered() -> bool:
