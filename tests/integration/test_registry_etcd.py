@@ -372,29 +372,32 @@ async def test_sidecar_registers_a_plain_health_checked_service(cluster: Cluster
     """A participant without the SDK's registration (a bank started without --etcd,
     standing for a service in any language) kept in etcd by ``accord sidecar`` while its
     gRPC health status is SERVING."""
+    from accord.tools.topology import accord_argv
     from tests.integration.conftest import free_port
 
     etcd = cluster.etcd()
     port = free_port()
     target = cluster.bank("plain", port=port)
     ttl = 2
-    car = cluster.topology.accord(
+    car = cluster.topology.process(
         "sidecar",
-        [
-            "sidecar",
-            "--service",
-            "plain",
-            "--target",
-            f"127.0.0.1:{port}",
-            "--etcd",
-            etcd.url,
-            "--ttl",
-            str(ttl),
-            "--interval-s",
-            "0.3",
-            "--instance-id",
-            "plain-1",
-        ],
+        accord_argv(
+            [
+                "sidecar",
+                "--service",
+                "plain",
+                "--target",
+                f"127.0.0.1:{port}",
+                "--etcd",
+                etcd.url,
+                "--ttl",
+                str(ttl),
+                "--interval-s",
+                "0.3",
+                "--instance-id",
+                "plain-1",
+            ]
+        ),
         ready="sidecar watching ",
     )
     cluster.topology.start(car)

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Literal, TypedDict, TypeVar, Unpack
 
 from accord.tools.topology._process import EtcdServer, ManagedProcess, accord_argv, stop_all
 
@@ -31,6 +31,29 @@ _READY: dict[Role, str | tuple[str, ...]] = {
     "standby": "standby for shard",
     "any": ("listening on ", "standby for shard"),
 }
+
+
+class ParticipantOptions(TypedDict, total=False):
+    """How a participant is started; a flag not given is left out of its command line,
+    so the participant's own default applies."""
+
+    #: 0 (the default): it picks a port and reports it.
+    port: int
+    #: Default: ``ROOT/NAME.db``.
+    db: Path | None
+    service: str
+    #: An etcd URL: it registers there (as ``instance_id``, with a lease of ``ttl_s``).
+    etcd: str
+    instance_id: str
+    ttl_s: float | None
+    in_doubt_after_s: float | None
+    #: Default ``warning``; None leaves the flag out.
+    log_level: str | None
+    env: Mapping[str, str] | None
+    #: More arguments, last on the command line.
+    extra: Sequence[str]
+    #: Default True: start it now and wait until it serves (False: only register it).
+    start: bool
 
 
 @contextmanager
@@ -146,17 +169,6 @@ class Topology:
             )
         )
 
-    def accord(
-        self,
-        name: str,
-        args: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        ready: str | tuple[str, ...] = "listening on ",
-    ) -> ManagedProcess:
-        """An ``accord`` subcommand run with this interpreter; registered, not started."""
-        return self.process(name, accord_argv(args), env=env, ready=ready)
-
     def _started(self, proc: P, start: bool) -> P:
         return self.start(proc) if start else proc
 
@@ -171,96 +183,54 @@ class Topology:
     # ------------------------------------------------------------ participants
 
     def participant(
-        self,
-        kind: str,
-        name: str = "",
-        *,
-        port: int = 0,
-        db: Path | None = None,
-        service: str = "",
-        etcd: str = "",
-        instance_id: str = "",
-        ttl_s: float | None = None,
-        in_doubt_after_s: float | None = None,
-        log_level: str | None = "warning",
-        env: Mapping[str, str] | None = None,
-        extra: Sequence[str] = (),
-        start: bool = True,
+        self, kind: str, name: str = "", **options: Unpack[ParticipantOptions]
     ) -> ManagedProcess:
         """``accord participant KIND`` (``bank``, ``flight``, ``hotel``, ``car`` ...) named
-        ``name`` (default: the kind), its database ``ROOT/NAME.db`` unless ``db``; with
-        ``etcd`` it registers there (as ``instance_id``, with a lease of ``ttl_s`` when
-        given). Flags not given are left out, so the participant's defaults apply."""
+        ``name`` (default: the kind); see :class:`ParticipantOptions`."""
         name = name or kind
-        args = [
-            "participant",
-            kind,
-            *("--listen", _listen(port)),
-            *("--db", str(db or self.root / f"{name}.db")),
-            *_opt("--service", service),
-            *_opt("--etcd", etcd),
-            *_opt("--instance-id", instance_id),
-            *_opt("--ttl", ttl_s),
-            *_opt("--in-doubt-after-s", in_doubt_after_s),
-            *_opt("--log-level", log_level),
-            *extra,
-        ]
-        return self._started(self.accord(name, args, env=env), start)
+        args = ["participant", kind, *self._participant_flags(name, options)]
+        proc = self.process(name, accord_argv(args), env=options.get("env"))
+        return self._started(proc, options.get("start", True))
 
     def bank(
         self,
         name: str,
         *,
-        service: str = "",
         accounts: int | None = None,
         initial_balance: int | None = None,
         standalone: bool = False,
         cwd: Path | None = None,
-        port: int = 0,
-        db: Path | None = None,
-        etcd: str = "",
-        instance_id: str = "",
-        ttl_s: float | None = None,
-        in_doubt_after_s: float | None = None,
-        log_level: str | None = "warning",
-        env: Mapping[str, str] | None = None,
-        extra: Sequence[str] = (),
-        start: bool = True,
+        **options: Unpack[ParticipantOptions],
     ) -> ManagedProcess:
-        """The bank participant as service ``service`` (default: ``name``), seeded with
-        ``accounts`` accounts of ``initial_balance`` when given; ``standalone`` runs the
-        bank's own entry point (``python -m accord.participants.bank``, no registry)
-        instead of ``accord participant bank``. The rest as :meth:`participant`."""
+        """The bank participant as service ``options["service"]`` (default: ``name``),
+        seeded with ``accounts`` accounts of ``initial_balance`` when given.
+        ``standalone`` runs the bank's own entry point (``python -m
+        accord.participants.bank``, in ``cwd``; it does not register in etcd) instead of
+        ``accord participant bank``."""
         seed = [*_opt("--accounts", accounts), *_opt("--initial-balance", initial_balance)]
+        options["service"] = options.get("service") or name
+        options["extra"] = [*seed, *options.get("extra", ())]
         if not standalone:
-            return self.participant(
-                "bank",
-                name,
-                port=port,
-                db=db,
-                service=service or name,
-                etcd=etcd,
-                instance_id=instance_id,
-                ttl_s=ttl_s,
-                in_doubt_after_s=in_doubt_after_s,
-                log_level=log_level,
-                env=env,
-                extra=[*seed, *extra],
-                start=start,
-            )
-        if etcd or instance_id or ttl_s is not None:
+            return self.participant("bank", name, **options)
+        if options.get("etcd"):
             raise ValueError("the standalone bank does not register in etcd")
-        argv = [
-            *("-m", "accord.participants.bank"),
-            *("--listen", _listen(port), "--db", str(db or self.root / f"{name}.db")),
-            *("--service", service or name),
-            *seed,
-            *_opt("--in-doubt-after-s", in_doubt_after_s),
-            *_opt("--log-level", log_level),
-            *extra,
+        argv = [sys.executable, "-m", "accord.participants.bank"]
+        argv += self._participant_flags(name, options)
+        proc = self.process(name, argv, env=options.get("env"), cwd=cwd)
+        return self._started(proc, options.get("start", True))
+
+    def _participant_flags(self, name: str, o: ParticipantOptions) -> list[str]:
+        return [
+            *("--listen", _listen(o.get("port", 0))),
+            *("--db", str(o.get("db") or self.root / f"{name}.db")),
+            *_opt("--service", o.get("service")),
+            *_opt("--etcd", o.get("etcd")),
+            *_opt("--instance-id", o.get("instance_id")),
+            *_opt("--ttl", o.get("ttl_s")),
+            *_opt("--in-doubt-after-s", o.get("in_doubt_after_s")),
+            *_opt("--log-level", o.get("log_level", "warning")),
+            *o.get("extra", ()),
         ]
-        proc = self.process(name, [sys.executable, *argv], env=env, cwd=cwd)
-        return self._started(proc, start)
 
     # ------------------------------------------------------------ coordinators
 
@@ -304,4 +274,5 @@ class Topology:
             *_opt("--log-level", log_level),
             *extra,
         ]
-        return self._started(self.accord(name, args, env=env, ready=_READY[role]), start)
+        proc = self.process(name, accord_argv(args), env=env, ready=_READY[role])
+        return self._started(proc, start)
