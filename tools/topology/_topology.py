@@ -87,8 +87,8 @@ class Topology:
     ``address``); give a port (:func:`free_port`) only where one must be known in advance
     or kept across restarts.
 
-    ``env`` goes to every process (a process's own ``env`` is laid over it);
-    ``start_timeout_s`` bounds each start."""
+    ``env`` goes to every process it builds but etcd (a process's own ``env`` is laid
+    over it); ``start_timeout_s`` bounds each start."""
 
     def __init__(
         self,
@@ -254,7 +254,7 @@ class Topology:
         extra: Sequence[str] = (),
         start: bool = True,
     ) -> ManagedProcess:
-        """``accord coordinator`` with its WAL in ``ROOT/wal`` (a shard's owner and
+        """``accord coordinator`` with its WAL in ``ROOT/WAL`` (a shard's owner and
         standbys share one directory: a shared volume's stand-in), resolving services
         from ``services`` (a static map) and/or etcd; with ``cid`` and ``shard`` it is
         coordinator ``cid`` of WAL shard ``shard``, ready as ``role`` says. Flags not
