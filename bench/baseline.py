@@ -38,8 +38,8 @@ import grpc
 from grpc import aio
 
 import accord.v1 as pb
+from accord.common import runner
 from accord.common.transport import TransportSettings, bind, make_channel, make_server
-from bench._loop import run_uvloop
 
 #: Participant call timeout, as Accord's coordinator sets one on every call.
 CALL_TIMEOUT_S = 5.0
@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         services = parse_services(args.service)
         if args.role == "coordinator" and not services:
             raise ValueError("the coordinator needs at least one --service")
-        run_uvloop(serve(args.role, args.listen, services))
+        runner.run(serve(args.role, args.listen, services))
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError) as e:

@@ -25,11 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import accord.v1 as pb
+from accord.common import runner
 from accord.coordinator import CoordinatorConfig, Engine
 from accord.coordinator._calls import CallResult, Verdict
 from accord.coordinator._server import tune_gc
 from accord.coordinator.wal import WAL
-from bench._loop import run_uvloop
 
 _OK = CallResult(Verdict.OK)
 
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--default-gc", action="store_true", help="keep CPython's GC settings (no tune_gc)"
     )
     args = parser.parse_args(argv)
-    us = run_uvloop(run(args.transactions, args.concurrency, args.rounds, not args.default_gc))
+    us = runner.run(run(args.transactions, args.concurrency, args.rounds, not args.default_gc))
     print(
         json.dumps(
             {

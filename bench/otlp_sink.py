@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import grpc
 from grpc import aio
 
-from bench._loop import run_uvloop
+from accord.common import runner
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.otlp_sink")
     parser.add_argument("--listen", default="127.0.0.1:0")
     args = parser.parse_args(argv)
-    run_uvloop(serve(args.listen))
+    runner.run(serve(args.listen))
     return 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench._loop import run_uvloop
+from accord.common import runner
 from bench.load import LoadSettings, run_closed_loop
 from bench.rows import ROWS, RowEnv
 
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     say = Console(width=None if sys.stdout.isatty() else 150)
     args.out.mkdir(parents=True, exist_ok=True)
-    files = run_uvloop(
+    files = runner.run(
         profile_row(
             args.row, args.concurrency, args.warmup, args.duration, args.rate, args.out, say
         )

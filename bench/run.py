@@ -20,8 +20,8 @@ from typing import Any
 
 from rich.console import Console
 
+from accord.common import runner
 from accord.tools.topology import workdir
-from bench._loop import run_uvloop
 from bench.load import LoadSettings, run_closed_loop
 from bench.report import build_report, render, result_row, write_report
 from bench.rows import ROWS, RowEnv, RowSpec
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
     )
     try:
-        outcome = run_uvloop(run_all(settings, console))
+        outcome = runner.run(run_all(settings, console))
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[red]interrupted[/red]: every process was stopped; no report written")
         return 130

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
+from google.protobuf import json_format
 from grpc import aio
 from opentelemetry import trace
 from opentelemetry.trace import TracerProvider
@@ -34,6 +35,7 @@ from accord.client._errors import (
     UnavailableError,
     from_rpc_error,
 )
+from accord.client._states import FINAL_STATES, TxnState
 from accord.client._tracing import TracedStub, recording
 from accord.common.gid import shard_for_key, shard_of
 from accord.common.transport import TransportSettings, make_channel
@@ -48,9 +50,7 @@ SHARD_MAP_MAX_AGE_S = 10.0
 #: ... and, after a failure, at most this often.
 SHARD_MAP_MIN_AGE_S = 0.25
 
-_STATE_NAMES = {v: k.removeprefix("TXN_STATE_") for k, v in pb.TxnState.items()}
 _BRANCH_STATE_NAMES = {v: k.removeprefix("BRANCH_STATE_") for k, v in pb.BranchState.items()}
-FINAL_STATES = frozenset({"COMMITTED", "ABORTED", "COMPLETED", "COMPENSATED"})
 _PROTOCOL_NAMES = {v: k.removeprefix("PROTOCOL_") for k, v in pb.Protocol.items()}
 
 
@@ -130,42 +130,50 @@ class SagaStep:
         )
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SagaStep:
-        """From the JSON form used by ``accord txn saga --file``."""
-        retry = d.get("retry") or {}
-        known = {
-            "name",
-            "action",
-            "compensation",
-            "service",
-            "address",
-            "payload",
-            "compensation_payload",
-            "depends_on",
-            "pivot",
-            "timeout_ms",
-            "retry",
-        }
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"step {d.get('name')!r}: unknown fields {sorted(unknown)}")
+    def from_pb(cls, st: pb.SagaStep) -> SagaStep:
         return cls(
-            name=str(d["name"]),
-            action=str(d["action"]),
-            compensation=str(d.get("compensation", "")),
-            service=str(d.get("service", "")),
-            address=str(d.get("address", "")),
-            payload=d.get("payload", b""),
-            compensation_payload=d.get("compensation_payload"),
-            depends_on=tuple(d.get("depends_on", ())),
-            pivot=bool(d.get("pivot", False)),
-            timeout_ms=int(d.get("timeout_ms", 0)),
-            max_attempts=int(retry.get("max_attempts", 0)),
-            initial_interval_ms=int(retry.get("initial_interval_ms", 0)),
-            max_interval_ms=int(retry.get("max_interval_ms", 0)),
-            multiplier=float(retry.get("multiplier", 0.0)),
-            final_codes=tuple(retry.get("final_codes", ())),
+            name=st.name,
+            action=st.action,
+            compensation=st.compensation,
+            service=st.service,
+            address=st.address,
+            payload=st.payload,
+            compensation_payload=st.compensation_payload or None,
+            depends_on=tuple(st.depends_on),
+            pivot=st.pivot,
+            timeout_ms=st.timeout_ms,
+            max_attempts=st.retry.max_attempts,
+            initial_interval_ms=st.retry.initial_interval_ms,
+            max_interval_ms=st.retry.max_interval_ms,
+            multiplier=st.retry.multiplier,
+            final_codes=tuple(st.retry.final_codes),
         )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SagaStep:
+        """From the JSON form used by ``accord txn saga --file``: ``accord.v1.SagaStep``
+        in protobuf's JSON mapping (``depends_on`` or ``dependsOn``, ``retry`` a
+        RetryPolicy), except that a payload is a JSON value or text, not base64."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a step must be a JSON object, not {d!r}")
+        fields = {k: v for k, v in d.items() if k not in _PAYLOAD_FIELDS}
+        try:
+            st = json_format.ParseDict(fields, pb.SagaStep())
+        except json_format.ParseError as e:
+            raise ValueError(f"step {d.get('name')!r}: {e}") from None
+        for key, field_name in _PAYLOAD_FIELDS.items():
+            if key in d:
+                setattr(st, field_name, _encode(d[key]))
+        return cls.from_pb(st)
+
+
+#: The payload fields of a step's JSON (both spellings of protobuf's JSON mapping): any
+#: JSON value, or text sent as it is (protobuf's own mapping would want base64).
+_PAYLOAD_FIELDS = {
+    "payload": "payload",
+    "compensation_payload": "compensation_payload",
+    "compensationPayload": "compensation_payload",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,6 +203,7 @@ class BranchResult:
 @dataclass(frozen=True, kw_only=True)
 class TxnResult:
     gid: str
+    #: A :class:`TxnState` (its name as text if this client does not know the state).
     state: str
     reason: str = ""
     lsn: int = 0
@@ -209,11 +218,11 @@ class TxnResult:
     @property
     def committed(self) -> bool:
         """The commit decision is durable (phase two may still be finishing)."""
-        return self.state in ("COMMITTED", "COMMITTING")
+        return self.state in (TxnState.COMMITTED, TxnState.COMMITTING)
 
     @property
     def aborted(self) -> bool:
-        return self.state in ("ABORTED", "ABORTING")
+        return self.state in (TxnState.ABORTED, TxnState.ABORTING)
 
     @property
     def final(self) -> bool:
@@ -221,21 +230,21 @@ class TxnResult:
 
     @property
     def completed(self) -> bool:
-        return self.state == "COMPLETED"
+        return self.state == TxnState.COMPLETED
 
     @property
     def compensated(self) -> bool:
-        return self.state == "COMPENSATED"
+        return self.state == TxnState.COMPENSATED
 
     @property
     def stuck(self) -> bool:
-        return self.state == "STUCK"
+        return self.state == TxnState.STUCK
 
     @classmethod
     def from_pb(cls, t: pb.Transaction) -> TxnResult:
         return cls(
             gid=t.gid,
-            state=_STATE_NAMES.get(t.state, str(t.state)),
+            state=TxnState.from_pb(t.state),
             reason=t.reason,
             lsn=t.lsn,
             idempotency_key=t.idempotency_key,
@@ -700,7 +709,7 @@ class AccordClient:
         live shard for a page after ``page_token`` and keeps the first ``limit`` of
         them all: the same order and paging as one coordinator's."""
         try:
-            codes = [pb.TxnState.Value(f"TXN_STATE_{s.upper()}") for s in states]
+            codes = [TxnState(s.upper()).to_pb() for s in states]
         except ValueError as e:
             raise ValueError(f"unknown state in {list(states)}: {e}") from None
         req = pb.ListTransactionsRequest(states=codes, limit=limit, page_token=page_token)

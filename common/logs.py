@@ -9,8 +9,22 @@ import json
 import logging
 import sys
 import time
+from enum import StrEnum
 
 from accord.common.telemetry import TraceLogFilter
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
 
 
 class JsonFormatter(logging.Formatter):
@@ -54,14 +68,15 @@ class TextFormatter(logging.Formatter):
         return f"{head} {' '.join(extra)}{sep}{tail}"
 
 
-def configure(*, level: str = "info", fmt: str = "text") -> None:
+def configure(*, level: str = LogLevel.INFO, fmt: str = LogFormat.TEXT) -> None:
+    """One handler on the root logger, to stderr, in ``fmt`` (a :class:`LogFormat`
+    value); ``level`` is a :class:`LogLevel` value, in any case."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    elif fmt == "text":
-        handler.setFormatter(TextFormatter())
-    else:
-        raise ValueError(f"log format must be text or json, not {fmt!r}")
+    try:
+        fmt = LogFormat(fmt)
+    except ValueError:
+        raise ValueError(f"log format must be text or json, not {fmt!r}") from None
+    handler.setFormatter(JsonFormatter() if fmt is LogFormat.JSON else TextFormatter())
     handler.addFilter(TraceLogFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

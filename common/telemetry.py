@@ -241,7 +241,7 @@ class Telemetry:
         self.meter = provider.get_meter("accord")
         self.metering = True
         self.metrics_port = int(server.server_port)
-        log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+        log.info("event=metrics_serving url=http://%s:%d/metrics", host, self.metrics_port)
 
     def shutdown(self) -> None:
         """Flushes pending spans and stops the exporters and the metrics endpoint; safe
@@ -253,7 +253,7 @@ class Telemetry:
             try:
                 self._tracer_provider.shutdown()
             except Exception:
-                log.exception("telemetry: flushing spans failed")
+                log.exception("event=telemetry_flush_failed")
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -261,13 +261,8 @@ class Telemetry:
             try:
                 self._meter_provider.shutdown()
             except Exception:
-                log.exception("telemetry: stopping metrics failed")
+                log.exception("event=telemetry_metrics_stop_failed")
 
     def tracer_provider(self) -> Any:
         """The SDK tracer provider (None when tracing is off)."""
         return self._tracer_provider
-
-
-def client_telemetry(*, trace_console: bool = False) -> Telemetry:
-    """Telemetry for a client command (``accord txn ...``): traces only."""
-    return Telemetry.setup("accord-client", trace_console=trace_console)

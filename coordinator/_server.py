@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 
 import accord.v1 as pb
+from accord.common.exits import ExitCode
 from accord.common.telemetry import Telemetry, incoming_context
 from accord.common.transport import TransportSettings, bind, make_server
 from accord.coordinator._calls import ParticipantCalls, Transport
@@ -228,7 +229,7 @@ class ServerSettings:
 
 
 #: Exit status of a coordinator that stopped because another one owns its shard now.
-EXIT_FENCED = 75
+EXIT_FENCED = ExitCode.FENCED
 
 
 def _fail_stop(exc: BaseException) -> None:
@@ -237,7 +238,7 @@ def _fail_stop(exc: BaseException) -> None:
     for h in logging.getLogger().handlers:
         h.flush()
     sys.stderr.flush()
-    os._exit(70)
+    os._exit(ExitCode.WAL_FAILURE)
 
 
 def _fenced_stop(why: str) -> None:

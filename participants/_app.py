@@ -26,14 +26,14 @@ from typing import TypeVar
 from accord.participants._types import BranchCall, NotYet, Refuse, Vote
 
 #: A prepare handler: returns its vote (``None`` means yes), or raises
-#: :class:`~participants.Refuse` (no) or :class:`~participants.NotYet` (retry later).
+#: :class:`~accord.participants.Refuse` (no) or :class:`~accord.participants.NotYet` (retry later).
 PrepareHandler = Callable[[sqlite3.Connection, BranchCall], Vote | None]
 #: A commit or abort handler. It must not refuse: a yes vote is a promise.
 PhaseHandler = Callable[[sqlite3.Connection, BranchCall], None]
 SetupHandler = Callable[[sqlite3.Connection], None]
 #: A saga action: applies the step and returns optional result bytes for the coordinator
-#: (``BranchResponse.result``), or raises :class:`~participants.Refuse` (the step failed
-#: for good, nothing changed) or :class:`~participants.NotYet` (retry later).
+#: (``BranchResponse.result``), or raises :class:`~accord.participants.Refuse` (the step failed
+#: for good, nothing changed) or :class:`~accord.participants.NotYet` (retry later).
 ExecuteHandler = Callable[[sqlite3.Connection, BranchCall], bytes | None]
 #: A saga compensation: undoes an executed step. It may raise ``NotYet`` (retry later);
 #: it must not refuse (a refusal is answered FAILED_PRECONDITION and logged).

@@ -106,12 +106,6 @@ class Etcd:
             self._connected = False
             await self._client.close()
 
-    async def ping(self, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
-        """Raises unless etcd answers a read within ``timeout_s``."""
-        kv = self.client.kv
-        assert kv is not None
-        await kv.get(ROOT, timeout=timeout_s, max_attempts=1)
-
     async def __aenter__(self) -> Etcd:
         await self.connect()
         return self
@@ -148,8 +142,6 @@ class Registration:
         self._task: asyncio.Task[None] | None = None
         self._registered = asyncio.Event()
         self._changed = asyncio.Event()
-        #: How many times the key was put on a fresh lease (1 = never lost).
-        self.registrations = 0
 
     @property
     def lease_id(self) -> int:
@@ -211,7 +203,6 @@ class Registration:
                     self._changed.clear()
                     await self._put()
                     if not self._registered.is_set():
-                        self.registrations += 1
                         self._registered.set()
                         log.info(
                             "event=registered key=%s lease=%x ttl=%ds",
@@ -291,8 +282,6 @@ class PrefixCache:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._restart_watch = asyncio.Event()
-        #: Monotonic time of the last successful contact with etcd (0: never).
-        self.last_contact = 0.0
         #: Monotonic time since which etcd has been unreachable (None: reachable).
         self.unreachable_since: float | None = None
 
@@ -379,7 +368,6 @@ class PrefixCache:
                 time.monotonic() - self.unreachable_since,
             )
         self.unreachable_since = None
-        self.last_contact = time.monotonic()
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -554,7 +542,7 @@ async def find_coordinators(url: str, timeout_s: float = 5.0) -> list[Coordinato
 
 
 class EtcdRegistry:
-    """The :class:`~registry.Registry` on etcd: participant services from a watched
+    """The :class:`~accord.registry.Registry` on etcd: participant services from a watched
     cache of ``/accord/v1/services/``."""
 
     def __init__(self, etcd: Etcd, *, resync_s: float = 2.0, own_client: bool = False) -> None:

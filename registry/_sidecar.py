@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from accord.common.transport import TransportSettings, make_channel
 from accord.registry._etcd import DEFAULT_TTL_S, Etcd, Registration, service_key, service_value
 
-log = logging.getLogger("accord.sidecar")
+log = logging.getLogger("accord.registry.sidecar")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from accord.client._client import AccordClient, Branch, SagaStep
 from accord.client._errors import AccordClientError
+from accord.common import runner
 from accord.tools.topology import Topology, balances, numbered_accounts, open_accounts, workdir
 
 BANKS = ("bank-a", "bank-b")
@@ -247,9 +248,7 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
                 "data_dir": str(data) if settings.data_dir else None,
             }
 
-        from accord.tools.cli import run_async
-
-        summary = run_async(go())
+        summary = runner.run(go())
     if console is not None:
         _print_summary(console, summary)
     return summary

@@ -49,8 +49,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from accord.client._client import AccordClient, Branch, SagaStep
-from accord.client._errors import AccordClientError
+from accord.client import AccordClient, AccordClientError, Branch, SagaStep, TxnState
 
 MODES = ("2pc", "saga", "mixed")
 #: Latencies in microseconds, 1 us .. 1 h.
@@ -64,7 +63,7 @@ SATURATED_PCT = 80.0
 PROGRESS_EVERY_S = 0.5
 #: After a client error a closed-loop worker pauses (no busy loop against a dead server).
 ERROR_PAUSE_S = 0.01
-SUCCESS_STATES = frozenset({"COMMITTED", "COMPLETED"})
+SUCCESS_STATES = frozenset({TxnState.COMMITTED, TxnState.COMPLETED})
 #: The outcome is decided (durable) in these; phase two or compensation trails the answer.
 _DECIDED = {"COMMITTING": "COMMITTED", "ABORTING": "ABORTED"}
 _PLAN_SIZE = 1024

@@ -11,6 +11,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from accord.common.exits import ExitCode
 from accord.tools._load import (
     HIST_DIGITS,
     LATE_S,
@@ -51,7 +52,7 @@ class Report:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.succeeded > 0 else 1
+        return ExitCode.OK if self.succeeded > 0 else ExitCode.FAILURE
 
 
 def build_report(

@@ -17,6 +17,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from accord.common import runner
+from accord.common.exits import ExitCode
 from accord.tools._load import LoadError, LoadSettings
 from accord.tools._load_report import Report, merge_progress
 from accord.tools._load_run import run_load
@@ -158,8 +160,6 @@ def run_command(
 ) -> int:
     """``accord load``: runs, shows, writes; returns the exit status (1 when the run could
     not start or no transaction succeeded)."""
-    from accord.tools.cli import run_async
-
     err = Console(stderr=True)
     to_stdout = json_out == "-"
     out = err if to_stdout else Console()
@@ -168,18 +168,18 @@ def run_command(
         # Found out now, not after the run.
         if target and not Path(target).resolve().parent.is_dir():
             err.print(f"[red]error:[/red] load: {flag}: no directory for {target}", highlight=False)
-            return 1
+            return ExitCode.FAILURE
     show = err.is_terminal if progress is None else progress
     view = LiveView(settings, err) if show else None
     try:
         if view is not None:
             with view.live:
-                report = run_async(_run_with_view(settings, view))
+                report = runner.run(_run_with_view(settings, view))
         else:
-            report = run_async(_run_with_view(settings, None))
+            report = runner.run(_run_with_view(settings, None))
     except LoadError as e:
         err.print(f"[red]error:[/red] load: {e}", highlight=False, soft_wrap=True)
-        return 1
+        return ExitCode.FAILURE
     out.print(render_table(report.data))
     if to_stdout:
         sys.stdout.write(json.dumps(report.data) + "\n")
@@ -194,7 +194,7 @@ def run_command(
             err.print(f"plot written to {plot}", highlight=False)
     except OSError as e:
         err.print(f"[red]error:[/red] load: {e}", highlight=False, soft_wrap=True)
-        return 1
+        return ExitCode.FAILURE
     if report.exit_code:
         why = "no transaction succeeded" if report.data["transactions"] else "nothing ran"
         err.print(f"[red]error:[/red] load: {why}", highlight=False)

@@ -17,6 +17,8 @@ import sys
 import threading
 from typing import Any
 
+from accord.common import runner
+from accord.common.exits import ExitCode
 from accord.tools._load import LoadError, LoadSettings, connect, run_worker
 
 
@@ -53,7 +55,7 @@ async def _main(settings: LoadSettings, index: int) -> int:
         client = await connect(settings)
     except LoadError as e:
         _emit({"type": "error", "message": str(e)})
-        return 1
+        return ExitCode.FAILURE
     async with client:
         threading.Thread(target=read_stdin, name="load-stdin", daemon=True).start()
         _emit({"type": "ready"})
@@ -61,7 +63,7 @@ async def _main(settings: LoadSettings, index: int) -> int:
             start_wall = await go
         except asyncio.CancelledError:
             _emit({"type": "error", "message": "stopped before the start"})
-            return 1
+            return ExitCode.FAILURE
         result = await run_worker(
             settings,
             index,
@@ -71,16 +73,14 @@ async def _main(settings: LoadSettings, index: int) -> int:
             stop=stop,
         )
     _emit({"type": "result", "result": result})
-    return 0
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = LoadSettings.from_dict(json.loads(args[0]))
-    from accord.tools.cli import run_async
-
-    return run_async(_main(settings, int(args[1])))
+    return runner.run(_main(settings, int(args[1])))
 
 
 if __name__ == "__main__":

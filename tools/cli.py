@@ -7,15 +7,18 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Iterable, Sequence
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-T = TypeVar("T")
+from accord.common import runner
+from accord.common.exits import ExitCode
+from accord.common.logs import LogFormat, LogLevel
 
 app = typer.Typer(
     name="accord",
@@ -31,33 +34,70 @@ app.add_typer(txn_app, name="txn")
 
 console = Console()
 err_console = Console(stderr=True)
+log = logging.getLogger("accord.cli")
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Runs a coroutine on uvloop where available (faster gRPC I/O), else asyncio."""
-    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-    try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        pass
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro)
-
-
-def setup_logging(level: str, fmt: str) -> None:
+def setup_logging(level: LogLevel, fmt: LogFormat) -> None:
     from accord.common.logs import configure
 
     configure(level=level, fmt=fmt)
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+# The choices of options. Their owners (accord.coordinator.Transport, the chaos
+# harness's INJECTABLE_FAULTS, the load generator's MODES) are not imported here: every
+# command would pay for importing them (tests/unit/test_cli_choices.py keeps them equal).
+
+
+class ParticipantTransport(StrEnum):
+    AUTO = "auto"
+    STREAM = "stream"
+    UNARY = "unary"
+
+
+class LoadMode(StrEnum):
+    TWO_PC = "2pc"
+    SAGA = "saga"
+    MIXED = "mixed"
+
+
+class Fault(StrEnum):
+    KILL_COORDINATOR = "kill-coordinator"
+    KILL_PARTICIPANT = "kill-participant"
+    PAUSE = "pause"
+    ETCD = "etcd"
+    POWER_LOSS = "power-loss"
+
+
+class Faults(tuple[Fault, ...]):
+    """The value of ``--faults``: comma-separated :class:`Fault` names."""
+
+    @classmethod
+    def parse(cls, value: str | Iterable[Fault]) -> Faults:
+        if not isinstance(value, str):
+            return cls(value)
+        try:
+            chosen = cls(Fault(f.strip()) for f in value.split(",") if f.strip())
+        except ValueError as e:
+            raise typer.BadParameter(f"{e}; choose from {', '.join(Fault)}") from None
+        if not chosen:
+            raise typer.BadParameter(f"choose from {', '.join(Fault)}")
+        return chosen
+
+    def __str__(self) -> str:
+        return ",".join(self)
+
+
+DEFAULT_FAULTS = Faults((Fault.KILL_COORDINATOR, Fault.KILL_PARTICIPANT))
+
+
+def fail(message: str, code: ExitCode = ExitCode.FAILURE) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
-LogLevel = Annotated[str, typer.Option(envvar="ACCORD_LOG_LEVEL", help="debug|info|warning|error")]
+LogLevelOpt = Annotated[
+    LogLevel, typer.Option(envvar="ACCORD_LOG_LEVEL", case_sensitive=False, help="log level")
+]
 RegistryEtcd = Annotated[
     str,
     typer.Option(
@@ -69,7 +109,9 @@ RegistryEtcd = Annotated[
 LeaseTtl = Annotated[
     int, typer.Option("--ttl", envvar="ACCORD_TTL_S", help="lease TTL of the registration (s)")
 ]
-LogFormat = Annotated[str, typer.Option(envvar="ACCORD_LOG_FORMAT", help="text|json")]
+LogFormatOpt = Annotated[
+    LogFormat, typer.Option(envvar="ACCORD_LOG_FORMAT", case_sensitive=False, help="log format")
+]
 MetricsListen = Annotated[
     str,
     typer.Option(
@@ -135,13 +177,13 @@ def coordinator(
     max_payload_bytes: Annotated[int, typer.Option(envvar="ACCORD_MAX_PAYLOAD_BYTES")] = 256 * 1024,
     call_timeout_s: Annotated[float, typer.Option(envvar="ACCORD_CALL_TIMEOUT_S")] = 5.0,
     participant_transport: Annotated[
-        str,
+        ParticipantTransport,
         typer.Option(
             envvar="ACCORD_PARTICIPANT_TRANSPORT",
             help="auto (a stream per participant where supported, else unary), stream, "
             "or unary (one RPC per call)",
         ),
-    ] = "auto",
+    ] = ParticipantTransport.AUTO,
     retry_initial_s: Annotated[float, typer.Option(envvar="ACCORD_RETRY_INITIAL_S")] = 0.02,
     retry_max_s: Annotated[float, typer.Option(envvar="ACCORD_RETRY_MAX_S")] = 2.0,
     checkpoint_every: Annotated[int, typer.Option(envvar="ACCORD_CHECKPOINT_EVERY")] = 100_000,
@@ -168,8 +210,8 @@ def coordinator(
             help="a deliberately broken build for the chaos checker's own test",
         ),
     ] = False,
-    log_level: LogLevel = "info",
-    log_format: LogFormat = "text",
+    log_level: LogLevelOpt = LogLevel.INFO,
+    log_format: LogFormatOpt = LogFormat.TEXT,
     metrics_listen: MetricsListen = "",
     trace_console: TraceConsole = False,
 ) -> None:
@@ -187,12 +229,6 @@ def coordinator(
 
     setup_logging(log_level, log_format)
     registry: Registry
-    try:
-        transport = Transport(participant_transport)
-    except ValueError:
-        raise fail(
-            f"--participant-transport must be auto, stream or unary, not {participant_transport!r}"
-        ) from None
     try:
         if etcd and service:
             raise ValueError("give either --etcd or --service, not both")
@@ -222,13 +258,13 @@ def coordinator(
         config=config,
         registration_ttl_s=ttl,
         wal_sync_marker=wal_sync_marker,
-        participant_transport=transport,
+        participant_transport=Transport(participant_transport.value),
     )
     telemetry = setup_telemetry("accord-coordinator", trace_console, metrics_listen)
     try:
-        run_async(serve(settings, registry=registry, telemetry=telemetry))
+        runner.run(serve(settings, registry=registry, telemetry=telemetry))
     except Exception as e:  # one line, non-zero: the log has the details
-        logging.getLogger("accord").exception("coordinator failed")
+        log.exception("event=coordinator_failed")
         raise fail(f"coordinator: {e}") from None
     finally:
         telemetry.shutdown()
@@ -257,26 +293,43 @@ def _announce(etcd: str, instance_id: str, ttl: int, advertise: str) -> Any:
 
 @participant_app.command("bank")
 def participant_bank(
-    listen: Annotated[str, typer.Option(envvar="ACCORD_LISTEN")] = "127.0.0.1:7101",
-    db: Annotated[Path, typer.Option(envvar="ACCORD_DB", help="SQLite file")] = Path("bank.db"),
+    listen: Annotated[
+        str, typer.Option(envvar="ACCORD_LISTEN", help="host:port (port 0 picks one)")
+    ] = "127.0.0.1:7101",
+    db: Annotated[
+        Path, typer.Option(envvar="ACCORD_DB", help="SQLite file (created if missing)")
+    ] = Path("bank.db"),
     service: Annotated[str, typer.Option(envvar="ACCORD_SERVICE", help="service name")] = "bank",
     accounts: Annotated[
-        int, typer.Option(envvar="ACCORD_ACCOUNTS", help="accounts to create if missing")
+        int,
+        typer.Option(
+            envvar="ACCORD_ACCOUNTS", help="accounts <service>-0..N-1 to create if missing"
+        ),
     ] = 0,
-    initial_balance: Annotated[int, typer.Option(envvar="ACCORD_INITIAL_BALANCE")] = 0,
+    initial_balance: Annotated[
+        int, typer.Option(envvar="ACCORD_INITIAL_BALANCE", help="balance of a created account")
+    ] = 0,
     in_doubt_after_s: Annotated[
         float,
         typer.Option(
+            "--in-doubt-after-s",
+            "--in-doubt-after",
             envvar="ACCORD_IN_DOUBT_AFTER_S",
             help="ask the coordinator about a branch prepared this long",
         ),
     ] = 10.0,
+    grace: Annotated[
+        float,
+        typer.Option(
+            envvar="ACCORD_GRACE_S", help="on SIGTERM/SIGINT, seconds for calls in progress"
+        ),
+    ] = 5.0,
     etcd: RegistryEtcd = "",
     instance_id: InstanceId = "",
     ttl: LeaseTtl = 5,
     advertise: Advertise = "",
-    log_level: LogLevel = "info",
-    log_format: LogFormat = "text",
+    log_level: LogLevelOpt = LogLevel.INFO,
+    log_format: LogFormatOpt = LogFormat.TEXT,
     metrics_listen: MetricsListen = "",
     trace_console: TraceConsole = False,
 ) -> None:
@@ -286,7 +339,7 @@ def participant_bank(
     setup_logging(log_level, log_format)
     telemetry = setup_telemetry(f"accord-participant-{service}", trace_console, metrics_listen)
     try:
-        run_async(
+        runner.run(
             serve_bank(
                 listen,
                 db,
@@ -294,15 +347,22 @@ def participant_bank(
                 accounts=accounts,
                 initial_balance=initial_balance,
                 in_doubt_after_s=in_doubt_after_s,
+                grace_s=grace,
                 announce=_announce(etcd, instance_id, ttl, advertise),
                 telemetry=telemetry,
             )
         )
     except Exception as e:
-        logging.getLogger("accord").exception("participant failed")
+        log.exception("event=participant_failed service=%s", service)
         raise fail(f"participant: {e}") from None
     finally:
         telemetry.shutdown()
+
+
+def bank_main() -> None:
+    """``python -m accord.participants.bank``: the same command as ``accord participant
+    bank``."""
+    sys.exit(run_standalone(participant_bank, "python -m accord.participants.bank"))
 
 
 def _trip_command(kind: str) -> None:
@@ -322,8 +382,8 @@ def _trip_command(kind: str) -> None:
         instance_id: InstanceId = "",
         ttl: LeaseTtl = 5,
         advertise: Advertise = "",
-        log_level: LogLevel = "info",
-        log_format: LogFormat = "text",
+        log_level: LogLevelOpt = LogLevel.INFO,
+        log_format: LogFormatOpt = LogFormat.TEXT,
         metrics_listen: MetricsListen = "",
         trace_console: TraceConsole = False,
     ) -> None:
@@ -332,7 +392,7 @@ def _trip_command(kind: str) -> None:
         setup_logging(log_level, log_format)
         telemetry = setup_telemetry(f"accord-participant-{kind}", trace_console, metrics_listen)
         try:
-            run_async(
+            runner.run(
                 serve_trip(
                     kind,
                     listen,
@@ -344,7 +404,7 @@ def _trip_command(kind: str) -> None:
                 )
             )
         except Exception as e:
-            logging.getLogger("accord").exception("participant failed")
+            log.exception("event=participant_failed service=%s", kind)
             raise fail(f"participant: {e}") from None
         finally:
             telemetry.shutdown()
@@ -386,8 +446,8 @@ def sidecar(
     interval_s: Annotated[
         float, typer.Option(envvar="ACCORD_INTERVAL_S", help="health check period (s)")
     ] = 1.0,
-    log_level: LogLevel = "info",
-    log_format: LogFormat = "text",
+    log_level: LogLevelOpt = LogLevel.INFO,
+    log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
     """Keep a participant that does not embed the SDK registered in etcd while its gRPC
     health status is SERVING (the sidecar pattern)."""
@@ -421,9 +481,9 @@ def sidecar(
         await car.run(stop)
 
     try:
-        run_async(go())
+        runner.run(go())
     except Exception as e:
-        logging.getLogger("accord").exception("sidecar failed")
+        log.exception("event=sidecar_failed service=%s", service)
         raise fail(f"sidecar: {e}") from None
 
 
@@ -463,7 +523,7 @@ def _client_call(address: str, etcd: str, fn: Any) -> Any:
             return await fn(client)
 
     try:
-        return run_async(go())
+        return runner.run(go())
     except AccordClientError as e:
         raise fail(str(e)) from None
     except ValueError as e:
@@ -571,7 +631,7 @@ def txn_commit(
     result = _client_call(coordinator, etcd, lambda c: c.commit(gid))
     _print_txn(result, as_json)
     if not result.committed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
 
 
 @txn_app.command("abort")
@@ -604,7 +664,7 @@ def txn_execute(
     )
     _print_txn(result, as_json)
     if not result.committed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
 
 
 @txn_app.command("saga")
@@ -620,7 +680,9 @@ def txn_saga(
     """Start a saga from a JSON file: {"steps": [{"name", "service" or "address",
     "action", "compensation", "payload", "depends_on": [...], "pivot", "timeout_ms",
     "retry": {"max_attempts", "initial_interval_ms", "max_interval_ms", "multiplier",
-    "final_codes"}}], "timeout_ms": N}. Exit 1 unless it COMPLETED (or is running)."""
+    "final_codes"}}], "timeout_ms": N} (a step is accord.v1.SagaStep in protobuf's JSON
+    mapping; a payload is any JSON value, or text). Exit 1 unless it COMPLETED (or is
+    running)."""
     from accord.client import SagaStep
 
     try:
@@ -638,7 +700,7 @@ def txn_saga(
     )
     _print_txn(result, as_json)
     if wait and not result.completed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
 
 
 @txn_app.command("cancel")
@@ -664,7 +726,7 @@ def txn_retry(
     result = _client_call(coordinator, etcd, lambda c: c.retry(gid))
     _print_txn(result, as_json)
     if result.stuck:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
 
 
 @txn_app.command("get")
@@ -769,13 +831,20 @@ def demo(
     if as_json:
         print(json.dumps(summary))
     if summary["total_before"] != summary["total_after"] or summary["errors"]:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
     if saga and not all(s["consistent"] for s in summary["sagas"]):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
 
 
-@app.command()
+# `accord chaos [OPTIONS]` runs a test (the group's callback); `accord chaos check` checks
+# a saved run. The help is the callback's docstring.
+chaos_app = typer.Typer(invoke_without_command=True)
+app.add_typer(chaos_app, name="chaos")
+
+
+@chaos_app.callback()
 def chaos(
+    ctx: typer.Context,
     duration: Annotated[float, typer.Option(help="seconds of load and faults")] = 120.0,
     coordinators: Annotated[int, typer.Option(help="WAL shards (each an owner + a standby)")] = 2,
     participants: Annotated[int, typer.Option(help="bank participant services")] = 4,
@@ -784,12 +853,15 @@ def chaos(
     saga_share: Annotated[float, typer.Option(help="share of operations that are sagas")] = 0.3,
     fault_every: Annotated[float, typer.Option(help="mean seconds between faults")] = 6.0,
     faults: Annotated[
-        str,
+        Faults,
         typer.Option(
+            parser=Faults.parse,
+            metavar="FAULT,...",
             help="comma-separated: kill-coordinator, kill-participant, pause (SIGSTOP past "
-            "the lease), etcd (stop etcd for a while)"
+            "the lease), etcd (stop etcd for a while), power-loss (a coordinator's unsynced "
+            "WAL tail is lost)",
         ),
-    ] = "kill-coordinator,kill-participant",
+    ] = DEFAULT_FAULTS,
     ttl: LeaseTtl = 2,
     out: Annotated[
         Path | None, typer.Option(help="keep the run here (history, databases, logs)")
@@ -797,13 +869,11 @@ def chaos(
     as_json: JsonOut = False,
 ) -> None:
     """Kill coordinators and participants under a bank workload, then check the history:
-    exit 0 only with zero violations."""
-    from accord.tools.chaos import INJECTABLE_FAULTS, ChaosSettings, run_chaos
+    exit 0 only with zero violations. `accord chaos check` checks a saved run again."""
+    if ctx.invoked_subcommand is not None:
+        return  # the options above are the run's, not the subcommand's
+    from accord.tools.chaos import ChaosSettings, run_chaos
 
-    chosen = tuple(f.strip() for f in faults.split(",") if f.strip())
-    unknown = [f for f in chosen if f not in INJECTABLE_FAULTS]
-    if unknown or not chosen:
-        raise fail(f"--faults: unknown {unknown}; choose from {', '.join(INJECTABLE_FAULTS)}")
     if duration <= 0 or coordinators < 1 or participants < 2 or workers < 1:
         raise fail("need --duration > 0, --coordinators >= 1, --participants >= 2, --workers >= 1")
     settings = ChaosSettings(
@@ -814,7 +884,7 @@ def chaos(
         workers=workers,
         saga_share=saga_share,
         fault_every_s=fault_every,
-        faults=chosen,
+        faults=tuple(f.value for f in faults),
         ttl_s=ttl,
         out_dir=out,
     )
@@ -822,7 +892,78 @@ def chaos(
     if as_json:
         print(json.dumps(report))
     if report["violations"]:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
+
+
+def _named_db(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise typer.BadParameter(f"expected NAME=PATH, got {text!r}", param_hint="'--db'")
+    return name, Path(path)
+
+
+@chaos_app.command("check")
+def chaos_check(
+    history: Annotated[Path, typer.Argument(help="the JSONL history file")],
+    initial: Annotated[
+        Path, typer.Option(help="JSON object: account -> initial balance", show_default=False)
+    ],
+    db: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=PATH",
+            help="a participant service and its SQLite file (repeat per participant)",
+        ),
+    ] = None,
+    coordinator_state: Annotated[
+        list[Path] | None,
+        typer.Option(
+            metavar="FILE",
+            help="JSON list of the coordinator's final transactions (repeat per coordinator)",
+        ),
+    ] = None,
+    recovery_bound_s: Annotated[
+        float | None,
+        typer.Option(
+            help="longest allowed time from the last heal to quiescence (default: the "
+            "checker's, 60)",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Check a saved chaos run offline against the participants' final databases.
+
+    Exit code 0: no violations; 1: violations found; 2: the input could not be read."""
+    from accord.tools.chaos import (
+        DEFAULT_RECOVERY_BOUND_S,
+        HistoryError,
+        StateError,
+        check,
+        load_coordinator_state,
+        load_initial,
+        render_report,
+    )
+
+    databases = dict(_named_db(d) for d in db or ())
+    try:
+        report = check(
+            history,
+            databases=databases,
+            initial=load_initial(initial),
+            coordinator_state=[load_coordinator_state(f) for f in coordinator_state or ()],
+            recovery_bound_s=(
+                DEFAULT_RECOVERY_BOUND_S if recovery_bound_s is None else recovery_bound_s
+            ),
+        )
+    except (HistoryError, StateError, OSError) as e:
+        raise fail(str(e), code=ExitCode.USAGE) from None
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render_report(report, Console())
+    if not report.valid:
+        raise typer.Exit(ExitCode.FAILURE)
 
 
 # ---------------------------------------------------------------- load
@@ -834,7 +975,9 @@ def load(
         str, typer.Option("--coordinator", "-c", envvar="ACCORD_COORDINATOR", help="host:port")
     ] = "",
     etcd: EtcdUrl = "",
-    mode: Annotated[str, typer.Option(envvar="ACCORD_LOAD_MODE", help="2pc|saga|mixed")] = "2pc",
+    mode: Annotated[
+        LoadMode, typer.Option(envvar="ACCORD_LOAD_MODE", help="2PC transfers, sagas, or both")
+    ] = LoadMode.TWO_PC,
     concurrency: Annotated[
         int,
         typer.Option(
@@ -895,7 +1038,7 @@ def load(
     settings = LoadSettings(
         coordinator=coordinator,
         etcd=etcd,
-        mode=mode,
+        mode=mode.value,
         concurrency=concurrency,
         duration_s=duration,
         transactions=transactions,
@@ -912,17 +1055,35 @@ def load(
     try:
         settings.validate()
     except ValueError as e:
-        raise fail(str(e), code=2) from None
+        raise fail(str(e), code=ExitCode.USAGE) from None
     code = run_command(settings, json_out=json_out, plot=plot, progress=progress)
     if code:
         raise typer.Exit(code)
+
+
+def run_standalone(
+    command: Callable[..., None], prog_name: str, argv: Sequence[str] | None = None
+) -> int:
+    """Runs one command of this CLI as a program of its own (``python -m ...``) on
+    ``argv`` (default: ``sys.argv[1:]``); returns its exit code."""
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command()(command)
+    try:
+        single(args=None if argv is None else list(argv), prog_name=prog_name)
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+    except SystemExit as e:  # click ends every standalone run so, success included
+        if e.code is None or isinstance(e.code, int):
+            return e.code or ExitCode.OK
+        return ExitCode.FAILURE
+    return ExitCode.OK
 
 
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -19,19 +19,15 @@ Saga operations (Execute / its Compensate, same payload; each writes a ledger en
 Seeded accounts are named ``<service>-<index>`` (:func:`account_id`). The admin API
 (``accord.bank.v1.Bank``: OpenAccounts, GetBalances) is served on the same port.
 
-Run it with the :func:`serve_bank` coroutine (the ``accord participant bank`` command) or
-``python -m accord.participants.bank --listen 127.0.0.1:0 --db FILE [--service NAME]
-[--accounts N --initial-balance X]``; it prints ``listening on HOST:PORT`` once serving.
+Run it with the :func:`serve_bank` coroutine, or the ``accord participant bank --listen
+127.0.0.1:0 --db FILE [--service NAME] [--accounts N --initial-balance X]`` command (also
+``python -m accord.participants.bank ...``); it prints ``listening on HOST:PORT`` once
+serving.
 """
 
 from accord.participants.bank._admin import BANK_SERVICE_NAME, BankAdmin, install_admin
 from accord.participants.bank._logic import SCHEMA, Movement, bank_app, parse
-from accord.participants.bank._main import (
-    account_id,
-    main,
-    seed_accounts,
-    serve_bank,
-)
+from accord.participants.bank._main import account_id, seed_accounts, serve_bank
 
 __all__ = [
     "BANK_SERVICE_NAME",
@@ -41,7 +37,6 @@ __all__ = [
     "account_id",
     "bank_app",
     "install_admin",
-    "main",
     "parse",
     "seed_accounts",
     "serve_bank",

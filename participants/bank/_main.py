@@ -1,24 +1,17 @@
-"""Running the bank: the :func:`serve_bank` coroutine (what ``accord participant bank``
-runs) and ``python -m accord.participants.bank``."""
+"""Running the bank: the :func:`serve_bank` coroutine, which ``accord participant bank``
+(and ``python -m accord.participants.bank``, the same command) runs."""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import os
 import sys
-from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from accord.common.telemetry import Telemetry
 from accord.common.transport import TransportSettings
 from accord.participants import Announce, ParticipantServer, serve
 from accord.participants.bank._admin import install_admin
 from accord.participants.bank._logic import bank_app
-
-log = logging.getLogger("accord.participant.bank")
 
 
 def account_id(service: str, index: int) -> str:
@@ -72,63 +65,3 @@ async def serve_bank(
         announce=announce,
         telemetry=telemetry,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m accord.participants.bank",
-        description=(
-            "The Accord example bank participant (2PC debit/credit/balance;"
-            " saga debit/refund, credit/uncredit)."
-        ),
-    )
-    parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any free)")
-    parser.add_argument("--db", type=Path, required=True, help="SQLite file (created if missing)")
-    parser.add_argument("--service", default="bank", help="service name (default: bank)")
-    parser.add_argument(
-        "--accounts", type=int, default=0, help="seed accounts <service>-0..N-1 when missing"
-    )
-    parser.add_argument("--initial-balance", type=int, default=0, help="balance of seeds")
-    parser.add_argument(
-        "--in-doubt-after-s",
-        "--in-doubt-after",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="ask the coordinator about branches prepared for longer than this",
-    )
-    parser.add_argument("--grace", type=float, default=5.0, metavar="SECONDS")
-    parser.add_argument("--log-level", default=os.environ.get("ACCORD_LOG_LEVEL", "INFO"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    coro = serve_bank(
-        args.listen,
-        args.db,
-        service=args.service,
-        accounts=args.accounts,
-        initial_balance=args.initial_balance,
-        in_doubt_after_s=args.in_doubt_after_s,
-        grace_s=args.grace,
-    )
-    try:
-        _run(coro)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as err:
-        log.debug("bank failed", exc_info=True)
-        print(f"bank: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from accord.client import FINAL_STATES, TxnState
 from accord.participants import AuditRow, read_audit
 
 #: Final transaction states, and STUCK (a saga waiting for an operator: reported).
-FINAL_STATES = frozenset({"COMMITTED", "ABORTED", "COMPLETED", "COMPENSATED"})
-SETTLED_STATES = FINAL_STATES | {"STUCK"}
+SETTLED_STATES = FINAL_STATES | {TxnState.STUCK}
 
 
 class StateError(ValueError):

@@ -44,7 +44,6 @@ from typing import IO, Any, Literal
 from accord.client._client import Branch, SagaStep, TxnResult
 from accord.client._errors import AlreadyExistsError, InvalidArgumentError
 
-OpName = Literal["transfer", "saga"]
 CompletionType = Literal["ok", "fail", "info"]
 
 OPS: frozenset[str] = frozenset({"transfer", "saga"})

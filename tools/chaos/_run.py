@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from accord.common import runner
 from accord.tools.chaos._harness import (
     Chaos,
     ChaosSettings,
@@ -26,11 +27,9 @@ from accord.tools.topology import workdir
 def run_chaos(s: ChaosSettings, *, console: Console | None) -> dict[str, Any]:
     """Runs the test; returns the report (also saved as ``report.json`` in the run's
     directory, with the history, the databases and every process's log)."""
-    from accord.tools.cli import run_async
-
     # A run printed to a console keeps its directory: the report names it.
     with workdir(s.out_dir, prefix="accord-chaos-", keep=console is not None) as root:
-        report = run_async(_run(s, root, console))
+        report = runner.run(_run(s, root, console))
     if console is not None:
         print_report(console, report)
     return report
