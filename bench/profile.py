@@ -27,7 +27,6 @@ from rich.console import Console
 from rich.table import Table
 
 from accord.common import runner
-from accord.tools._procs import stop_all
 from bench.load import LoadSettings, run_closed_loop
 from bench.rows import ROWS, RowEnv
 
@@ -136,7 +135,7 @@ async def profile_row(
             if spy.returncode is None:
                 spy.kill()
                 await spy.wait()
-        stop_all(list(reversed(env.procs)))
+        env.topology.stop()
         shutil.rmtree(data, ignore_errors=True)
     return {n: f for n, f in files.items() if f.exists()}
 

@@ -1,8 +1,8 @@
 """The benchmark rows: a registry of named topologies.
 
 A row is an async context manager factory ``(RowEnv) -> Target``: it starts its processes
-through :meth:`RowEnv.start` (so the runner stops every one of them by PID, whatever
-happens), prepares them (accounts ...), and yields a :class:`Target` whose ``factory``
+through the row's :class:`~accord.tools.topology.Topology` (so the runner stops every one
+of them by PID, whatever happens), prepares them (accounts ...), and yields a :class:`Target` whose ``factory``
 makes one transaction function per load-generator worker. The runner drives the same
 target at every concurrency, then leaves the context and stops the processes.
 
@@ -31,11 +31,16 @@ from pathlib import Path
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.trace import TracerProvider
 
-import accord.bank.v1 as bankpb
 from accord.client._client import AccordClient, Branch, SagaStep
-from accord.common.transport import make_channel
 from accord.registry import EtcdRegistry, find_coordinators
-from accord.tools._procs import EtcdServer, ManagedProcess
+from accord.tools.topology import (
+    EtcdServer,
+    ManagedProcess,
+    Topology,
+    balances,
+    numbered_accounts,
+    open_accounts,
+)
 from bench.load import TxnFactory, TxnFn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +50,8 @@ SAGA_BANKS = ("bank-a", "bank-b", "bank-c")
 #: Saga states other than COMPLETED (a saga of the saga rows should never end in one).
 SAGA_NOT_COMPLETED = ("RUNNING", "COMPENSATING", "COMPENSATED", "STUCK")
 LISTEN = "127.0.0.1:0"
+#: The baseline's bare coordinator and participants (``bench/baseline.py``).
+BARE = (sys.executable, "-m", "bench.baseline")
 
 
 class RowFailed(RuntimeError):
@@ -65,37 +72,25 @@ class RowEnv:
     #: Client-side deadline of one transaction.
     call_timeout_s: float = 10.0
     start_timeout_s: float = 60.0
-    procs: list[ManagedProcess] = field(default_factory=list)
+    #: The row's processes, under ``data_dir`` (``NAME.log`` each), with the repository
+    #: on their import path (so ``python -m bench.baseline`` works from anywhere).
+    topology: Topology = field(init=False)
 
-    def process(
-        self, name: str, argv: Sequence[str], extra_env: Mapping[str, str] | None = None
-    ) -> ManagedProcess:
-        """A process of this row, logging to ``data_dir/NAME.log``, with the repository
-        on its import path (so ``python -m bench.baseline`` works from anywhere)."""
+    def __post_init__(self) -> None:
         path = os.environ.get("PYTHONPATH", "")
-        env = {"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)}
-        env.update(extra_env or {})
-        return ManagedProcess(name, argv, env=env, log_path=self.data_dir / f"{name}.log")
-
-    def accord(
-        self, name: str, args: Sequence[str], extra_env: Mapping[str, str] | None = None
-    ) -> ManagedProcess:
-        """An ``accord`` subcommand (``python -m accord.tools.cli ...``)."""
-        return self.process(name, [sys.executable, "-m", "accord.tools.cli", *args], extra_env)
-
-    async def start(self, *procs: ManagedProcess) -> None:
-        """Starts the processes in parallel and waits until each serves. They are
-        registered first, so the runner stops them even if starting fails."""
-        self.procs.extend(procs)
-        await asyncio.gather(*(asyncio.to_thread(p.start, self.start_timeout_s) for p in procs))
+        self.topology = Topology(
+            self.data_dir,
+            env={"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)},
+            start_timeout_s=self.start_timeout_s,
+        )
 
     async def etcd(self) -> EtcdServer:
-        """A single-member etcd of this row (free loopback ports, data in
-        ``data_dir/etcd``, log in ``data_dir/etcd.log``), started through :meth:`start`
-        and so stopped by PID by the runner like the other processes (last, being
-        started first: the participants deregister before it goes)."""
-        server = EtcdServer(self.data_dir / "etcd", log_path=self.data_dir / "etcd.log")
-        await self.start(server)
+        """A single-member etcd of this row (reserved loopback ports, data in
+        ``data_dir/etcd``, log in ``data_dir/etcd.log``), stopped by PID by the runner
+        like the other processes (last, being started first: the participants deregister
+        before it goes)."""
+        server = self.topology.etcd(start=False)
+        await self.topology.start_together(server)
         return server
 
 
@@ -112,9 +107,8 @@ class Target:
     def assert_alive(self) -> None:
         for name, p in self.processes.items():
             if not p.alive():
-                code = p.proc.returncode if p.proc is not None else None
                 tail = "\n".join(p.output().splitlines()[-20:])
-                raise RowFailed(f"{name} (pid {p.pid}) exited with {code}:\n{tail}")
+                raise RowFailed(f"{name} (pid {p.pid}) exited with {p.returncode}:\n{tail}")
 
 
 RowFactory = Callable[[RowEnv], AbstractAsyncContextManager[Target]]
@@ -295,33 +289,18 @@ async def accord_client(
         await client.close()
 
 
-async def open_accounts(env: RowEnv, addresses: Mapping[str, str]) -> None:
-    """Opens the accounts through the Bank admin API."""
+async def open_bank_accounts(env: RowEnv, addresses: Mapping[str, str]) -> None:
+    """Opens each bank's ``env.accounts`` accounts through the Bank admin API."""
     for name, address in addresses.items():
-        channel = make_channel(address)
-        try:
-            req = bankpb.OpenAccountsRequest(
-                accounts=[
-                    bankpb.OpenAccount(id=f"{name}-{i}", balance=env.initial_balance)
-                    for i in range(env.accounts)
-                ]
-            )
-            await bankpb.BankStub(channel).OpenAccounts(req, timeout=60)
-        finally:
-            await channel.close()
+        accounts = numbered_accounts(name, env.accounts, env.initial_balance)
+        await open_accounts(address, accounts, timeout_s=60)
 
 
 async def bank_state(addresses: Mapping[str, str]) -> dict[str, tuple[int, int]]:
     """(total balance, branches held prepared) of each bank."""
     out: dict[str, tuple[int, int]] = {}
     for name, address in addresses.items():
-        channel = make_channel(address)
-        try:
-            resp = await bankpb.BankStub(channel).GetBalances(
-                bankpb.GetBalancesRequest(), timeout=60
-            )
-        finally:
-            await channel.close()
+        resp = await balances(address, timeout_s=60)
         out[name] = (resp.total, resp.prepared_branches)
     return out
 
@@ -401,27 +380,8 @@ async def bank_participants(
 ) -> dict[str, ManagedProcess]:
     """Starts Accord's bank participant (SQLite, ``synchronous=FULL``) once per name;
     with ``etcd`` (a URL), each registers itself there under its name."""
-    banks = {
-        name: env.accord(
-            name,
-            [
-                "participant",
-                "bank",
-                "--listen",
-                LISTEN,
-                "--db",
-                str(env.data_dir / f"{name}.db"),
-                "--service",
-                name,
-                *(["--etcd", etcd] if etcd else []),
-                "--log-level",
-                "warning",
-            ],
-            extra_env,
-        )
-        for name in names
-    }
-    await env.start(*banks.values())
+    banks = {name: env.topology.bank(name, etcd=etcd, env=extra_env, start=False) for name in names}
+    await env.topology.start_together(*banks.values())
     return banks
 
 
@@ -440,26 +400,10 @@ async def accord_coordinator(
     measured the unary path before the stream transport existed still do."""
     if (addresses is None) == (not etcd):
         raise ValueError("give the coordinator either a static service map or an etcd URL")
-    registry = (
-        ["--etcd", etcd] if etcd else [f"--service={n}={a}" for n, a in (addresses or {}).items()]
+    coord = env.topology.coordinator(
+        services=addresses, etcd=etcd, transport=transport, env=extra_env, start=False
     )
-    coord = env.accord(
-        "coordinator",
-        [
-            "coordinator",
-            "--listen",
-            LISTEN,
-            "--wal-dir",
-            str(env.data_dir / "wal"),
-            *registry,
-            "--participant-transport",
-            transport,
-            "--log-level",
-            "warning",
-        ],
-        extra_env,
-    )
-    await env.start(coord)
+    await env.topology.start_together(coord)
     return coord
 
 
@@ -507,13 +451,22 @@ async def bare_topology(
     env: RowEnv, names: Sequence[str]
 ) -> tuple[ManagedProcess, dict[str, ManagedProcess]]:
     """The baseline's bare participants (one per name), then its bare coordinator."""
-    bare = [sys.executable, "-m", "bench.baseline"]
-    banks = {name: env.process(name, [*bare, "participant", "--listen", LISTEN]) for name in names}
-    await env.start(*banks.values())
+    banks = bare_participants(env, names)
+    await env.topology.start_together(*banks.values())
     services = [f"--service={name}={p.address}" for name, p in banks.items()]
-    coord = env.process("coordinator", [*bare, "coordinator", "--listen", LISTEN, *services])
-    await env.start(coord)
+    coord = env.topology.process(
+        "coordinator", [*BARE, "coordinator", "--listen", LISTEN, *services]
+    )
+    await env.topology.start_together(coord)
     return coord, banks
+
+
+def bare_participants(env: RowEnv, names: Sequence[str]) -> dict[str, ManagedProcess]:
+    """The baseline's bare participants, one per name (not started)."""
+    return {
+        name: env.topology.process(name, [*BARE, "participant", "--listen", LISTEN])
+        for name in names
+    }
 
 
 # --------------------------------------------------------------------- rows
@@ -562,7 +515,7 @@ async def static_2pc(env: RowEnv, *, transport: str) -> AsyncIterator[Target]:
     banks = await bank_participants(env, BANKS)
     addresses = {name: p.address for name, p in banks.items()}
     coord = await accord_coordinator(env, addresses, transport=transport)
-    await open_accounts(env, addresses)
+    await open_bank_accounts(env, addresses)
     before = sum(t for t, _ in (await bank_state(addresses)).values())
     async with accord_client(env, coord.address) as client:
         yield Target(
@@ -580,9 +533,8 @@ async def static_2pc(env: RowEnv, *, transport: str) -> AsyncIterator[Target]:
 )
 @asynccontextmanager
 async def accord_2pc_nodb(env: RowEnv) -> AsyncIterator[Target]:
-    bare = [sys.executable, "-m", "bench.baseline"]
-    banks = {name: env.process(name, [*bare, "participant", "--listen", LISTEN]) for name in BANKS}
-    await env.start(*banks.values())
+    banks = bare_participants(env, BANKS)
+    await env.topology.start_together(*banks.values())
     coord = await accord_coordinator(env, {name: p.address for name, p in banks.items()})
     async with accord_client(env, coord.address) as client:
         yield Target(
@@ -616,7 +568,7 @@ async def accord_2pc_etcd(env: RowEnv) -> AsyncIterator[Target]:
     await wait_registered(env, etcd.url, BANKS)
     coord = await accord_coordinator(env, etcd=etcd.url)
     await wait_registered(env, etcd.url, BANKS, coordinator=coord.address)
-    await open_accounts(env, addresses)
+    await open_bank_accounts(env, addresses)
     plan = transfer_plan(env)
     async with accord_client(env, coord.address) as client:
         await first_commit(client, plan[0], env.start_timeout_s)
@@ -657,22 +609,21 @@ async def two_coordinators(env: RowEnv, *, transport: str) -> AsyncIterator[Targ
     addresses = {name: p.address for name, p in banks.items()}
     await wait_registered(env, etcd.url, BANKS)
     coords = {
-        f"coordinator-{i}": env.accord(
+        f"coordinator-{i}": env.topology.coordinator(
             f"coordinator-{i}",
-            [
-                "coordinator",
-                *("--listen", LISTEN, "--id", f"c{i}", "--shard", f"s{i}"),
-                *("--wal-dir", str(env.data_dir / f"wal-s{i}"), "--etcd", etcd.url),
-                *("--log-level", "warning"),
-                *("--participant-transport", transport),
-            ],
+            cid=f"c{i}",
+            shard=f"s{i}",
+            wal=f"wal-s{i}",
+            etcd=etcd.url,
+            transport=transport,
+            start=False,
         )
         for i in (1, 2)
     }
-    await env.start(*coords.values())
+    await env.topology.start_together(*coords.values())
     for coord in coords.values():
         await wait_registered(env, etcd.url, BANKS, coordinator=coord.address)
-    await open_accounts(env, addresses)
+    await open_bank_accounts(env, addresses)
     plan = transfer_plan(env)
     for coord in coords.values():  # each one resolves both banks before any load
         async with accord_client(env, coord.address) as one:
@@ -714,8 +665,10 @@ def accord_2pc_traced_sampled(env: RowEnv) -> AbstractAsyncContextManager[Target
 
 @asynccontextmanager
 async def traced_2pc(env: RowEnv, *, ratio: float) -> AsyncIterator[Target]:
-    sink = env.process("otlp-sink", [sys.executable, "-m", "bench.otlp_sink", "--listen", LISTEN])
-    await env.start(sink)
+    sink = env.topology.process(
+        "otlp-sink", [sys.executable, "-m", "bench.otlp_sink", "--listen", LISTEN]
+    )
+    await env.topology.start_together(sink)
     otel = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{sink.address}",
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
@@ -725,7 +678,7 @@ async def traced_2pc(env: RowEnv, *, ratio: float) -> AsyncIterator[Target]:
     banks = await bank_participants(env, BANKS, otel)
     addresses = {name: p.address for name, p in banks.items()}
     coord = await accord_coordinator(env, addresses, otel)
-    await open_accounts(env, addresses)
+    await open_bank_accounts(env, addresses)
     before = sum(t for t, _ in (await bank_state(addresses)).values())
     provider = client_tracer_provider(sink.address, ratio)
     try:
@@ -787,7 +740,7 @@ async def accord_saga(env: RowEnv) -> AsyncIterator[Target]:
     banks = await bank_participants(env, SAGA_BANKS)
     addresses = {name: p.address for name, p in banks.items()}
     coord = await accord_coordinator(env, addresses)
-    await open_accounts(env, addresses)
+    await open_bank_accounts(env, addresses)
     before = sum(t for t, _ in (await bank_state(addresses)).values())
     tally = SagaTally()
     async with accord_client(env, coord.address) as client:

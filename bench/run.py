@@ -13,7 +13,6 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from accord.common import runner
-from accord.tools._procs import stop_all
+from accord.tools.topology import workdir
 from bench.load import LoadSettings, run_closed_loop
 from bench.report import build_report, render, result_row, write_report
 from bench.rows import ROWS, RowEnv, RowSpec
@@ -105,11 +104,11 @@ async def run_row(spec: RowSpec, env: RowEnv, s: RunSettings, out: Outcome, say:
     except Exception as e:
         out.failures.append({"name": spec.name, "error": f"{type(e).__name__}: {e}"})
         say.print(f"[red]{spec.name} failed:[/red] {e}")
-        for p in env.procs:
+        for p in env.topology.procs:
             if p.proc is not None and not p.alive():
                 say.print(f"[dim]--- {p.name} output ---\n{p.output()[-3000:]}[/dim]")
     finally:
-        stop_all(list(reversed(env.procs)))
+        env.topology.stop()
 
 
 async def run_all(s: RunSettings, console: Console) -> Outcome:
@@ -118,17 +117,13 @@ async def run_all(s: RunSettings, console: Console) -> Outcome:
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     out = Outcome(results=[], failures=[], warnings=[])
-    base = s.data_dir or Path(tempfile.mkdtemp(prefix="accord-bench-"))
-    try:
+    with workdir(s.data_dir, prefix="accord-bench-") as base:
         for spec in s.rows:
             data = base / spec.name
             shutil.rmtree(data, ignore_errors=True)
             data.mkdir(parents=True)
             env = RowEnv(name=spec.name, data_dir=data, seed=s.seed)
             await run_row(spec, env, s, out, console)
-    finally:
-        if s.data_dir is None:
-            shutil.rmtree(base, ignore_errors=True)
     return out
 
 

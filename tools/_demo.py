@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +23,10 @@ from hdrh.histogram import HdrHistogram
 from rich.console import Console
 from rich.table import Table
 
-import accord.bank.v1 as bankpb
 from accord.client._client import AccordClient, Branch, SagaStep
 from accord.client._errors import AccordClientError
 from accord.common import runner
-from accord.common.transport import make_channel
-from accord.tools._procs import EtcdServer, ManagedProcess, stop_all
+from accord.tools.topology import Topology, balances, numbered_accounts, open_accounts, workdir
 
 BANKS = ("bank-a", "bank-b")
 
@@ -120,13 +116,7 @@ async def _book_trips(coordinator: str, etcd: str, data: Path) -> list[dict[str,
 async def bank_totals(addresses: dict[str, str]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for name, addr in addresses.items():
-        channel = make_channel(addr)
-        try:
-            resp = await bankpb.BankStub(channel).GetBalances(
-                bankpb.GetBalancesRequest(), timeout=10
-            )
-        finally:
-            await channel.close()
+        resp = await balances(addr)
         out[name] = {
             "total": resp.total,
             "held": resp.total_held,
@@ -134,18 +124,6 @@ async def bank_totals(addresses: dict[str, str]) -> dict[str, dict[str, int]]:
             "prepared_branches": resp.prepared_branches,
         }
     return out
-
-
-async def open_accounts(addresses: dict[str, str], n: int, balance: int) -> None:
-    for name, addr in addresses.items():
-        channel = make_channel(addr)
-        try:
-            req = bankpb.OpenAccountsRequest(
-                accounts=[bankpb.OpenAccount(id=f"{name}-{i}", balance=balance) for i in range(n)]
-            )
-            await bankpb.BankStub(channel).OpenAccounts(req, timeout=10)
-        finally:
-            await channel.close()
 
 
 async def _workload(
@@ -220,90 +198,34 @@ async def _settled(addresses: dict[str, str], timeout_s: float = 30.0) -> dict[s
 
 
 def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, Any]:
-    tmp = None
-    data = settings.data_dir
-    if data is None:
-        tmp = tempfile.mkdtemp(prefix="accord-demo-")
-        data = Path(tmp)
-    data.mkdir(parents=True, exist_ok=True)
-    procs: list[ManagedProcess] = []
     say = console.print if console else (lambda *a, **k: None)
-    try:
+    with workdir(settings.data_dir, prefix="accord-demo-") as data, Topology(data) as topo:
         etcd_url = ""
-        announce: list[str] = []
         if settings.etcd:
-            etcd = EtcdServer(data / "etcd", log_path=data / "etcd.log")
-            procs.append(etcd.start())
+            etcd = topo.etcd()
             etcd_url = etcd.url
-            announce = ["--etcd", etcd_url]
             say(f"[green]started[/green] etcd on {etcd_url} (pid {etcd.pid})")
         addresses: dict[str, str] = {}
         for name in BANKS:
-            p = ManagedProcess.accord(
-                name,
-                [
-                    "participant",
-                    "bank",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--db",
-                    str(data / f"{name}.db"),
-                    "--service",
-                    name,
-                    "--log-level",
-                    "warning",
-                    *announce,
-                ],
-                log_path=data / f"{name}.log",
-            )
-            procs.append(p.start())
+            p = topo.bank(name, etcd=etcd_url)
             addresses[name] = p.address
             say(f"[green]started[/green] participant {name} on {p.address} (pid {p.pid})")
         trip_addresses: dict[str, str] = {}
         if settings.saga:
             for kind in ("flight", "hotel", "car"):
                 extra = ["--fail-city", FAIL_CITY] if kind == "car" else []
-                p = ManagedProcess.accord(
-                    kind,
-                    [
-                        "participant",
-                        kind,
-                        "--listen",
-                        "127.0.0.1:0",
-                        "--db",
-                        str(data / f"{kind}.db"),
-                        "--log-level",
-                        "warning",
-                        *extra,
-                        *announce,
-                    ],
-                    log_path=data / f"{kind}.log",
-                )
-                procs.append(p.start())
+                p = topo.participant(kind, etcd=etcd_url, extra=extra)
                 trip_addresses[kind] = p.address
                 say(f"[green]started[/green] participant {kind} on {p.address} (pid {p.pid})")
-        coord = ManagedProcess.accord(
-            "coordinator",
-            [
-                "coordinator",
-                "--listen",
-                "127.0.0.1:0",
-                "--wal-dir",
-                str(data / "wal"),
-                *(
-                    announce
-                    or [f"--service={n}={a}" for n, a in {**addresses, **trip_addresses}.items()]
-                ),
-                "--log-level",
-                "warning",
-            ],
-            log_path=data / "coordinator.log",
+        coord = topo.coordinator(
+            etcd=etcd_url, services=None if etcd_url else {**addresses, **trip_addresses}
         )
-        procs.append(coord.start())
         say(f"[green]started[/green] coordinator on {coord.address} (pid {coord.pid})")
 
         async def go() -> dict[str, Any]:
-            await open_accounts(addresses, settings.accounts, settings.initial_balance)
+            for name, address in addresses.items():
+                accounts = numbered_accounts(name, settings.accounts, settings.initial_balance)
+                await open_accounts(address, accounts)
             before = await bank_totals(addresses)
             say(f"running {settings.transfers} transfers, {settings.concurrency} at a time ...")
             outcomes, hist, errors, elapsed = await _workload(coord.address, etcd_url, settings)
@@ -327,10 +249,6 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
             }
 
         summary = runner.run(go())
-    finally:
-        stop_all(list(reversed(procs)))
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     if console is not None:
         _print_summary(console, summary)
     return summary

@@ -1,13 +1,12 @@
 """Helpers for the bank integration tests: bank participant processes started with
-``python -m accord.participants.bank`` (port read from their first stdout line, stopped by PID),
-a fake coordinator answering only ``QueryOutcome``, and request builders."""
+``python -m accord.participants.bank`` through a :class:`Topology` (port read from their
+``listening on`` line, stopped by PID), a fake coordinator answering only
+``QueryOutcome``, and request builders."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from grpc import aio
 import accord.bank.v1 as bankpb
 import accord.v1 as pb
 from accord.common.transport import bind, make_channel, make_server
+from accord.tools.topology import ManagedProcess, ProcessFailed, Topology
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -30,10 +30,7 @@ class BankProcess:
     """One ``python -m accord.participants.bank`` process and a channel to it."""
 
     db: Path
-    log: Path
-    args: list[str]
-    proc: asyncio.subprocess.Process
-    address: str
+    process: ManagedProcess
     channel: aio.Channel = field(init=False)
     participant: pb.ParticipantStub = field(init=False)
     admin: bankpb.BankStub = field(init=False)
@@ -44,8 +41,12 @@ class BankProcess:
         self.admin = bankpb.BankStub(self.channel)
 
     @property
+    def address(self) -> str:
+        return self.process.address
+
+    @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.pid
 
     async def balances(self) -> dict[str, tuple[int, int]]:
         reply = await self.admin.GetBalances(bankpb.GetBalancesRequest(), timeout=5)
@@ -60,22 +61,14 @@ class BankProcess:
     async def stop(self) -> int:
         """SIGTERM, wait, SIGKILL if it does not stop in time; returns the exit code."""
         await self.channel.close()
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT_S)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        assert self.proc.returncode is not None
-        return self.proc.returncode
+        code = await asyncio.to_thread(self.process.stop, STOP_TIMEOUT_S)
+        assert code is not None
+        return code
 
     async def crash(self) -> None:
         """SIGKILL: no cleanup, no flush, as a real crash."""
         await self.channel.close()
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+        await asyncio.to_thread(self.process.kill)
 
 
 class BankProcesses:
@@ -83,6 +76,7 @@ class BankProcesses:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
+        self.topology = Topology(workdir, start_timeout_s=START_TIMEOUT_S)
         self.started: list[BankProcess] = []
 
     async def start(
@@ -94,59 +88,42 @@ class BankProcesses:
         initial_balance: int = 0,
         in_doubt_after_s: float = 10.0,
     ) -> BankProcess:
-        args = [
-            sys.executable,
-            "-m",
-            "accord.participants.bank",
-            "--listen",
-            "127.0.0.1:0",
-            "--db",
-            str(db),
-            "--service",
-            service,
-            "--accounts",
-            str(accounts),
-            "--initial-balance",
-            str(initial_balance),
-            "--in-doubt-after-s",
-            str(in_doubt_after_s),
-            "--log-level",
-            "INFO",
-        ]
-        return await self._spawn(db, args)
+        proc = self.topology.bank(
+            f"bank-{len(self.started)}",
+            standalone=True,
+            cwd=self.workdir,
+            db=db,
+            service=service,
+            accounts=accounts,
+            initial_balance=initial_balance,
+            in_doubt_after_s=in_doubt_after_s,
+            log_level="INFO",
+            start=False,
+        )
+        return await self._spawn(db, proc)
 
     async def restart(self, old: BankProcess) -> BankProcess:
         """A new process on the same database and arguments (a new port)."""
-        if old.proc.returncode is None:
+        if old.process.alive():
             await old.stop()
-        return await self._spawn(old.db, old.args)
-
-    async def _spawn(self, db: Path, args: list[str]) -> BankProcess:
-        log = self.workdir / f"bank-{len(self.started)}.log"
-        with log.open("wb") as err:
-            proc = await asyncio.create_subprocess_exec(
-                *args, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=self.workdir
-            )
-        assert proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise AssertionError(f"bank did not start in time; log:\n{log.read_text()}") from None
-        text = line.decode().strip()
-        if not text.startswith("listening on "):
-            await proc.wait()
-            raise AssertionError(f"bank failed to start ({text!r}); log:\n{log.read_text()}")
-        bank = BankProcess(
-            db=db, log=log, args=args, proc=proc, address=text.removeprefix("listening on ")
+        proc = self.topology.process(
+            f"bank-{len(self.started)}", old.process.argv, cwd=self.workdir
         )
+        return await self._spawn(old.db, proc)
+
+    async def _spawn(self, db: Path, proc: ManagedProcess) -> BankProcess:
+        try:
+            await proc.start_async(START_TIMEOUT_S)
+        except ProcessFailed as e:
+            raise AssertionError(f"bank failed to start: {e}") from None
+        bank = BankProcess(db=db, process=proc)
         self.started.append(bank)
         return bank
 
     async def stop_all(self) -> None:
         for bank in self.started:
-            await bank.stop()
+            await bank.channel.close()
+        await asyncio.to_thread(self.topology.stop)
 
 
 def payload(account: str, amount: int | None = None) -> bytes:

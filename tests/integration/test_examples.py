@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from accord.client.examples.checkout import checkout, checkout_interactive
-from accord.tools._procs import ManagedProcess
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, open_accounts
 
@@ -28,7 +27,7 @@ def test_readme_quotes_the_examples_verbatim() -> None:
 async def test_checkout_example(cluster: Cluster) -> None:
     bank = cluster.bank("bank")
     await open_accounts(bank.address, {"alice": 60})
-    inventory = ManagedProcess(
+    inventory = cluster.topology.process(
         "inventory",
         [
             sys.executable,
@@ -38,8 +37,7 @@ async def test_checkout_example(cluster: Cluster) -> None:
             str(cluster.root / "inv.db"),
         ],
     )
-    cluster.procs.append(inventory)
-    inventory.start()
+    cluster.topology.start(inventory)
     coord = cluster.coordinator({"bank": bank.address, "inventory": inventory.address})
     assert await checkout(coord.address, "1")
     assert await checkout(coord.address, "1")  # the retry is the same order: paid once

@@ -16,7 +16,7 @@ import pytest
 from accord.client import AccordClient, Branch, TxnResult
 from accord.client._errors import AccordClientError, UnavailableError
 from accord.registry import Etcd, owner_key
-from accord.tools._procs import ManagedProcess
+from accord.tools.topology import ManagedProcess
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, open_accounts
 

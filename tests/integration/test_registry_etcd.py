@@ -372,34 +372,35 @@ async def test_sidecar_registers_a_plain_health_checked_service(cluster: Cluster
     """A participant without the SDK's registration (a bank started without --etcd,
     standing for a service in any language) kept in etcd by ``accord sidecar`` while its
     gRPC health status is SERVING."""
-    from accord.tools._procs import ManagedProcess, free_port
+    from accord.tools.topology import accord_argv
+    from tests.integration.conftest import free_port
 
     etcd = cluster.etcd()
     port = free_port()
     target = cluster.bank("plain", port=port)
     ttl = 2
-    car = ManagedProcess.accord(
+    car = cluster.topology.process(
         "sidecar",
-        [
-            "sidecar",
-            "--service",
-            "plain",
-            "--target",
-            f"127.0.0.1:{port}",
-            "--etcd",
-            etcd.url,
-            "--ttl",
-            str(ttl),
-            "--interval-s",
-            "0.3",
-            "--instance-id",
-            "plain-1",
-        ],
-        log_path=cluster.root / "sidecar.log",
-        ready_prefix="sidecar watching ",
+        accord_argv(
+            [
+                "sidecar",
+                "--service",
+                "plain",
+                "--target",
+                f"127.0.0.1:{port}",
+                "--etcd",
+                etcd.url,
+                "--ttl",
+                str(ttl),
+                "--interval-s",
+                "0.3",
+                "--instance-id",
+                "plain-1",
+            ]
+        ),
+        ready="sidecar watching ",
     )
-    cluster.procs.append(car)
-    car.start()
+    cluster.topology.start(car)
     key = service_key("plain", "plain-1")
 
     async def registered() -> bool:

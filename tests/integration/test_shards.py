@@ -18,7 +18,7 @@ import pytest
 from accord.client import AccordClient, Branch, TxnResult
 from accord.client._errors import FailedPreconditionError, NotFoundError, UnavailableError
 from accord.common.gid import shard_for_key, shard_of
-from accord.tools._procs import ManagedProcess
+from accord.tools.topology import ManagedProcess
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, open_accounts
 

@@ -22,7 +22,6 @@ from accord.common.transport import TransportSettings, make_channel
 from accord.coordinator._calls import ParticipantCalls, Transport, Verdict
 from accord.coordinator._methods import Method
 from accord.registry import StaticRegistry
-from accord.tools._procs import ManagedProcess
 from tests.integration._bank_helpers import branch
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, free_port, open_accounts
@@ -199,14 +198,12 @@ async def test_participant_sigkilled_mid_workload(cluster: Cluster) -> None:
 async def test_unary_fallback_for_a_participant_without_stream(cluster: Cluster) -> None:
     a = cluster.bank("bank-a")
     await open_accounts(a.address, {"a": 100})
-    bare = ManagedProcess(
+    bare = cluster.topology.process(
         "bare",
         [sys.executable, "-m", "bench.baseline", "participant", "--listen", "127.0.0.1:0"],
         env={"PYTHONPATH": REPO_ROOT},
-        log_path=cluster.root / "bare.log",
     )
-    cluster.procs.append(bare)
-    bare.start()
+    cluster.topology.start(bare)
     mport = free_port()
     coord = cluster.coordinator(
         {"bank-a": a.address, "bare": bare.address},

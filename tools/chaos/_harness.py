@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import random
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,11 +26,17 @@ from typing import Any
 import accord.bank.v1 as bankpb
 from accord.client._client import AccordClient, Branch, SagaStep, TxnResult
 from accord.client._errors import AccordClientError, UnavailableError
-from accord.common.transport import make_channel
 from accord.coordinator.wal import drop_unsynced
 from accord.participants import copy_database
-from accord.tools._procs import EtcdServer, ManagedProcess, ProcessFailed, free_port, stop_all
 from accord.tools.chaos._history import HistoryWriter
+from accord.tools.topology import (
+    EtcdServer,
+    ManagedProcess,
+    ProcessFailed,
+    Topology,
+    balances,
+    free_port,
+)
 
 INJECTABLE_FAULTS = ("kill-coordinator", "kill-participant", "pause", "etcd", "power-loss")
 #: Nothing more will happen to these without an operator (STUCK is reported, not in doubt).
@@ -64,10 +69,8 @@ class ChaosSettings:
 class Node:
     name: str
     proc: ManagedProcess
-    port: int
     kind: str  # "coordinator" | "participant"
     shard: str = ""
-    paused: bool = False
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Chaos:
         self.rng = random.Random(s.seed)
         self.history = HistoryWriter(root / "history.jsonl")
         self.stats = Stats()
+        self.topology = Topology(root)
         self.nodes: dict[str, Node] = {}
         self.etcd: EtcdServer | None = None
         self.banks = [f"bank-{i + 1}" for i in range(s.participants)]
@@ -100,101 +104,50 @@ class Chaos:
 
     # ------------------------------------------------------------ processes
 
-    def _accord(
-        self, name: str, args: list[str], ready: str | tuple[str, ...] = "listening on "
-    ) -> ManagedProcess:
-        env = (
+    def _bank(self, name: str) -> ManagedProcess:
+        """A bank registered in etcd, on a port kept across its restarts (so it comes
+        back at the address the coordinators know)."""
+        assert self.etcd is not None
+        return self.topology.bank(
+            name,
+            port=free_port(),
+            etcd=self.etcd.url,
+            instance_id=name,
+            ttl_s=self.s.ttl_s,
+            accounts=self.s.accounts,
+            initial_balance=self.s.initial_balance,
+            in_doubt_after_s=5,
+        )
+
+    def _coordinator(self, name: str, shard: str) -> ManagedProcess:
+        """The owner or a standby of ``shard``, whichever it finds itself to be."""
+        assert self.etcd is not None
+        return self.topology.coordinator(
+            name,
+            port=free_port(),
+            wal=f"wal-{shard}",
+            cid=name,
+            shard=shard,
+            etcd=self.etcd.url,
+            role="any",
+            ttl_s=self.s.ttl_s,
+            retry_max_s=0.5,
+            default_timeout_ms=15000,
             # The SYNCED marker lets a power loss be simulated on the coordinator's WAL.
-            {"ACCORD_WAL_SYNC_MARKER": "1", **self.s.coordinator_env}
-            if args and args[0] == "coordinator"
-            else None
-        )
-        return ManagedProcess.accord(
-            name, args, env=env, log_path=self.root / f"{name}.log", ready_prefix=ready
-        )
-
-    def _bank(self, name: str, port: int) -> ManagedProcess:
-        assert self.etcd is not None
-        return self._accord(
-            name,
-            [
-                "participant",
-                "bank",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--db",
-                str(self.root / f"{name}.db"),
-                "--service",
-                name,
-                "--etcd",
-                self.etcd.url,
-                "--instance-id",
-                name,
-                "--ttl",
-                str(self.s.ttl_s),
-                "--accounts",
-                str(self.s.accounts),
-                "--initial-balance",
-                str(self.s.initial_balance),
-                "--in-doubt-after-s",
-                "5",
-                "--log-level",
-                "warning",
-            ],
-        )
-
-    def _coordinator(self, name: str, shard: str, port: int) -> ManagedProcess:
-        assert self.etcd is not None
-        return self._accord(
-            name,
-            [
-                "coordinator",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--wal-dir",
-                str(self.root / f"wal-{shard}"),
-                "--id",
-                name,
-                "--shard",
-                shard,
-                "--etcd",
-                self.etcd.url,
-                "--ttl",
-                str(self.s.ttl_s),
-                "--retry-max-s",
-                "0.5",
-                "--default-timeout-ms",
-                "15000",
-                "--log-level",
-                "warning",
-            ],
-            # A standby says so and waits; an owner says where it listens.
-            ready=("listening on ", "standby for shard"),
+            env={"ACCORD_WAL_SYNC_MARKER": "1", **self.s.coordinator_env},
         )
 
     def start_topology(self) -> None:
-        self.etcd = EtcdServer(self.root / "etcd", log_path=self.root / "etcd.log")
-        self.etcd.start()
+        self.etcd = self.topology.etcd()
         for name in self.banks:
-            port = free_port()
-            node = Node(name, self._bank(name, port), port, "participant")
-            node.proc.start()
-            self.nodes[name] = node
+            self.nodes[name] = Node(name, self._bank(name), "participant")
         for shard in self.shards:
             for role in ("a", "b"):
                 name = f"coordinator-{shard}{role}"
-                port = free_port()
-                node = Node(name, self._coordinator(name, shard, port), port, "coordinator", shard)
-                node.proc.start()
-                self.nodes[name] = node
+                self.nodes[name] = Node(name, self._coordinator(name, shard), "coordinator", shard)
 
     def stop_all(self) -> None:
-        for node in self.nodes.values():
-            if node.paused and node.proc.proc is not None:
-                node.proc.proc.send_signal(signal.SIGCONT)
-        stop_all([n.proc for n in self.nodes.values()])
-        if self.etcd is not None:
-            self.etcd.stop()
+        self.topology.stop()
 
     # ------------------------------------------------------------ workload
 
@@ -338,7 +291,7 @@ class Chaos:
         for attempt in range(10):
             t0 = time.monotonic()
             try:
-                await asyncio.to_thread(node.proc.start, 60.0)
+                await node.proc.start_async(60.0)
             except ProcessFailed:
                 if attempt == 9:
                     raise
@@ -380,10 +333,10 @@ class Chaos:
                 # its files), every record no fdatasync covered is dropped, then killed.
                 shard = self.rng.choice(self.shards)
                 node = self._owner(shard)
-                if node is None or node.proc.proc is None:
+                if node is None:
                     continue
                 self.stats.in_doubt_at_kill.append(self._inflight[shard])
-                node.proc.proc.send_signal(signal.SIGSTOP)
+                node.proc.pause()
                 dropped = await asyncio.to_thread(drop_unsynced, self.root / f"wal-{shard}")
                 node.proc.kill()
                 self._killed_at.setdefault(shard, time.monotonic())
@@ -404,15 +357,12 @@ class Chaos:
                 pending.append(asyncio.create_task(self._restart(node, self.rng.uniform(0.5, 3))))
             elif fault == "pause":
                 node = self.nodes[self.rng.choice([*self.banks, *self.nodes])]
-                if not node.proc.alive() or node.proc.proc is None or node.paused:
+                if not node.proc.alive() or node.proc.paused:
                     continue
-                node.proc.proc.send_signal(signal.SIGSTOP)
-                node.paused = True
+                node.proc.pause()
                 self._fault("pause", node.name)
                 await asyncio.sleep(self.s.ttl_s + self.rng.uniform(0.5, 2))
-                if node.proc.alive():
-                    node.proc.proc.send_signal(signal.SIGCONT)
-                node.paused = False
+                node.proc.resume()
                 self._fault("resume", node.name)
                 # A coordinator paused past its lease finds itself fenced and exits 75.
                 for _ in range(30):
@@ -426,7 +376,7 @@ class Chaos:
                 self.etcd.stop()
                 self._fault("etcd-stop", "etcd")
                 await asyncio.sleep(self.rng.uniform(1, 4))
-                await asyncio.to_thread(self.etcd.start)
+                await self.etcd.start_async()
                 self._fault("etcd-start", "etcd")
         for task in pending:
             await task  # a process that cannot be started again fails the run
@@ -434,11 +384,10 @@ class Chaos:
     async def heal(self) -> None:
         assert self.etcd is not None
         if not self.etcd.alive():
-            await asyncio.to_thread(self.etcd.start)
+            await self.etcd.start_async()
         for node in self.nodes.values():
-            if node.paused and node.proc.proc is not None:
-                node.proc.proc.send_signal(signal.SIGCONT)
-                node.paused = False
+            if node.proc.paused:
+                node.proc.resume()
             if not node.proc.alive():
                 await self._start(node)
         self.history.fault("heal", "all", {})
@@ -446,12 +395,7 @@ class Chaos:
     # ------------------------------------------------------------ quiescence
 
     async def _bank_state(self, name: str) -> bankpb.GetBalancesResponse:
-        node = self.nodes[name]
-        async with make_channel(f"127.0.0.1:{node.port}") as ch:
-            resp: bankpb.GetBalancesResponse = await bankpb.BankStub(ch).GetBalances(
-                bankpb.GetBalancesRequest(), timeout=5
-            )
-            return resp
+        return await balances(self.nodes[name].proc.address, timeout_s=5)
 
     async def coordinator_state(self) -> list[dict[str, Any]]:
         assert self.etcd is not None

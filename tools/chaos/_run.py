@@ -4,8 +4,6 @@ collect, check, report."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,22 +21,15 @@ from accord.tools.chaos._harness import (
     save_json,
     settings_dict,
 )
+from accord.tools.topology import workdir
 
 
 def run_chaos(s: ChaosSettings, *, console: Console | None) -> dict[str, Any]:
     """Runs the test; returns the report (also saved as ``report.json`` in the run's
     directory, with the history, the databases and every process's log)."""
-    tmp = None
-    root = s.out_dir
-    if root is None:
-        tmp = tempfile.mkdtemp(prefix="accord-chaos-")
-        root = Path(tmp)
-    root.mkdir(parents=True, exist_ok=True)
-    try:
+    # A run printed to a console keeps its directory: the report names it.
+    with workdir(s.out_dir, prefix="accord-chaos-", keep=console is not None) as root:
         report = runner.run(_run(s, root, console))
-    finally:
-        if tmp is not None and console is None:
-            shutil.rmtree(tmp, ignore_errors=True)
     if console is not None:
         print_report(console, report)
     return report

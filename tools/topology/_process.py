@@ -1,11 +1,15 @@
-"""Starting and stopping Accord processes (coordinator, participants, etcd) on this
-machine: used by the demo, the tests, the benchmarks and the chaos harness. Every Accord
-process prints ``listening on HOST:PORT`` once it serves; we wait for that line (for
-etcd: its ``/health`` endpoint), and stop processes by PID (SIGTERM, then SIGKILL after a
-grace period)."""
+"""One process of a topology: started with its output read by a thread (kept in memory,
+appended to a log file), ready once it says so, stopped by PID.
+
+Every Accord process prints ``listening on HOST:PORT`` once it serves (a standby
+coordinator ``standby for shard ...`` while it waits); we wait for that line (for etcd:
+its ``/health`` endpoint), and stop processes by PID (SIGTERM, then SIGKILL after a
+grace period). The faults the chaos harness injects are here too: SIGKILL as a crash,
+SIGSTOP/SIGCONT as a pause."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -18,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.error import URLError
 from urllib.request import urlopen
 
@@ -35,22 +40,26 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
         ready_prefix: str | tuple[str, ...] = "listening on ",
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
+        self.cwd = cwd
         self.ready_prefix = ready_prefix
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
         self.log_path = log_path
         self.address = ""
         self.proc: subprocess.Popen[str] | None = None
+        #: Stopped by :meth:`pause` and not yet resumed.
+        self.paused = False
         self._tail: deque[str] = deque(maxlen=200)
         self._listening = threading.Event()
         self._reader: threading.Thread | None = None
 
     @classmethod
-    def accord(cls, name: str, args: Sequence[str], **kw: object) -> ManagedProcess:
+    def accord(cls, name: str, args: Sequence[str], **kw: Any) -> ManagedProcess:
         """An ``accord`` subcommand run with this interpreter."""
-        return cls(name, [sys.executable, "-m", "accord.tools.cli", *args], **kw)  # type: ignore[arg-type]
+        return cls(name, accord_argv(args), **kw)
 
     @property
     def pid(self) -> int:
@@ -62,6 +71,7 @@ class ManagedProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._listening.clear()
         self._tail.clear()  # this run's output only (the log file keeps every run)
+        self.paused = False
         self.proc = subprocess.Popen(
             self.argv,
             stdout=subprocess.PIPE,
@@ -69,6 +79,7 @@ class ManagedProcess:
             stdin=subprocess.DEVNULL,
             text=True,
             env=env,
+            cwd=self.cwd,
         )
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
@@ -86,6 +97,10 @@ class ManagedProcess:
                     f"{self.name} did not serve within {timeout_s}s:\n" + self.output()
                 )
         return self
+
+    async def start_async(self, timeout_s: float = 30.0) -> ManagedProcess:
+        """:meth:`start` in a thread, so the event loop goes on meanwhile."""
+        return await asyncio.to_thread(self.start, timeout_s)
 
     def _ready(self) -> bool:
         """Waits a moment for the process to say it serves."""
@@ -118,17 +133,39 @@ class ManagedProcess:
         assert self.proc is not None
         return self.proc.wait(timeout_s)
 
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc is not None else None
+
     def kill(self) -> None:
-        """SIGKILL, as a crash."""
+        """SIGKILL, as a crash (a paused process too)."""
         if self.alive():
             assert self.proc is not None
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+        self.paused = False
+
+    def pause(self) -> None:
+        """SIGSTOP: the process stops answering without closing its sockets."""
+        if self.alive():
+            assert self.proc is not None
+            os.kill(self.proc.pid, signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self.alive():
+            assert self.proc is not None
+            os.kill(self.proc.pid, signal.SIGCONT)
+        self.paused = False
 
     def stop(self, grace_s: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL if it has not exited after grace_s."""
+        """SIGTERM (after SIGCONT if paused), then SIGKILL if it has not exited after
+        grace_s. Safe to call again."""
         if self.proc is None:
             return None
+        if self.paused:
+            self.resume()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -142,18 +179,39 @@ class ManagedProcess:
 
 
 def stop_all(procs: Sequence[ManagedProcess]) -> None:
+    """Stops each process in the order given; teardown goes on past a failure."""
     for p in procs:
         try:
             p.stop()
-        except Exception:  # teardown must go on
+        except Exception:
             p.kill()
 
 
+def accord_argv(args: Sequence[str]) -> list[str]:
+    """The command line of an ``accord`` subcommand run with this interpreter."""
+    return [sys.executable, "-m", "accord.tools.cli", *args]
+
+
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (free now; the caller binds it soon after)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A TCP port on 127.0.0.1 for a process that must be told its port (etcd, a process
+    restarted at the same address), reserved for about a minute.
+
+    Binding port 0 and closing the socket leaves a free port that the next ``bind(0)``
+    of a parallel start, or an outgoing connection, may take before our process binds
+    it. So the port is parked in TIME_WAIT instead: a connection to it is accepted and
+    closed from the listening side first. The kernel then hands the port to no
+    ``bind(0)`` and no ``connect`` until TIME_WAIT ends (60 s on Linux), while a server
+    binding it explicitly (gRPC and etcd set SO_REUSEADDR) gets it at once. Processes
+    that can pick their own port are better started on port 0: they report it."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        address = listener.getsockname()
+        with socket.create_connection(address, timeout=5):
+            accepted, _ = listener.accept()
+            accepted.close()  # the accepting side closes first: it holds the TIME_WAIT
+        port: int = address[1]
         return port
 
 
@@ -239,12 +297,3 @@ class EtcdServer(ManagedProcess):
                 return bool(json.loads(resp.read()).get("health") == "true")
         except (URLError, OSError, ValueError):
             return False
-
-    def pause(self) -> None:
-        """SIGSTOP: etcd stops answering without closing its sockets."""
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)

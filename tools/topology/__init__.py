@@ -1,0 +1,43 @@
+"""Topologies of Accord processes on this machine, for the demo, the chaos harness, the
+benchmark rows and the integration tests: etcd, coordinators (owners and standbys of WAL
+shards) and participants started as processes on 127.0.0.1, each ready once it says so,
+every one stopped by PID.
+
+- :class:`Topology` starts them under one directory and stops them all (``with`` or
+  ``async with``), last started first;
+- :class:`ManagedProcess` is one of them, with the faults the chaos harness injects
+  (``kill``: SIGKILL, ``pause``/``resume``: SIGSTOP/SIGCONT) and restarts (``start``
+  again, same command line); :class:`EtcdServer` is etcd;
+- :func:`free_port` reserves a port for a process that must be told its port;
+- :func:`open_accounts`, :func:`balances` and :func:`numbered_accounts` use the bank's
+  admin API.
+
+It owns no part of Accord: it only runs the command lines the parts document."""
+
+from accord.tools.topology._bank import balances, numbered_accounts, open_accounts
+from accord.tools.topology._process import (
+    EtcdServer,
+    ManagedProcess,
+    ProcessFailed,
+    accord_argv,
+    etcd_binary,
+    free_port,
+    stop_all,
+)
+from accord.tools.topology._topology import Role, Topology, workdir
+
+__all__ = [
+    "EtcdServer",
+    "ManagedProcess",
+    "ProcessFailed",
+    "Role",
+    "Topology",
+    "accord_argv",
+    "balances",
+    "etcd_binary",
+    "free_port",
+    "numbered_accounts",
+    "open_accounts",
+    "stop_all",
+    "workdir",
+]

@@ -1,0 +1,278 @@
+"""A topology: the processes of one demo, chaos run, benchmark row or test, all under one
+directory (``ROOT/NAME.log`` for each process, ``ROOT/NAME.db`` for a participant,
+``ROOT/wal...`` for a coordinator, ``ROOT/etcd`` for etcd), stopped together.
+
+Every process is registered before it starts, so :meth:`Topology.stop` (or leaving the
+``with``/``async with`` block) stops it by PID in reverse order of registration even when
+starting it failed: coordinators before the participants they call, etcd last (the
+participants deregister before it goes)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, TypedDict, TypeVar, Unpack
+
+from accord.tools.topology._process import EtcdServer, ManagedProcess, accord_argv, stop_all
+
+P = TypeVar("P", bound=ManagedProcess)
+
+#: What a coordinator says once it is ready: an owner serves, a standby waits for its
+#: shard, and ``any`` takes either (a coordinator that may find its shard owned).
+Role = Literal["owner", "standby", "any"]
+_READY: dict[Role, str | tuple[str, ...]] = {
+    "owner": "listening on ",
+    "standby": "standby for shard",
+    "any": ("listening on ", "standby for shard"),
+}
+
+
+class ParticipantOptions(TypedDict, total=False):
+    """How a participant is started; a flag not given is left out of its command line,
+    so the participant's own default applies."""
+
+    #: 0 (the default): it picks a port and reports it.
+    port: int
+    #: Default: ``ROOT/NAME.db``.
+    db: Path | None
+    service: str
+    #: An etcd URL: it registers there (as ``instance_id``, with a lease of ``ttl_s``).
+    etcd: str
+    instance_id: str
+    ttl_s: float | None
+    in_doubt_after_s: float | None
+    #: Default ``warning``; None leaves the flag out.
+    log_level: str | None
+    env: Mapping[str, str] | None
+    #: More arguments, last on the command line.
+    extra: Sequence[str]
+    #: Default True: start it now and wait until it serves (False: only register it).
+    start: bool
+
+
+@contextmanager
+def workdir(path: Path | None, *, prefix: str, keep: bool = False) -> Iterator[Path]:
+    """``path`` (created if missing, always kept), or else a new temporary directory,
+    removed on the way out unless ``keep``."""
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _listen(port: int) -> str:
+    return f"127.0.0.1:{port}"
+
+
+def _opt(flag: str, value: object | None) -> list[str]:
+    """``[flag, value]``, or nothing when the value is not given."""
+    return [] if value is None or value == "" else [flag, str(value)]
+
+
+class Topology:
+    """Starts etcd, coordinators and participants as processes on 127.0.0.1 and stops
+    every one of them. A process on port 0 picks its port and reports it (its
+    ``address``); give a port (:func:`free_port`) only where one must be known in advance
+    or kept across restarts.
+
+    ``env`` goes to every process it builds but etcd (a process's own ``env`` is laid
+    over it); ``start_timeout_s`` bounds each start."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        start_timeout_s: float = 30.0,
+    ) -> None:
+        self.root = Path(root)
+        self.env = dict(env or {})
+        self.start_timeout_s = start_timeout_s
+        #: Every process registered, in order of registration.
+        self.procs: list[ManagedProcess] = []
+
+    # ------------------------------------------------------------ life cycle
+
+    def __enter__(self) -> Topology:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Topology:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # On purpose in the loop's thread: teardown must finish even while the task
+        # that leaves the block is being cancelled.
+        self.stop()
+
+    def stop(self) -> None:
+        """Stops every process (SIGTERM, SIGKILL after a grace period; a paused one is
+        resumed first), last registered first. Safe to call again."""
+        stop_all(list(reversed(self.procs)))
+
+    def add(self, proc: P) -> P:
+        """Registers a process built elsewhere, so :meth:`stop` stops it."""
+        if proc not in self.procs:
+            self.procs.append(proc)
+        return proc
+
+    def start(self, proc: P) -> P:
+        """Registers the process, starts it and waits until it is ready."""
+        self.add(proc).start(self.start_timeout_s)
+        return proc
+
+    async def start_together(self, *procs: ManagedProcess) -> None:
+        """Registers the processes, starts them in parallel and waits until each is
+        ready."""
+        for p in procs:
+            self.add(p)
+        await asyncio.gather(*(p.start_async(self.start_timeout_s) for p in procs))
+
+    # ------------------------------------------------------------ building blocks
+
+    def process(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        ready: str | tuple[str, ...] = "listening on ",
+        cwd: Path | None = None,
+    ) -> ManagedProcess:
+        """Any process, logging to ``ROOT/NAME.log``; registered, not started."""
+        return self.add(
+            ManagedProcess(
+                name,
+                argv,
+                env={**self.env, **(env or {})},
+                log_path=self.root / f"{name}.log",
+                ready_prefix=ready,
+                cwd=cwd,
+            )
+        )
+
+    def _started(self, proc: P, start: bool) -> P:
+        return self.start(proc) if start else proc
+
+    # ------------------------------------------------------------ etcd
+
+    def etcd(self, name: str = "etcd", *, start: bool = True) -> EtcdServer:
+        """A single-member etcd on reserved loopback ports (kept across its restarts),
+        data in ``ROOT/NAME``."""
+        server = EtcdServer(self.root / name, log_path=self.root / f"{name}.log", name=name)
+        return self._started(self.add(server), start)
+
+    # ------------------------------------------------------------ participants
+
+    def participant(
+        self, kind: str, name: str = "", **options: Unpack[ParticipantOptions]
+    ) -> ManagedProcess:
+        """``accord participant KIND`` (``bank``, ``flight``, ``hotel``, ``car`` ...) named
+        ``name`` (default: the kind); see :class:`ParticipantOptions`."""
+        name = name or kind
+        args = ["participant", kind, *self._participant_flags(name, options)]
+        proc = self.process(name, accord_argv(args), env=options.get("env"))
+        return self._started(proc, options.get("start", True))
+
+    def bank(
+        self,
+        name: str,
+        *,
+        accounts: int | None = None,
+        initial_balance: int | None = None,
+        standalone: bool = False,
+        cwd: Path | None = None,
+        **options: Unpack[ParticipantOptions],
+    ) -> ManagedProcess:
+        """The bank participant as service ``options["service"]`` (default: ``name``),
+        seeded with ``accounts`` accounts of ``initial_balance`` when given.
+        ``standalone`` runs the bank's own entry point (``python -m
+        accord.participants.bank``, in ``cwd``; it does not register in etcd) instead of
+        ``accord participant bank``."""
+        seed = [*_opt("--accounts", accounts), *_opt("--initial-balance", initial_balance)]
+        options["service"] = options.get("service") or name
+        options["extra"] = [*seed, *options.get("extra", ())]
+        if not standalone:
+            return self.participant("bank", name, **options)
+        if options.get("etcd"):
+            raise ValueError("the standalone bank does not register in etcd")
+        argv = [sys.executable, "-m", "accord.participants.bank"]
+        argv += self._participant_flags(name, options)
+        proc = self.process(name, argv, env=options.get("env"), cwd=cwd)
+        return self._started(proc, options.get("start", True))
+
+    def _participant_flags(self, name: str, o: ParticipantOptions) -> list[str]:
+        return [
+            *("--listen", _listen(o.get("port", 0))),
+            *("--db", str(o.get("db") or self.root / f"{name}.db")),
+            *_opt("--service", o.get("service")),
+            *_opt("--etcd", o.get("etcd")),
+            *_opt("--instance-id", o.get("instance_id")),
+            *_opt("--ttl", o.get("ttl_s")),
+            *_opt("--in-doubt-after-s", o.get("in_doubt_after_s")),
+            *_opt("--log-level", o.get("log_level", "warning")),
+            *o.get("extra", ()),
+        ]
+
+    # ------------------------------------------------------------ coordinators
+
+    def coordinator(
+        self,
+        name: str = "coordinator",
+        *,
+        services: Mapping[str, str] | None = None,
+        etcd: str = "",
+        wal: str | Path = "wal",
+        cid: str = "",
+        shard: str = "",
+        role: Role = "owner",
+        port: int = 0,
+        ttl_s: float | None = None,
+        retry_max_s: float | None = None,
+        default_timeout_ms: int | None = None,
+        transport: str | None = None,
+        log_level: str | None = "warning",
+        env: Mapping[str, str] | None = None,
+        extra: Sequence[str] = (),
+        start: bool = True,
+    ) -> ManagedProcess:
+        """``accord coordinator`` with its WAL in ``ROOT/WAL`` (a shard's owner and
+        standbys share one directory: a shared volume's stand-in), resolving services
+        from ``services`` (a static map) and/or etcd; with ``cid`` and ``shard`` it is
+        coordinator ``cid`` of WAL shard ``shard``, ready as ``role`` says. Flags not
+        given are left out, so the coordinator's defaults apply."""
+        args = [
+            "coordinator",
+            *("--listen", _listen(port)),
+            *("--wal-dir", str(self.root / wal)),
+            *(f"--service={n}={a}" for n, a in (services or {}).items()),
+            *_opt("--etcd", etcd),
+            *_opt("--id", cid),
+            *_opt("--shard", shard),
+            *_opt("--ttl", ttl_s),
+            *_opt("--retry-max-s", retry_max_s),
+            *_opt("--default-timeout-ms", default_timeout_ms),
+            *_opt("--participant-transport", transport),
+            *_opt("--log-level", log_level),
+            *extra,
+        ]
+        proc = self.process(name, accord_argv(args), env=env, ready=_READY[role])
+        return self._started(proc, start)
