@@ -101,10 +101,15 @@ def bank_app_pg(service: str = "bank", *, seed: Sequence[tuple[str, int]] = ()) 
     async def schema(conn: Conn) -> None:
         await conn.execute(SCHEMA_PG)
         if seed:
+            # Not ON CONFLICT: its unique check waits for a prepared transaction that
+            # updated the account, and only this bank (once serving) can finish that one.
+            # A plain MVCC read does not wait on row locks; the schema lock the SDK takes
+            # around set-up already keeps two instances from seeding at once.
             async with conn.cursor() as cur:
                 await cur.executemany(
-                    "INSERT INTO accounts (id, balance) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                    list(seed),
+                    "INSERT INTO accounts (id, balance) SELECT %s, %s"
+                    " WHERE NOT EXISTS (SELECT 1 FROM accounts WHERE id = %s)",
+                    [(a, b, a) for a, b in seed],
                 )
 
     @app.prepare("debit")
