@@ -14,7 +14,11 @@ from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, open_accounts
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = [ROOT / "participants/examples/inventory.py", ROOT / "clients/examples/checkout.py"]
+EXAMPLES = [
+    ROOT / "participants/examples/inventory.py",
+    ROOT / "participants/examples/inventory_pg.py",
+    ROOT / "clients/examples/checkout.py",
+]
 
 
 def test_readme_quotes_the_examples_verbatim() -> None:
