@@ -103,12 +103,19 @@ class Target:
     processes: Mapping[str, ManagedProcess]
     #: Run once, after the last concurrency: warnings (empty when all is well).
     check: Callable[[], Awaitable[list[str]]] | None = None
+    #: Servers that fork a process per connection (PostgreSQL): name -> root PID; the
+    #: CPU of the whole process tree is reported as that server's, and the root must stay
+    #: alive.
+    process_trees: Mapping[str, int] = field(default_factory=dict)
 
     def assert_alive(self) -> None:
         for name, p in self.processes.items():
             if not p.alive():
                 tail = "\n".join(p.output().splitlines()[-20:])
                 raise RowFailed(f"{name} (pid {p.pid}) exited with {p.returncode}:\n{tail}")
+        for name, pid in self.process_trees.items():
+            if not Path(f"/proc/{pid}").exists():
+                raise RowFailed(f"{name} (pid {pid}) is gone")
 
 
 RowFactory = Callable[[RowEnv], AbstractAsyncContextManager[Target]]
