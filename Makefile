@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos check-protos lint typecheck unit integration test demo bench profile chaos clean prometheus
+.PHONY: all venv protos check-protos lint typecheck unit integration test demo bench profile chaos clean prometheus postgresql
 
 all: test
 
@@ -52,8 +52,19 @@ prometheus:
 	  { systemctl disable --now prometheus >/dev/null 2>&1 || true; }; } || \
 	  { echo "prometheus: could not install Debian's prometheus package (needed by tests/integration/test_metrics.py)"; exit 1; }
 
+# The PostgreSQL participant tests start their own PostgreSQL server (Debian's package:
+# initdb into a temporary directory, a free loopback port); the package's own cluster
+# service is stopped and disabled.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql && \
+	  { service postgresql stop >/dev/null 2>&1 || true; } && \
+	  { systemctl disable --now postgresql >/dev/null 2>&1 || true; }; } || \
+	  { echo "postgresql: could not install Debian's postgresql package (needed by the PostgreSQL participant tests)"; exit 1; }
+
 # The whole suite: generated code fresh, lint, types, then every test.
-test: check-protos lint typecheck prometheus
+test: check-protos lint typecheck prometheus postgresql
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The whole topology on this machine, a workload, a summary.

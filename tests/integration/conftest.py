@@ -1,9 +1,11 @@
 """Integration tier: real processes on 127.0.0.1 (coordinator, bank participants), real
-gRPC, real WAL files, real SQLite. Every process a test starts is stopped by PID in
-teardown."""
+gRPC, real WAL files, real SQLite, a real PostgreSQL server (one per session, a database
+per test). Every process a test starts is stopped by PID in teardown."""
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from accord.tools.topology import (
     EtcdServer,
     ManagedProcess,
+    PostgresServer,
     Topology,
     balances,
     free_port,
@@ -116,3 +119,24 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (``max_prepared_transactions`` = 100);
+    each test takes its own database from :func:`pg_url`."""
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture
+def pg_url(postgres_server: PostgresServer) -> str:
+    """The URL of a new, empty database of the session's PostgreSQL server."""
+    return postgres_server.create_database(f"t{os.getpid()}_{next(_databases)}")

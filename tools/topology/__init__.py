@@ -15,6 +15,7 @@ every one stopped by PID.
 It owns no part of Accord: it only runs the command lines the parts document."""
 
 from accord.tools.topology._bank import balances, numbered_accounts, open_accounts
+from accord.tools.topology._postgres import PostgresServer, postgres_bindir
 from accord.tools.topology._process import (
     EtcdServer,
     ManagedProcess,
@@ -29,6 +30,7 @@ from accord.tools.topology._topology import Role, Topology, workdir
 __all__ = [
     "EtcdServer",
     "ManagedProcess",
+    "PostgresServer",
     "ProcessFailed",
     "Role",
     "Topology",
@@ -38,6 +40,7 @@ __all__ = [
     "free_port",
     "numbered_accounts",
     "open_accounts",
+    "postgres_bindir",
     "stop_all",
     "workdir",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -41,9 +42,12 @@ class ManagedProcess:
         log_path: Path | None = None,
         ready_prefix: str | tuple[str, ...] = "listening on ",
         cwd: Path | None = None,
+        user: str | None = None,
     ) -> None:
         self.name = name
         self.cwd = cwd
+        #: Run as this OS user (needs root); None: as we run.
+        self.user = user
         self.ready_prefix = ready_prefix
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
@@ -80,6 +84,7 @@ class ManagedProcess:
             text=True,
             env=env,
             cwd=self.cwd,
+            **_as_user(self.user),
         )
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
@@ -176,6 +181,18 @@ class ManagedProcess:
         if self._reader is not None:
             self._reader.join(2)
         return self.proc.returncode
+
+
+def _as_user(user: str | None) -> dict[str, Any]:
+    """Popen arguments that run a process as ``user`` with that user's groups only."""
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {
+        "user": entry.pw_uid,
+        "group": entry.pw_gid,
+        "extra_groups": os.getgrouplist(user, entry.pw_gid),
+    }
 
 
 def stop_all(procs: Sequence[ManagedProcess]) -> None:

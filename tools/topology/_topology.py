@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypedDict, TypeVar, Unpack
 
+from accord.tools.topology._postgres import PostgresServer
 from accord.tools.topology._process import EtcdServer, ManagedProcess, accord_argv, stop_all
 
 P = TypeVar("P", bound=ManagedProcess)
@@ -39,8 +40,8 @@ class ParticipantOptions(TypedDict, total=False):
 
     #: 0 (the default): it picks a port and reports it.
     port: int
-    #: Default: ``ROOT/NAME.db``.
-    db: Path | None
+    #: Default: ``ROOT/NAME.db``; a ``postgresql://`` URL for a PostgreSQL participant.
+    db: Path | str | None
     service: str
     #: An etcd URL: it registers there (as ``instance_id``, with a lease of ``ttl_s``).
     etcd: str
@@ -178,6 +179,27 @@ class Topology:
         """A single-member etcd on reserved loopback ports (kept across its restarts),
         data in ``ROOT/NAME``."""
         server = EtcdServer(self.root / name, log_path=self.root / f"{name}.log", name=name)
+        return self._started(self.add(server), start)
+
+    # ------------------------------------------------------------ PostgreSQL
+
+    def postgres(
+        self,
+        name: str = "postgres",
+        *,
+        max_prepared_transactions: int = 100,
+        settings: Mapping[str, str] | None = None,
+        start: bool = True,
+    ) -> PostgresServer:
+        """A PostgreSQL server on a reserved loopback port (kept across its restarts),
+        logging to ``ROOT/NAME.log``; :meth:`PostgresServer.create_database` gives a
+        participant its database URL (for ``db=``)."""
+        server = PostgresServer(
+            self.root,
+            name=name,
+            max_prepared_transactions=max_prepared_transactions,
+            settings=settings,
+        )
         return self._started(self.add(server), start)
 
     # ------------------------------------------------------------ participants
