@@ -1,6 +1,7 @@
 """``accord demo``: the whole topology on this machine and a workload.
 
-Starts etcd, two bank participants (``bank-a``, ``bank-b``, each its own SQLite file)
+Starts etcd, two bank participants (``bank-a``, ``bank-b``, each its own SQLite file, or
+with ``--postgres`` each its own database on a PostgreSQL server the demo starts itself)
 that register there, and a coordinator that finds them there (or, with ``--static``, a
 coordinator given a static service map), all on free 127.0.0.1 ports; the client finds
 the coordinator through etcd too;
@@ -43,6 +44,9 @@ class DemoSettings:
     saga: bool = False
     #: Find every process through etcd (False: a static service map).
     etcd: bool = True
+    #: The banks on PostgreSQL (a server started under the data directory, one database
+    #: per bank) instead of SQLite files.
+    postgres: bool = False
 
 
 #: Trips booked by ``accord demo --saga``; the car service refuses Paris, so those
@@ -205,11 +209,24 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
             etcd = topo.etcd()
             etcd_url = etcd.url
             say(f"[green]started[/green] etcd on {etcd_url} (pid {etcd.pid})")
+        databases: dict[str, Path | str] = {name: data / f"{name}.db" for name in BANKS}
+        backend = "SQLite"
+        if settings.postgres:
+            pg = topo.postgres()
+            backend = f"PostgreSQL on 127.0.0.1:{pg.port}"
+            say(f"[green]started[/green] PostgreSQL on 127.0.0.1:{pg.port} (pid {pg.pid})")
+            for name in BANKS:
+                database = name.replace("-", "_")
+                pg.create_database(database)
+                databases[name] = pg.url(database)
         addresses: dict[str, str] = {}
         for name in BANKS:
-            p = topo.bank(name, etcd=etcd_url)
+            p = topo.bank(name, etcd=etcd_url, db=databases[name])
             addresses[name] = p.address
-            say(f"[green]started[/green] participant {name} on {p.address} (pid {p.pid})")
+            say(
+                f"[green]started[/green] participant {name} on {p.address} (pid {p.pid},"
+                f" {backend if settings.postgres else databases[name]})"
+            )
         trip_addresses: dict[str, str] = {}
         if settings.saga:
             for kind in ("flight", "hotel", "car"):
@@ -233,6 +250,8 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
             sagas = await _book_trips(coord.address, etcd_url, data) if settings.saga else []
             return {
                 "registry": f"etcd at {etcd_url}" if etcd_url else "static service map",
+                "backend": "postgresql" if settings.postgres else "sqlite",
+                "databases": {k: str(v) for k, v in databases.items()},
                 "sagas": sagas,
                 "committed": outcomes["committed"],
                 "aborted": outcomes["aborted"],
@@ -259,6 +278,7 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_row("registry", s["registry"])
+    table.add_row("bank databases", "PostgreSQL" if s["backend"] == "postgresql" else "SQLite")
     table.add_row("transfers", str(s["transfers"]))
     table.add_row("committed", str(s["committed"]))
     table.add_row("aborted (insufficient funds)", str(s["aborted"]))

@@ -808,6 +808,14 @@ def demo(
     static: Annotated[
         bool, typer.Option("--static", help="a static service map instead of etcd")
     ] = False,
+    postgres: Annotated[
+        bool,
+        typer.Option(
+            "--postgres",
+            help="the banks on PostgreSQL: a server the demo starts itself (Debian's "
+            "postgresql package), one database per bank",
+        ),
+    ] = False,
     as_json: JsonOut = False,
 ) -> None:
     """The whole topology on this machine (etcd, a coordinator, two bank participants),
@@ -823,6 +831,7 @@ def demo(
         data_dir=data_dir,
         saga=saga,
         etcd=not static,
+        postgres=postgres,
     )
     try:
         summary = run_demo(settings, console=None if as_json else console)
