@@ -505,6 +505,35 @@ async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
 
 
 @row(
+    "2pc-pg",
+    "Accord 2PC as 2pc, but both banks on PostgreSQL (one server, a database per bank): "
+    "PREPARE TRANSACTION / COMMIT PREPARED; the server's CPU is its whole process tree",
+    baseline="2pc",
+)
+@asynccontextmanager
+async def accord_2pc_pg(env: RowEnv) -> AsyncIterator[Target]:
+    pg = env.topology.postgres(start=False)
+    await env.topology.start_together(pg)
+    urls = {
+        name: await asyncio.to_thread(pg.create_database, name.replace("-", "_")) for name in BANKS
+    }
+    banks = {name: env.topology.bank(name, db=urls[name], start=False) for name in BANKS}
+    await env.topology.start_together(*banks.values())
+    addresses = {name: p.address for name, p in banks.items()}
+    coord = await accord_coordinator(env, addresses)
+    await open_bank_accounts(env, addresses)
+    before = sum(t for t, _ in (await bank_state(addresses)).values())
+    async with accord_client(env, coord.address) as client:
+        yield Target(
+            factory=transfer_factory(client, transfer_plan(env)),
+            processes={"coordinator": coord, **banks},
+            # postgres forks a backend per connection: the postmaster and every backend.
+            process_trees={"postgres": pg.pid},
+            check=conservation_check(addresses, before),
+        )
+
+
+@row(
     "2pc-stream",
     "Accord 2PC as 2pc, but participant calls travel batched over one bidirectional "
     "stream per bank (--participant-transport stream)",
