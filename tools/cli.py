@@ -90,6 +90,13 @@ class Faults(tuple[Fault, ...]):
 DEFAULT_FAULTS = Faults((Fault.KILL_COORDINATOR, Fault.KILL_PARTICIPANT))
 
 
+class ParticipantDb(StrEnum):
+    """Where ``accord chaos`` keeps the banks' data."""
+
+    SQLITE = "sqlite"
+    POSTGRES = "postgres"
+
+
 def fail(message: str, code: ExitCode = ExitCode.FAILURE) -> typer.Exit:
     err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -872,6 +879,14 @@ def chaos(
         ),
     ] = DEFAULT_FAULTS,
     ttl: LeaseTtl = 2,
+    participant_db: Annotated[
+        ParticipantDb,
+        typer.Option(
+            case_sensitive=False,
+            help="the banks' databases: a SQLite file each, or postgres: one PostgreSQL "
+            "server started for the run, a database per bank",
+        ),
+    ] = ParticipantDb.SQLITE,
     out: Annotated[
         Path | None, typer.Option(help="keep the run here (history, databases, logs)")
     ] = None,
@@ -896,6 +911,7 @@ def chaos(
         faults=tuple(f.value for f in faults),
         ttl_s=ttl,
         out_dir=out,
+        participant_db=participant_db.value,
     )
     report = run_chaos(settings, console=None if as_json else console)
     if as_json:
