@@ -11,17 +11,25 @@ Saga handlers are keyed differently from 2PC ones: Execute carries the step's ac
 name, Compensate the compensation's own name (``branch_id`` is the step's name either
 way). 2PC and saga operations are dispatched separately, so a name may be used by both.
 
-Either way, handlers are plain synchronous functions. They run on the SDK's writer
-thread, inside the local transaction (a SAVEPOINT) that also records the barrier row, so
-they must only touch the connection they are given: no network calls, no sleeping, no
-other database. Raising rolls back the handler's changes.
+On SQLite (the default), handlers are plain synchronous functions. They run on the SDK's
+writer thread, inside the local transaction (a SAVEPOINT) that also records the barrier
+row, so they must only touch the connection they are given: no network calls, no
+sleeping, no other database. Raising rolls back the handler's changes.
+
+On PostgreSQL (``db="postgresql://..."``), handlers are ``async def`` on a
+``psycopg.AsyncConnection``, inside the branch's PostgreSQL transaction (which a 2PC
+Prepare ends with ``PREPARE TRANSACTION``): the prepare handler does the work and the
+database's row locks hold it until COMMIT PREPARED or ROLLBACK PREPARED; commit and abort
+handlers are optional (they run once, in the local transaction that records the
+outcome). See :mod:`accord.participants._pg`.
 """
 
 from __future__ import annotations
 
+import inspect
 import sqlite3
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from accord.participants._types import BranchCall, NotYet, Refuse, Vote
 
@@ -39,11 +47,23 @@ ExecuteHandler = Callable[[sqlite3.Connection, BranchCall], bytes | None]
 #: it must not refuse (a refusal is answered FAILED_PRECONDITION and logged).
 CompensateHandler = Callable[[sqlite3.Connection, BranchCall], None]
 
-_P = TypeVar("_P", bound=PrepareHandler)
-_H = TypeVar("_H", bound=PhaseHandler)
-_S = TypeVar("_S", bound=SetupHandler)
-_E = TypeVar("_E", bound=ExecuteHandler)
-_C = TypeVar("_C", bound=CompensateHandler)
+
+if TYPE_CHECKING:
+    import psycopg
+
+# The PostgreSQL handlers: the same, ``async def`` on a psycopg connection (psycopg is
+# imported only by a participant that uses PostgreSQL).
+PgPrepareHandler = Callable[["psycopg.AsyncConnection[Any]", BranchCall], Awaitable[Vote | None]]
+PgPhaseHandler = Callable[["psycopg.AsyncConnection[Any]", BranchCall], Awaitable[None]]
+PgSetupHandler = Callable[["psycopg.AsyncConnection[Any]"], Awaitable[None]]
+PgExecuteHandler = Callable[["psycopg.AsyncConnection[Any]", BranchCall], Awaitable[bytes | None]]
+PgCompensateHandler = Callable[["psycopg.AsyncConnection[Any]", BranchCall], Awaitable[None]]
+
+_P = TypeVar("_P", bound=PrepareHandler | PgPrepareHandler)
+_H = TypeVar("_H", bound=PhaseHandler | PgPhaseHandler)
+_S = TypeVar("_S", bound=SetupHandler | PgSetupHandler)
+_E = TypeVar("_E", bound=ExecuteHandler | PgExecuteHandler)
+_C = TypeVar("_C", bound=CompensateHandler | PgCompensateHandler)
 
 
 class Participant:
@@ -104,12 +124,13 @@ class ParticipantApp:
 
     def __init__(self, service: str) -> None:
         self.service = service
-        self._prepare: dict[str, PrepareHandler] = {}
-        self._commit: dict[str, PhaseHandler] = {}
-        self._abort: dict[str, PhaseHandler] = {}
-        self._execute: dict[str, ExecuteHandler] = {}
-        self._compensate: dict[str, CompensateHandler] = {}
-        self._setup: list[SetupHandler] = []
+        # Handlers of either backend (the backend awaits what an async one returns).
+        self._prepare: dict[str, Any] = {}
+        self._commit: dict[str, Any] = {}
+        self._abort: dict[str, Any] = {}
+        self._execute: dict[str, Any] = {}
+        self._compensate: dict[str, Any] = {}
+        self._setup: list[Any] = []
 
     @property
     def operations(self) -> tuple[str, ...]:
@@ -189,9 +210,16 @@ class _AppParticipant(Participant):
         self.operations = app.operations
         self._app = app
 
-    def setup(self, conn: sqlite3.Connection) -> None:
+    def setup(self, conn: sqlite3.Connection) -> Any:
+        if self._app._setup and _is_async(self._app._setup[0]):
+            return self._setup_async(conn)
         for fn in self._app._setup:
             fn(conn)
+        return None
+
+    async def _setup_async(self, conn: Any) -> None:
+        for fn in self._app._setup:
+            await fn(conn)
 
     def prepare(self, conn: sqlite3.Connection, call: BranchCall) -> Vote | None:
         handler = self._app._prepare.get(call.operation)
@@ -199,17 +227,18 @@ class _AppParticipant(Participant):
             raise Refuse(
                 f"unknown operation {call.operation!r} (known: {_known(self._app._prepare)})"
             )
-        return handler(conn, call)
+        result: Vote | None = handler(conn, call)
+        return result
 
-    def commit(self, conn: sqlite3.Connection, call: BranchCall) -> None:
+    def commit(self, conn: sqlite3.Connection, call: BranchCall) -> Any:
+        # Any: an async (PostgreSQL) handler's coroutine goes back to the backend.
         handler = self._app._commit.get(call.operation)
-        if handler is not None:
-            handler(conn, call)
+        return None if handler is None else handler(conn, call)
 
-    def abort(self, conn: sqlite3.Connection, call: BranchCall) -> None:
+    def abort(self, conn: sqlite3.Connection, call: BranchCall) -> Any:
+        # Any: an async (PostgreSQL) handler's coroutine goes back to the backend.
         handler = self._app._abort.get(call.operation)
-        if handler is not None:
-            handler(conn, call)
+        return None if handler is None else handler(conn, call)
 
     def execute(self, conn: sqlite3.Connection, call: BranchCall) -> bytes | None:
         handler = self._app._execute.get(call.operation)
@@ -217,14 +246,19 @@ class _AppParticipant(Participant):
             raise Refuse(
                 f"unknown operation {call.operation!r} (known: {_known(self._app._execute)})"
             )
-        return handler(conn, call)
+        out: bytes | None = handler(conn, call)
+        return out
 
-    def compensate(self, conn: sqlite3.Connection, call: BranchCall) -> None:
+    def compensate(self, conn: sqlite3.Connection, call: BranchCall) -> Any:
         handler = self._app._compensate.get(call.operation)
         if handler is None:
             known = _known(self._app._compensate)
             raise NotYet(f"no compensation handler for {call.operation!r} (known: {known})")
-        handler(conn, call)
+        return handler(conn, call)
+
+
+def _is_async(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn)
 
 
 def _known(table: Mapping[str, object]) -> str:

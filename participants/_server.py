@@ -22,6 +22,7 @@ import accord.v1 as pb
 from accord.common.telemetry import Telemetry
 from accord.common.transport import TransportSettings, bind, make_server
 from accord.participants._app import Participant, ParticipantApp
+from accord.participants._backend import Backend, SqliteBackend, open_backend
 from accord.participants._resolver import InDoubtResolver
 from accord.participants._service import ParticipantService
 from accord.participants._servicer import DEFAULT_STREAM_MAX_INFLIGHT, ParticipantServicer
@@ -64,6 +65,10 @@ class Announce:
 class ParticipantServer:
     """``async with ParticipantServer(app, db=path) as srv: ... srv.port``.
 
+    ``db`` is a SQLite path, or a ``postgresql://`` URL (PostgreSQL: handlers are ``async
+    def``, on a psycopg connection; ``lock_timeout_s`` bounds each transaction's lock
+    waits, ``pool_size`` is the connection pool's size), or a :class:`Backend`.
+
     Stopping is graceful (in-flight calls get ``grace_s`` seconds) and safe to call twice.
     """
 
@@ -71,12 +76,14 @@ class ParticipantServer:
         self,
         logic: Participant | ParticipantApp,
         *,
-        db: Path | str,
+        db: Path | str | Backend,
         listen: str = "127.0.0.1:0",
         in_doubt_after_s: float = 10.0,
         resolver_interval_s: float | None = None,
         grace_s: float = 5.0,
         max_batch: int = 256,
+        lock_timeout_s: float | None = None,
+        pool_size: int | None = None,
         stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
         transport: TransportSettings | None = None,
         services: Sequence[ServiceInstaller] = (),
@@ -89,7 +96,13 @@ class ParticipantServer:
         self._etcd: Etcd | None = None
         self.registration: Registration | None = None
         self.grace_s = grace_s
-        self.service = ParticipantService(logic, Store(db, max_batch=max_batch))
+        pg_options = {
+            k: v
+            for k, v in (("lock_timeout_s", lock_timeout_s), ("pool_size", pool_size))
+            if v is not None
+        }
+        self.backend = open_backend(db, max_batch=max_batch, **pg_options)
+        self.service = ParticipantService(logic, self.backend)
         self.resolver = InDoubtResolver(
             self.service,
             after_s=in_doubt_after_s,
@@ -97,7 +110,7 @@ class ParticipantServer:
             transport=transport,
         )
         self.telemetry = ParticipantTelemetry(
-            telemetry, service=self.service.service, db=self.service.store.path
+            telemetry, service=self.service.service, prepared=self.backend.prepared_gauge
         )
         self._servicer = ParticipantServicer(
             self.service, self.telemetry, stream_max_inflight=stream_max_inflight
@@ -112,6 +125,7 @@ class ParticipantServer:
 
     @property
     def store(self) -> Store:
+        """The SQLite store (SQLite participants only)."""
         return self.service.store
 
     @property
@@ -163,7 +177,7 @@ class ParticipantServer:
             "event=serving service=%s address=%s db=%s in_doubt_after_s=%s",
             self.service.service,
             self.address,
-            self.store.path,
+            self.backend.location,
             self.resolver.after_s,
         )
 
@@ -218,14 +232,17 @@ class ParticipantServer:
             await self.service.close()
             self.telemetry.close()
             self._state = "stopped"
-            stats = self.store.stats
-            log.info(
-                "event=stopped service=%s writes=%d commits=%d max_batch=%d",
-                self.service.service,
-                stats.jobs,
-                stats.commits,
-                stats.max_batch,
-            )
+            if isinstance(self.backend, SqliteBackend):
+                stats = self.backend.store.stats
+                log.info(
+                    "event=stopped service=%s writes=%d commits=%d max_batch=%d",
+                    self.service.service,
+                    stats.jobs,
+                    stats.commits,
+                    stats.max_batch,
+                )
+            else:
+                log.info("event=stopped service=%s", self.service.service)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
@@ -247,11 +264,12 @@ class ParticipantServer:
 async def serve(
     logic: Participant | ParticipantApp,
     *,
-    db: Path | str,
+    db: Path | str | Backend,
     listen: str = "127.0.0.1:0",
     in_doubt_after_s: float = 10.0,
     resolver_interval_s: float | None = None,
     grace_s: float = 5.0,
+    lock_timeout_s: float | None = None,
     transport: TransportSettings | None = None,
     services: Sequence[ServiceInstaller] = (),
     ready: Callable[[ParticipantServer], None] | None = None,
@@ -273,6 +291,7 @@ async def serve(
             in_doubt_after_s=in_doubt_after_s,
             resolver_interval_s=resolver_interval_s,
             grace_s=grace_s,
+            lock_timeout_s=lock_timeout_s,
             transport=transport,
             services=services,
             announce=announce,

@@ -1,23 +1,18 @@
-"""The transport-neutral service layer: validates a call, runs it through the barrier on
-the store's writer thread, logs one line per event. The gRPC servicer and the in-doubt
+"""The transport-neutral service layer: validates a call, runs it through the backend
+(:mod:`accord.participants._backend`: the barrier on the SQLite store's writer thread, or
+a PostgreSQL transaction), logs one line per event. The gRPC servicer and the in-doubt
 resolver both call :meth:`ParticipantService.call`, so a resolved outcome goes through
 exactly the same path (barrier included) as a coordinator's Commit or Abort."""
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 
 from accord.participants._app import Participant, ParticipantApp, as_participant
-from accord.participants._barrier import (
-    Barrier,
-    BranchRecord,
-    branch_counts,
-    create_schema,
-    in_doubt,
-)
+from accord.participants._backend import Backend, PendingBranch, SqliteBackend
+from accord.participants._barrier import BranchRecord
 from accord.participants._store import Store
 from accord.participants._types import BranchCall, Op, Result, Status
 
@@ -25,36 +20,42 @@ log = logging.getLogger("accord.participant")
 
 
 class ParticipantService:
-    """One participant: its business logic, its store and its barrier."""
+    """One participant: its business logic and its database (a SQLite :class:`Store`,
+    or any :class:`Backend`)."""
 
     def __init__(
         self,
         logic: Participant | ParticipantApp,
-        store: Store,
+        store: Store | Backend,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.participant = as_participant(logic)
-        self.store = store
         self.clock = clock
-        self._barrier = Barrier(self.participant, clock=clock, cache=store.cache)
+        if isinstance(store, Store):
+            store = SqliteBackend(store, clock=clock)
+        if isinstance(store, SqliteBackend):
+            store.bind(self.participant)
+        self.backend: Backend = store
+        self._call = store.call
+
+    @property
+    def store(self) -> Store:
+        """The SQLite store (SQLite participants only)."""
+        if not isinstance(self.backend, SqliteBackend):
+            raise TypeError(f"participant {self.service!r} keeps its data in {self.backend.kind}")
+        return self.backend.store
 
     @property
     def service(self) -> str:
         return self.participant.service
 
     async def open(self) -> None:
-        """Opens the store, creating the SDK's tables and the participant's."""
-        participant = self.participant
-
-        def setup(conn: sqlite3.Connection) -> None:
-            create_schema(conn)
-            participant.setup(conn)
-
-        await self.store.open(setup)
+        """Opens the database, creating the SDK's tables and the participant's."""
+        await self.backend.start(self.participant)
 
     async def close(self) -> None:
-        await self.store.close()
+        await self.backend.stop()
 
     async def call(self, op: Op, call: BranchCall, *, fence: bool = True) -> Result:
         """Runs one participant call; returns once its effect (and barrier row) is
@@ -62,18 +63,20 @@ class ParticipantService:
         invalid = _validate(call)
         if invalid is not None:
             return Result(Status.INVALID, invalid)
-        barrier = self._barrier
-        result = await self.store.write(lambda conn: barrier.run(conn, op, call, fence=fence))
+        result = await self._call(op, call, fence=fence)
         _log_result(op, call, result, resolver=not fence)
         return result
 
     async def in_doubt(self, older_than_s: float) -> list[BranchRecord]:
         """Branches held prepared for longer than ``older_than_s`` seconds."""
-        before = self.clock() - older_than_s
-        return await self.store.read(lambda conn: in_doubt(conn, before))
+        return await self.backend.in_doubt(older_than_s)
 
     async def branch_counts(self) -> dict[str, int]:
-        return await self.store.read(branch_counts)
+        return await self.backend.branch_counts()
+
+    async def pending(self) -> list[PendingBranch]:
+        """Every branch held prepared now, oldest first."""
+        return await self.backend.pending()
 
 
 def _validate(call: BranchCall) -> str | None:

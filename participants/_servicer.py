@@ -100,9 +100,7 @@ class ParticipantServicer(pb.ParticipantServicer):
         stream_max_inflight: int = DEFAULT_STREAM_MAX_INFLIGHT,
     ) -> None:
         self._service = service
-        self._tel = telemetry or ParticipantTelemetry(
-            None, service=service.service, db=service.store.path
-        )
+        self._tel = telemetry or ParticipantTelemetry(None, service=service.service)
         self.stream_max_inflight = stream_max_inflight
         self._sessions: set[_StreamSession] = set()
         self._closing = False

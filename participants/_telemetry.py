@@ -4,17 +4,16 @@ coordinator's call span (its context comes in the call's metadata or the request
 barrier); prepared branches held.
 
 With tracing off no span is made; without a metrics endpoint the instruments are
-no-ops. The prepared-branch gauge is read when scraped, from its own read-only SQLite
-connection (the store's writer thread is never asked)."""
+no-ops. The prepared-branch gauge is read when scraped, through the backend's
+:meth:`~accord.participants._backend.Backend.prepared_gauge` (on SQLite its own read-only
+connection: the store's writer thread is never asked)."""
 
 from __future__ import annotations
 
 import functools
-import sqlite3
 import threading
 import time
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Callable, Iterable
 
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -33,14 +32,19 @@ def _attrs(**kw: str) -> dict[str, str]:
 
 
 class ParticipantTelemetry:
-    def __init__(self, telemetry: Telemetry | None, *, service: str, db: Path | str) -> None:
+    def __init__(
+        self,
+        telemetry: Telemetry | None,
+        *,
+        service: str,
+        prepared: Callable[[], int | None] | None = None,
+    ) -> None:
         t = telemetry or Telemetry.disabled()
         self.tracing = t.tracing
         self.metering = t.metering
         self._tracer = t.tracer
         self._service = service
-        self._db = str(db)
-        self._conn: sqlite3.Connection | None = None
+        self._prepared = prepared
         self._lock = threading.Lock()
         m = t.meter
         self._handled_ms = m.create_histogram(
@@ -55,7 +59,7 @@ class ParticipantTelemetry:
             description="duplicate calls answered from the barrier without running the "
             "handler, by op",
         )
-        if t.metering:
+        if t.metering and prepared is not None:
             m.create_observable_gauge(
                 "accord.participant.branches.prepared",
                 callbacks=[self._observe_prepared],
@@ -101,21 +105,12 @@ class ParticipantTelemetry:
             span.end()
 
     def _observe_prepared(self, _options: CallbackOptions) -> Iterable[Observation]:
+        assert self._prepared is not None
         with self._lock:
-            try:
-                if self._conn is None:
-                    self._conn = sqlite3.connect(
-                        f"file:{self._db}?mode=ro", uri=True, check_same_thread=False
-                    )
-                row = self._conn.execute(
-                    "SELECT COUNT(*) FROM accord_branches WHERE state = 'PREPARED'"
-                ).fetchone()
-            except sqlite3.Error:
-                return []
-        return [Observation(int(row[0]), _attrs(service=self._service))]
+            count = self._prepared()
+        if count is None:
+            return []
+        return [Observation(count, _attrs(service=self._service))]
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        """Nothing to release: the backend owns the gauge's connection."""
