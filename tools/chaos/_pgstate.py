@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ def _load(conn: Any, name: str, url: str) -> ParticipantState:
             " FROM accord_branches ORDER BY prepared_at"
         )
     )
+    branches = _with_prepared(conn, branches)
     barrier = tuple(
         BarrierRow(
             gid=str(gid),
@@ -111,6 +113,40 @@ def _load(conn: Any, name: str, url: str) -> ParticipantState:
         audit=tuple(read_audit(url)) if has_audit else (),
         has_audit=has_audit,
     )
+
+
+def _with_prepared(conn: Any, branches: tuple[BranchRow, ...]) -> tuple[BranchRow, ...]:
+    """The branch rows, with every branch PostgreSQL still holds prepared (in
+    ``pg_prepared_xacts``) as PREPARED whatever its row says: the checker reports it."""
+    from accord.participants._pg import parse_transaction_name
+
+    held: dict[tuple[str, str], float] = {}
+    for name, at in conn.execute(
+        "SELECT gid, extract(epoch FROM prepared) FROM pg_prepared_xacts"
+        " WHERE database = current_database()"
+    ):
+        parsed = parse_transaction_name(str(name))
+        if parsed is not None:
+            held[(parsed[1], parsed[2])] = float(at)
+    if not held:
+        return branches
+    out = []
+    for b in branches:
+        if held.pop((b.gid, b.branch_id), None) is not None and b.state != "PREPARED":
+            b = replace(b, state="PREPARED")
+        out.append(b)
+    for (gid, branch_id), at in held.items():
+        out.append(
+            BranchRow(
+                gid=gid,
+                branch_id=branch_id,
+                operation="",
+                state="PREPARED",
+                prepared_at=at,
+                updated_at=at,
+            )
+        )
+    return tuple(out)
 
 
 _SQLITE_SCHEMA = """
