@@ -31,9 +31,17 @@ Two ways to write a participant::
 and serve either with ``async with ParticipantServer(app, db=path) as srv`` or
 ``await serve(app, db=path, listen="127.0.0.1:7101")``.
 
+PostgreSQL instead of SQLite: ``db="postgresql://user@host/dbname"`` (the server needs
+``max_prepared_transactions`` > 0), and handlers ``async def`` on a
+``psycopg.AsyncConnection``; a 2PC branch is then a real prepared transaction
+(``PREPARE TRANSACTION``, finished by ``COMMIT PREPARED`` / ``ROLLBACK PREPARED`` from
+any instance of the service). See :mod:`accord.participants._pg`.
+
 The example participants live in subpackages (``accord.participants.bank``,
 ``accord.participants.trip``).
 """
+
+from typing import TYPE_CHECKING
 
 from accord.participants._app import (
     CompensateHandler,
@@ -45,6 +53,15 @@ from accord.participants._app import (
     SetupHandler,
 )
 from accord.participants._audit import AuditRow, copy_database, read_audit
+from accord.participants._backend import (
+    Backend,
+    BackendStartError,
+    PendingBranch,
+    SqliteBackend,
+    is_postgres_url,
+    open_backend,
+    pending_branches,
+)
 from accord.participants._barrier import (
     OP_ONE_PHASE_COMMIT,
     SOURCE_COORDINATOR,
@@ -73,6 +90,8 @@ __all__ = [
     "SOURCE_RESOLVER",
     "Announce",
     "AuditRow",
+    "Backend",
+    "BackendStartError",
     "BranchCall",
     "BranchRecord",
     "BranchState",
@@ -87,18 +106,37 @@ __all__ = [
     "ParticipantServer",
     "ParticipantService",
     "ParticipantServicer",
+    "PendingBranch",
     "PhaseHandler",
+    "PostgresBackend",
     "PrepareHandler",
     "Refuse",
     "Result",
     "ServiceInstaller",
     "SetupHandler",
+    "SqliteBackend",
     "Status",
     "Store",
     "StoreError",
     "StoreStats",
     "Vote",
     "copy_database",
+    "is_postgres_url",
+    "open_backend",
+    "pending_branches",
     "read_audit",
     "serve",
 ]
+
+if TYPE_CHECKING:
+    from accord.participants._pg import PostgresBackend
+
+
+def __getattr__(name: str) -> object:
+    # PostgreSQL support is imported on first use: psycopg costs SQLite participants
+    # (and every command that imports this package) nothing.
+    if name == "PostgresBackend":
+        from accord.participants._pg import PostgresBackend
+
+        return PostgresBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,7 @@
 """Reading a participant's durable audit (``accord_audit``, documented in
 :mod:`accord.participants._barrier`) offline: from a database file whose process may be dead or
-still running, or from a copy of it.
+still running, or from a copy of it, or from a PostgreSQL participant's database (a
+``postgresql://`` URL; a read-only transaction).
 
 These readers never write: the file is opened read-only (``mode=ro``), and SQLite
 replays a ``-wal`` file left by a killed process into its view without changing the
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from accord.participants._barrier import Outcome
 
@@ -83,31 +85,50 @@ def audit_rows(conn: sqlite3.Connection) -> list[AuditRow]:
         "SELECT seq, gid, branch_id, op, outcome, source, shard, epoch, coordinator_address,"
         " detail, at FROM accord_audit ORDER BY seq"
     ).fetchall()
-    return [
-        AuditRow(
-            seq=int(seq),
-            gid=str(gid),
-            branch_id=str(branch_id),
-            op=str(op),
-            outcome=Outcome(str(outcome)),
-            source=str(source),
-            shard=str(shard),
-            epoch=int(epoch),
-            coordinator_address=str(address),
-            detail=str(detail),
-            at=float(at),
-        )
-        for seq, gid, branch_id, op, outcome, source, shard, epoch, address, detail, at in rows
-    ]
+    return [_row(r) for r in rows]
 
 
 def read_audit(source: Path | str | sqlite3.Connection) -> list[AuditRow]:
     """The audit of the participant database at ``source`` (a path, opened read-only:
-    see the module docstring; or an open connection)."""
+    see the module docstring; a PostgreSQL URL; or an open SQLite connection)."""
     if isinstance(source, sqlite3.Connection):
         return audit_rows(source)
+    if isinstance(source, str) and source.startswith(("postgresql://", "postgres://")):
+        return _postgres_audit(source)
     with open_readonly(source) as conn:
         return audit_rows(conn)
+
+
+def _postgres_audit(url: str) -> list[AuditRow]:
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=10) as conn:
+        conn.read_only = True
+        exists = conn.execute("SELECT to_regclass('accord_audit') IS NOT NULL").fetchone()
+        if not exists or not exists[0]:
+            return []
+        rows = conn.execute(
+            "SELECT seq, gid, branch_id, op, outcome, source, shard, epoch,"
+            " coordinator_address, detail, at FROM accord_audit ORDER BY seq"
+        ).fetchall()
+    return [_row(r) for r in rows]
+
+
+def _row(r: tuple[Any, ...]) -> AuditRow:
+    seq, gid, branch_id, op, outcome, source, shard, epoch, address, detail, at = r
+    return AuditRow(
+        seq=int(seq),
+        gid=str(gid),
+        branch_id=str(branch_id),
+        op=str(op),
+        outcome=Outcome(str(outcome)),
+        source=str(source),
+        shard=str(shard),
+        epoch=int(epoch),
+        coordinator_address=str(address),
+        detail=str(detail),
+        at=float(at),
+    )
 
 
 def copy_database(src: Path | str, dst: Path | str) -> Path:

@@ -221,3 +221,14 @@ def sqlite_pending(path: Path | str) -> list[PendingBranch]:
         if not has_table(conn, "accord_branches"):
             return []
         return [_pending(b, now) for b in in_doubt(conn, now)]
+
+
+async def pending_branches(db: Path | str) -> list[PendingBranch]:
+    """Every branch held prepared in the participant database ``db`` (a SQLite path or
+    a PostgreSQL URL), oldest first, read without the participant (which may be running
+    or dead). :class:`BackendStartError` or ``FileNotFoundError`` when it cannot be read."""
+    if is_postgres_url(db):
+        from accord.participants._pg import postgres_pending
+
+        return await postgres_pending(str(db))
+    return sqlite_pending(db)

@@ -331,7 +331,9 @@ def connect_error(url: str, err: BaseException) -> BackendStartError:
     where = describe_url(url)
     text = _one_line(err)
     low = text.lower()
-    if isinstance(err, psycopg.ProgrammingError) or ("invalid" in low and "uri" in low):
+    if isinstance(err, psycopg.ProgrammingError) or (
+        "invalid" in low and any(w in low for w in ("uri", "option", "value", "missing"))
+    ):
         why = "invalid PostgreSQL URL"
     elif "does not exist" in low and "database" in low:
         why = "the database does not exist"

@@ -304,8 +304,12 @@ def participant_bank(
         str, typer.Option(envvar="ACCORD_LISTEN", help="host:port (port 0 picks one)")
     ] = "127.0.0.1:7101",
     db: Annotated[
-        Path, typer.Option(envvar="ACCORD_DB", help="SQLite file (created if missing)")
-    ] = Path("bank.db"),
+        str,
+        typer.Option(
+            envvar="ACCORD_DB",
+            help="SQLite file (created if missing), or a postgresql:// URL (tables created)",
+        ),
+    ] = "bank.db",
     service: Annotated[str, typer.Option(envvar="ACCORD_SERVICE", help="service name")] = "bank",
     accounts: Annotated[
         int,
@@ -331,6 +335,14 @@ def participant_bank(
             envvar="ACCORD_GRACE_S", help="on SIGTERM/SIGINT, seconds for calls in progress"
         ),
     ] = 5.0,
+    lock_timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--lock-timeout-s",
+            envvar="ACCORD_LOCK_TIMEOUT_S",
+            help="PostgreSQL: a branch waiting longer for a lock gives up (a no vote)",
+        ),
+    ] = 2.0,
     etcd: RegistryEtcd = "",
     instance_id: InstanceId = "",
     ttl: LeaseTtl = 5,
@@ -340,7 +352,9 @@ def participant_bank(
     metrics_listen: MetricsListen = "",
     trace_console: TraceConsole = False,
 ) -> None:
-    """Run the bank participant (accounts in SQLite; debit, credit, balance)."""
+    """Run the bank participant (accounts in SQLite or PostgreSQL; debit, credit,
+    balance)."""
+    from accord.participants import BackendStartError
     from accord.participants.bank import serve_bank
 
     setup_logging(log_level, log_format)
@@ -355,15 +369,58 @@ def participant_bank(
                 initial_balance=initial_balance,
                 in_doubt_after_s=in_doubt_after_s,
                 grace_s=grace,
+                lock_timeout_s=lock_timeout_s,
                 announce=_announce(etcd, instance_id, ttl, advertise),
                 telemetry=telemetry,
             )
         )
+    except BackendStartError as e:  # a set-up mistake: its one line says what to fix
+        raise fail(f"participant: {e}") from None
     except Exception as e:
         log.exception("event=participant_failed service=%s", service)
         raise fail(f"participant: {e}") from None
     finally:
         telemetry.shutdown()
+
+
+@participant_app.command("pending")
+def participant_pending(
+    db: Annotated[
+        str,
+        typer.Option(envvar="ACCORD_DB", help="the participant's SQLite file or postgresql:// URL"),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """List the branches a participant holds prepared: gid, branch, age, and the
+    coordinator its in-doubt resolver will ask about each."""
+    from accord.participants import BackendStartError, pending_branches
+
+    try:
+        branches = runner.run(pending_branches(db))
+    except (BackendStartError, FileNotFoundError) as e:
+        raise fail(f"pending: {e}") from None
+    if as_json:
+        print(json.dumps({"db": db, "pending": [b.to_dict() for b in branches]}))
+        return
+    if not branches:
+        console.print("no prepared branches")
+        return
+    # Plain columns, one branch a line, never wrapped: for grep and for a terminal alike.
+    rows = [("GID", "BRANCH", "AGE_S", "COORDINATOR", "SHARD", "TRANSACTION")]
+    rows += [
+        (
+            b.gid,
+            b.branch_id,
+            f"{b.age_s:.1f}",
+            b.coordinator_address or "-",
+            b.shard or "-",
+            b.transaction or "-",
+        )
+        for b in branches
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
 def bank_main() -> None:

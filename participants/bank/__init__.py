@@ -19,10 +19,14 @@ Saga operations (Execute / its Compensate, same payload; each writes a ledger en
 Seeded accounts are named ``<service>-<index>`` (:func:`account_id`). The admin API
 (``accord.bank.v1.Bank``: OpenAccounts, GetBalances) is served on the same port.
 
+With ``--db postgresql://...`` the bank keeps its accounts in PostgreSQL
+(``bank_app_pg`` in ``_logic_pg``): a 2PC branch is a prepared transaction whose row
+locks hold the money, so there is no ``held`` column there.
+
 Run it with the :func:`serve_bank` coroutine, or the ``accord participant bank --listen
-127.0.0.1:0 --db FILE [--service NAME] [--accounts N --initial-balance X]`` command (also
-``python -m accord.participants.bank ...``); it prints ``listening on HOST:PORT`` once
-serving.
+127.0.0.1:0 --db FILE|URL [--service NAME] [--accounts N --initial-balance X]`` command
+(also ``python -m accord.participants.bank ...``); it prints ``listening on HOST:PORT``
+once serving.
 """
 
 from accord.participants.bank._admin import BANK_SERVICE_NAME, BankAdmin, install_admin

@@ -1,6 +1,8 @@
 """The bank's admin gRPC service (accord.bank.v1.Bank), served on the participant's
-port: opens accounts and reads balances. It never moves money; only 2PC branches and saga
-steps do."""
+port: opens accounts and reads balances, on SQLite or PostgreSQL. It never moves money;
+only 2PC branches and saga steps do. On PostgreSQL ``held`` is always 0 (a prepared
+debit is held by its row lock, and its amount is still in the committed balance) and
+``prepared_branches`` counts the database's prepared transactions."""
 
 from __future__ import annotations
 
@@ -41,7 +43,10 @@ class BankAdmin(bankpb.BankServicer):
                 ).rowcount
             return created
 
-        created = await self._service.store.write(open_accounts)
+        if self._service.backend.kind == "postgresql":
+            created = await _open_accounts_pg(self._service, rows)
+        else:
+            created = await self._service.store.write(open_accounts)
         return bankpb.OpenAccountsResponse(created=created, existing=len(rows) - created)
 
     async def GetBalances(
@@ -61,7 +66,10 @@ class BankAdmin(bankpb.BankServicer):
             ).fetchone()[0]
             return [(str(i), int(b), int(h)) for i, b, h in rows], int(prepared)
 
-        rows, prepared = await self._service.store.read(balances)
+        if self._service.backend.kind == "postgresql":
+            rows, prepared = await _balances_pg(self._service, ids)
+        else:
+            rows, prepared = await self._service.store.read(balances)
         return bankpb.GetBalancesResponse(
             accounts=[bankpb.Account(id=i, balance=b, held=h) for i, b, h in rows],
             total=sum(b for _, b, _ in rows),
@@ -69,6 +77,42 @@ class BankAdmin(bankpb.BankServicer):
             count=len(rows),
             prepared_branches=prepared,
         )
+
+
+async def _open_accounts_pg(service: ParticipantService, rows: list[tuple[str, int]]) -> int:
+    from accord.participants._pg import PostgresBackend
+
+    backend = service.backend
+    assert isinstance(backend, PostgresBackend)
+    created = 0
+    async with backend.pool.connection() as conn, conn.transaction():
+        for row in rows:
+            cur = await conn.execute(
+                "INSERT INTO accounts (id, balance) VALUES (%s, %s) ON CONFLICT DO NOTHING", row
+            )
+            created += cur.rowcount
+    return created
+
+
+async def _balances_pg(
+    service: ParticipantService, ids: list[str]
+) -> tuple[list[tuple[str, int, int]], int]:
+    from accord.participants._pg import PostgresBackend
+
+    backend = service.backend
+    assert isinstance(backend, PostgresBackend)
+    # Prepared branches first: a branch finished between the two reads is then already
+    # in the balances read next (never counted as neither held nor applied).
+    prepared = (await service.branch_counts())["PREPARED"]
+    async with backend.pool.connection() as conn:
+        if ids:
+            cur = await conn.execute(
+                "SELECT id, balance FROM accounts WHERE id = ANY(%s) ORDER BY id", (ids,)
+            )
+        else:
+            cur = await conn.execute("SELECT id, balance FROM accounts ORDER BY id")
+        rows = [(str(i), int(b), 0) for i, b in await cur.fetchall()]
+    return rows, prepared
 
 
 def install_admin(server: aio.Server, service: ParticipantService) -> str:
