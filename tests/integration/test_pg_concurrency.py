@@ -30,6 +30,8 @@ OPENING = 100
 AMOUNT = 15
 MAX_ATTEMPTS = 12
 DEADLINE_S = 90.0
+#: A wait for a row lock longer than this is a no vote.
+LOCK_TIMEOUT_S = 0.5
 
 
 @dataclass
@@ -94,7 +96,13 @@ async def test_hot_accounts_never_overdraw_nor_deadlock(
         for name in ("bank-a", "bank-b")
     }
     banks = {
-        name: cluster.topology.bank(name, db=url, in_doubt_after_s=30.0, log_level="info")
+        name: cluster.topology.bank(
+            name,
+            db=url,
+            in_doubt_after_s=30.0,
+            log_level="info",
+            extra=["--lock-timeout-s", str(LOCK_TIMEOUT_S)],
+        )
         for name, url in urls.items()
     }
     await open_accounts(banks["bank-a"].address, {f"a{k}": OPENING for k in range(HOT)})
@@ -116,6 +124,8 @@ async def test_hot_accounts_never_overdraw_nor_deadlock(
         f" attempts {sum(tally.attempts.values())}; retried because: {dict(tally.reasons)}"
     )
     assert tally.outcomes["committed"] > 0
+    # The opposite-order pairs did wait on each other's locks, and were let go.
+    assert tally.reasons["lock timeout"] > 0, tally
     # Giving up is the client's bound, not an error; but the locks must let most through.
     assert tally.outcomes["gave up"] <= TRANSFERS // 8, tally
 
