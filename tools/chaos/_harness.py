@@ -111,6 +111,9 @@ class Chaos:
         self._inflight: Counter[str] = Counter()
         #: Per shard: monotonic time of a kill of its owner not yet followed by a commit.
         self._killed_at: dict[str, float] = {}
+        #: Nodes being started again: no fault touches them until they serve (a second
+        #: restart of the same process would orphan the first).
+        self._restarting: set[str] = set()
         self.started = time.monotonic()
 
     # ------------------------------------------------------------ processes
@@ -298,8 +301,12 @@ class Chaos:
         self._on_progress(self)
 
     async def _restart(self, node: Node, delay_s: float) -> None:
-        await asyncio.sleep(delay_s)
-        await self._start(node)
+        self._restarting.add(node.name)
+        try:
+            await asyncio.sleep(delay_s)
+            await self._start(node)
+        finally:
+            self._restarting.discard(node.name)
         self._fault("restart", node.name)
 
     async def _start(self, node: Node) -> None:
@@ -320,6 +327,8 @@ class Chaos:
 
     def _owner(self, shard: str) -> Node | None:
         for node in self.nodes.values():
+            if node.name in self._restarting:
+                continue
             if node.shard == shard and node.proc.alive() and "listening on" in node.proc.output():
                 return node
         return None
@@ -368,14 +377,14 @@ class Chaos:
                 pending.append(asyncio.create_task(self._restart(node, self.rng.uniform(1, 4))))
             elif fault == "kill-participant":
                 node = self.nodes[self.rng.choice(self.banks)]
-                if not node.proc.alive():
+                if not node.proc.alive() or node.name in self._restarting:
                     continue
                 node.proc.kill()
                 self._fault("kill", node.name)
                 pending.append(asyncio.create_task(self._restart(node, self.rng.uniform(0.5, 3))))
             elif fault == "pause":
                 node = self.nodes[self.rng.choice([*self.banks, *self.nodes])]
-                if not node.proc.alive() or node.proc.paused:
+                if not node.proc.alive() or node.proc.paused or node.name in self._restarting:
                     continue
                 node.proc.pause()
                 self._fault("pause", node.name)
