@@ -154,6 +154,12 @@ class SqliteBackend:
         """Builds the barrier for ``participant`` (before any call)."""
         self._barrier = Barrier(participant, clock=self.clock, cache=self.store.cache)
 
+    @property
+    def barrier(self) -> Barrier:
+        if self._barrier is None:
+            raise RuntimeError("backend not bound to a participant")
+        return self._barrier
+
     async def start(self, participant: Participant) -> None:
         if self._barrier is None:
             self.bind(participant)

@@ -23,11 +23,7 @@ from accord.participants import (
     Status,
     Vote,
 )
-from accord.participants._pg import (
-    PostgresBackend,
-    parse_transaction_name,
-    transaction_name,
-)
+from accord.participants._pg import PostgresBackend, transaction_name
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -149,19 +145,6 @@ async def prepared_xacts(url: str) -> list[str]:
 async def xact_name(url: str, gid: str = "g1", branch: str = "b1") -> str:
     [(oid,)] = await query(url, "SELECT oid FROM pg_database WHERE datname = current_database()")
     return transaction_name(int(oid), gid, branch)
-
-
-async def test_transaction_names() -> None:
-    assert transaction_name(16384, "s1:0190c1a2b3c4deadbeef00000001", "b0") == (
-        "accord:16384:s1:0190c1a2b3c4deadbeef00000001/b0"
-    )
-    odd = transaction_name(7, "g'1/x", "b %2 é")
-    assert "'" not in odd and odd.count("/") == 1
-    assert parse_transaction_name(odd) == (7, "g'1/x", "b %2 é")
-    assert transaction_name(1, "a/b", "c") != transaction_name(1, "a", "b/c")
-    assert parse_transaction_name("other") is None
-    with pytest.raises(ValueError, match="too long"):
-        transaction_name(1, "g" * 150, "b" * 50)
 
 
 async def test_prepare_is_a_prepared_transaction_and_duplicates_run_once(
