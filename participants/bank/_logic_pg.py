@@ -102,9 +102,13 @@ def bank_app_pg(service: str = "bank", *, seed: Sequence[tuple[str, int]] = ()) 
         await conn.execute(SCHEMA_PG)
         if seed:
             async with conn.cursor() as cur:
+                # A plain read sees an existing account without waiting for the row
+                # locks of branches still prepared (ON CONFLICT would wait for them, and
+                # only this bank, once it serves, can finish them).
                 await cur.executemany(
-                    "INSERT INTO accounts (id, balance) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                    list(seed),
+                    "INSERT INTO accounts (id, balance) SELECT %s, %s"
+                    " WHERE NOT EXISTS (SELECT 1 FROM accounts WHERE id = %s)",
+                    [(account, balance, account) for account, balance in seed],
                 )
 
     @app.prepare("debit")
