@@ -67,12 +67,15 @@ def pg_bank(
     env: dict[str, str] | None = None,
     in_doubt_after_s: float = 30.0,
     etcd: str = "",
+    accounts: int | None = None,
 ) -> ManagedProcess:
     """``accord participant bank --db URL``: instance ``name`` of ``service`` (default:
-    ``name``)."""
+    ``name``); with ``accounts``, seeded at start with accounts ``NAME-0`` ... of 100."""
     return topology.bank(
         name,
         db=url,
+        accounts=accounts,
+        initial_balance=100 if accounts else None,
         service=service or name,
         port=port,
         in_doubt_after_s=in_doubt_after_s,
@@ -187,14 +190,22 @@ async def test_participant_killed_after_prepare_before_vote(
 
 
 async def test_participant_killed_after_its_vote(cluster: Cluster, pg: PostgresServer) -> None:
+    """bank-b's account is seeded at start (``--accounts``), so its restart seeds again
+    over the row its prepared branch holds locked: it must not wait for it."""
     b_port = free_port()
-    banks = await two_banks(cluster, pg, b_port=b_port)
+    a_url, b_url = new_database(pg, "bank_a"), new_database(pg, "bank_b")
+    a = pg_bank(cluster.topology, "bank-a", a_url)
+    await open_accounts(a.address, {"a": 100})
+    b = pg_bank(cluster.topology, "bank-b", b_url, port=b_port, accounts=1)
+    banks = Banks(a=a, b=b, a_url=a_url, b_url=b_url)
     # Hold the coordinator between the votes and the decision long enough to kill bank-b.
     coord = cluster.coordinator(
         banks.services, env={"ACCORD_FAILPOINTS": "after_prepare_votes=sleep:1500"}
     )
     async with AccordClient(coord.address, timeout_s=30) as client:
-        task = asyncio.create_task(client.execute(transfer(30), idempotency_key="p1"))
+        task = asyncio.create_task(
+            client.execute(transfer(30, dst="bank-b-0"), idempotency_key="p1")
+        )
         await assert_eventually(
             lambda: asyncio.to_thread(prepared_gids, banks.b_url),
             lambda gids: len(gids) == 1,
@@ -206,11 +217,13 @@ async def test_participant_killed_after_its_vote(cluster: Cluster, pg: PostgresS
         )
         banks.b.kill()  # SIGKILL after its yes vote
         assert len(await asyncio.to_thread(prepared_gids, banks.b_url)) == 1
-        b2 = pg_bank(cluster.topology, "bank-b", banks.b_url, port=b_port)
+        b2 = pg_bank(cluster.topology, "bank-b", banks.b_url, port=b_port, accounts=1)
         result = await task
         assert result.committed
         assert await final_state(client, result.gid) == "committed"
-    outcome = await settled_outcome(banks.a.address, b2.address, (banks.a_url, banks.b_url))
+    outcome = await settled_outcome(
+        banks.a.address, b2.address, (banks.a_url, banks.b_url), ("a", "bank-b-0")
+    )
     assert outcome == "committed"
 
 
