@@ -8,7 +8,9 @@ window closes are awaited (so the next run starts on a quiet system) but not cou
 Latency goes into an HdrHistogram in microseconds. The generator's own CPU use
 (``getrusage``, every thread of this process, gRPC's included) and the CPU use of every
 server process (``/proc/PID/stat``) over the window are reported, so a saturated
-generator is visible.
+generator is visible. A server that forks workers (PostgreSQL: a backend per connection)
+is measured as a process tree: its root, every live descendant, and the children they
+have reaped.
 """
 
 from __future__ import annotations
@@ -82,6 +84,35 @@ def process_cpu_s(pid: int) -> float:
     if rest is None:
         return 0.0
     return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu_s(root: int) -> float:
+    """User + system CPU seconds so far of ``root`` and every live descendant, plus the
+    CPU of the children they have exited and been reaped (``cutime``/``cstime``): the
+    whole work of a server that forks a process per connection, such as PostgreSQL's
+    postmaster and its backends. A child that exits between two snapshots moves its
+    time into its parent's ``cutime`` when reaped, so nothing is lost or counted twice
+    (a child not yet reaped at the second snapshot is missed until it is). 0 if gone."""
+    parents: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        rest = _stat_fields(entry.name)
+        if rest is None:
+            continue
+        pid = int(entry.name)
+        parents.setdefault(int(rest[1]), []).append(pid)
+        # utime, stime, cutime, cstime: fields 14-17 of proc(5).
+        ticks[pid] = sum(int(v) for v in rest[11:15])
+    if root not in ticks:
+        return 0.0
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo.extend(parents.get(pid, ()))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 _PF_KTHREAD = 0x00200000
@@ -175,11 +206,22 @@ async def run_closed_loop(
     settings: LoadSettings,
     *,
     server_pids: Mapping[str, int] | None = None,
+    server_trees: Mapping[str, int] | None = None,
 ) -> LoadResult:
-    """Runs ``settings.concurrency`` workers: warmup, then the measured window."""
+    """Runs ``settings.concurrency`` workers: warmup, then the measured window.
+    ``server_pids``: name -> PID of a server process; ``server_trees``: name -> root PID
+    of a server measured with every process it forks (:func:`process_tree_cpu_s`)."""
     if settings.concurrency < 1:
         raise ValueError("concurrency must be >= 1")
     pids = dict(server_pids or {})
+    trees = dict(server_trees or {})
+
+    def servers_cpu() -> dict[str, float]:
+        return {
+            **{name: process_cpu_s(pid) for name, pid in pids.items()},
+            **{name: process_tree_cpu_s(pid) for name, pid in trees.items()},
+        }
+
     window = _Window(settings.max_transactions)
     tasks = [
         asyncio.create_task(_worker(window, factory(i)), name=f"bench-worker-{i}")
@@ -188,7 +230,7 @@ async def run_closed_loop(
     try:
         await asyncio.sleep(settings.warmup_s)
         cpu0, busy0, kern0 = self_cpu_s(), machine_busy_s(), kernel_threads_cpu()
-        srv0 = {name: process_cpu_s(pid) for name, pid in pids.items()}
+        srv0 = servers_cpu()
         t0 = time.perf_counter()
         window.measuring = True
         try:
@@ -199,7 +241,7 @@ async def run_closed_loop(
         window.measuring = False
         elapsed = time.perf_counter() - t0
         cpu1, busy1, kern1 = self_cpu_s(), machine_busy_s(), kernel_threads_cpu()
-        srv1 = {name: process_cpu_s(pid) for name, pid in pids.items()}
+        srv1 = servers_cpu()
         window.stopping = True
         await asyncio.wait(tasks, timeout=settings.drain_timeout_s)
     finally:
@@ -209,7 +251,7 @@ async def run_closed_loop(
 
     hist = window.hist
     has = window.ok > 0
-    ours = (cpu1 - cpu0) + sum(srv1[n] - srv0[n] for n in pids)
+    ours = (cpu1 - cpu0) + sum(srv1[n] - srv0[n] for n in srv1)
     kernel = kernel_cpu_s(kern0, kern1)
     other = max(0.0, (busy1 - busy0) - ours - kernel)
     return LoadResult(
@@ -224,7 +266,7 @@ async def run_closed_loop(
         client_cpu_pct=round((cpu1 - cpu0) / elapsed * 100, 1) if elapsed > 0 else 0.0,
         server_cpu_pct={
             name: round((srv1[name] - srv0[name]) / elapsed * 100, 1) if elapsed > 0 else 0.0
-            for name in pids
+            for name in srv1
         },
         kernel_cpu_pct=round(kernel / elapsed * 100, 1) if elapsed > 0 else 0.0,
         other_cpu_pct=round(other / elapsed * 100, 1) if elapsed > 0 else 0.0,

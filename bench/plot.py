@@ -26,6 +26,7 @@ _GROUPS = (
     ("load generator", "tab:gray"),
     ("coordinator", "tab:blue"),
     ("participants", "tab:orange"),
+    ("PostgreSQL", "tab:purple"),
     ("etcd / sink / kernel", "tab:green"),
 )
 
@@ -35,17 +36,22 @@ def _group(process: str) -> str:
         return "coordinator"
     if process.startswith(("bank", "flight", "hotel", "car")):
         return "participants"
+    if process.startswith("postgres"):
+        return "PostgreSQL"
     return "etcd / sink / kernel"
 
 
 def cpu_ms_per_txn(result: Mapping[str, Any]) -> dict[str, float]:
     """CPU per committed transaction in ms, by group (``*_cpu_pct`` are % of one core)."""
     tps = float(result["tps"])
-    out = dict.fromkeys((g for g, _ in _GROUPS), 0.0)
+    # The PostgreSQL group only for rows that run a PostgreSQL server.
+    servers = result.get("server_cpu_pct", {})
+    pg = any(_group(name) == "PostgreSQL" for name in servers)
+    out = dict.fromkeys((g for g, _ in _GROUPS if pg or g != "PostgreSQL"), 0.0)
     if tps <= 0:
         return out
     out["load generator"] = float(result.get("client_cpu_pct", 0.0)) * 10 / tps
-    for name, pct in result.get("server_cpu_pct", {}).items():
+    for name, pct in servers.items():
         out[_group(name)] += float(pct) * 10 / tps
     out["etcd / sink / kernel"] += float(result.get("kernel_cpu_pct", 0.0)) * 10 / tps
     return out
@@ -94,7 +100,7 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     left = [0.0] * len(rows)
     per_row = [cpu_ms_per_txn(r) for r in rows]
     for group, colour in _GROUPS:
-        widths = [c[group] for c in per_row]
+        widths = [c.get(group, 0.0) for c in per_row]
         cpu.barh(ys, widths, left=left, color=colour, label=group)
         left = [a + b for a, b in zip(left, widths, strict=True)]
     for y, total in zip(ys, left, strict=True):

@@ -103,12 +103,19 @@ class Target:
     processes: Mapping[str, ManagedProcess]
     #: Run once, after the last concurrency: warnings (empty when all is well).
     check: Callable[[], Awaitable[list[str]]] | None = None
+    #: Servers that fork a process per connection (PostgreSQL): name -> root PID; the
+    #: CPU of the whole process tree is reported as that server's, and the root must stay
+    #: alive.
+    process_trees: Mapping[str, int] = field(default_factory=dict)
 
     def assert_alive(self) -> None:
         for name, p in self.processes.items():
             if not p.alive():
                 tail = "\n".join(p.output().splitlines()[-20:])
                 raise RowFailed(f"{name} (pid {p.pid}) exited with {p.returncode}:\n{tail}")
+        for name, pid in self.process_trees.items():
+            if not Path(f"/proc/{pid}").exists():
+                raise RowFailed(f"{name} (pid {pid}) is gone")
 
 
 RowFactory = Callable[[RowEnv], AbstractAsyncContextManager[Target]]
@@ -495,6 +502,35 @@ async def baseline_2pc(env: RowEnv) -> AsyncIterator[Target]:
 async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
     async with static_2pc(env, transport="unary") as target:
         yield target
+
+
+@row(
+    "2pc-pg",
+    "Accord 2PC as 2pc, but both banks on PostgreSQL (one server, a database per bank): "
+    "PREPARE TRANSACTION / COMMIT PREPARED; the server's CPU is its whole process tree",
+    baseline="2pc",
+)
+@asynccontextmanager
+async def accord_2pc_pg(env: RowEnv) -> AsyncIterator[Target]:
+    pg = env.topology.postgres(start=False)
+    await env.topology.start_together(pg)
+    urls = {
+        name: await asyncio.to_thread(pg.create_database, name.replace("-", "_")) for name in BANKS
+    }
+    banks = {name: env.topology.bank(name, db=urls[name], start=False) for name in BANKS}
+    await env.topology.start_together(*banks.values())
+    addresses = {name: p.address for name, p in banks.items()}
+    coord = await accord_coordinator(env, addresses)
+    await open_bank_accounts(env, addresses)
+    before = sum(t for t, _ in (await bank_state(addresses)).values())
+    async with accord_client(env, coord.address) as client:
+        yield Target(
+            factory=transfer_factory(client, transfer_plan(env)),
+            processes={"coordinator": coord, **banks},
+            # postgres forks a backend per connection: the postmaster and every backend.
+            process_trees={"postgres": pg.pid},
+            check=conservation_check(addresses, before),
+        )
 
 
 @row(

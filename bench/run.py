@@ -65,7 +65,16 @@ async def run_row(spec: RowSpec, env: RowEnv, s: RunSettings, out: Outcome, say:
             say.print(
                 f"[bold]{spec.name}[/bold]: "
                 + ", ".join(
-                    f"{n} pid {pid} on {target.processes[n].address}" for n, pid in pids.items()
+                    [
+                        *(
+                            f"{n} pid {pid} on {target.processes[n].address}"
+                            for n, pid in pids.items()
+                        ),
+                        *(
+                            f"{n} pid {pid} (process tree)"
+                            for n, pid in target.process_trees.items()
+                        ),
+                    ]
                 )
             )
             for c in s.concurrency:
@@ -78,6 +87,7 @@ async def run_row(spec: RowSpec, env: RowEnv, s: RunSettings, out: Outcome, say:
                         max_transactions=s.max_transactions,
                     ),
                     server_pids=pids,
+                    server_trees=target.process_trees,
                 )
                 row = result_row(spec.name, load)
                 out.results.append(row)

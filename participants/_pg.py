@@ -119,6 +119,7 @@ from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
+from accord.participants import _pg_failpoints as failpoints
 from accord.participants._app import Participant
 from accord.participants._backend import BackendStartError, PendingBranch
 from accord.participants._barrier import (
@@ -406,6 +407,10 @@ class PostgresBackend:
 
     async def start(self, participant: Participant) -> None:
         self._p = participant
+        try:
+            failpoints.arm()
+        except ValueError as e:
+            raise BackendStartError(str(e)) from None
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout_s))
@@ -849,6 +854,7 @@ class _Call:
         except psycopg.Error as e:  # e.g. max_prepared_transactions reached
             await self.rollback()
             return Result(Status.NOT_YET, f"cannot prepare now: {_one_line(e)}")
+        failpoints.check(failpoints.AFTER_PG_PREPARE)
         return _PREPARED
 
     async def refuse_prepare(self, reason: str) -> Result:
@@ -880,7 +886,9 @@ class _Call:
     async def commit_branch(self, look: _Look) -> Result:
         c = self.call
         if look.prepared:
+            failpoints.check(failpoints.BEFORE_COMMIT_PREPARED)
             why = await self.finish_prepared("COMMIT")
+            failpoints.check(failpoints.AFTER_COMMIT_PREPARED)
             if why == "busy":
                 return Result(Status.NOT_YET, "being finished by another session")
         await self.begin()

@@ -1,6 +1,7 @@
 """``accord demo``: the whole topology on this machine and a workload.
 
-Starts etcd, two bank participants (``bank-a``, ``bank-b``, each its own SQLite file)
+Starts etcd, two bank participants (``bank-a``, ``bank-b``, each its own SQLite file, or
+with ``--postgres`` each its own database on a PostgreSQL server the demo starts itself)
 that register there, and a coordinator that finds them there (or, with ``--static``, a
 coordinator given a static service map), all on free 127.0.0.1 ports; the client finds
 the coordinator through etcd too;
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,9 @@ class DemoSettings:
     saga: bool = False
     #: Find every process through etcd (False: a static service map).
     etcd: bool = True
+    #: The banks on PostgreSQL (a server started under the data directory, one database
+    #: per bank) instead of SQLite files.
+    postgres: bool = False
 
 
 #: Trips booked by ``accord demo --saga``; the car service refuses Paris, so those
@@ -128,9 +133,10 @@ async def bank_totals(addresses: dict[str, str]) -> dict[str, dict[str, int]]:
 
 async def _workload(
     coordinator: str, etcd: str, settings: DemoSettings
-) -> tuple[dict[str, int], HdrHistogram, list[str], float]:
+) -> tuple[dict[str, int], Counter[str], HdrHistogram, list[str], float]:
     rng = random.Random(settings.seed)
     outcomes = {"committed": 0, "aborted": 0}
+    reasons: Counter[str] = Counter()
     errors: list[str] = []
     hist = HdrHistogram(1, 60_000_000, 3)  # microseconds
     plan = []
@@ -180,11 +186,24 @@ async def _workload(
                     continue
                 hist.record_value(max(1, int((time.perf_counter() - t0) * 1e6)))
                 outcomes["committed" if result.committed else "aborted"] += 1
+                if not result.committed:
+                    reasons[_abort_reason(result.reason)] += 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(settings.concurrency)))
         elapsed = time.perf_counter() - t0
-    return outcomes, hist, errors, elapsed
+    return outcomes, reasons, hist, errors, elapsed
+
+
+def _abort_reason(reason: str) -> str:
+    """Why a transfer aborted, in a word: the bank refused it for want of funds, or (on
+    PostgreSQL) it waited for a row lock past ``lock_timeout`` and the vote was no."""
+    text = reason.lower()
+    if "insufficient funds" in text:
+        return "insufficient funds"
+    if "lock" in text or "deadlock" in text:
+        return "lock conflict"
+    return "other"
 
 
 async def _settled(addresses: dict[str, str], timeout_s: float = 30.0) -> dict[str, dict[str, int]]:
@@ -205,11 +224,24 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
             etcd = topo.etcd()
             etcd_url = etcd.url
             say(f"[green]started[/green] etcd on {etcd_url} (pid {etcd.pid})")
+        databases: dict[str, Path | str] = {name: data / f"{name}.db" for name in BANKS}
+        backend = "SQLite"
+        if settings.postgres:
+            pg = topo.postgres()
+            backend = f"PostgreSQL on 127.0.0.1:{pg.port}"
+            say(f"[green]started[/green] PostgreSQL on 127.0.0.1:{pg.port} (pid {pg.pid})")
+            for name in BANKS:
+                database = name.replace("-", "_")
+                pg.create_database(database)
+                databases[name] = pg.url(database)
         addresses: dict[str, str] = {}
         for name in BANKS:
-            p = topo.bank(name, etcd=etcd_url)
+            p = topo.bank(name, etcd=etcd_url, db=databases[name])
             addresses[name] = p.address
-            say(f"[green]started[/green] participant {name} on {p.address} (pid {p.pid})")
+            say(
+                f"[green]started[/green] participant {name} on {p.address} (pid {p.pid},"
+                f" {backend if settings.postgres else databases[name]})"
+            )
         trip_addresses: dict[str, str] = {}
         if settings.saga:
             for kind in ("flight", "hotel", "car"):
@@ -228,14 +260,19 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
                 await open_accounts(address, accounts)
             before = await bank_totals(addresses)
             say(f"running {settings.transfers} transfers, {settings.concurrency} at a time ...")
-            outcomes, hist, errors, elapsed = await _workload(coord.address, etcd_url, settings)
+            outcomes, reasons, hist, errors, elapsed = await _workload(
+                coord.address, etcd_url, settings
+            )
             after = await _settled(addresses)
             sagas = await _book_trips(coord.address, etcd_url, data) if settings.saga else []
             return {
                 "registry": f"etcd at {etcd_url}" if etcd_url else "static service map",
+                "backend": "postgresql" if settings.postgres else "sqlite",
+                "databases": {k: str(v) for k, v in databases.items()},
                 "sagas": sagas,
                 "committed": outcomes["committed"],
                 "aborted": outcomes["aborted"],
+                "abort_reasons": dict(reasons),
                 "errors": errors,
                 "transfers": settings.transfers,
                 "elapsed_s": round(elapsed, 3),
@@ -259,9 +296,16 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_row("registry", s["registry"])
+    table.add_row("bank databases", "PostgreSQL" if s["backend"] == "postgresql" else "SQLite")
     table.add_row("transfers", str(s["transfers"]))
     table.add_row("committed", str(s["committed"]))
-    table.add_row("aborted (insufficient funds)", str(s["aborted"]))
+    reasons = s["abort_reasons"]
+    if set(reasons) <= {"insufficient funds"}:
+        table.add_row("aborted (insufficient funds)", str(s["aborted"]))
+    else:
+        table.add_row("aborted", str(s["aborted"]))
+        for reason, count in sorted(reasons.items()):
+            table.add_row(f"  {reason}", str(count))
     table.add_row("errors", str(len(s["errors"])))
     table.add_row("throughput", f"{s['tps']} tx/s")
     table.add_row("latency p50 / p99", f"{s['p50_ms']} ms / {s['p99_ms']} ms")

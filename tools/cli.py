@@ -90,6 +90,13 @@ class Faults(tuple[Fault, ...]):
 DEFAULT_FAULTS = Faults((Fault.KILL_COORDINATOR, Fault.KILL_PARTICIPANT))
 
 
+class ParticipantDb(StrEnum):
+    """Where ``accord chaos`` keeps the banks' data."""
+
+    SQLITE = "sqlite"
+    POSTGRES = "postgres"
+
+
 def fail(message: str, code: ExitCode = ExitCode.FAILURE) -> typer.Exit:
     err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -865,6 +872,14 @@ def demo(
     static: Annotated[
         bool, typer.Option("--static", help="a static service map instead of etcd")
     ] = False,
+    postgres: Annotated[
+        bool,
+        typer.Option(
+            "--postgres",
+            help="the banks on PostgreSQL: a server the demo starts itself (Debian's "
+            "postgresql package), one database per bank",
+        ),
+    ] = False,
     as_json: JsonOut = False,
 ) -> None:
     """The whole topology on this machine (etcd, a coordinator, two bank participants),
@@ -880,6 +895,7 @@ def demo(
         data_dir=data_dir,
         saga=saga,
         etcd=not static,
+        postgres=postgres,
     )
     try:
         summary = run_demo(settings, console=None if as_json else console)
@@ -920,6 +936,14 @@ def chaos(
         ),
     ] = DEFAULT_FAULTS,
     ttl: LeaseTtl = 2,
+    participant_db: Annotated[
+        ParticipantDb,
+        typer.Option(
+            case_sensitive=False,
+            help="the banks' databases: a SQLite file each, or postgres: one PostgreSQL "
+            "server started for the run, a database per bank",
+        ),
+    ] = ParticipantDb.SQLITE,
     out: Annotated[
         Path | None, typer.Option(help="keep the run here (history, databases, logs)")
     ] = None,
@@ -944,6 +968,7 @@ def chaos(
         faults=tuple(f.value for f in faults),
         ttl_s=ttl,
         out_dir=out,
+        participant_db=participant_db.value,
     )
     report = run_chaos(settings, console=None if as_json else console)
     if as_json:

@@ -101,15 +101,14 @@ def bank_app_pg(service: str = "bank", *, seed: Sequence[tuple[str, int]] = ()) 
     async def schema(conn: Conn) -> None:
         await conn.execute(SCHEMA_PG)
         if seed:
-            # Not ON CONFLICT: its unique check waits for a prepared transaction that
-            # updated the account, and only this bank (once serving) can finish that one.
-            # A plain MVCC read does not wait on row locks; the schema lock the SDK takes
-            # around set-up already keeps two instances from seeding at once.
             async with conn.cursor() as cur:
+                # A plain read sees an existing account without waiting for the row
+                # locks of branches still prepared (ON CONFLICT would wait for them, and
+                # only this bank, once it serves, can finish them).
                 await cur.executemany(
                     "INSERT INTO accounts (id, balance) SELECT %s, %s"
                     " WHERE NOT EXISTS (SELECT 1 FROM accounts WHERE id = %s)",
-                    [(a, b, a) for a, b in seed],
+                    [(account, balance, account) for account, balance in seed],
                 )
 
     @app.prepare("debit")

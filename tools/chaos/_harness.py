@@ -2,7 +2,9 @@
 and sagas, faults on a seeded schedule, then healing, quiescence and the checker.
 
 Topology: one etcd; ``participants`` bank services (``bank-1`` ...) registered in etcd
-on fixed loopback ports, so a restarted one comes back at the address coordinators know;
+on fixed loopback ports, so a restarted one comes back at the address coordinators know
+(each on its own SQLite file, or with ``participant_db="postgres"`` on its own database of
+one PostgreSQL server the harness starts);
 for each of ``coordinators`` WAL shards (``s1`` ...) an owner and a standby sharing the
 shard's WAL directory (the stand-in for a shared volume). Workers are bound to a shard;
 each finds the shard's owner in etcd and, on ``UNAVAILABLE``, finds it again and retries
@@ -32,6 +34,7 @@ from accord.tools.chaos._history import HistoryWriter
 from accord.tools.topology import (
     EtcdServer,
     ManagedProcess,
+    PostgresServer,
     ProcessFailed,
     Topology,
     balances,
@@ -39,6 +42,8 @@ from accord.tools.topology import (
 )
 
 INJECTABLE_FAULTS = ("kill-coordinator", "kill-participant", "pause", "etcd", "power-loss")
+#: Where the bank participants keep their data.
+PARTICIPANT_DBS = ("sqlite", "postgres")
 #: Nothing more will happen to these without an operator (STUCK is reported, not in doubt).
 TERMINAL = frozenset({"COMMITTED", "ABORTED", "COMPLETED", "COMPENSATED", "STUCK"})
 
@@ -63,6 +68,9 @@ class ChaosSettings:
     out_dir: Path | None = None
     #: Environment for the coordinators (a test swaps a broken piece in here).
     coordinator_env: dict[str, str] = field(default_factory=dict)
+    #: ``sqlite`` (a file per bank) or ``postgres`` (one PostgreSQL server, a database
+    #: per bank).
+    participant_db: str = "sqlite"
 
 
 @dataclass
@@ -92,6 +100,9 @@ class Chaos:
         self.topology = Topology(root)
         self.nodes: dict[str, Node] = {}
         self.etcd: EtcdServer | None = None
+        #: With ``participant_db="postgres"``: the server and each bank's database URL.
+        self.postgres: PostgresServer | None = None
+        self.db_urls: dict[str, str] = {}
         self.banks = [f"bank-{i + 1}" for i in range(s.participants)]
         self.shards = [f"s{i + 1}" for i in range(s.coordinators)]
         self._on_progress = on_progress
@@ -100,6 +111,9 @@ class Chaos:
         self._inflight: Counter[str] = Counter()
         #: Per shard: monotonic time of a kill of its owner not yet followed by a commit.
         self._killed_at: dict[str, float] = {}
+        #: Nodes being started again: no fault touches them until they serve (a second
+        #: restart of the same process would orphan the first).
+        self._restarting: set[str] = set()
         self.started = time.monotonic()
 
     # ------------------------------------------------------------ processes
@@ -117,6 +131,7 @@ class Chaos:
             accounts=self.s.accounts,
             initial_balance=self.s.initial_balance,
             in_doubt_after_s=5,
+            db=self.db_urls.get(name),
         )
 
     def _coordinator(self, name: str, shard: str) -> ManagedProcess:
@@ -138,7 +153,13 @@ class Chaos:
         )
 
     def start_topology(self) -> None:
+        if self.s.participant_db not in PARTICIPANT_DBS:
+            raise ValueError(f"participant_db must be one of {PARTICIPANT_DBS}")
         self.etcd = self.topology.etcd()
+        if self.s.participant_db == "postgres":
+            self.postgres = self.topology.postgres()
+            for name in self.banks:
+                self.db_urls[name] = self.postgres.create_database(name.replace("-", "_"))
         for name in self.banks:
             self.nodes[name] = Node(name, self._bank(name), "participant")
         for shard in self.shards:
@@ -280,8 +301,12 @@ class Chaos:
         self._on_progress(self)
 
     async def _restart(self, node: Node, delay_s: float) -> None:
-        await asyncio.sleep(delay_s)
-        await self._start(node)
+        self._restarting.add(node.name)
+        try:
+            await asyncio.sleep(delay_s)
+            await self._start(node)
+        finally:
+            self._restarting.discard(node.name)
         self._fault("restart", node.name)
 
     async def _start(self, node: Node) -> None:
@@ -302,6 +327,8 @@ class Chaos:
 
     def _owner(self, shard: str) -> Node | None:
         for node in self.nodes.values():
+            if node.name in self._restarting:
+                continue
             if node.shard == shard and node.proc.alive() and "listening on" in node.proc.output():
                 return node
         return None
@@ -350,14 +377,14 @@ class Chaos:
                 pending.append(asyncio.create_task(self._restart(node, self.rng.uniform(1, 4))))
             elif fault == "kill-participant":
                 node = self.nodes[self.rng.choice(self.banks)]
-                if not node.proc.alive():
+                if not node.proc.alive() or node.name in self._restarting:
                     continue
                 node.proc.kill()
                 self._fault("kill", node.name)
                 pending.append(asyncio.create_task(self._restart(node, self.rng.uniform(0.5, 3))))
             elif fault == "pause":
                 node = self.nodes[self.rng.choice([*self.banks, *self.nodes])]
-                if not node.proc.alive() or node.proc.paused:
+                if not node.proc.alive() or node.proc.paused or node.name in self._restarting:
                     continue
                 node.proc.pause()
                 self._fault("pause", node.name)

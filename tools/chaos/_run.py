@@ -21,7 +21,7 @@ from accord.tools.chaos._harness import (
     save_json,
     settings_dict,
 )
-from accord.tools.topology import workdir
+from accord.tools.topology import PostgresServer, workdir
 
 
 def run_chaos(s: ChaosSettings, *, console: Console | None) -> dict[str, Any]:
@@ -79,7 +79,12 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
     finally:
         await asyncio.to_thread(chaos.stop_all)
         chaos.history.close()
-    dbs = copy_dbs(root, chaos.banks, root / "final")
+    if chaos.postgres is not None:
+        dbs = await asyncio.to_thread(
+            snapshot_postgres, chaos.postgres, chaos.db_urls, root / "final"
+        )
+    else:
+        dbs = copy_dbs(root, chaos.banks, root / "final")
     initial = {f"{bank}-{i}": s.initial_balance for bank in chaos.banks for i in range(s.accounts)}
     save_json(root / "initial.json", initial)
     check = check_run(root, dbs, initial, coordinators, s.recovery_bound_s)
@@ -128,6 +133,22 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
     return report
 
 
+def snapshot_postgres(server: PostgresServer, urls: dict[str, str], dest: Path) -> dict[str, Path]:
+    """Each PostgreSQL bank's final state, read after every process has stopped (the
+    server is started again on its data for that, then stopped and its data removed),
+    saved as ``dest/NAME.db`` in the SQLite bank's layout: what the checker reads."""
+    from accord.tools.chaos._pgstate import load_postgres_participant, save_participant
+
+    server.start()
+    try:
+        return {
+            name: save_participant(load_postgres_participant(name, url), dest / f"{name}.db")
+            for name, url in urls.items()
+        }
+    finally:
+        server.remove()
+
+
 async def _tick(progress: Progress, task: Any, chaos: Chaos, duration_s: float) -> None:
     while True:
         progress.update(task, completed=min(duration_s, time.monotonic() - chaos.started))
@@ -173,6 +194,7 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
     table.add_column(justify="right")
     rows = [
         ("transactions", f"{r['transactions']} ({r['transfers']} 2PC, {r['sagas']} sagas)"),
+        ("bank databases", str(r["settings"].get("participant_db", "sqlite"))),
         ("ok / fail / unknown", f"{r['ok']} / {r['fail']} / {r['info']}"),
         ("coordinator kills", str(r["coordinator_kills"])),
         ("participant kills", str(r["participant_kills"])),
