@@ -237,36 +237,3 @@ async def test_inventory_example_on_postgres(cluster: Cluster, pg_url: str) -> N
         return int(free[0]), int(held[0])
 
     assert await assert_eventually(stock, lambda s: s == (1, 0))
-
-
-async def test_concurrent_transfers_over_hot_accounts_conserve_money(
-    cluster: Cluster, postgres_server: PostgresServer
-) -> None:
-    # Two PostgreSQL banks (two databases of one server), transfers both ways between
-    # two accounts at once: row locks and lock_timeout (a no vote) instead of held
-    # columns; nothing overdrawn, nothing left prepared, the total unchanged.
-    urls = [postgres_server.create_database(f"hot_{n}_{id(cluster)}") for n in ("a", "b")]
-    a = pg_bank(cluster, "bank-a", urls[0], extra=["--lock-timeout-s", "0.5"])
-    b = pg_bank(cluster, "bank-b", urls[1], extra=["--lock-timeout-s", "0.5"])
-    await open_accounts(a.address, {"x": 100})
-    await open_accounts(b.address, {"y": 100})
-    coord = cluster.coordinator({"bank-a": a.address, "bank-b": b.address})
-
-    def both_ways(i: int) -> list[Branch]:
-        if i % 2:
-            return transfer(7)
-        return [
-            Branch(service="bank-b", operation="debit", payload={"account": "y", "amount": 9}),
-            Branch(service="bank-a", operation="credit", payload={"account": "x", "amount": 9}),
-        ]
-
-    async with AccordClient(coord.address, timeout_s=30) as client:
-        results = await asyncio.gather(
-            *(client.execute(both_ways(i)) for i in range(32)), return_exceptions=True
-        )
-    committed = [r for r in results if not isinstance(r, BaseException) and r.committed]
-    assert committed, results
-    ra = await assert_eventually(lambda: balances(a.address), lambda r: r.prepared_branches == 0)
-    rb = await assert_eventually(lambda: balances(b.address), lambda r: r.prepared_branches == 0)
-    assert ra.total + rb.total == 200
-    assert min(acc.balance for acc in [*ra.accounts, *rb.accounts]) >= 0
