@@ -3,7 +3,10 @@
 What it owns: the barrier (exactly-once effects; an abort before its prepare or a
 compensation before its action is a recorded no-op that refuses the late call), the
 branch table (prepared branches survive a crash), fencing (lower coordinator epochs
-refused), group commit on SQLite (WAL, ``synchronous=FULL``), the in-doubt resolver
+refused), the database behind them (:mod:`~accord.participants._backend`: group commit
+on SQLite, WAL and ``synchronous=FULL``, the default; or PostgreSQL for a
+``postgresql://`` URL, where a 2PC branch is a ``PREPARE TRANSACTION`` and handlers are
+``async def`` on a psycopg connection, see :mod:`~accord.participants._pg`), the in-doubt resolver
 (presumed abort: ask the coordinator about branches held prepared too long) and the
 gRPC server (health checking and reflection on), and a durable audit of every branch
 call (``accord_audit``, read offline with :func:`read_audit`). What it must not touch: the
