@@ -170,6 +170,10 @@ async def test_startup_errors_are_one_line(tmp_path: Path, postgres_server: Post
     missing = postgres_server.url("no_such_db")
     assert "the database does not exist" in fails(missing)
     assert "server unreachable" in fails("postgresql://postgres@127.0.0.1:1/x")
+    # Bad credentials: a user the server does not know (the test server trusts every
+    # known user on loopback, so a wrong password cannot be shown here).
+    unknown = f"postgresql://nobody_here@127.0.0.1:{postgres_server.port}/postgres"
+    assert "authentication failed (user or password)" in fails(unknown)
     assert "invalid PostgreSQL URL" in fails("postgresql://postgres@127.0.0.1:notaport/x")
 
 
