@@ -119,7 +119,6 @@ from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
-from accord.participants import _pg_failpoints as failpoints
 from accord.participants._app import Participant
 from accord.participants._backend import BackendStartError, PendingBranch
 from accord.participants._barrier import (
@@ -140,6 +139,7 @@ from accord.participants._barrier import (
     Outcome,
     _vote,
 )
+from accord.participants._pg_failpoints import PgFailpoint, PgFailpoints
 from accord.participants._types import BranchCall, NotYet, Op, Refuse, Result, Status, Vote
 
 log = logging.getLogger("accord.participant")
@@ -390,6 +390,7 @@ class PostgresBackend:
         self._gauge: psycopg.Connection[Any] | None = None
         self._gauge_lock = threading.Lock()
         self._tasks: set[asyncio.Task[Result]] = set()
+        self._failpoints = PgFailpoints()
         #: The database's OID, part of every prepared transaction name (from start()).
         self.db_oid = 0
 
@@ -408,7 +409,7 @@ class PostgresBackend:
     async def start(self, participant: Participant) -> None:
         self._p = participant
         try:
-            failpoints.arm()
+            self._failpoints = PgFailpoints.from_env()
         except ValueError as e:
             raise BackendStartError(str(e)) from None
         try:
@@ -610,6 +611,7 @@ class _Call:
         assert backend._p is not None
         self.p: Any = backend._p  # handlers take a psycopg connection here
         self.clock = backend._clock
+        self._failpoints = backend._failpoints
         self.conn = conn
         self.op = op
         self.call = call
@@ -854,7 +856,7 @@ class _Call:
         except psycopg.Error as e:  # e.g. max_prepared_transactions reached
             await self.rollback()
             return Result(Status.NOT_YET, f"cannot prepare now: {_one_line(e)}")
-        failpoints.check(failpoints.AFTER_PG_PREPARE)
+        self._failpoints.check(PgFailpoint.AFTER_PG_PREPARE)
         return _PREPARED
 
     async def refuse_prepare(self, reason: str) -> Result:
@@ -886,9 +888,9 @@ class _Call:
     async def commit_branch(self, look: _Look) -> Result:
         c = self.call
         if look.prepared:
-            failpoints.check(failpoints.BEFORE_COMMIT_PREPARED)
+            self._failpoints.check(PgFailpoint.BEFORE_COMMIT_PREPARED)
             why = await self.finish_prepared("COMMIT")
-            failpoints.check(failpoints.AFTER_COMMIT_PREPARED)
+            self._failpoints.check(PgFailpoint.AFTER_COMMIT_PREPARED)
             if why == "busy":
                 return Result(Status.NOT_YET, "being finished by another session")
         await self.begin()

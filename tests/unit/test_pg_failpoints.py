@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from accord.participants import _pg_failpoints as failpoints
+from accord.participants._pg_failpoints import PgFailpoint, PgFailpoints
 
 
 def test_parse() -> None:
-    assert failpoints.parse("") == frozenset()
-    assert failpoints.parse(" after_pg_prepare=crash , after_commit_prepared=crash") == {
-        "after_pg_prepare",
-        "after_commit_prepared",
+    assert PgFailpoints.parse("").armed == frozenset()
+    assert PgFailpoints.parse(" after_pg_prepare=crash , after_commit_prepared=crash").armed == {
+        PgFailpoint.AFTER_PG_PREPARE,
+        PgFailpoint.AFTER_COMMIT_PREPARED,
     }
     with pytest.raises(ValueError, match="unknown failpoint"):
-        failpoints.parse("after_pg_prepar=crash")
+        PgFailpoints.parse("after_pg_prepar=crash")
     with pytest.raises(ValueError, match="only action is crash"):
-        failpoints.parse("after_pg_prepare=sleep:10")
+        PgFailpoints.parse("after_pg_prepare=sleep:10")
 
 
 def test_unarmed_check_does_nothing() -> None:
-    assert failpoints.arm({}) == frozenset()
-    failpoints.check(failpoints.AFTER_PG_PREPARE)  # still alive
+    points = PgFailpoints.from_env({})
+    assert points.armed == frozenset()
+    points.check(PgFailpoint.AFTER_PG_PREPARE)  # still alive
