@@ -152,6 +152,8 @@ _SAFE = ":@+=,~"
 
 DEFAULT_LOCK_TIMEOUT_S = 2.0
 DEFAULT_POOL_SIZE = 20
+#: How long the start-up schema set-up may wait on a lock.
+SETUP_LOCK_TIMEOUT_S = 30
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accord_barrier (
@@ -430,6 +432,10 @@ class PostgresBackend:
             assert row is not None
             self.db_oid = int(row[0])
             await conn.execute("BEGIN")
+            # A set-up that waits on a row a prepared branch holds would wait for ever:
+            # only this participant, once it serves, can finish that branch. Fail with
+            # one line instead.
+            await conn.execute(f"SET LOCAL lock_timeout = '{SETUP_LOCK_TIMEOUT_S}s'")
             await conn.execute(_SCHEMA_LOCK)
             await conn.execute(SCHEMA)
             setup: Any = participant.setup
