@@ -120,10 +120,17 @@ class ParticipantApp:
     doing nothing. Prepare or Execute of an operation with no handler is refused
     (ABORTED); Compensate with no handler answers "not yet" (FAILED_PRECONDITION: the
     coordinator retries, and the saga ends STUCK where an operator sees it).
+
+    ``db`` (optional) is the database the app is served on when the server is given
+    none: a SQLite path, or a ``postgresql://`` URL (then handlers are ``async def`` on a
+    psycopg connection)::
+
+        app = ParticipantApp("orders", db="postgresql://app@db-host/orders")
     """
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, *, db: str | None = None) -> None:
         self.service = service
+        self.db = db
         # Handlers of either backend (the backend awaits what an async one returns).
         self._prepare: dict[str, Any] = {}
         self._commit: dict[str, Any] = {}

@@ -67,7 +67,8 @@ class ParticipantServer:
 
     ``db`` is a SQLite path, or a ``postgresql://`` URL (PostgreSQL: handlers are ``async
     def``, on a psycopg connection; ``lock_timeout_s`` bounds each transaction's lock
-    waits, ``pool_size`` is the connection pool's size), or a :class:`Backend`.
+    waits, ``pool_size`` is the connection pool's size), or a :class:`Backend`; when it
+    is not given, the :class:`ParticipantApp`'s own ``db``.
 
     Stopping is graceful (in-flight calls get ``grace_s`` seconds) and safe to call twice.
     """
@@ -76,7 +77,7 @@ class ParticipantServer:
         self,
         logic: Participant | ParticipantApp,
         *,
-        db: Path | str | Backend,
+        db: Path | str | Backend | None = None,
         listen: str = "127.0.0.1:0",
         in_doubt_after_s: float = 10.0,
         resolver_interval_s: float | None = None,
@@ -101,6 +102,12 @@ class ParticipantServer:
             for k, v in (("lock_timeout_s", lock_timeout_s), ("pool_size", pool_size))
             if v is not None
         }
+        if db is None:
+            db = logic.db if isinstance(logic, ParticipantApp) else None
+        if db is None:
+            raise ValueError(
+                f"participant {logic.service!r}: no database (give db= to the server or the app)"
+            )
         self.backend = open_backend(db, max_batch=max_batch, **pg_options)
         self.service = ParticipantService(logic, self.backend)
         self.resolver = InDoubtResolver(
@@ -264,7 +271,7 @@ class ParticipantServer:
 async def serve(
     logic: Participant | ParticipantApp,
     *,
-    db: Path | str | Backend,
+    db: Path | str | Backend | None = None,
     listen: str = "127.0.0.1:0",
     in_doubt_after_s: float = 10.0,
     resolver_interval_s: float | None = None,

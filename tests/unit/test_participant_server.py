@@ -244,3 +244,19 @@ async def test_stop_is_graceful_and_idempotent(tmp_path: Path) -> None:
     # The database is closed cleanly and can be served again.
     async with ParticipantServer(Counter(), db=tmp_path / "s.db") as again:
         assert again.port > 0
+
+
+# -- the app names its database ----------------------------------------------------------
+
+
+async def test_the_app_names_its_database(tmp_path: Path) -> None:
+    app = ParticipantApp("ledger", db=str(tmp_path / "ledger.db"))
+    app.setup(lambda conn: conn.execute("CREATE TABLE entries (n INTEGER)"))
+    async with ParticipantServer(app) as srv:
+        assert srv.backend.location == str(tmp_path / "ledger.db")
+    tables = sqlite3.connect(tmp_path / "ledger.db").execute(
+        "SELECT name FROM sqlite_master WHERE name = 'entries'"
+    )
+    assert tables.fetchall() == [("entries",)]
+    with pytest.raises(ValueError, match="no database"):
+        ParticipantServer(ParticipantApp("nowhere"))
