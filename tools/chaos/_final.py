@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,13 +110,27 @@ def _has_table(conn: sqlite3.Connection, name: str) -> bool:
     return row is not None
 
 
-def _load(conn: sqlite3.Connection, name: str, path: str) -> ParticipantState:
-    for table in ("accounts", "ledger", "accord_branches", "accord_barrier"):
-        if not _has_table(conn, table):
-            raise StateError(f"chaos: {path} ({name}) has no table {table!r}: not a bank database")
+#: Runs one SELECT and returns its rows: ``conn.execute`` of a sqlite3 or a psycopg
+#: connection alike.
+Query = Callable[[str], Iterable[Sequence[Any]]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BankRows:
+    """What the checker reads of a bank's own tables, whatever its database."""
+
+    accounts: dict[str, Account]
+    ledger: tuple[LedgerEntry, ...]
+    branches: tuple[BranchRow, ...]
+    barrier: tuple[BarrierRow, ...]
+
+
+def read_bank_rows(query: Query, *, held: str = "held") -> BankRows:
+    """A bank's accounts, ledger, branch rows and barrier rows; ``held`` is the SQL for
+    an account's held amount (``"0"`` where the bank keeps none)."""
     accounts = {
         str(i): Account(id=str(i), balance=int(b), held=int(h))
-        for i, b, h in conn.execute("SELECT id, balance, held FROM accounts ORDER BY id")
+        for i, b, h in query(f"SELECT id, balance, {held} FROM accounts ORDER BY id")
     }
     ledger = tuple(
         LedgerEntry(
@@ -128,7 +142,7 @@ def _load(conn: sqlite3.Connection, name: str, path: str) -> ParticipantState:
             balance_after=int(after),
             created_at=float(at),
         )
-        for seq, gid, bid, account, delta, after, at in conn.execute(
+        for seq, gid, bid, account, delta, after, at in query(
             "SELECT seq, gid, branch_id, account, delta, balance_after, created_at"
             " FROM ledger ORDER BY seq"
         )
@@ -142,7 +156,7 @@ def _load(conn: sqlite3.Connection, name: str, path: str) -> ParticipantState:
             prepared_at=float(p),
             updated_at=float(u),
         )
-        for gid, bid, op, state, p, u in conn.execute(
+        for gid, bid, op, state, p, u in query(
             "SELECT gid, branch_id, operation, state, prepared_at, updated_at"
             " FROM accord_branches ORDER BY prepared_at"
         )
@@ -156,18 +170,26 @@ def _load(conn: sqlite3.Connection, name: str, path: str) -> ParticipantState:
             message=str(message),
             created_at=float(at),
         )
-        for gid, bid, op, status, message, at in conn.execute(
+        for gid, bid, op, status, message, at in query(
             "SELECT gid, branch_id, op, status, message, created_at FROM accord_barrier"
             " ORDER BY created_at"
         )
     )
+    return BankRows(accounts=accounts, ledger=ledger, branches=branches, barrier=barrier)
+
+
+def _load(conn: sqlite3.Connection, name: str, path: str) -> ParticipantState:
+    for table in ("accounts", "ledger", "accord_branches", "accord_barrier"):
+        if not _has_table(conn, table):
+            raise StateError(f"chaos: {path} ({name}) has no table {table!r}: not a bank database")
+    rows = read_bank_rows(conn.execute)
     return ParticipantState(
         name=name,
         path=path,
-        accounts=accounts,
-        ledger=ledger,
-        branches=branches,
-        barrier=barrier,
+        accounts=rows.accounts,
+        ledger=rows.ledger,
+        branches=rows.branches,
+        barrier=rows.barrier,
         audit=tuple(read_audit(conn)),
         has_audit=_has_table(conn, "accord_audit"),
     )

@@ -18,12 +18,10 @@ from typing import Any
 
 from accord.participants import AuditRow, read_audit
 from accord.tools.chaos._final import (
-    Account,
-    BarrierRow,
     BranchRow,
-    LedgerEntry,
     ParticipantState,
     StateError,
+    read_bank_rows,
 )
 
 
@@ -54,62 +52,15 @@ def _load(conn: Any, name: str, url: str) -> ParticipantState:
         if not _columns(conn, table):
             raise StateError(f"chaos: {url} ({name}) has no table {table!r}: not a bank database")
     held = "held" if "held" in _columns(conn, "accounts") else "0"
-    accounts = {
-        str(i): Account(id=str(i), balance=int(b), held=int(h))
-        for i, b, h in conn.execute(f"SELECT id, balance, {held} FROM accounts ORDER BY id")
-    }
-    ledger = tuple(
-        LedgerEntry(
-            seq=int(seq),
-            gid=str(gid),
-            branch_id=str(bid),
-            account=str(account),
-            delta=int(delta),
-            balance_after=int(after),
-            created_at=float(at),
-        )
-        for seq, gid, bid, account, delta, after, at in conn.execute(
-            "SELECT seq, gid, branch_id, account, delta, balance_after, created_at"
-            " FROM ledger ORDER BY seq"
-        )
-    )
-    branches = tuple(
-        BranchRow(
-            gid=str(gid),
-            branch_id=str(bid),
-            operation=str(op),
-            state=str(state),
-            prepared_at=float(p),
-            updated_at=float(u),
-        )
-        for gid, bid, op, state, p, u in conn.execute(
-            "SELECT gid, branch_id, operation, state, prepared_at, updated_at"
-            " FROM accord_branches ORDER BY prepared_at"
-        )
-    )
-    branches = _with_prepared(conn, branches)
-    barrier = tuple(
-        BarrierRow(
-            gid=str(gid),
-            branch_id=str(bid),
-            op=str(op),
-            status=str(status),
-            message=str(message),
-            created_at=float(at),
-        )
-        for gid, bid, op, status, message, at in conn.execute(
-            "SELECT gid, branch_id, op, status, message, created_at FROM accord_barrier"
-            " ORDER BY created_at"
-        )
-    )
+    rows = read_bank_rows(conn.execute, held=held)
     has_audit = bool(_columns(conn, "accord_audit"))
     return ParticipantState(
         name=name,
         path=url,
-        accounts=accounts,
-        ledger=ledger,
-        branches=branches,
-        barrier=barrier,
+        accounts=rows.accounts,
+        ledger=rows.ledger,
+        branches=_with_prepared(conn, rows.branches),
+        barrier=rows.barrier,
         audit=tuple(read_audit(url)) if has_audit else (),
         has_audit=has_audit,
     )
