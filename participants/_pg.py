@@ -137,6 +137,7 @@ from accord.participants._barrier import (
     BranchRecord,
     BranchState,
     Outcome,
+    _out,
     _vote,
 )
 from accord.participants._pg_failpoints import PgFailpoint, PgFailpoints
@@ -1052,17 +1053,26 @@ class _Call:
 
     # -- sagas ---------------------------------------------------------------------------
 
-    async def execute(self) -> Result:
-        c = self.call
+    async def claim(self, result: Result, op: Op, what: str) -> Result | None:
+        """Begins the step's transaction with its barrier row; None when claimed, else
+        the answer: the recorded one (a duplicate), or "not yet" while a duplicate is
+        still in progress (its row is locked past ``lock_timeout``)."""
         await self.begin()
         try:
-            await self.record(_EXECUTED, Op.EXECUTE)
+            await self.record(result, op)
         except errors.UniqueViolation:
             await self.rollback()
-            return await self.recorded_answer(Op.EXECUTE)
+            return await self.recorded_answer(op)
         except errors.LockNotAvailable:
             await self.rollback()
-            return Result(Status.NOT_YET, "a duplicate of this step is in progress")
+            return Result(Status.NOT_YET, f"a duplicate of this {what} is in progress")
+        return None
+
+    async def execute(self) -> Result:
+        c = self.call
+        answered = await self.claim(_EXECUTED, Op.EXECUTE, "step")
+        if answered is not None:
+            return answered
         try:
             out = await _maybe(self.p.execute(self.conn, c))
         except Refuse as no:
@@ -1083,8 +1093,6 @@ class _Call:
             return Result(Status.NOT_YET, f"lock conflict (retried): {_one_line(e)}")
         result = _EXECUTED
         if out is not None:
-            from accord.participants._barrier import _out
-
             result = Result(Status.OK, "executed", result=_out(out))
             await self.reanswer(result, Op.EXECUTE)
         await self.audit(result, Outcome.EXECUTED)
@@ -1093,15 +1101,9 @@ class _Call:
 
     async def compensate(self) -> Result:
         c = self.call
-        await self.begin()
-        try:
-            await self.record(_COMPENSATED, Op.COMPENSATE)
-        except errors.UniqueViolation:
-            await self.rollback()
-            return await self.recorded_answer(Op.COMPENSATE)
-        except errors.LockNotAvailable:
-            await self.rollback()
-            return Result(Status.NOT_YET, "a duplicate of this compensation is in progress")
+        answered = await self.claim(_COMPENSATED, Op.COMPENSATE, "compensation")
+        if answered is not None:
+            return answered
         # Waits for an Execute in flight; inserted: the Execute never ran (and never will).
         if await self.record(_LATE_EXECUTE, Op.EXECUTE, if_new=True):
             result, outcome = _NULL_COMPENSATION, Outcome.NULL_COMPENSATION
