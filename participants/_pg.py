@@ -866,14 +866,22 @@ class _Call:
         self._failpoints.check(PgFailpoint.AFTER_PG_PREPARE)
         return _PREPARED
 
+    async def refusal(self, result: Result, op: Op, *, answer: Op) -> Result | None:
+        """Rolls the handler's work back and, in a new local transaction, records
+        ``result`` (a refusal) as ``op``'s answer; None with that transaction open, or,
+        when another call answered ``op`` first, ``answer``'s recorded answer."""
+        await self.rollback()
+        await self.begin()
+        if await self.record(result, op, if_new=True):
+            return None
+        await self.rollback()
+        return await self.recorded_answer(answer)
+
     async def refuse_prepare(self, reason: str) -> Result:
         """A no vote: the handler's changes rolled back, the refusal recorded."""
-        await self.rollback()
         result = Result(Status.REFUSED, reason)
-        await self.begin()
-        if not await self.record(result, Op.PREPARE, if_new=True):
-            await self.rollback()
-            return await self.recorded_answer(Op.PREPARE)
+        if (earlier := await self.refusal(result, Op.PREPARE, answer=Op.PREPARE)) is not None:
+            return earlier
         await self.set_state(BranchState.ABORTED.value, BranchState.PREPARED.value)
         await self.audit(result, Outcome.REFUSED)
         await self.commit()
@@ -1039,12 +1047,9 @@ class _Call:
         return ok
 
     async def refuse_one_phase(self, reason: str) -> Result:
-        await self.rollback()
         result = Result(Status.REFUSED, reason)
-        await self.begin()
-        if not await self.record(result, Op.PREPARE, if_new=True):
-            await self.rollback()
-            return await self.recorded_answer(Op.COMMIT)
+        if (earlier := await self.refusal(result, Op.PREPARE, answer=Op.COMMIT)) is not None:
+            return earlier
         await self.record(result, Op.COMMIT)
         await self.upsert_branch(BranchState.ABORTED.value)
         await self.audit(result, Outcome.REFUSED)
@@ -1076,12 +1081,9 @@ class _Call:
         try:
             out = await _maybe(self.p.execute(self.conn, c))
         except Refuse as no:
-            await self.rollback()
             result = Result(Status.REFUSED, no.reason)
-            await self.begin()
-            if not await self.record(result, Op.EXECUTE, if_new=True):
-                await self.rollback()
-                return await self.recorded_answer(Op.EXECUTE)
+            if (earlier := await self.refusal(result, Op.EXECUTE, answer=Op.EXECUTE)) is not None:
+                return earlier
             await self.audit(result, Outcome.REFUSED)
             await self.commit()
             return result
