@@ -50,8 +50,9 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from accord.client import AccordClient, AccordClientError, Branch, SagaStep, TxnState
+from accord.tools._choices import LoadMode
 
-MODES = ("2pc", "saga", "mixed")
+MODES = tuple(m.value for m in LoadMode)
 #: Latencies in microseconds, 1 us .. 1 h.
 HIST_MAX_US = 3_600_000_000
 HIST_DIGITS = 3

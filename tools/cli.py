@@ -19,6 +19,7 @@ from rich.table import Table
 from accord.common import runner
 from accord.common.exits import ExitCode
 from accord.common.logs import LogFormat, LogLevel
+from accord.tools._choices import Fault, LoadMode, ParticipantDb
 
 app = typer.Typer(
     name="accord",
@@ -43,29 +44,16 @@ def setup_logging(level: LogLevel, fmt: LogFormat) -> None:
     configure(level=level, fmt=fmt)
 
 
-# The choices of options. Their owners (accord.coordinator.Transport, the chaos
-# harness's INJECTABLE_FAULTS, the load generator's MODES) are not imported here: every
-# command would pay for importing them (tests/unit/test_cli_choices.py keeps them equal).
+# The coordinator's participant transports (accord.coordinator.Transport) are not
+# imported here: every command would pay for importing the coordinator
+# (tests/unit/test_cli_choices.py keeps the two equal). The tools' own choices come from
+# accord.tools._choices.
 
 
 class ParticipantTransport(StrEnum):
     AUTO = "auto"
     STREAM = "stream"
     UNARY = "unary"
-
-
-class LoadMode(StrEnum):
-    TWO_PC = "2pc"
-    SAGA = "saga"
-    MIXED = "mixed"
-
-
-class Fault(StrEnum):
-    KILL_COORDINATOR = "kill-coordinator"
-    KILL_PARTICIPANT = "kill-participant"
-    PAUSE = "pause"
-    ETCD = "etcd"
-    POWER_LOSS = "power-loss"
 
 
 class Faults(tuple[Fault, ...]):
@@ -88,13 +76,6 @@ class Faults(tuple[Fault, ...]):
 
 
 DEFAULT_FAULTS = Faults((Fault.KILL_COORDINATOR, Fault.KILL_PARTICIPANT))
-
-
-class ParticipantDb(StrEnum):
-    """Where ``accord chaos`` keeps the banks' data."""
-
-    SQLITE = "sqlite"
-    POSTGRES = "postgres"
 
 
 def fail(message: str, code: ExitCode = ExitCode.FAILURE) -> typer.Exit:

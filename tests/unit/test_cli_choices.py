@@ -1,14 +1,16 @@
 """The command line's choices are the ones their owners accept (the CLI keeps its own
-enums so that starting ``accord`` does not import the coordinator or the harness)."""
+copy of the coordinator's transports so that starting ``accord`` does not import the
+coordinator; the tools' choices come from accord.tools._choices)."""
 
 from __future__ import annotations
 
 from typer.testing import CliRunner
 
 from accord.coordinator import Transport
+from accord.tools._choices import Fault, LoadMode
 from accord.tools._load import MODES
 from accord.tools.chaos import INJECTABLE_FAULTS
-from accord.tools.cli import Fault, Faults, LoadMode, ParticipantTransport, app
+from accord.tools.cli import Faults, ParticipantTransport, app
 
 
 def test_choices_match_their_owners() -> None:

@@ -30,6 +30,7 @@ from accord.client._client import AccordClient, Branch, SagaStep, TxnResult
 from accord.client._errors import AccordClientError, UnavailableError
 from accord.coordinator.wal import drop_unsynced
 from accord.participants import copy_database
+from accord.tools._choices import Fault, ParticipantDb
 from accord.tools.chaos._history import HistoryWriter
 from accord.tools.topology import (
     EtcdServer,
@@ -41,9 +42,9 @@ from accord.tools.topology import (
     free_port,
 )
 
-INJECTABLE_FAULTS = ("kill-coordinator", "kill-participant", "pause", "etcd", "power-loss")
+INJECTABLE_FAULTS = tuple(f.value for f in Fault)
 #: Where the bank participants keep their data.
-PARTICIPANT_DBS = ("sqlite", "postgres")
+PARTICIPANT_DBS = tuple(d.value for d in ParticipantDb)
 #: Nothing more will happen to these without an operator (STUCK is reported, not in doubt).
 TERMINAL = frozenset({"COMMITTED", "ABORTED", "COMPLETED", "COMPENSATED", "STUCK"})
 
