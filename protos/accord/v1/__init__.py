@@ -17,6 +17,8 @@ from accord.v1.coordinator_pb2 import (
     QueryOutcomeResponse as QueryOutcomeResponse,
     RetryTransactionRequest as RetryTransactionRequest,
     StartSagaRequest as StartSagaRequest,
+    SubscribeRequest as SubscribeRequest,
+    SubscribeResponse as SubscribeResponse,
     TransactionResponse as TransactionResponse,
     WatchTransactionRequest as WatchTransactionRequest,
     OUTCOME_ABORTED as OUTCOME_ABORTED,
@@ -51,10 +53,38 @@ from accord.v1.participant_pb2_grpc import (
     add_ParticipantServicer_to_server as add_ParticipantServicer_to_server,
 )
 from accord.v1 import participant_pb2 as participant_pb2
+from accord.v1.query_pb2 import (
+    MinuteStats as MinuteStats,
+    QueryGetRequest as QueryGetRequest,
+    QueryListRequest as QueryListRequest,
+    QueryListResponse as QueryListResponse,
+    QueryOrder as QueryOrder,
+    ShardLag as ShardLag,
+    StateCount as StateCount,
+    StatsRequest as StatsRequest,
+    StatsResponse as StatsResponse,
+    TimelineEntry as TimelineEntry,
+    TransactionFilter as TransactionFilter,
+    TransactionSummary as TransactionSummary,
+    TransactionView as TransactionView,
+    QUERY_ORDER_DURATION_DESC as QUERY_ORDER_DURATION_DESC,
+    QUERY_ORDER_ENDED_DESC as QUERY_ORDER_ENDED_DESC,
+    QUERY_ORDER_STARTED_ASC as QUERY_ORDER_STARTED_ASC,
+    QUERY_ORDER_STARTED_DESC as QUERY_ORDER_STARTED_DESC,
+    QUERY_ORDER_UNSPECIFIED as QUERY_ORDER_UNSPECIFIED,
+)
+from accord.v1.query_pb2_grpc import (
+    QueryStub as QueryStub,
+    QueryServicer as QueryServicer,
+    add_QueryServicer_to_server as add_QueryServicer_to_server,
+)
+from accord.v1 import query_pb2 as query_pb2
 from accord.v1.types_pb2 import (
     Branch as Branch,
     BranchState as BranchState,
     BranchStatus as BranchStatus,
+    FeedEvent as FeedEvent,
+    FeedEventKind as FeedEventKind,
     Protocol as Protocol,
     RetryPolicy as RetryPolicy,
     SagaDefinition as SagaDefinition,
@@ -91,6 +121,17 @@ from accord.v1.types_pb2 import (
     BRANCH_STATE_SKIPPED as BRANCH_STATE_SKIPPED,
     BRANCH_STATE_SUCCEEDED as BRANCH_STATE_SUCCEEDED,
     BRANCH_STATE_UNSPECIFIED as BRANCH_STATE_UNSPECIFIED,
+    FEED_EVENT_KIND_ABORT as FEED_EVENT_KIND_ABORT,
+    FEED_EVENT_KIND_BEGUN as FEED_EVENT_KIND_BEGUN,
+    FEED_EVENT_KIND_COMMIT as FEED_EVENT_KIND_COMMIT,
+    FEED_EVENT_KIND_ENDED as FEED_EVENT_KIND_ENDED,
+    FEED_EVENT_KIND_PREPARING as FEED_EVENT_KIND_PREPARING,
+    FEED_EVENT_KIND_SAGA_STARTED as FEED_EVENT_KIND_SAGA_STARTED,
+    FEED_EVENT_KIND_SAGA_STATE as FEED_EVENT_KIND_SAGA_STATE,
+    FEED_EVENT_KIND_SNAPSHOT as FEED_EVENT_KIND_SNAPSHOT,
+    FEED_EVENT_KIND_SNAPSHOT_END as FEED_EVENT_KIND_SNAPSHOT_END,
+    FEED_EVENT_KIND_STEP as FEED_EVENT_KIND_STEP,
+    FEED_EVENT_KIND_UNSPECIFIED as FEED_EVENT_KIND_UNSPECIFIED,
 )
 from accord.v1.wal_pb2 import (
     CheckpointImage as CheckpointImage,

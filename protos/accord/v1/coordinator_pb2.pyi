@@ -430,3 +430,53 @@ class QueryOutcomeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryOutcomeResponse: _TypeAlias = QueryOutcomeResponse  # noqa: Y015
+
+@_typing.final
+class SubscribeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_LSN_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
+    from_lsn: _builtins.int
+    """Events with an LSN above this one (0: from the start of the retained log)."""
+    max_batch: _builtins.int
+    """At most this many events per response (default 512, at most 4096)."""
+    def __init__(
+        self,
+        *,
+        from_lsn: _builtins.int = ...,
+        max_batch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_lsn", b"from_lsn", "max_batch", b"max_batch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeRequest: _TypeAlias = SubscribeRequest  # noqa: Y015
+
+@_typing.final
+class SubscribeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    DURABLE_LSN_FIELD_NUMBER: _builtins.int
+    durable_lsn: _builtins.int
+    """The shard's durable LSN when this batch was sent (a subscriber's lag is
+    durable_lsn - the last event's lsn).
+    """
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.FeedEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_types_pb2.FeedEvent] | None = ...,
+        durable_lsn: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable_lsn", b"durable_lsn", "events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeResponse: _TypeAlias = SubscribeResponse  # noqa: Y015

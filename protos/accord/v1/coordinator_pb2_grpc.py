@@ -95,6 +95,11 @@ class CoordinatorStub:
                 request_serializer=accord_dot_v1_dot_coordinator__pb2.QueryOutcomeRequest.SerializeToString,
                 response_deserializer=accord_dot_v1_dot_coordinator__pb2.QueryOutcomeResponse.FromString,
                 _registered_method=True)
+        self.Subscribe = channel.unary_stream(
+                '/accord.v1.Coordinator/Subscribe',
+                request_serializer=accord_dot_v1_dot_coordinator__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=accord_dot_v1_dot_coordinator__pb2.SubscribeResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -189,6 +194,22 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Subscribe(self, request, context):
+        """The shard's event feed, for the read side (CQRS) and choreography: every state
+        change of every transaction of the shard (2PC and saga, branches and steps), in LSN
+        order, each only once the WAL record that made it is durable, starting after
+        from_lsn. Events come in batches (one per group commit, at most max_batch events).
+        Resumable: reconnecting with the last LSN applied loses nothing; duplicates only at
+        or below it (at-least-once, deduplicated by LSN). A from_lsn that a checkpoint
+        already removed from the log gets a snapshot of the retained transactions first
+        (FEED_EVENT_KIND_SNAPSHOT events, then one FEED_EVENT_KIND_SNAPSHOT_END), then the
+        feed after the snapshot's LSN. A subscriber never slows the write path: one that
+        falls behind its bounded buffer is caught up from the WAL segments on disk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -251,6 +272,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.QueryOutcome,
                     request_deserializer=accord_dot_v1_dot_coordinator__pb2.QueryOutcomeRequest.FromString,
                     response_serializer=accord_dot_v1_dot_coordinator__pb2.QueryOutcomeResponse.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=accord_dot_v1_dot_coordinator__pb2.SubscribeRequest.FromString,
+                    response_serializer=accord_dot_v1_dot_coordinator__pb2.SubscribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -577,6 +603,33 @@ class Coordinator:
             '/accord.v1.Coordinator/QueryOutcome',
             accord_dot_v1_dot_coordinator__pb2.QueryOutcomeRequest.SerializeToString,
             accord_dot_v1_dot_coordinator__pb2.QueryOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/accord.v1.Coordinator/Subscribe',
+            accord_dot_v1_dot_coordinator__pb2.SubscribeRequest.SerializeToString,
+            accord_dot_v1_dot_coordinator__pb2.SubscribeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,18 @@ class CoordinatorStub:
     the outcome of gid. A coordinator that has finished recovery and does not know the
     gid answers ABORTED.
     """
+    Subscribe: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.SubscribeRequest, _coordinator_pb2.SubscribeResponse]
+    """The shard's event feed, for the read side (CQRS) and choreography: every state
+    change of every transaction of the shard (2PC and saga, branches and steps), in LSN
+    order, each only once the WAL record that made it is durable, starting after
+    from_lsn. Events come in batches (one per group commit, at most max_batch events).
+    Resumable: reconnecting with the last LSN applied loses nothing; duplicates only at
+    or below it (at-least-once, deduplicated by LSN). A from_lsn that a checkpoint
+    already removed from the log gets a snapshot of the retained transactions first
+    (FEED_EVENT_KIND_SNAPSHOT events, then one FEED_EVENT_KIND_SNAPSHOT_END), then the
+    feed after the snapshot's LSN. A subscriber never slows the write path: one that
+    falls behind its bounded buffer is caught up from the WAL segments on disk.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -114,6 +126,18 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Asked by a participant holding a branch prepared for too long (presumed abort):
     the outcome of gid. A coordinator that has finished recovery and does not know the
     gid answers ABORTED.
+    """
+    Subscribe: _aio.UnaryStreamMultiCallable[_coordinator_pb2.SubscribeRequest, _coordinator_pb2.SubscribeResponse]  # type: ignore[assignment]
+    """The shard's event feed, for the read side (CQRS) and choreography: every state
+    change of every transaction of the shard (2PC and saga, branches and steps), in LSN
+    order, each only once the WAL record that made it is durable, starting after
+    from_lsn. Events come in batches (one per group commit, at most max_batch events).
+    Resumable: reconnecting with the last LSN applied loses nothing; duplicates only at
+    or below it (at-least-once, deduplicated by LSN). A from_lsn that a checkpoint
+    already removed from the log gets a snapshot of the retained transactions first
+    (FEED_EVENT_KIND_SNAPSHOT events, then one FEED_EVENT_KIND_SNAPSHOT_END), then the
+    feed after the snapshot's LSN. A subscriber never slows the write path: one that
+    falls behind its bounded buffer is caught up from the WAL segments on disk.
     """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
@@ -221,6 +245,24 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         """Asked by a participant holding a branch prepared for too long (presumed abort):
         the outcome of gid. A coordinator that has finished recovery and does not know the
         gid answers ABORTED.
+        """
+
+    @_abc_1.abstractmethod
+    def Subscribe(
+        self,
+        request: _coordinator_pb2.SubscribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.SubscribeResponse], _abc.AsyncIterator[_coordinator_pb2.SubscribeResponse]]:
+        """The shard's event feed, for the read side (CQRS) and choreography: every state
+        change of every transaction of the shard (2PC and saga, branches and steps), in LSN
+        order, each only once the WAL record that made it is durable, starting after
+        from_lsn. Events come in batches (one per group commit, at most max_batch events).
+        Resumable: reconnecting with the last LSN applied loses nothing; duplicates only at
+        or below it (at-least-once, deduplicated by LSN). A from_lsn that a checkpoint
+        already removed from the log gets a snapshot of the retained transactions first
+        (FEED_EVENT_KIND_SNAPSHOT events, then one FEED_EVENT_KIND_SNAPSHOT_END), then the
+        feed after the snapshot's LSN. A subscriber never slows the write path: one that
+        falls behind its bounded buffer is caught up from the WAL segments on disk.
         """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -163,6 +163,60 @@ BRANCH_STATE_SKIPPED: BranchState.ValueType  # 12
 """never started: nothing to undo"""
 Global___BranchState: _TypeAlias = BranchState  # noqa: Y015
 
+class _FeedEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeedEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FeedEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEED_EVENT_KIND_UNSPECIFIED: _FeedEventKind.ValueType  # 0
+    FEED_EVENT_KIND_BEGUN: _FeedEventKind.ValueType  # 1
+    """2PC Begin: key, created, deadline"""
+    FEED_EVENT_KIND_PREPARING: _FeedEventKind.ValueType  # 2
+    """2PC branch list logged, Prepare sent"""
+    FEED_EVENT_KIND_COMMIT: _FeedEventKind.ValueType  # 3
+    """COMMIT decision durable: branches in phase two"""
+    FEED_EVENT_KIND_ABORT: _FeedEventKind.ValueType  # 4
+    """abort decision (reason)"""
+    FEED_EVENT_KIND_ENDED: _FeedEventKind.ValueType  # 5
+    """phase two finished: final state, each branch's outcome"""
+    FEED_EVENT_KIND_SAGA_STARTED: _FeedEventKind.ValueType  # 6
+    """the saga's definition"""
+    FEED_EVENT_KIND_STEP: _FeedEventKind.ValueType  # 7
+    """one saga step's state change"""
+    FEED_EVENT_KIND_SAGA_STATE: _FeedEventKind.ValueType  # 8
+    """the saga's own state change"""
+    FEED_EVENT_KIND_SNAPSHOT: _FeedEventKind.ValueType  # 9
+    """a retained transaction as of the snapshot's LSN"""
+    FEED_EVENT_KIND_SNAPSHOT_END: _FeedEventKind.ValueType  # 10
+    """the snapshot is complete; the feed goes on after lsn"""
+
+class FeedEventKind(_FeedEventKind, metaclass=_FeedEventKindEnumTypeWrapper):
+    """What a feed event (Coordinator/Subscribe) reports: one WAL record of the shard."""
+
+FEED_EVENT_KIND_UNSPECIFIED: FeedEventKind.ValueType  # 0
+FEED_EVENT_KIND_BEGUN: FeedEventKind.ValueType  # 1
+"""2PC Begin: key, created, deadline"""
+FEED_EVENT_KIND_PREPARING: FeedEventKind.ValueType  # 2
+"""2PC branch list logged, Prepare sent"""
+FEED_EVENT_KIND_COMMIT: FeedEventKind.ValueType  # 3
+"""COMMIT decision durable: branches in phase two"""
+FEED_EVENT_KIND_ABORT: FeedEventKind.ValueType  # 4
+"""abort decision (reason)"""
+FEED_EVENT_KIND_ENDED: FeedEventKind.ValueType  # 5
+"""phase two finished: final state, each branch's outcome"""
+FEED_EVENT_KIND_SAGA_STARTED: FeedEventKind.ValueType  # 6
+"""the saga's definition"""
+FEED_EVENT_KIND_STEP: FeedEventKind.ValueType  # 7
+"""one saga step's state change"""
+FEED_EVENT_KIND_SAGA_STATE: FeedEventKind.ValueType  # 8
+"""the saga's own state change"""
+FEED_EVENT_KIND_SNAPSHOT: FeedEventKind.ValueType  # 9
+"""a retained transaction as of the snapshot's LSN"""
+FEED_EVENT_KIND_SNAPSHOT_END: FeedEventKind.ValueType  # 10
+"""the snapshot is complete; the feed goes on after lsn"""
+Global___FeedEventKind: _TypeAlias = FeedEventKind  # noqa: Y015
+
 @_typing.final
 class RetryPolicy(_message.Message):
     """Retry policy of a saga step (action and compensation alike)."""
@@ -497,3 +551,108 @@ class TransactionEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TransactionEvent: _TypeAlias = TransactionEvent  # noqa: Y015
+
+@_typing.final
+class FeedEvent(_message.Message):
+    """One event of a shard's feed: one durable WAL record, in public types."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_FIELD_NUMBER: _builtins.int
+    LSN_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    BRANCHES_FIELD_NUMBER: _builtins.int
+    COMMIT_BRANCH_IDS_FIELD_NUMBER: _builtins.int
+    ONE_PHASE_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    RESOLVED_ADDRESSES_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    STEP_STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TRANSACTION_FIELD_NUMBER: _builtins.int
+    shard: _builtins.str
+    lsn: _builtins.int
+    """of the record (snapshot events: the snapshot's LSN)"""
+    kind: Global___FeedEventKind.ValueType
+    gid: _builtins.str
+    """empty for SNAPSHOT_END"""
+    protocol: Global___Protocol.ValueType
+    state: Global___TxnState.ValueType
+    """the transaction's state after this event"""
+    unix_ms: _builtins.int
+    """when the record was written (0 if the log predates it)"""
+    idempotency_key: _builtins.str
+    """BEGUN, PREPARING, SAGA_STARTED"""
+    created_unix_ms: _builtins.int
+    """BEGUN, PREPARING, SAGA_STARTED"""
+    deadline_unix_ms: _builtins.int
+    trace_id: _builtins.str
+    """32 hex digits, when the transaction was traced"""
+    one_phase: _builtins.bool
+    step: _builtins.int
+    """STEP: index in the definition"""
+    reason: _builtins.str
+    """ABORT, ENDED, SAGA_STATE"""
+    @_builtins.property
+    def branches(self) -> _containers.RepeatedCompositeFieldContainer[Global___BranchStatus]:
+        """PREPARING: the branches; ENDED: each outcome"""
+
+    @_builtins.property
+    def commit_branch_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """COMMIT: branches in phase two"""
+
+    @_builtins.property
+    def definition(self) -> Global___SagaDefinition:
+        """SAGA_STARTED"""
+
+    @_builtins.property
+    def resolved_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """PREPARING, SAGA_STARTED"""
+
+    @_builtins.property
+    def step_status(self) -> Global___StepStatus:
+        """STEP: state, attempts, last error, result"""
+
+    @_builtins.property
+    def transaction(self) -> Global___Transaction:
+        """SNAPSHOT: the whole transaction"""
+
+    def __init__(
+        self,
+        *,
+        shard: _builtins.str = ...,
+        lsn: _builtins.int = ...,
+        kind: Global___FeedEventKind.ValueType = ...,
+        gid: _builtins.str = ...,
+        protocol: Global___Protocol.ValueType = ...,
+        state: Global___TxnState.ValueType = ...,
+        unix_ms: _builtins.int = ...,
+        idempotency_key: _builtins.str = ...,
+        created_unix_ms: _builtins.int = ...,
+        deadline_unix_ms: _builtins.int = ...,
+        trace_id: _builtins.str = ...,
+        branches: _abc.Iterable[Global___BranchStatus] | None = ...,
+        commit_branch_ids: _abc.Iterable[_builtins.str] | None = ...,
+        one_phase: _builtins.bool = ...,
+        definition: Global___SagaDefinition | None = ...,
+        resolved_addresses: _abc.Iterable[_builtins.str] | None = ...,
+        step: _builtins.int = ...,
+        step_status: Global___StepStatus | None = ...,
+        reason: _builtins.str = ...,
+        transaction: Global___Transaction | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "step_status", b"step_status", "transaction", b"transaction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branches", b"branches", "commit_branch_ids", b"commit_branch_ids", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "definition", b"definition", "gid", b"gid", "idempotency_key", b"idempotency_key", "kind", b"kind", "lsn", b"lsn", "one_phase", b"one_phase", "protocol", b"protocol", "reason", b"reason", "resolved_addresses", b"resolved_addresses", "shard", b"shard", "state", b"state", "step", b"step", "step_status", b"step_status", "trace_id", b"trace_id", "transaction", b"transaction", "unix_ms", b"unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedEvent: _TypeAlias = FeedEvent  # noqa: Y015
