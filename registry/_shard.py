@@ -379,13 +379,15 @@ def shard_map(
     states = {}
     for s in known:
         live = owners.get(s)
+        marker = retired.get(s)
+        last = owner_ids.get(s) or (marker.last_owner if marker is not None else "")
         states[s] = ShardState(
             shard=s,
             epoch=max(epochs.get(s, 0), live.epoch if live is not None else 0),
-            owner=live.coordinator_id if live is not None else owner_ids.get(s, ""),
+            owner=live.coordinator_id if live is not None else last,
             address=live.address if live is not None else "",
             live=live is not None,
-            retired=retired.get(s),
+            retired=marker,
         )
     return ShardMap(
         owners=owners,
