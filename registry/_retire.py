@@ -161,7 +161,7 @@ async def check_retirable(etcd: Etcd, shard: str) -> RetireStart:
     epoch_kvs, owner_kvs, retired_kvs = (r.response_range.kvs for r in resp.responses)
     if not epoch_kvs:
         raise RetireRefused(
-            f"shard {shard!r} is unknown in etcd at {etcd.url} (no coordinator ever owned it)"
+            f"shard {shard} is unknown in etcd at {etcd.url} (no coordinator ever owned it)"
         )
     epoch_kv = epoch_kvs[0]
     try:
@@ -170,11 +170,14 @@ async def check_retirable(etcd: Etcd, shard: str) -> RetireStart:
         epoch = 0
     retired = Retired.parse(bytes(retired_kvs[0].value)) if retired_kvs else None
     if owner_kvs:
-        data = json.loads(owner_kvs[0].value)
+        try:
+            data = json.loads(owner_kvs[0].value)
+        except ValueError:
+            data = None
         owner = str(data.get("id", "")) if isinstance(data, dict) else ""
         address = str(data.get("address", "")) if isinstance(data, dict) else ""
         raise RetireRefused(
-            f"shard {shard!r} is owned by live coordinator {owner or '?'}"
+            f"shard {shard} is owned by live coordinator {owner or '?'}"
             f"{' at ' + address if address else ''} (epoch {epoch}): stop it first"
         )
     last = ""
@@ -242,21 +245,21 @@ async def mark_retired(etcd: Etcd, start: RetireStart, marker: Retired) -> None:
             back = await kv.get(retired_key(shard), timeout=REQUEST_TIMEOUT_S, max_attempts=2)
         except _ERRORS:
             raise RetireRefused(
-                f"etcd at {etcd.url} failed while marking shard {shard!r} retired "
+                f"etcd at {etcd.url} failed while marking shard {shard} retired "
                 f"(run the command again): {_short(e)}"
             ) from e
         succeeded = bool(back.kvs) and bytes(back.kvs[0].value) == value.encode()
         if not succeeded and not back.kvs:
             raise RetireRefused(
-                f"etcd at {etcd.url} failed while marking shard {shard!r} retired "
+                f"etcd at {etcd.url} failed while marking shard {shard} retired "
                 f"(run the command again): {_short(e)}"
             ) from e
     if succeeded:
         return
     now = await check_retirable(etcd, shard)  # RetireRefused if it is owned now
     if now.retired is not None:
-        raise RetireRefused(f"shard {shard!r} was retired meanwhile (by {now.retired.by})")
+        raise RetireRefused(f"shard {shard} was retired meanwhile (by {now.retired.by})")
     raise RetireRefused(
-        f"a coordinator took shard {shard!r} over while it was being retired "
+        f"a coordinator took shard {shard} over while it was being retired "
         f"(epoch {start.epoch} -> {now.epoch}): nothing was retired"
     )

@@ -111,7 +111,7 @@ def read_wal(directory: Path, shard: str) -> WalContents:
     names = sorted(p.name for p in directory.iterdir() if _WAL_FILES.match(p.name))
     if not any(n.endswith(".wal") for n in names):
         raise RetireRefused(
-            f"{directory} holds no WAL segments: is it the --wal-dir of shard {shard!r}?"
+            f"{directory} holds no WAL segments: is it the --wal-dir of shard {shard}?"
         )
     with tempfile.TemporaryDirectory(prefix="accord-retire-") as tmp:
         copy = Path(tmp)

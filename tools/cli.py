@@ -1157,7 +1157,9 @@ ShardEtcd = Annotated[
 
 @shard_app.command("list")
 def shard_list(etcd: ShardEtcd, as_json: JsonOut = False) -> None:
-    """Every shard etcd knows: its owner (or last owner), epoch, live, retired."""
+    """Every shard etcd knows: its owner (or last owner), epoch, live, retired.
+
+    ``--json`` adds when and by whom each retired shard was retired."""
     from accord.tools._shard import list_shards
 
     try:
@@ -1173,7 +1175,7 @@ def shard_list(etcd: ShardEtcd, as_json: JsonOut = False) -> None:
         table.add_column(col)
     for st in states:
         owner = st.owner if st.live or not st.owner else f"{st.owner} (last)"
-        retired = f"at {st.retired.at} by {st.retired.by}" if st.retired is not None else ""
+        retired = f"yes, {st.retired.kept} keys kept" if st.retired is not None else ""
         table.add_row(
             st.shard, owner, st.address, str(st.epoch), "yes" if st.live else "no", retired
         )

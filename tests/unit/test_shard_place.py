@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -226,3 +227,44 @@ async def test_a_shard_without_owner_says_what_to_do(kept: dict[str, KeptOutcome
     client = sharded([], SHARDS, set(SHARDS), seen)
     with pytest.raises(UnavailableError, match="no shard that is not retired is left"):
         await client.execute(two_branches(), idempotency_key=key)
+
+
+# ---------------------------------------------------------------- reading a WAL to retire
+
+
+async def test_retiring_reads_a_wal_as_a_restart_would_and_changes_nothing(tmp_path: Path) -> None:
+    from accord.coordinator import CoordinatorConfig, Engine
+    from accord.coordinator._specs import BranchSpec
+    from accord.coordinator.wal import WAL
+    from accord.registry import RetireRefused
+    from accord.tools._shard import _copy_sparse, read_wal
+    from tests.unit._fakes import FakeCalls
+
+    with pytest.raises(RetireRefused, match="holds no WAL segments"):
+        read_wal(tmp_path, "s1")
+    wal, _ = await WAL.open(tmp_path / "wal", segment_size=1 << 20)
+    engine = Engine(wal=wal, calls=FakeCalls(), config=CoordinatorConfig(shard="s1"))
+    branches = [BranchSpec(service="a", operation="debit", payload=b"1")]
+    done = await engine.execute(key="order-1", timeout_ms=0, branches=branches)
+    await engine.execute(key="", timeout_ms=0, branches=branches)
+    open_one = await engine.begin(key="order-2", timeout_ms=60_000)
+    await engine.close()
+    await wal.close()
+
+    files = {p.name: p.read_bytes() for p in (tmp_path / "wal").iterdir() if p.name != "LOCK"}
+    contents = read_wal(tmp_path / "wal", "s1")
+    assert contents.finished == 2
+    assert contents.kept == [
+        KeptOutcome(gid=done.gid, key="order-1", state="COMMITTED", protocol="TWO_PHASE_COMMIT")
+    ]
+    assert contents.unfinished == {open_one.gid: "ACTIVE"}
+    assert contents.foreign == set()
+    assert {
+        p.name: p.read_bytes() for p in (tmp_path / "wal").iterdir() if p.name != "LOCK"
+    } == files
+    # The log of another shard is not this one's.
+    assert read_wal(tmp_path / "wal", "s9").foreign == {"s1"}
+    # The sparse copy is the same bytes.
+    seg = next(p for p in (tmp_path / "wal").iterdir() if p.suffix == ".wal")
+    _copy_sparse(seg, tmp_path / "copy")
+    assert (tmp_path / "copy").read_bytes() == seg.read_bytes()
