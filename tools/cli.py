@@ -1142,6 +1142,88 @@ def run_standalone(
     return ExitCode.OK
 
 
+# ---------------------------------------------------------------- shard
+
+shard_app = typer.Typer(
+    help="The WAL shards of a sharded deployment (in etcd): list them, retire one for good.",
+    no_args_is_help=True,
+)
+app.add_typer(shard_app, name="shard")
+
+ShardEtcd = Annotated[
+    str, typer.Option("--etcd", envvar="ACCORD_ETCD", help="etcd URL (http://host:port[,...])")
+]
+
+
+@shard_app.command("list")
+def shard_list(etcd: ShardEtcd, as_json: JsonOut = False) -> None:
+    """Every shard etcd knows: its owner (or last owner), epoch, live, retired.
+
+    ``--json`` adds when and by whom each retired shard was retired."""
+    from accord.tools._shard import list_shards
+
+    try:
+        m = runner.run(list_shards(etcd))
+    except ConnectionError as e:
+        raise fail(str(e)) from None
+    states = [m.states[s] for s in m.known]
+    if as_json:
+        print(json.dumps({"shards": [st.to_dict() for st in states]}))
+        return
+    table = Table(show_header=True)
+    for col in ("shard", "owner", "address", "epoch", "live", "retired"):
+        table.add_column(col)
+    for st in states:
+        owner = st.owner if st.live or not st.owner else f"{st.owner} (last)"
+        retired = f"yes, {st.retired.kept} keys kept" if st.retired is not None else ""
+        table.add_row(
+            st.shard, owner, st.address, str(st.epoch), "yes" if st.live else "no", retired
+        )
+    console.print(table)
+
+
+@shard_app.command("retire")
+def shard_retire(
+    shard: Annotated[str, typer.Argument(help="the shard to retire")],
+    etcd: ShardEtcd,
+    wal_dir: Annotated[
+        Path, typer.Option(envvar="ACCORD_WAL_DIR", help="the shard's WAL directory")
+    ],
+    as_json: JsonOut = False,
+) -> None:
+    """Retire a shard that is gone for good.
+
+    Refused while a coordinator owns it or its WAL holds an unfinished transaction. Keeps in etcd the outcome of every finished
+    transaction of the shard that had an idempotency key, then marks it retired:
+    clients then answer its keys and gids from etcd and place new keys elsewhere.
+    Safe to run again (it finishes an interrupted run; a retired shard stays so)."""
+    from accord.common.gid import check_shard_name
+    from accord.registry import RetireRefused
+    from accord.tools._shard import retire
+
+    try:
+        check_shard_name(shard)
+    except ValueError as e:
+        raise fail(str(e), code=ExitCode.USAGE) from None
+    try:
+        report = runner.run(retire(shard, etcd, wal_dir))
+    except RetireRefused as e:
+        raise fail(str(e)) from None
+    if as_json:
+        print(json.dumps(report.to_dict()))
+        return
+    r = report.retired
+    if report.already:
+        console.print(f"shard {shard} is retired already (at {r.at} by {r.by})", highlight=False)
+        return
+    console.print(
+        f"retired shard {shard}: kept the outcomes of {r.kept} idempotency keys "
+        f"({r.transactions} finished transactions in {wal_dir}; last owner "
+        f"{r.last_owner or 'unknown'}, epoch {r.epoch})",
+        highlight=False,
+    )
+
+
 def main() -> None:
     try:
         app()
