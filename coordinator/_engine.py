@@ -613,6 +613,7 @@ class Engine:
                 metadata=outgoing_metadata(span),
             )
             tel.call_done(parent, span, method, label, t0, result)
+            target.answered(method, result)
             verdict = result.verdict
             if verdict is Verdict.OK:
                 return result

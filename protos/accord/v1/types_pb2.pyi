@@ -133,6 +133,11 @@ class _BranchStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BranchSta
     """compensation done"""
     BRANCH_STATE_SKIPPED: _BranchState.ValueType  # 12
     """never started: nothing to undo"""
+    BRANCH_STATE_UNDELIVERED: _BranchState.ValueType  # 13
+    """Saga step whose attempts ran out and none of which can have reached the participant
+    (no connection, no live instance, a stream not opened): it did not run, nothing to
+    undo. A step found RUNNING after a restart is never given this state.
+    """
 
 class BranchState(_BranchState, metaclass=_BranchStateEnumTypeWrapper): ...
 
@@ -161,6 +166,11 @@ BRANCH_STATE_COMPENSATED: BranchState.ValueType  # 11
 """compensation done"""
 BRANCH_STATE_SKIPPED: BranchState.ValueType  # 12
 """never started: nothing to undo"""
+BRANCH_STATE_UNDELIVERED: BranchState.ValueType  # 13
+"""Saga step whose attempts ran out and none of which can have reached the participant
+(no connection, no live instance, a stream not opened): it did not run, nothing to
+undo. A step found RUNNING after a restart is never given this state.
+"""
 Global___BranchState: _TypeAlias = BranchState  # noqa: Y015
 
 class _FeedEventKind:

@@ -241,7 +241,9 @@ Global___WalSagaStart: _TypeAlias = WalSagaStart  # noqa: Y015
 @_typing.final
 class WalSagaStep(_message.Message):
     """One step's state change. A step start (RUNNING, COMPENSATING) is forced before the
-    call is sent; results ride the group commit.
+    call is sent; results ride the group commit. UNDELIVERED (no attempt of the action can
+    have reached the participant) is a result: when it is lost, recovery finds the step
+    RUNNING and compensates it (the participant's barrier records that as a no-op).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
