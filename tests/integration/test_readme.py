@@ -291,19 +291,32 @@ def test_try_script(tmp_path: Path) -> None:
     ports; it stops what it started and leaves no files behind."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCORD_", "OTEL_"))}
     env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         ["bash", str(ROOT / "examples" / "try.sh")],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
         text=True,
-        timeout=SESSION_TIMEOUT_S,
         start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    flat = " ".join(proc.stdout.split())
-    assert "state: COMMITTED" in flat and "x 90 0" in flat and "y 10 0" in flat, proc.stdout
+    try:
+        stdout, stderr = proc.communicate(timeout=SESSION_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own group: the script's trap stops the rest
+        try:
+            stdout, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate(timeout=10)
+        stderr += f"\ntry.sh did not end within {SESSION_TIMEOUT_S}s"
+    started = re.findall(r"started \S+ \(pid (\d+)\)", stdout)
+    for pid in started:  # after a timeout, whatever the trap did not stop
+        _stop(int(pid))
+    assert proc.returncode == 0, stdout + stderr
+    flat = " ".join(stdout.split())
+    assert "state: COMMITTED" in flat and "x 90 0" in flat and "y 10 0" in flat, stdout
     assert list(tmp_path.iterdir()) == [], "try.sh removes its scratch directory"
-    started = re.findall(r"started \S+ \(pid (\d+)\)", proc.stdout)
-    assert len(started) == 3, proc.stdout
+    assert len(started) == 3, stdout
     assert all(_gone(int(pid)) for pid in started), "try.sh stops what it started"
