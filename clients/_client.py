@@ -724,6 +724,10 @@ class AccordClient:
 
     # 2PC, interactive
     async def begin(self, *, timeout_ms: int = 0, idempotency_key: str = "") -> Transaction:
+        """Begins an interactive 2PC transaction. An ``idempotency_key`` names its first
+        transaction for good, an aborted one included (like Stripe's keys): a retry with
+        it returns that transaction, so a new attempt after fixing the cause of an abort
+        needs a new key."""
         req = pb.BeginRequest(idempotency_key=idempotency_key, timeout_ms=timeout_ms)
         resp = await self._new(idempotency_key, lambda stub: stub.Begin(req, timeout=self._timeout))
         return Transaction(self, resp.gid)
@@ -752,6 +756,10 @@ class AccordClient:
     async def execute(
         self, branches: Sequence[Branch], *, idempotency_key: str = "", timeout_ms: int = 0
     ) -> TxnResult:
+        """Begin, enlist ``branches`` and commit in one call; returns the outcome. An
+        ``idempotency_key`` names its first transaction for good, an aborted one included
+        (like Stripe's keys): a retry with it returns that outcome, so a new attempt after
+        fixing the cause of an abort needs a new key."""
         req = pb.ExecuteRequest(
             idempotency_key=idempotency_key,
             timeout_ms=timeout_ms,
@@ -772,7 +780,10 @@ class AccordClient:
         wait: bool = True,
     ) -> TxnResult:
         """Starts a saga; with wait (the default) returns once it has ended
-        (COMPLETED, COMPENSATED, or STUCK waiting for an operator)."""
+        (COMPLETED, COMPENSATED, or STUCK waiting for an operator). An
+        ``idempotency_key`` names its first saga for good, a compensated one included
+        (like Stripe's keys): a retry with it returns that saga, so a new attempt after
+        fixing the cause needs a new key."""
         req = pb.StartSagaRequest(
             idempotency_key=idempotency_key,
             timeout_ms=timeout_ms,
