@@ -79,7 +79,10 @@ DEFAULT_FAULTS = Faults((Fault.KILL_COORDINATOR, Fault.KILL_PARTICIPANT))
 
 
 def fail(message: str, code: ExitCode = ExitCode.FAILURE) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """``error: MESSAGE`` on stderr, one line; the exit to raise."""
+    from rich.markup import escape  # a message may quote user input: never markup
+
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -1541,9 +1544,7 @@ def _invoke(command_app: typer.Typer, prog_name: str, argv: Sequence[str] | None
         ctx = getattr(e, "ctx", None)
         message = " ".join(str(getattr(e, "format_message", e.__str__)()).split())
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        err_console.print(
-            f"[red]error:[/red] {message}{hint}", markup=True, highlight=False, soft_wrap=True
-        )
+        fail(message + hint)
         return exit_code
     return code if isinstance(code, int) else ExitCode.OK
 
