@@ -152,7 +152,13 @@ def make_server(
 def bind(server: aio.Server, address: str, settings: TransportSettings) -> int:
     """Binds the address (port 0 picks a free one) and returns the port. Raises
     :class:`AddressError`, :class:`PlainTextRefused` or :class:`ListenError`."""
-    if parse_address(address)[1] != 0:
+    _, wanted = parse_address(address)
+    if not settings.tls and not is_loopback(address):
+        raise PlainTextRefused(
+            f"refusing to serve plain text on non-loopback address {address}: "
+            "set ACCORD_TLS_CERT and ACCORD_TLS_KEY"
+        )
+    if wanted != 0:
         why = _why_not_bindable(address)
         if why is not None:
             raise ListenError(f"cannot listen on {address}: {why}")
@@ -166,11 +172,6 @@ def bind(server: aio.Server, address: str, settings: TransportSettings) -> int:
             )
             port = int(server.add_secure_port(address, creds))
         else:
-            if not is_loopback(address):
-                raise PlainTextRefused(
-                    f"refusing to serve plain text on non-loopback address {address}: "
-                    "set ACCORD_TLS_CERT and ACCORD_TLS_KEY"
-                )
             port = int(server.add_insecure_port(address))
     except RuntimeError:  # grpc: "Failed to bind to address ..."
         port = 0
