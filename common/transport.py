@@ -81,6 +81,10 @@ class PlainTextRefused(StartupError, ValueError):
     """Plain text towards an address off loopback, with no TLS configured."""
 
 
+class TlsFileError(StartupError, OSError):
+    """A certificate, key or CA file named in the TLS settings cannot be read."""
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) → host and port; :class:`AddressError`
     otherwise. Port 0 is allowed (a server then picks a free port)."""
@@ -114,6 +118,13 @@ def _why_not_bindable(address: str) -> str | None:
         }
         return reasons.get(e.errno or 0, e.strerror or str(e))
     return None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise TlsFileError(f"cannot read TLS file {path}: {e.strerror or e}") from None
 
 
 def is_loopback(address: str) -> bool:
@@ -166,8 +177,8 @@ def bind(server: aio.Server, address: str, settings: TransportSettings) -> int:
         if settings.tls:
             assert settings.cert is not None and settings.key is not None
             creds = grpc.ssl_server_credentials(
-                [(settings.key.read_bytes(), settings.cert.read_bytes())],
-                root_certificates=settings.ca.read_bytes() if settings.ca else None,
+                [(_read(settings.key), _read(settings.cert))],
+                root_certificates=_read(settings.ca) if settings.ca else None,
                 require_client_auth=settings.ca is not None,
             )
             port = int(server.add_secure_port(address, creds))

@@ -102,6 +102,7 @@ EtcdWait = Annotated[
     typer.Option(
         "--etcd-wait-s",
         envvar="ACCORD_ETCD_WAIT_S",
+        min=0,
         help="at start-up, give up (exit 1) if etcd has not answered within this many seconds",
     ),
 ]

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +23,7 @@ from accord.common.transport import (
     AddressError,
     ListenError,
     PlainTextRefused,
+    TlsFileError,
     TransportSettings,
     bind,
     parse_address,
@@ -63,6 +65,14 @@ async def test_bind_says_why_in_one_line() -> None:
         bind(other, f"127.0.0.1:{port}", plain)
     await server.stop(None)
     await other.stop(None)
+
+
+async def test_an_unreadable_tls_file_is_one_line(tmp_path: Path) -> None:
+    server = grpc.aio.server()
+    settings = TransportSettings(cert=tmp_path / "cert.pem", key=tmp_path / "key.pem")
+    with pytest.raises(TlsFileError, match=r"cannot read TLS file .*key\.pem: No such file"):
+        bind(server, "127.0.0.1:0", settings)
+    await server.stop(None)
 
 
 def test_the_throttle_allows_one_call_per_period_and_counts_the_rest() -> None:
