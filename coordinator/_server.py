@@ -1,7 +1,12 @@
 """The coordinator's gRPC transport: handlers only translate between protobuf and the
 engine's plain values (``_specs``, the ``Txn`` model), and one table maps domain errors
 to status codes. Also the server's lifecycle:
-open the WAL, replay it, serve, resume unfinished transactions, stop gracefully."""
+open the WAL, replay it, serve, resume unfinished transactions, stop gracefully.
+
+SIGTERM/SIGINT stop it in every state (:func:`serve`): waiting for etcd, waiting as a
+standby for its shard, waiting for the WAL directory's lock, replaying, serving. The
+start-up is cancelled where it waits, and what it holds is given back (the shard's
+lease is revoked), so a stopped standby never takes its shard over."""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import asyncio
 import gc
 import logging
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -24,7 +28,8 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 
 import accord.v1 as pb
-from accord.common.exits import ExitCode
+from accord.common.exits import ExitCode, StartupError
+from accord.common.runner import stop_on_signals
 from accord.common.telemetry import Telemetry, incoming_context
 from accord.common.transport import TransportSettings, bind, make_server
 from accord.coordinator._calls import ParticipantCalls, Transport
@@ -54,6 +59,7 @@ from accord.registry import (
     coordinator_value,
     dialable,
 )
+from accord.registry._etcd import DEFAULT_ETCD_WAIT_S
 from accord.registry._shard import Owner, ShardLease
 
 log = logging.getLogger("accord.coordinator")
@@ -223,6 +229,8 @@ class ServerSettings:
     registration_ttl_s: int = DEFAULT_TTL_S
     #: After taking a shard over, how long to wait for the former owner's WAL lock.
     takeover_wait_s: float = 300.0
+    #: With etcd: how long to wait at start-up for etcd's first answer before giving up.
+    etcd_wait_s: float = DEFAULT_ETCD_WAIT_S
     #: Keep the WAL's SYNCED marker (chaos testing: lets a power loss be simulated).
     wal_sync_marker: bool = False
     #: How participant calls travel: one stream per participant address (``stream``),
@@ -232,6 +240,10 @@ class ServerSettings:
 
 #: Exit status of a coordinator that stopped because another one owns its shard now.
 EXIT_FENCED = ExitCode.FENCED
+
+
+class WalLockedStartupError(StartupError):
+    """The WAL directory is held by another coordinator (its pid in the message)."""
 
 
 def _fail_stop(exc: BaseException) -> None:
@@ -293,6 +305,8 @@ class CoordinatorServer:
         config = s.config
         if not config.advertise_address:
             config = replace(config, advertise_address=f"{host}:{self.port}")
+        if isinstance(self._registry, EtcdRegistry):
+            await self._registry.etcd.wait_reachable(s.etcd_wait_s)
         await self._registry.start()
         if isinstance(self._registry, EtcdRegistry):
             # The shard is owned through etcd: a standby waits here until the owner's
@@ -376,6 +390,7 @@ class CoordinatorServer:
         directory's lock (a paused process holds it until it wakes and stops)."""
         s = self.settings
         deadline = asyncio.get_running_loop().time() + s.takeover_wait_s
+        waited = False
         while True:
             try:
                 return await WAL.open(
@@ -386,9 +401,24 @@ class CoordinatorServer:
                     on_sync=self.telemetry.on_wal_sync,
                     sync_marker=s.wal_sync_marker,
                 )
-            except WalLockedError:
-                if self.shard is None or asyncio.get_running_loop().time() > deadline:
-                    raise
+            except WalLockedError as e:
+                if self.shard is None:
+                    # Static mode: nothing to wait for; another coordinator runs there.
+                    raise WalLockedStartupError(str(e)) from None
+                if asyncio.get_running_loop().time() > deadline:
+                    raise WalLockedStartupError(
+                        f"{e} (waited {s.takeover_wait_s:g} s after taking shard "
+                        f"{self.shard.shard} over)"
+                    ) from None
+                if not waited:
+                    waited = True
+                    log.warning(
+                        "event=wal_lock_wait shard=%s wal=%s (the former owner still holds "
+                        "it) error=%r",
+                        self.shard.shard,
+                        s.wal_dir,
+                        str(e),
+                    )
                 await asyncio.sleep(0.2)
 
     async def _watch_shard(self) -> None:
@@ -463,15 +493,13 @@ async def serve(
     registry: Registry | None = None,
     telemetry: Telemetry | None = None,
 ) -> None:
-    """Runs a coordinator until SIGTERM or SIGINT. Prints ``listening on HOST:PORT``.
-    The caller owns ``telemetry`` (and shuts it down after this returns)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with CoordinatorServer(settings, registry=registry, telemetry=telemetry) as srv:
+    """Runs a coordinator until SIGTERM or SIGINT, which stop it in any state (start-up
+    included: see the module's docstring); returns normally then. Prints ``listening on
+    HOST:PORT``. The caller owns ``telemetry`` (and shuts it down after this returns)."""
+    server = CoordinatorServer(settings, registry=registry, telemetry=telemetry)
+    async with stop_on_signals() as signalled, server as srv:
         host = settings.listen.rsplit(":", 1)[0]
         tune_gc()
         print(f"listening on {host}:{srv.port}", flush=True)
-        await stop.wait()
-        log.info("event=stopping cause=signal")
+        await asyncio.Event().wait()  # until a signal cancels this task
+    log.info("event=stopped cause=%s", signalled.signal or "return")

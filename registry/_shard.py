@@ -37,6 +37,11 @@ Losing ownership is final. When a renewal finds the lease gone, :attr:`lost` is 
 and the coordinator stops (it may already have a successor). When etcd is merely
 unreachable, the owner keeps going: no successor can be chosen without etcd, and the
 WAL directory's file lock keeps a successor out of the files until this process exits.
+
+Giving up the wait is safe at any point: cancelling :meth:`ShardLease.acquire` (a
+standby stopped by a signal) leaves at most a lease of ours behind, which
+:meth:`ShardLease.close` revokes, and with it an owner key a doubtful transaction may
+have put. So a stopped standby never takes the shard over.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from accord.registry._etcd import (
     ROOT,
     CoordinatorInfo,
     Etcd,
+    Throttle,
     _short,
     parse_coordinators,
 )
@@ -124,11 +130,13 @@ class ShardLease:
         )
 
     async def acquire(self, on_wait: Callable[[Owner], None] | None = None) -> int:
-        """Waits until this process owns the shard; returns its epoch."""
+        """Waits until this process owns the shard; returns its epoch. Cancelling it is
+        safe; call :meth:`close` afterwards (it revokes a lease granted meanwhile)."""
         client = self.etcd.client
         assert client.kv is not None and client.lease is not None
         kv = client.kv
         waiting_for: str | None = None
+        warn = Throttle()
         while True:
             try:
                 owner = await self.current()
@@ -181,7 +189,13 @@ class ShardLease:
                 raise
             except _ERRORS as e:
                 # Doubt: the next round reads the owner key back.
-                log.warning("event=shard_acquire_retry shard=%s error=%s", self.shard, _short(e))
+                if warn.ready():
+                    log.warning(
+                        "event=shard_acquire_retry shard=%s error=%s retries_not_logged=%d",
+                        self.shard,
+                        _short(e),
+                        warn.take_skipped(),
+                    )
                 await asyncio.sleep(0.5)
 
     def _owned(self, epoch: int) -> int:

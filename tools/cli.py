@@ -103,6 +103,15 @@ RegistryEtcd = Annotated[
 LeaseTtl = Annotated[
     int, typer.Option("--ttl", envvar="ACCORD_TTL_S", help="lease TTL of the registration (s)")
 ]
+EtcdWait = Annotated[
+    float,
+    typer.Option(
+        "--etcd-wait-s",
+        envvar="ACCORD_ETCD_WAIT_S",
+        min=0,
+        help="at start-up, give up (exit 1) if etcd has not answered within this many seconds",
+    ),
+]
 LogFormatOpt = Annotated[
     LogFormat, typer.Option(envvar="ACCORD_LOG_FORMAT", case_sensitive=False, help="log format")
 ]
@@ -183,6 +192,7 @@ def coordinator(
     checkpoint_every: Annotated[int, typer.Option(envvar="ACCORD_CHECKPOINT_EVERY")] = 100_000,
     segment_bytes: Annotated[int, typer.Option(envvar="ACCORD_SEGMENT_BYTES")] = 64 * 1024 * 1024,
     etcd: RegistryEtcd = "",
+    etcd_wait_s: EtcdWait = 30.0,
     ttl: LeaseTtl = 5,
     advertise: Annotated[
         str,
@@ -209,7 +219,9 @@ def coordinator(
     metrics_listen: MetricsListen = "",
     trace_console: TraceConsole = False,
 ) -> None:
-    """Run a coordinator: replay its WAL, finish what was unfinished, serve."""
+    """Run a coordinator: replay its WAL, finish what was unfinished, serve. SIGTERM or
+    SIGINT stops it (exit 0) in any state, a standby's wait for its shard included."""
+    from accord.common.exits import StartupError
     from accord.common.gid import check_shard_name
     from accord.coordinator import (
         CoordinatorConfig,
@@ -251,12 +263,15 @@ def coordinator(
         wal_dir=wal_dir,
         config=config,
         registration_ttl_s=ttl,
+        etcd_wait_s=etcd_wait_s,
         wal_sync_marker=wal_sync_marker,
         participant_transport=Transport(participant_transport.value),
     )
     telemetry = setup_telemetry("accord-coordinator", trace_console, metrics_listen)
     try:
         runner.run(serve(settings, registry=registry, telemetry=telemetry))
+    except StartupError as e:  # expected (port in use, etcd unreachable...): one line
+        raise fail(str(e), e.code) from None
     except Exception as e:  # one line, non-zero: the log has the details
         log.exception("event=coordinator_failed")
         raise fail(f"coordinator: {e}") from None
@@ -277,12 +292,18 @@ Advertise = Annotated[
 ]
 
 
-def _announce(etcd: str, instance_id: str, ttl: int, advertise: str) -> Any:
+def _announce(etcd: str, instance_id: str, ttl: int, advertise: str, etcd_wait_s: float) -> Any:
     from accord.participants import Announce
 
     if not etcd:
         return None
-    return Announce(etcd=etcd, instance_id=instance_id, ttl_s=ttl, advertise=advertise)
+    return Announce(
+        etcd=etcd,
+        instance_id=instance_id,
+        ttl_s=ttl,
+        advertise=advertise,
+        etcd_wait_s=etcd_wait_s,
+    )
 
 
 @participant_app.command("bank")
@@ -331,6 +352,7 @@ def participant_bank(
         ),
     ] = 2.0,
     etcd: RegistryEtcd = "",
+    etcd_wait_s: EtcdWait = 30.0,
     instance_id: InstanceId = "",
     ttl: LeaseTtl = 5,
     advertise: Advertise = "",
@@ -341,6 +363,7 @@ def participant_bank(
 ) -> None:
     """Run the bank participant (accounts in SQLite or PostgreSQL; debit, credit,
     balance)."""
+    from accord.common.exits import StartupError
     from accord.participants import BackendStartError
     from accord.participants.bank import serve_bank
 
@@ -357,12 +380,14 @@ def participant_bank(
                 in_doubt_after_s=in_doubt_after_s,
                 grace_s=grace,
                 lock_timeout_s=lock_timeout_s,
-                announce=_announce(etcd, instance_id, ttl, advertise),
+                announce=_announce(etcd, instance_id, ttl, advertise, etcd_wait_s),
                 telemetry=telemetry,
             )
         )
     except BackendStartError as e:  # a set-up mistake: its one line says what to fix
         raise fail(f"participant: {e}") from None
+    except StartupError as e:  # expected (port in use, etcd unreachable...): one line
+        raise fail(str(e), e.code) from None
     except Exception as e:
         log.exception("event=participant_failed service=%s", service)
         raise fail(f"participant: {e}") from None
@@ -430,6 +455,7 @@ def _trip_command(kind: str) -> None:
         ] = None,
         in_doubt_after_s: Annotated[float, typer.Option(envvar="ACCORD_IN_DOUBT_AFTER_S")] = 10.0,
         etcd: RegistryEtcd = "",
+        etcd_wait_s: EtcdWait = 30.0,
         instance_id: InstanceId = "",
         ttl: LeaseTtl = 5,
         advertise: Advertise = "",
@@ -438,6 +464,8 @@ def _trip_command(kind: str) -> None:
         metrics_listen: MetricsListen = "",
         trace_console: TraceConsole = False,
     ) -> None:
+        from accord.common.exits import StartupError
+        from accord.participants import BackendStartError
         from accord.participants.trip import serve_trip
 
         setup_logging(log_level, log_format)
@@ -450,10 +478,14 @@ def _trip_command(kind: str) -> None:
                     db,
                     fail_cities=fail_city or (),
                     in_doubt_after_s=in_doubt_after_s,
-                    announce=_announce(etcd, instance_id, ttl, advertise),
+                    announce=_announce(etcd, instance_id, ttl, advertise, etcd_wait_s),
                     telemetry=telemetry,
                 )
             )
+        except BackendStartError as e:
+            raise fail(f"participant: {e}") from None
+        except StartupError as e:  # expected (port in use, etcd unreachable...): one line
+            raise fail(str(e), e.code) from None
         except Exception as e:
             log.exception("event=participant_failed service=%s", kind)
             raise fail(f"participant: {e}") from None
@@ -494,6 +526,7 @@ def sidecar(
         typer.Option(envvar="ACCORD_OPERATIONS", help="operation to advertise (repeatable)"),
     ] = None,
     ttl: LeaseTtl = 5,
+    etcd_wait_s: EtcdWait = 30.0,
     interval_s: Annotated[
         float, typer.Option(envvar="ACCORD_INTERVAL_S", help="health check period (s)")
     ] = 1.0,
@@ -502,8 +535,8 @@ def sidecar(
 ) -> None:
     """Keep a participant that does not embed the SDK registered in etcd while its gRPC
     health status is SERVING (the sidecar pattern)."""
-    import signal
-
+    from accord.common.exits import StartupError
+    from accord.common.runner import stop_on_signals
     from accord.registry import Sidecar, SidecarSettings
 
     setup_logging(log_level, log_format)
@@ -518,21 +551,23 @@ def sidecar(
             operations=tuple(operation or ()),
             ttl_s=ttl,
             interval_s=interval_s,
+            etcd_wait_s=etcd_wait_s,
         )
         car = Sidecar(settings)
+    except StartupError as e:  # a malformed --target
+        raise fail(str(e), e.code) from None
     except ValueError as e:
         raise fail(str(e)) from None
 
     async def go() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        print(f"sidecar watching {target} for service {service}", flush=True)
-        await car.run(stop)
+        async with stop_on_signals():  # a signal cancels the run: it deregisters
+            print(f"sidecar watching {target} for service {service}", flush=True)
+            await car.run(asyncio.Event())
 
     try:
         runner.run(go())
+    except StartupError as e:  # expected (etcd unreachable, ...): one line
+        raise fail(str(e), e.code) from None
     except Exception as e:
         log.exception("event=sidecar_failed service=%s", service)
         raise fail(f"sidecar: {e}") from None
