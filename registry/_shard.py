@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 
 from etcd3aio import prefix_range_end
 
+from accord.common.exits import StartupError
 from accord.registry._etcd import (
     _ERRORS,
     COORDINATORS,
@@ -79,6 +80,10 @@ def owner_key(shard: str) -> str:
 
 def epoch_key(shard: str) -> str:
     return f"{SHARDS}{shard}/epoch"
+
+
+class ShardRetiredError(StartupError):
+    """The shard was retired for good: no coordinator may own it again."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +160,11 @@ class ShardLease:
                             on_wait(owner)
                     await asyncio.sleep(min(0.25, self.ttl_s / 4))
                     continue
+                if (await kv.get(retired_key(self.shard), timeout=REQUEST_TIMEOUT_S)).kvs:
+                    raise ShardRetiredError(
+                        f"shard {self.shard} was retired (accord shard retire): a coordinator "
+                        "cannot own it again; start this one with another --shard"
+                    )
                 # A fresh lease for each attempt: one granted before a long wait as a
                 # standby would have expired.
                 grant = await client.lease.grant(self.ttl_s, timeout=REQUEST_TIMEOUT_S)
@@ -171,6 +181,9 @@ class ShardLease:
                     compare=[
                         kv.txn_compare_create_revision(owner_key(self.shard), 0),
                         kv.txn_compare_version(epoch_key(self.shard), version),
+                        # Never over a shard retired meanwhile (mark_retired compares the
+                        # epoch's version too, so one of the two wins).
+                        kv.txn_compare_create_revision(retired_key(self.shard), 0),
                     ],
                     success=[
                         kv.txn_op_put(owner_key(self.shard), value, lease=self.lease),

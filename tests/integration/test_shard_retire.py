@@ -206,6 +206,24 @@ async def test_a_retired_shard_keeps_its_keys_and_new_keys_move(cluster: Cluster
     assert shards["s1"]["owner"] == "c1c" and shards["s1"]["epoch"] == 3
     assert shards["s2"]["live"] and shards["s2"]["retired"] is None
 
+    # No coordinator can own a retired shard again: one line, non-zero, nothing acquired.
+    code, out, err = await accord(
+        "coordinator",
+        "--id",
+        "c1d",
+        "--shard",
+        "s1",
+        "--wal-dir",
+        wal_s1,
+        "--etcd",
+        etcd,
+        "--listen",
+        "127.0.0.1:0",
+    )
+    assert code == 1 and "Traceback" not in err, (out, err)
+    assert "error: " in err and "shard s1 was retired" in err, err
+    assert (await shard_list(etcd))["s1"]["epoch"] == 3
+
     # A new client (nothing cached): old keys answer their kept outcome, with the old gid.
     async with await AccordClient.from_etcd(etcd) as client:
         for key in on_s1:
