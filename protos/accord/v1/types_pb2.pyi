@@ -605,15 +605,20 @@ class FeedEvent(_message.Message):
     """BEGUN, PREPARING, SAGA_STARTED"""
     deadline_unix_ms: _builtins.int
     trace_id: _builtins.str
-    """32 hex digits, when the transaction was traced"""
+    """32 hex digits, when traced (BEGUN, PREPARING,"""
     one_phase: _builtins.bool
     step: _builtins.int
     """STEP: index in the definition"""
     reason: _builtins.str
-    """ABORT, ENDED, SAGA_STATE"""
+    """`step` is unset: the definition is in SAGA_STARTED)
+    ABORT, ENDED, SAGA_STATE
+    """
     @_builtins.property
     def branches(self) -> _containers.RepeatedCompositeFieldContainer[Global___BranchStatus]:
-        """PREPARING: the branches; ENDED: each outcome"""
+        """SAGA_STARTED, SNAPSHOT)
+        PREPARING: the branches (PENDING, resolved address); ENDED: each branch's outcome
+        (state, attempts, last error, resolved address; `branch` holds only branch_id).
+        """
 
     @_builtins.property
     def commit_branch_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -629,7 +634,7 @@ class FeedEvent(_message.Message):
 
     @_builtins.property
     def step_status(self) -> Global___StepStatus:
-        """STEP: state, attempts, last error, result"""
+        """STEP: state, attempts, last error, result (its"""
 
     @_builtins.property
     def transaction(self) -> Global___Transaction:
