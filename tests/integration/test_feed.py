@@ -11,6 +11,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Sequence
 
 import grpc
@@ -20,7 +21,7 @@ import accord.v1 as pb
 from accord.client import AccordClient, AccordClientError, Branch, SagaStep
 from accord.coordinator.wal import drop_unsynced
 from accord.coordinator.wal._reader import segments_of
-from tests.integration.conftest import Cluster, open_accounts
+from tests.integration.conftest import Cluster, free_port, open_accounts
 
 K = pb.FeedEventKind
 
@@ -267,20 +268,49 @@ async def test_sigkill_while_subscribed_loses_nothing_and_sends_nothing_unsynced
         assert_ordered([*seen, *rest])
 
 
+def scrape(port: int) -> dict[str, float]:
+    """The coordinator's accord_feed_* series (name{labels} -> value)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("accord_feed_"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def total(series: dict[str, float], prefix: str, label: str = "") -> float:
+    return sum(v for k, v in series.items() if k.startswith(prefix) and label in k)
+
+
 async def test_a_slow_subscriber_does_not_slow_commits_and_catches_up(cluster: Cluster) -> None:
-    coord = cluster.coordinator(await two_banks(cluster))
-    async with AccordClient(coord.address) as client:
+    port = free_port()
+    coord = cluster.coordinator(
+        await two_banks(cluster), extra=["--metrics-listen", f"127.0.0.1:{port}"]
+    )
+    # The slow subscriber's own channel, with HTTP/2's fixed 64 KiB window (no BDP
+    # probing), so the coordinator's writes to it soon wait and its buffer overflows.
+    channel = grpc.aio.insecure_channel(coord.address, options=[("grpc.http2.bdp_probe", 0)])
+    async with channel, AccordClient(coord.address) as client:
         await client.execute(transfer())
-        async with contextlib.aclosing(client.subscribe(0, max_batch=16)) as slow:
-            first = await asyncio.wait_for(anext(slow), 10)  # then it reads nothing for a while
-            got = list(first.events)
+        edge = (await take_all(client))[-1].lsn
+        stream = pb.CoordinatorStub(channel).Subscribe(
+            pb.SubscribeRequest(from_lsn=edge, max_batch=16)
+        )
+        async with contextlib.aclosing(aiter(stream)) as slow:
+            # At the live edge it waits for events, takes the first batch, then reads
+            # nothing while the load runs.
+            pending = asyncio.ensure_future(anext(slow))
+            await asyncio.sleep(0.3)
             # Commits go on while it does not read (each within a bounded wait).
             for _ in range(20):
                 results = await asyncio.wait_for(
                     asyncio.gather(*(client.execute(transfer()) for _ in range(25))), 30
                 )
                 assert all(r.committed for r in results)
-            whole = await take_all(client)
+            got = list((await asyncio.wait_for(pending, 10)).events)
+            whole = [ev for ev in await take_all(client) if ev.lsn > edge]
             end = whole[-1].lsn
             async with asyncio.timeout(30):
                 async for batch in slow:
@@ -289,6 +319,11 @@ async def test_a_slow_subscriber_does_not_slow_commits_and_catches_up(cluster: C
                     if got and got[-1].lsn >= end:
                         break
         assert got[: len(whole)] == whole
+    metrics = await asyncio.to_thread(scrape, port)
+    assert total(metrics, "accord_feed_events_total") >= 2 * len(whole)
+    assert total(metrics, "accord_feed_catch_ups_total", 'reason="start"') >= 1
+    assert total(metrics, "accord_feed_catch_ups_total", 'reason="overflow"') >= 1
+    print("feed metrics:", metrics)
 
 
 async def test_subscriber_from_zero_after_checkpoints_gets_a_snapshot(cluster: Cluster) -> None:
