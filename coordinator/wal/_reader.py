@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import Final
 
@@ -47,8 +48,9 @@ def segments_of(directory: Path) -> list[int]:
 
 
 class LogReader:
-    """Reads records with an LSN above ``after`` in order. Use :meth:`read` repeatedly;
-    :meth:`close` when done. Not thread-safe: one caller at a time."""
+    """Reads records with an LSN above ``after`` in order. Use :meth:`read` repeatedly
+    (one call at a time, from any thread); :meth:`close` when done, from any thread,
+    even while a read runs (the file is then closed when that read ends)."""
 
     def __init__(self, directory: Path, after: int) -> None:
         self._dir = Path(directory)
@@ -60,12 +62,22 @@ class LogReader:
         self._expect = 0  # the LSN of the record at _offset
         self._buf = b""
         self._buf_at = 0  # file offset of _buf[0]
+        self._guard = threading.Lock()
+        self._busy = False
+        self._closed = False
 
     @property
     def next_lsn(self) -> int:
         return self._next
 
     def close(self) -> None:
+        with self._guard:
+            self._closed = True
+            if self._busy:
+                return  # the read in progress closes it (never close an fd in use)
+        self._close_fd()
+
+    def _close_fd(self) -> None:
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -74,6 +86,20 @@ class LogReader:
     def read(self, upto: int, limit: int) -> list[WalRecord]:
         """Up to ``limit`` records with LSN in [next, upto], every record type included
         (the caller skips the WAL's own). Empty when next > upto."""
+        with self._guard:
+            if self._closed:
+                raise WalError("wal: the log reader is closed")
+            self._busy = True
+        try:
+            return self._read(upto, limit)
+        finally:
+            with self._guard:
+                self._busy = False
+                closed = self._closed
+            if closed:
+                self._close_fd()
+
+    def _read(self, upto: int, limit: int) -> list[WalRecord]:
         out: list[WalRecord] = []
         # Bytes read by an earlier call may predate records durable now (or hold a write
         # caught half-way): read again. Within this call, every record <= upto is whole.
@@ -103,7 +129,7 @@ class LogReader:
         self._open_segment(holding[-1])
 
     def _open_segment(self, first: int) -> None:
-        self.close()
+        self._close_fd()
         name = segment_name(first)
         try:
             fd = os.open(self._dir / name, os.O_RDONLY | os.O_CLOEXEC)

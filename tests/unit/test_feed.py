@@ -20,7 +20,7 @@ from accord.coordinator._feed import FeedHub, OutOfRange, record_event, trace_id
 from accord.coordinator._records import RecordType
 from accord.coordinator._specs import BranchSpec, SagaSpec, StepRetry, StepSpec
 from accord.coordinator._telemetry import CoordinatorTelemetry
-from accord.coordinator.wal import WAL, LogReader, RecordsGone
+from accord.coordinator.wal import WAL, LogReader, RecordsGone, WalError
 from accord.coordinator.wal._reader import segments_of
 from tests.unit._fakes import FakeCalls
 
@@ -411,9 +411,14 @@ async def test_reader_reports_removed_records(tmp_path: Path) -> None:
     reader = LogReader(tmp_path, 0)
     assert [r.lsn for r in reader.read(10, 100)] == list(range(1, 11))
     assert [r.lsn for r in reader.read(40, 5)] == list(range(11, 16))
-    reader.close()
     await wal.checkpoint(pb.CheckpointImage(lsn=30).SerializeToString(), 30)
     assert hub.checkpoint_lsn == 30 and segments_of(tmp_path)[0] > 1
+    # The segment it has open was deleted: it still reads it to its end, then goes on in
+    # the next one (kept: it holds records after the checkpoint).
+    assert [r.lsn for r in reader.read(40, 100)][:25] == list(range(16, 41))
+    reader.close()
+    with pytest.raises(WalError):
+        reader.read(40, 5)
     with pytest.raises(RecordsGone):
         LogReader(tmp_path, 0).read(40, 5)
     await wal.close()
