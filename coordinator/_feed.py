@@ -331,6 +331,16 @@ def snapshot_events(shard: str, image: bytes) -> list[pb.FeedEvent]:
     return out
 
 
+def _read_events(
+    reader: LogReader, shard: str, upto: int, limit: int
+) -> tuple[int, list[pb.FeedEvent]]:
+    """(last LSN read or 0, its events): up to ``limit`` records from disk."""
+    records = reader.read(upto, limit)
+    if not records:
+        return 0, []
+    return records[-1].lsn, events_of(shard, [(r.lsn, r.rtype, r.payload) for r in records])
+
+
 # --------------------------------------------------------------------- the hub
 
 
@@ -504,7 +514,11 @@ class FeedHub:
                 if reader is None:
                     reader = LogReader(self.directory, last)
                 try:
-                    records = await asyncio.to_thread(reader.read, target, size)
+                    # Read and decoded in a thread: a long catch-up must not hold the
+                    # event loop (the GIL's switch interval lets the loop run meanwhile).
+                    read, events = await asyncio.to_thread(
+                        _read_events, reader, shard, target, size
+                    )
                 except RecordsGone:
                     reader.close()
                     reader = None
@@ -514,9 +528,8 @@ class FeedHub:
                     for resp in responses(events):
                         yield resp
                     continue
-                if records:
-                    last = records[-1].lsn
-                    events = events_of(shard, [(r.lsn, r.rtype, r.payload) for r in records])
+                if read:
+                    last = read
                     for resp in responses(events):
                         yield resp
         finally:
