@@ -57,6 +57,7 @@ class LogReader:
         self._next = after + 1  # the next LSN to return
         self._fd = -1
         self._name = ""
+        self._first = 0
         self._offset = 0
         self._crc = 0
         self._expect = 0  # the LSN of the record at _offset
@@ -110,6 +111,11 @@ class LogReader:
             rec = self._record_at_offset()
             if rec is None:
                 # The end of this segment: the next LSN starts the following one.
+                if self._expect == self._first:
+                    raise WalCorruptionError(
+                        f"wal: segment {self._name} holds no record, but lsn {self._next} "
+                        f"(at most {upto}) is durable"
+                    )
                 self._open_segment(self._expect)
                 continue
             if rec.lsn >= self._next:
@@ -141,7 +147,7 @@ class LogReader:
             os.close(fd)
             why = header if isinstance(header, str) else "first lsn differs from the name"
             raise WalCorruptionError(f"wal: {why} in segment {name} at offset 0")
-        self._fd, self._name = fd, name
+        self._fd, self._name, self._first = fd, name, first
         self._offset = SEGMENT_HEADER_SIZE
         self._crc = header.prev_crc
         self._expect = first
