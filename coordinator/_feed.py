@@ -210,9 +210,9 @@ def _step(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
         kind=_STEP,  # type: ignore[arg-type]
         gid=r.gid,
         protocol=_SAGA,
-        # A step record does not say the saga's state; it follows from the step's: a
-        # compensation runs only while the saga compensates, an action while it runs.
-        state=_STEP_SAGA_STATE.get(r.state, pb.TXN_STATE_RUNNING),
+        # Older logs do not say the saga's state: it follows from the step's then (a
+        # compensation runs only while the saga compensates).
+        state=r.saga_state or _STEP_SAGA_STATE.get(r.state, pb.TXN_STATE_RUNNING),
         unix_ms=r.unix_ms,
         step=r.step,
         step_status=pb.StepStatus(

@@ -176,6 +176,7 @@ class SagaMode:
             attempts=step.attempts,
             error=error,
             result=result,
+            saga_state=int(txn.state),  # type: ignore[arg-type]
         )
         txn.rec_steps[step.index] = rec
         lsn = await self._host.append(RecordType.SAGA_STEP, rec, sync=sync, parent=step.span)

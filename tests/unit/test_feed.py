@@ -160,6 +160,17 @@ def test_records_become_events() -> None:
             K.FEED_EVENT_KIND_STEP,
             pb.TXN_STATE_COMPENSATING,
         ),
+        (  # the record says the saga's state (an undelivered step found while compensating)
+            RecordType.SAGA_STEP,
+            pb.WalSagaStep(
+                gid="g",
+                step=1,
+                state=pb.BRANCH_STATE_UNDELIVERED,
+                saga_state=pb.TXN_STATE_COMPENSATING,
+            ),
+            K.FEED_EVENT_KIND_STEP,
+            pb.TXN_STATE_COMPENSATING,
+        ),
         (
             RecordType.SAGA_STATE,
             pb.WalSagaState(gid="g", state=pb.TXN_STATE_STUCK),

@@ -291,6 +291,7 @@ class WalSagaStep(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     UNIX_MS_FIELD_NUMBER: _builtins.int
+    SAGA_STATE_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     step: _builtins.int
     """index in the definition"""
@@ -300,6 +301,10 @@ class WalSagaStep(_message.Message):
     result: _builtins.bytes
     unix_ms: _builtins.int
     """when the record was made, as in WalBegin"""
+    saga_state: _types_pb2.TxnState.ValueType
+    """The saga's state when the record was made (the feed's FeedEvent.state: a step can
+    change while the saga runs or compensates); UNSPECIFIED in logs older than the field.
+    """
     def __init__(
         self,
         *,
@@ -310,10 +315,11 @@ class WalSagaStep(_message.Message):
         error: _builtins.str = ...,
         result: _builtins.bytes = ...,
         unix_ms: _builtins.int = ...,
+        saga_state: _types_pb2.TxnState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "gid", b"gid", "result", b"result", "state", b"state", "step", b"step", "unix_ms", b"unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "gid", b"gid", "result", b"result", "saga_state", b"saga_state", "state", b"state", "step", b"step", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
