@@ -114,8 +114,7 @@ def _begun(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
 def _preparing(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
     r = pb.WalPrepare.FromString(payload)
     resolved = r.resolved_addresses
-    n = len(resolved)
-    return pb.FeedEvent(
+    e = pb.FeedEvent(
         shard=shard,
         lsn=lsn,
         kind=_PREPARING,  # type: ignore[arg-type]
@@ -127,17 +126,16 @@ def _preparing(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
         created_unix_ms=r.created_unix_ms,
         deadline_unix_ms=r.deadline_unix_ms,
         trace_id=trace_id_of(r.traceparent),
-        branches=[
-            pb.BranchStatus(
-                branch=b,
-                state=_PENDING,  # type: ignore[arg-type]
-                resolved_address=resolved[i] if i < n else "",
-            )
-            for i, b in enumerate(r.branches)
-        ],
         one_phase=r.one_phase,
         resolved_addresses=resolved,
     )
+    n = len(resolved)
+    add = e.branches.add
+    for i, b in enumerate(r.branches):
+        # add() then CopyFrom: half the cost of BranchStatus(branch=b) objects.
+        status = add(state=_PENDING, resolved_address=resolved[i] if i < n else "")
+        status.branch.CopyFrom(b)
+    return e
 
 
 def _commit(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
