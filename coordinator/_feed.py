@@ -346,18 +346,31 @@ class _Batch:
     """One hand-over of durable records (one group commit), shared by every live
     subscriber; decoded at most once."""
 
-    __slots__ = ("_events", "first", "last", "records")
+    __slots__ = ("_events", "_responses", "first", "last", "records")
 
     def __init__(self, records: list[tuple[int, int, bytes]], last: int) -> None:
         self.records = records
         self.first = records[0][0]
         self.last = last
         self._events: list[pb.FeedEvent] | None = None
+        self._responses: dict[int, list[pb.SubscribeResponse]] = {}
 
     def events(self, shard: str) -> list[pb.FeedEvent]:
         if self._events is None:
             self._events = events_of(shard, self.records)
         return self._events
+
+    def responses(self, shard: str, size: int) -> list[pb.SubscribeResponse]:
+        """The whole batch as responses of at most ``size`` events, made once for every
+        subscriber with that size (durable_lsn: the batch's own)."""
+        out = self._responses.get(size)
+        if out is None:
+            events = self.events(shard)
+            out = self._responses[size] = [
+                pb.SubscribeResponse(events=events[i : i + size], durable_lsn=self.last)
+                for i in range(0, len(events), size)
+            ]
+        return out
 
 
 class _Sub:
@@ -494,11 +507,13 @@ class FeedHub:
                         log.warning("event=feed_gap last=%d batch_first=%d", last, batch.first)
                         self._to_catch_up(sub, "gap")
                         continue
-                    events = batch.events(shard)
                     if batch.first <= last:
-                        events = [e for e in events if e.lsn > last]
+                        live = responses([e for e in batch.events(shard) if e.lsn > last])
+                    else:  # the usual case: shared by every subscriber
+                        live = batch.responses(shard, size)
+                        self._tel.feed_sent(len(batch.events(shard)))
                     last = batch.last
-                    for resp in responses(events):
+                    for resp in live:
                         yield resp
                     continue
                 target = self.durable_lsn

@@ -462,8 +462,9 @@ class SubscribeResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     DURABLE_LSN_FIELD_NUMBER: _builtins.int
     durable_lsn: _builtins.int
-    """The shard's durable LSN when this batch was sent (a subscriber's lag is
-    durable_lsn - the last event's lsn).
+    """The shard's durable LSN when this batch was sent, or for a batch sent from the live
+    path, when it became durable (a subscriber's lag is durable_lsn - the last event's
+    lsn; a catching-up subscriber sees it shrink).
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.FeedEvent]: ...
