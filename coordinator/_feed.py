@@ -55,6 +55,9 @@ SUB_MAX_EVENTS: Final = 8192
 #: Events per SubscribeResponse when the request says 0, and the most it may ask for.
 DEFAULT_MAX_BATCH: Final = 512
 MAX_MAX_BATCH: Final = 4096
+#: A response holds at most this many bytes of events (unless one event is larger):
+#: gRPC's message limit on both sides is 4 MiB (accord.common.transport).
+MAX_RESPONSE_BYTES: Final = 1024 * 1024
 #: Checkpoint files replaced while a snapshot reads them: tries before giving up.
 _SNAPSHOT_TRIES: Final = 5
 
@@ -339,6 +342,23 @@ def _read_events(
     return records[-1].lsn, events_of(shard, [(r.lsn, r.rtype, r.payload) for r in records])
 
 
+def chunks(events: list[pb.FeedEvent], size: int) -> list[list[pb.FeedEvent]]:
+    """``events`` cut into runs of at most ``size`` events and MAX_RESPONSE_BYTES."""
+    out: list[list[pb.FeedEvent]] = []
+    run: list[pb.FeedEvent] = []
+    used = 0
+    for e in events:
+        n = e.ByteSize()
+        if run and (len(run) >= size or used + n > MAX_RESPONSE_BYTES):
+            out.append(run)
+            run, used = [], 0
+        run.append(e)
+        used += n
+    if run:
+        out.append(run)
+    return out
+
+
 # --------------------------------------------------------------------- the hub
 
 
@@ -367,8 +387,8 @@ class _Batch:
         if out is None:
             events = self.events(shard)
             out = self._responses[size] = [
-                pb.SubscribeResponse(events=events[i : i + size], durable_lsn=self.last)
-                for i in range(0, len(events), size)
+                pb.SubscribeResponse(events=run, durable_lsn=self.last)
+                for run in chunks(events, size)
             ]
         return out
 
@@ -491,8 +511,8 @@ class FeedHub:
         def responses(events: list[pb.FeedEvent]) -> list[pb.SubscribeResponse]:
             self._tel.feed_sent(len(events))
             return [
-                pb.SubscribeResponse(events=events[i : i + size], durable_lsn=self.durable_lsn)
-                for i in range(0, len(events), size)
+                pb.SubscribeResponse(events=run, durable_lsn=self.durable_lsn)
+                for run in chunks(events, size)
             ]
 
         try:

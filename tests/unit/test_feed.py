@@ -16,7 +16,14 @@ import pytest
 import accord.v1 as pb
 from accord.coordinator import CoordinatorConfig, Engine, InvalidArgument, RetryPolicy, TxnState
 from accord.coordinator._calls import CallResult, Verdict
-from accord.coordinator._feed import FeedHub, OutOfRange, record_event, trace_id_of
+from accord.coordinator._feed import (
+    MAX_RESPONSE_BYTES,
+    FeedHub,
+    OutOfRange,
+    chunks,
+    record_event,
+    trace_id_of,
+)
 from accord.coordinator._records import RecordType
 from accord.coordinator._specs import BranchSpec, SagaSpec, StepRetry, StepSpec
 from accord.coordinator._telemetry import CoordinatorTelemetry
@@ -182,6 +189,17 @@ def test_records_become_events() -> None:
         ev = record_event("s1", 1, rtype, rec.SerializeToString())
         assert ev is not None and (ev.kind, ev.state, ev.gid) == (kind, state, "g"), rtype
     assert record_event("s1", 1, 1, b"\0" * 24) is None  # the WAL's CHECKPOINT record
+
+
+def test_responses_are_bounded_in_events_and_bytes() -> None:
+    small = [pb.FeedEvent(lsn=i, gid="g") for i in range(10)]
+    assert [len(c) for c in chunks(small, 4)] == [4, 4, 2]
+    big = [pb.FeedEvent(lsn=i, reason="x" * 400_000) for i in range(6)]
+    runs = chunks(big, 512)
+    assert [len(c) for c in runs] == [2, 2, 2]
+    assert all(sum(e.ByteSize() for e in c) <= MAX_RESPONSE_BYTES for c in runs)
+    huge = [pb.FeedEvent(lsn=1, reason="x" * 2_000_000), pb.FeedEvent(lsn=2)]
+    assert [len(c) for c in chunks(huge, 512)] == [1, 1]  # one event alone, never split
 
 
 # --------------------------------------------------------------------- through the engine
