@@ -529,10 +529,22 @@ class FeedHub:
                         continue
                     if batch.first <= last:
                         live = responses([e for e in batch.events(shard) if e.lsn > last])
-                    else:  # the usual case: shared by every subscriber
+                        last = batch.last
+                    elif sub.queue and len(sub.queue[0].records) < size:
+                        # More batches wait (the stream is slower than the group commit):
+                        # one response for several saves gRPC's cost per message.
+                        events = list(batch.events(shard))
+                        last = batch.last
+                        while sub.queue and len(events) + len(sub.queue[0].records) <= size:
+                            more = sub.queue.popleft()
+                            sub.queued -= len(more.records)
+                            events.extend(more.events(shard))
+                            last = more.last
+                        live = responses(events)
+                    else:  # the usual case: made once, shared by every subscriber
                         live = batch.responses(shard, size)
                         self._tel.feed_sent(len(batch.events(shard)))
-                    last = batch.last
+                        last = batch.last
                     for resp in live:
                         yield resp
                     continue

@@ -390,6 +390,22 @@ async def test_a_slow_subscriber_catches_up_from_disk(tmp_path: Path) -> None:
     await wal.close()
 
 
+async def test_waiting_live_batches_go_out_as_one_response(tmp_path: Path) -> None:
+    hub = FeedHub("s1", tmp_path)
+    wal = await open_wal(tmp_path, hub)
+    stream = hub.stream(0, 4)
+    pending = asyncio.ensure_future(anext(stream))  # live, at the edge
+    await asyncio.sleep(0.02)
+    await wal.append(RecordType.BEGIN, begin(1), sync=True)
+    assert lsns((await asyncio.wait_for(pending, 5)).events) == [1]
+    for i in range(2, 8):  # six group commits while the subscriber does not read
+        await wal.append(RecordType.BEGIN, begin(i), sync=True)
+    got = [lsns((await asyncio.wait_for(anext(stream), 5)).events) for _ in range(2)]
+    assert got == [[2, 3, 4, 5], [6, 7]]  # merged, at most max_batch each, in order
+    await stream.aclose()
+    await wal.close()
+
+
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 33, 59])
 async def test_resume_after_n_events_loses_nothing(tmp_path: Path, n: int) -> None:
     hub = FeedHub("s1", tmp_path)
