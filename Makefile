@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos check-protos lint typecheck unit integration test demo bench profile chaos clean prometheus postgresql nats
+.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos clean prometheus postgresql nats
 
 all: test
 
@@ -81,6 +81,11 @@ test: check-protos lint typecheck prometheus postgresql nats
 # The whole topology on this machine, a workload, a summary.
 demo: $(STAMP)
 	$(VENV)/bin/accord demo
+
+# The README's "Running the pieces" in one go: servers on free ports in a scratch
+# directory, accounts opened, transactions run, every process stopped at the end.
+try: $(STAMP)
+	bash examples/try.sh
 
 bench: $(STAMP)
 	$(PY) -m bench.run --out bench/results.json

@@ -11,6 +11,11 @@ Rounds follow each other in one engine, so a cost that grows with the number of 
 transactions it keeps shows as rounds getting slower.
 
     python -m bench.engine [--transactions 20000] [--concurrency 64] [--rounds 3]
+                           [--subscribers N]
+
+``--subscribers N`` attaches N in-process event-feed subscribers (``FeedHub.stream``,
+each response serialized as gRPC would) for the whole run: the feed's own CPU per
+transaction on the coordinator, without the RPC itself.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import accord.v1 as pb
 from accord.common import runner
 from accord.coordinator import BranchSpec, CoordinatorConfig, Engine, Method
 from accord.coordinator._calls import CallResult, Verdict
+from accord.coordinator._feed import FeedHub
 from accord.coordinator._server import tune_gc
 from accord.coordinator.wal import WAL
 
@@ -77,15 +83,27 @@ class InstantParticipants:
         return None
 
 
-async def run(transactions: int, concurrency: int, rounds: int, gc_tuned: bool) -> list[float]:
+async def run(
+    transactions: int, concurrency: int, rounds: int, gc_tuned: bool, subscribers: int = 0
+) -> list[float]:
     branches = [
         BranchSpec(service="bank-a", operation="debit", payload=b'{"account":"a-1","amount":1}'),
         BranchSpec(service="bank-b", operation="credit", payload=b'{"account":"b-1","amount":1}'),
     ]
     per_worker = max(1, transactions // concurrency)
     with tempfile.TemporaryDirectory(prefix="accord-engine-bench-") as tmp:
-        wal, _ = await WAL.open(Path(tmp) / "wal")
+        hub = FeedHub("bench", Path(tmp) / "wal") if subscribers else None
+        wal, _ = await WAL.open(Path(tmp) / "wal", feed=hub)
         engine = Engine(wal=wal, calls=InstantParticipants(), config=CoordinatorConfig())
+        sent = [0] * subscribers
+
+        async def subscriber(i: int) -> None:
+            assert hub is not None
+            async for resp in hub.stream(0, 0):
+                resp.SerializeToString()  # what gRPC does with each response
+                sent[i] += len(resp.events)
+
+        feeds = [asyncio.get_running_loop().create_task(subscriber(i)) for i in range(subscribers)]
         if gc_tuned:
             tune_gc()
         out: list[float] = []
@@ -101,8 +119,13 @@ async def run(transactions: int, concurrency: int, rounds: int, gc_tuned: bool) 
                 await asyncio.gather(*(worker() for _ in range(concurrency)))
                 out.append((time.process_time() - t0) / (per_worker * concurrency) * 1e6)
         finally:
+            if hub is not None:
+                hub.close()
+            await asyncio.gather(*feeds, return_exceptions=True)
             await engine.close()
             await wal.close()
+        if subscribers:
+            print(f"feed events per subscriber: {sent}", file=sys.stderr)
     return out
 
 
@@ -114,14 +137,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--default-gc", action="store_true", help="keep CPython's GC settings (no tune_gc)"
     )
+    parser.add_argument(
+        "--subscribers", type=int, default=0, help="in-process event-feed subscribers"
+    )
     args = parser.parse_args(argv)
-    us = runner.run(run(args.transactions, args.concurrency, args.rounds, not args.default_gc))
+    us = runner.run(
+        run(args.transactions, args.concurrency, args.rounds, not args.default_gc, args.subscribers)
+    )
     print(
         json.dumps(
             {
                 "transactions_per_round": args.transactions,
                 "concurrency": args.concurrency,
                 "gc": "default" if args.default_gc else "tuned",
+                "subscribers": args.subscribers,
                 "cpu_us_per_txn": [round(u, 1) for u in us],
             }
         )

@@ -17,10 +17,10 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from google.protobuf import json_format
 from grpc import aio
@@ -30,6 +30,8 @@ from opentelemetry.trace import TracerProvider
 import accord.v1 as pb
 from accord.client._errors import (
     AccordClientError,
+    AlreadyExistsError,
+    FailedPreconditionError,
     NotFoundError,
     TransactionAborted,
     UnavailableError,
@@ -37,8 +39,11 @@ from accord.client._errors import (
 )
 from accord.client._states import FINAL_STATES, TxnState
 from accord.client._tracing import TracedStub, recording
-from accord.common.gid import shard_for_key, shard_of
+from accord.common.gid import KeyPlacement, place_key, shard_of
 from accord.common.transport import TransportSettings, make_channel
+
+if TYPE_CHECKING:
+    from accord.registry import Etcd, KeptOutcome, ShardState
 
 T = TypeVar("T")
 StubCall = Callable[[pb.CoordinatorStub], Awaitable[T]]
@@ -383,12 +388,18 @@ class AccordClient:
         self._shard = ""
         self._channel: aio.Channel | None = None
         # Sharded mode (from_etcd without a coordinator or shard): one connection per
-        # shard owner, the live shards and every known one (sorted), a round-robin
-        # counter for keyless new transactions.
+        # shard owner, the live shards, the live ones that take new keyless
+        # transactions (not retired), every known one (sorted), the retired ones, each
+        # known shard's state (for messages), a round-robin counter for keyless new
+        # transactions, and one etcd client (shard map, kept outcomes of retired shards).
         self._sharded = False
         self._conns: dict[str, _Conn] = {}
         self._live: tuple[str, ...] = ()
+        self._serving: tuple[str, ...] = ()
         self._known: tuple[str, ...] = ()
+        self._retired: frozenset[str] = frozenset()
+        self._states: dict[str, ShardState] = {}
+        self._etcd_client: Etcd | None = None
         self._rr = 0
         self._map_at = 0.0
         self._map_task: asyncio.Task[None] | None = None
@@ -425,14 +436,27 @@ class AccordClient:
         the shard's current owner); :meth:`reconnect` finds it again after a failover.
 
         With neither: a sharded client of every shard's owner. New transactions go
-        round robin over the live shards; one with an idempotency key always goes to
-        the key's shard (rendezvous hashing over every shard that has ever had an
-        owner, so a retry reaches the shard that saw the first attempt, or fails with
-        ``UNAVAILABLE`` while that shard has no owner). Calls about a gid go to the
-        shard named in the gid (an older gid that names none: to each shard in turn).
-        After ``UNAVAILABLE`` the client reads etcd again before raising, so a retry
-        reaches a standby that took the shard over; it also re-reads every
-        :data:`SHARD_MAP_MAX_AGE_S` to see new shards.
+        round robin over the live shards that are not retired; one with an
+        idempotency key always goes to the key's shard (rendezvous hashing over every
+        shard that has ever had an owner, so a retry reaches the shard that saw the
+        first attempt, or fails with ``UNAVAILABLE`` while that shard has no owner).
+        Calls about a gid go to the shard named in the gid (an older gid that names
+        none: to each shard in turn). After ``UNAVAILABLE`` the client reads etcd
+        again before raising, so a retry reaches a standby that took the shard over;
+        it also re-reads every :data:`SHARD_MAP_MAX_AGE_S` to see new shards.
+
+        A shard retired with ``accord shard retire`` stays in the ranking (no key
+        moves), but a key ranked first on it is answered from the outcome the shard
+        kept for that key, if any (one etcd read: gid and state, what a retry of the
+        first request would have got from its coordinator), and otherwise goes to the
+        next shard of its ranking that is not retired. One check is lost: a
+        coordinator refuses a key reused for a *different* request (``ALREADY_EXISTS``),
+        but a kept outcome records no request, so such a reuse gets the kept outcome
+        (only a 2PC/saga mismatch is still refused). Calls about a gid of a retired
+        shard answer from its kept outcome (``get``, ``watch``, and a repeated
+        ``commit``/``abort``); a gid without an idempotency key was not kept:
+        ``NOT_FOUND`` saying so. All of it is read from etcd, so it holds across
+        client restarts.
 
         Raises :class:`UnavailableError` when no coordinator is registered."""
         client = cls(
@@ -492,16 +516,29 @@ class AccordClient:
 
     # ------------------------------------------------------------ shard routing
 
-    async def _reload_map(self) -> None:
+    async def _etcd_conn(self) -> Etcd:
+        """The sharded client's one etcd client, connected on first use."""
         # etcd's client is a dependency of the registry, not of the SDK: only a client
         # made with from_etcd needs it.
+        from accord.registry import Etcd
+
+        if self._etcd_client is None:
+            client = Etcd(self._etcd)
+            try:
+                await client.connect()
+            except Exception as e:
+                raise UnavailableError(f"etcd at {self._etcd} unreachable: {e}") from e
+            self._etcd_client = client
+        return self._etcd_client
+
+    async def _reload_map(self) -> None:
         from accord.registry import find_shards
 
         try:
-            m = await find_shards(self._etcd)
+            m = await find_shards(self._etcd, etcd=await self._etcd_conn())
         except ConnectionError as e:
             raise UnavailableError(str(e)) from e
-        if not m.owners:
+        if not m.owners and not m.retired:
             raise UnavailableError(f"no live coordinator registered in etcd at {self._etcd}")
         conns: dict[str, _Conn] = {}
         for shard, info in sorted(m.owners.items()):
@@ -510,6 +547,7 @@ class AccordClient:
             conns[shard] = old if keep and old is not None else self._open(info.address)
         stale = [c for s, c in self._conns.items() if conns.get(s) is not c]
         self._conns, self._live, self._known = conns, tuple(conns), m.known
+        self._serving, self._retired, self._states = m.serving, m.retired, m.states
         self.address = ",".join(c.address for c in conns.values())
         self._map_at = time.monotonic()
         for c in stale:
@@ -536,22 +574,53 @@ class AccordClient:
             log.warning("event=shard_map_unavailable error=%s", e)
             self._map_at = time.monotonic()  # do not hammer an unreachable etcd
 
-    def _place(self, key: str) -> str:
-        """The shard a new transaction goes to."""
+    def _refresh_if_old(self) -> None:
         if time.monotonic() - self._map_at > SHARD_MAP_MAX_AGE_S and (
             self._map_task is None or self._map_task.done()
         ):
             self._map_task = asyncio.get_running_loop().create_task(self._refresh_once())
+
+    def _place(self, key: str) -> KeyPlacement:
+        """Where a new transaction goes: a keyed one, see :func:`place_key` (over every
+        known shard, retired ones ranked too); a keyless one, round robin over the live
+        shards that are not retired."""
+        self._refresh_if_old()
         if not self._known:
             raise UnavailableError(f"no coordinator registered in etcd at {self._etcd}")
         if key:
-            return shard_for_key(key, self._known)
-        if not self._live:
-            raise UnavailableError(f"no live coordinator registered in etcd at {self._etcd}")
+            return place_key(key, self._known, self._retired)
+        if not self._serving:
+            raise UnavailableError(
+                f"no live coordinator of a shard that is not retired is registered in etcd "
+                f"at {self._etcd}"
+            )
         self._rr += 1
-        return self._live[self._rr % len(self._live)]
+        return KeyPlacement(self._serving[self._rr % len(self._serving)])
 
-    async def _on_shard(self, shard: str, call: StubCall[T]) -> T:
+    def _down(self, shard: str) -> UnavailableError:
+        """UNAVAILABLE for a shard without a live owner, saying what an operator can do."""
+        url = self._etcd
+        st = self._states.get(shard)
+        if st is None:
+            return UnavailableError(
+                f"UNAVAILABLE: no live coordinator owns shard {shard!r}, and etcd at {url} "
+                f"knows no such shard (known shards: {list(self._known)})"
+            )
+        if st.retired is not None:
+            return UnavailableError(
+                f"UNAVAILABLE: shard {shard!r} is retired (at {st.retired.at or '?'}) and "
+                f"no shard that is not retired is left (known shards: {list(self._known)})"
+            )
+        return UnavailableError(
+            f"UNAVAILABLE: no live coordinator owns shard {shard!r} "
+            f"(last owner {st.owner or 'unknown'}, epoch {st.epoch}): start one "
+            f"(accord coordinator --shard {shard} --wal-dir ... --etcd {url}), or retire "
+            f"the shard (accord shard retire {shard} --etcd {url} --wal-dir ...)"
+        )
+
+    async def _on_shard(self, shard: str, call: StubCall[T], *, gid: str = "") -> T:
+        """``call`` on the owner of ``shard``; for a call about ``gid`` of a retired
+        shard without an owner, on the outcome the shard kept for it."""
         if not self._sharded:
             return await _call(lambda: call(self._stub))
         conn = self._conns.get(shard)
@@ -559,10 +628,9 @@ class AccordClient:
             await self._refresh()  # a standby may own it by now
             conn = self._conns.get(shard)
             if conn is None:
-                raise UnavailableError(
-                    f"UNAVAILABLE: no live coordinator owns shard {shard!r} "
-                    f"(registry: etcd at {self._etcd}; live shards: {list(self._live)})"
-                )
+                if gid and shard in self._retired:
+                    return await call(await self._kept_stub(shard, gid))
+                raise self._down(shard)
         stub = conn.stub
         try:
             return await _call(lambda: call(stub))
@@ -571,8 +639,36 @@ class AccordClient:
             raise
 
     async def _new(self, key: str, call: StubCall[T]) -> T:
-        """A call that starts a transaction, on the shard it belongs to."""
-        return await self._on_shard(self._place(key) if self._sharded else "", call)
+        """A call that starts a transaction, on the shard it belongs to; a key first
+        ranked on retired shards is answered from their kept outcome, if one is kept."""
+        if not self._sharded:
+            return await _call(lambda: call(self._stub))
+        placed = self._place(key)
+        if placed.shard not in self._conns:
+            await self._refresh()  # a standby may own it, or it may be retired, by now
+            placed = self._place(key)
+        if placed.retired:
+            from accord.registry import kept_for_key
+
+            try:
+                found = await kept_for_key(await self._etcd_conn(), placed.retired, key)
+            except ConnectionError as e:
+                raise UnavailableError(f"UNAVAILABLE: {e}") from e
+            if found is not None:
+                shard, kept = found
+                return await call(cast(pb.CoordinatorStub, _KeptStub(shard, kept.gid, kept)))
+        if not placed.shard:
+            raise self._down(placed.retired[-1])
+        return await self._on_shard(placed.shard, call)
+
+    async def _kept_stub(self, shard: str, gid: str) -> pb.CoordinatorStub:
+        from accord.registry import kept_for_gid
+
+        try:
+            kept = await kept_for_gid(await self._etcd_conn(), shard, gid)
+        except ConnectionError as e:
+            raise UnavailableError(f"UNAVAILABLE: {e}") from e
+        return cast(pb.CoordinatorStub, _KeptStub(shard, gid, kept))
 
     async def _gid_shard(self, gid: str) -> str:
         """The shard of ``gid``; for an older gid that names none, the live shard that
@@ -595,7 +691,7 @@ class AccordClient:
 
     async def _by_gid(self, gid: str, call: StubCall[T]) -> T:
         """A call about ``gid``, on the shard that made it."""
-        return await self._on_shard(await self._gid_shard(gid), call)
+        return await self._on_shard(await self._gid_shard(gid), call, gid=gid)
 
     # ------------------------------------------------------------ life cycle
 
@@ -615,6 +711,9 @@ class AccordClient:
         for conn in self._conns.values():
             await conn.channel.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._etcd_client is not None:
+            client, self._etcd_client = self._etcd_client, None
+            await client.close()
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
         channels = [c.channel for c in self._conns.values()] if self._sharded else [self._channel]
@@ -625,6 +724,10 @@ class AccordClient:
 
     # 2PC, interactive
     async def begin(self, *, timeout_ms: int = 0, idempotency_key: str = "") -> Transaction:
+        """Begins an interactive 2PC transaction. An ``idempotency_key`` names its first
+        transaction for good, an aborted one included (like Stripe's keys): a retry with
+        it returns that transaction, so a new attempt after fixing the cause of an abort
+        needs a new key."""
         req = pb.BeginRequest(idempotency_key=idempotency_key, timeout_ms=timeout_ms)
         resp = await self._new(idempotency_key, lambda stub: stub.Begin(req, timeout=self._timeout))
         return Transaction(self, resp.gid)
@@ -653,6 +756,10 @@ class AccordClient:
     async def execute(
         self, branches: Sequence[Branch], *, idempotency_key: str = "", timeout_ms: int = 0
     ) -> TxnResult:
+        """Begin, enlist ``branches`` and commit in one call; returns the outcome. An
+        ``idempotency_key`` names its first transaction for good, an aborted one included
+        (like Stripe's keys): a retry with it returns that outcome, so a new attempt after
+        fixing the cause of an abort needs a new key."""
         req = pb.ExecuteRequest(
             idempotency_key=idempotency_key,
             timeout_ms=timeout_ms,
@@ -673,7 +780,10 @@ class AccordClient:
         wait: bool = True,
     ) -> TxnResult:
         """Starts a saga; with wait (the default) returns once it has ended
-        (COMPLETED, COMPENSATED, or STUCK waiting for an operator)."""
+        (COMPLETED, COMPENSATED, or STUCK waiting for an operator). An
+        ``idempotency_key`` names its first saga for good, a compensated one included
+        (like Stripe's keys): a retry with it returns that saga, so a new attempt after
+        fixing the cause needs a new key."""
         req = pb.StartSagaRequest(
             idempotency_key=idempotency_key,
             timeout_ms=timeout_ms,
@@ -728,6 +838,34 @@ class AccordClient:
         token = txns[-1].gid if more and txns else ""
         return [TxnResult.from_pb(t) for t in txns], token
 
+    async def subscribe(
+        self, from_lsn: int = 0, *, max_batch: int = 0, shard: str = ""
+    ) -> AsyncGenerator[pb.SubscribeResponse, None]:
+        """The shard's event feed after ``from_lsn`` (``Coordinator/Subscribe``):
+        batches of ``accord.v1.FeedEvent`` in LSN order, each with the shard's durable
+        LSN, for as long as the stream lasts. When it breaks (an AccordClientError, e.g.
+        UNAVAILABLE while the coordinator restarts), subscribe again from the last
+        event's LSN: nothing is lost, and only events at or below it can come twice. A
+        sharded client (:meth:`from_etcd`) needs ``shard``."""
+        if self._sharded:
+            if not shard:
+                raise ValueError("a sharded client subscribes to one shard: give shard=")
+            if shard not in self._conns:
+                await self._refresh()
+            if shard not in self._conns:
+                raise UnavailableError(f"UNAVAILABLE: no live coordinator owns shard {shard!r}")
+            stub = self._conns[shard].stub
+        else:
+            stub = self._stub
+        stream = stub.Subscribe(pb.SubscribeRequest(from_lsn=from_lsn, max_batch=max_batch))
+        try:
+            async for batch in stream:
+                yield batch
+        except aio.AioRpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            stream.cancel()
+
     async def watch(self, gid: str) -> AsyncIterator[TxnResult]:
         """Yields the transaction's state now, then after every change, until final."""
         shard = await self._gid_shard(gid)
@@ -735,7 +873,13 @@ class AccordClient:
             if shard not in self._conns:
                 await self._refresh()  # a standby may own it by now
             if shard not in self._conns:
-                raise UnavailableError(f"UNAVAILABLE: no live coordinator owns shard {shard!r}")
+                if shard not in self._retired:
+                    raise self._down(shard)
+                # A retired shard's kept outcome is final: it is all there is to see.
+                kept = await self._kept_stub(shard, gid)
+                req = pb.GetTransactionRequest(gid=gid)
+                yield TxnResult.from_pb(await kept.GetTransaction(req))
+                return
             stub = self._conns[shard].stub
         else:
             stub = self._stub
@@ -748,3 +892,78 @@ class AccordClient:
             if self._sharded and isinstance(err, UnavailableError):
                 await self._refresh()
             raise err from e
+
+
+class _KeptStub:
+    """Stands in for the coordinator of a retired shard: answers from the outcome the
+    shard kept in etcd for an idempotency key (``kept``; None when the transaction had
+    none, so nothing was kept), as its coordinator would have answered a retry."""
+
+    def __init__(self, shard: str, gid: str, kept: KeptOutcome | None) -> None:
+        self._shard, self._gid, self._kept = shard, gid, kept
+
+    def _txn(self) -> pb.Transaction:
+        kept = self._kept
+        if kept is None:
+            raise NotFoundError(
+                f"NOT_FOUND: transaction {self._gid!r} is unknown now: its shard "
+                f"{self._shard!r} was retired, and only the outcomes of transactions with "
+                "an idempotency key were kept"
+            )
+        t = pb.Transaction(gid=kept.gid, idempotency_key=kept.key, reason=kept.reason)
+        with contextlib.suppress(ValueError):
+            t.state = pb.TxnState.Value(f"TXN_STATE_{kept.state}")
+        with contextlib.suppress(ValueError):
+            t.protocol = pb.Protocol.Value(f"PROTOCOL_{kept.protocol}")
+        return t
+
+    def _of(self, protocol: int) -> pb.Transaction:
+        t = self._txn()
+        if t.protocol != protocol:
+            raise AlreadyExistsError(
+                f"ALREADY_EXISTS: idempotency key {t.idempotency_key!r} was used for a "
+                f"different request (transaction {t.gid}, kept by retired shard "
+                f"{self._shard!r})"
+            )
+        return t
+
+    def _final(self, what: str) -> FailedPreconditionError:
+        t = self._txn()
+        state = TxnState.from_pb(t.state)
+        return FailedPreconditionError(
+            f"FAILED_PRECONDITION: cannot {what} transaction {t.gid}: it is {state}, and "
+            f"its shard {self._shard!r} was retired (only its outcome is kept)"
+        )
+
+    async def Begin(self, req: pb.BeginRequest, **_: Any) -> pb.BeginResponse:
+        return pb.BeginResponse(gid=self._of(pb.PROTOCOL_TWO_PHASE_COMMIT).gid)
+
+    async def Execute(self, req: pb.ExecuteRequest, **_: Any) -> pb.TransactionResponse:
+        return pb.TransactionResponse(transaction=self._of(pb.PROTOCOL_TWO_PHASE_COMMIT))
+
+    async def StartSaga(self, req: pb.StartSagaRequest, **_: Any) -> pb.TransactionResponse:
+        return pb.TransactionResponse(transaction=self._of(pb.PROTOCOL_SAGA))
+
+    async def GetTransaction(self, req: pb.GetTransactionRequest, **_: Any) -> pb.Transaction:
+        return self._txn()
+
+    async def Commit(self, req: pb.CommitRequest, **_: Any) -> pb.TransactionResponse:
+        # As the coordinator: a Commit of a decided transaction reports its outcome.
+        return pb.TransactionResponse(transaction=self._of(pb.PROTOCOL_TWO_PHASE_COMMIT))
+
+    async def Abort(self, req: pb.AbortRequest, **_: Any) -> pb.TransactionResponse:
+        t = self._of(pb.PROTOCOL_TWO_PHASE_COMMIT)
+        if t.state in (pb.TXN_STATE_COMMITTED, pb.TXN_STATE_COMMITTING):
+            raise self._final("abort")
+        return pb.TransactionResponse(transaction=t)
+
+    async def Enlist(self, req: pb.EnlistRequest, **_: Any) -> pb.EnlistResponse:
+        raise self._final("enlist in")
+
+    async def CancelSaga(self, req: pb.CancelSagaRequest, **_: Any) -> pb.TransactionResponse:
+        raise self._final("cancel")
+
+    async def RetryTransaction(
+        self, req: pb.RetryTransactionRequest, **_: Any
+    ) -> pb.TransactionResponse:
+        raise self._final("retry")

@@ -2,7 +2,11 @@
 
 Scripts and tests rely on the numbers, so they never change: 0 success, 1 a failed
 outcome, 2 bad usage or unreadable input (click's own usage errors exit 2 as well),
-70 and 75 from ``sysexits.h`` for a coordinator that stops itself, 130 for Ctrl-C."""
+70 and 75 from ``sysexits.h`` for a coordinator that stops itself, 130 for Ctrl-C.
+
+A server stopped by SIGTERM or SIGINT exits 0 (it did what it was asked); a second
+signal during its clean-up makes it exit 130 at once. A server that cannot start raises
+:class:`StartupError`: one line, no traceback, :attr:`StartupError.code`."""
 
 from __future__ import annotations
 
@@ -25,3 +29,12 @@ class ExitCode(IntEnum):
     FENCED = 75
     #: 128 + SIGINT: interrupted by Ctrl-C.
     INTERRUPTED = 130
+
+
+class StartupError(Exception):
+    """A process cannot start for a reason its message says in full (a port in use, a
+    malformed address, etcd unreachable, a WAL directory another process holds): the
+    command line prints it as one ``error:`` line, without a traceback, and exits with
+    :attr:`code`. Unexpected failures are other exceptions, logged with their traceback."""
+
+    code: ExitCode = ExitCode.FAILURE

@@ -19,6 +19,13 @@ Keys are placed by rendezvous (highest random weight) hashing over the shard nam
 adding or losing one of n shards moves only about 1/n of the keys, and the hash is
 stable across processes and Python versions (BLAKE2b, not ``hash()``).
 
+A shard that is gone for good is *retired* (``accord shard retire``): it stays in the
+ranking, so no other key moves, and the outcomes its idempotency keys had are kept in
+etcd. A key goes to the first shard of its ranking that is not retired; the retired
+shards ranked above that one are asked first whether they kept an outcome for it
+(:func:`place_key`). Skipping only retired shards, never merely unreachable ones,
+keeps a key on one shard: a retry while that shard is down waits for it, as before.
+
 The registry does not know about transactions: to it a gid is an opaque string with a
 shard name in front.
 """
@@ -27,7 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 
 #: A shard name: what ``--shard`` accepts (and so what a gid can carry).
 SHARD_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -70,3 +78,35 @@ def shard_for_key(key: str, shards: Iterable[str]) -> str:
     if best is None:
         raise ValueError("no shard to place the key on")
     return best
+
+
+def rank_shards(key: str, shards: Iterable[str]) -> list[str]:
+    """``shards`` best first for ``key``: the first is :func:`shard_for_key`'s answer."""
+    return sorted(set(shards), key=lambda s: (_weight(s, key), s), reverse=True)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPlacement:
+    """Where a new transaction with an idempotency key goes."""
+
+    #: The shard it runs on: the first of the key's ranking that is not retired
+    #: (``""`` when every shard is retired).
+    shard: str
+    #: The retired shards ranked above :attr:`shard`, best first: a first attempt
+    #: may have run on one of them, so their kept outcomes are looked up first.
+    retired: tuple[str, ...] = ()
+
+
+def place_key(key: str, shards: Iterable[str], retired: Collection[str] = ()) -> KeyPlacement:
+    """The placement of ``key`` among ``shards`` (every shard ever known) when the
+    shards in ``retired`` are gone for good; ValueError when there is no shard at all.
+    Keys whose first-ranked shard is not retired stay where they were."""
+    ranked = rank_shards(key, shards)
+    if not ranked:
+        raise ValueError("no shard to place the key on")
+    above: list[str] = []
+    for s in ranked:
+        if s not in retired:
+            return KeyPlacement(s, tuple(above))
+        above.append(s)
+    return KeyPlacement("", tuple(above))

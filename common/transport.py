@@ -7,12 +7,18 @@ only towards loopback addresses (refused otherwise, so a misconfiguration is lou
 
 Settings come from ``ACCORD_TLS_CERT``, ``ACCORD_TLS_KEY``, ``ACCORD_TLS_CA`` (file paths)
 or are passed explicitly.
+
+A server that cannot listen says why in one line (:class:`ListenError`: the port is in
+use, the address is not on this machine, ...; :class:`AddressError`: not ``HOST:PORT``),
+instead of gRPC's "Failed to bind ... set GRPC_VERBOSITY".
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +26,8 @@ from typing import Any
 
 import grpc
 from grpc import aio
+
+from accord.common.exits import ExitCode, StartupError
 
 #: Limit on any single gRPC message, in both directions (documented in the README).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -59,6 +67,66 @@ class TransportSettings:
         return self.cert is not None and self.key is not None
 
 
+class AddressError(StartupError, ValueError):
+    """An address that is not ``HOST:PORT``."""
+
+    code = ExitCode.USAGE
+
+
+class ListenError(StartupError, OSError):
+    """A server cannot listen on its address (the message says why)."""
+
+
+class PlainTextRefused(StartupError, ValueError):
+    """Plain text towards an address off loopback, with no TLS configured."""
+
+
+class TlsFileError(StartupError, OSError):
+    """A certificate, key or CA file named in the TLS settings cannot be read."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) → host and port; :class:`AddressError`
+    otherwise. Port 0 is allowed (a server then picks a free port)."""
+    host, sep, port = address.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise AddressError(f"malformed address {address!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def _why_not_bindable(address: str) -> str | None:
+    """Why ``address`` cannot be bound, found by binding a plain socket to it the way
+    gRPC does (``SO_REUSEADDR``), or None when it can. Asked before gRPC binds (which
+    would log a multi-line error of its own) and after it failed (it only says "Failed
+    to bind")."""
+    host, port = parse_address(address)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"unknown host {host!r} ({e.strerror})"
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+    except OSError as e:
+        reasons = {
+            errno.EADDRINUSE: "the port is in use",
+            errno.EACCES: "permission denied (a port below 1024 needs privileges)",
+            errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+        }
+        return reasons.get(e.errno or 0, e.strerror or str(e))
+    return None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise TlsFileError(f"cannot read TLS file {path}: {e.strerror or e}") from None
+
+
 def is_loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
@@ -93,21 +161,35 @@ def make_server(
 
 
 def bind(server: aio.Server, address: str, settings: TransportSettings) -> int:
-    """Binds the address (port 0 picks a free one) and returns the port."""
-    if settings.tls:
-        assert settings.cert is not None and settings.key is not None
-        creds = grpc.ssl_server_credentials(
-            [(settings.key.read_bytes(), settings.cert.read_bytes())],
-            root_certificates=settings.ca.read_bytes() if settings.ca else None,
-            require_client_auth=settings.ca is not None,
-        )
-        return int(server.add_secure_port(address, creds))
-    if not is_loopback(address):
-        raise ValueError(
+    """Binds the address (port 0 picks a free one) and returns the port. Raises
+    :class:`AddressError`, :class:`PlainTextRefused` or :class:`ListenError`."""
+    _, wanted = parse_address(address)
+    if not settings.tls and not is_loopback(address):
+        raise PlainTextRefused(
             f"refusing to serve plain text on non-loopback address {address}: "
             "set ACCORD_TLS_CERT and ACCORD_TLS_KEY"
         )
-    return int(server.add_insecure_port(address))
+    if wanted != 0:
+        why = _why_not_bindable(address)
+        if why is not None:
+            raise ListenError(f"cannot listen on {address}: {why}")
+    try:
+        if settings.tls:
+            assert settings.cert is not None and settings.key is not None
+            creds = grpc.ssl_server_credentials(
+                [(_read(settings.key), _read(settings.cert))],
+                root_certificates=_read(settings.ca) if settings.ca else None,
+                require_client_auth=settings.ca is not None,
+            )
+            port = int(server.add_secure_port(address, creds))
+        else:
+            port = int(server.add_insecure_port(address))
+    except RuntimeError:  # grpc: "Failed to bind to address ..."
+        port = 0
+    if not port:
+        why = _why_not_bindable(address) or "gRPC could not bind it (GRPC_VERBOSITY=debug)"
+        raise ListenError(f"cannot listen on {address}: {why}")
+    return port
 
 
 def make_channel(
@@ -127,7 +209,7 @@ def make_channel(
         )
         return aio.secure_channel(address, creds, options=opts)
     if not is_loopback(address):
-        raise ValueError(
+        raise PlainTextRefused(
             f"refusing a plain-text channel to non-loopback address {address}: "
             "set ACCORD_TLS_CA (and a client certificate for mTLS)"
         )

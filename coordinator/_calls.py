@@ -12,12 +12,25 @@ Transport (``--participant-transport``): ``unary`` sends one RPC per call; ``str
 multiplexes the calls to each address over one long-lived bidirectional stream
 (:mod:`accord.coordinator._stream`); ``auto`` (the default) streams to every participant that
 supports it and falls back to unary, for that address, when one answers UNIMPLEMENTED
-(asking again after ``UNARY_RECHECK_S``). Both give the same :class:`CallResult`."""
+(asking again after ``UNARY_RECHECK_S``). Both give the same :class:`CallResult`.
+
+Sent or not: a failed call says whether its request can have reached the participant
+(:attr:`CallResult.sent`), which decides whether a saga step whose attempts all failed
+must be compensated. gRPC's UNAVAILABLE covers both a request never sent (no
+connection) and one sent whose answer was lost, and its details text is not a contract,
+so the answer comes from structure, not from that text: a unary call is issued only on
+a channel that is READY (:func:`wait_connected`; until then gRPC would fail it as
+UNAVAILABLE without sending it, or hold it), and a stream call counts as sent from the
+moment its batch is handed to the stream, which happens only once the stream's channel
+is READY (:mod:`accord.coordinator._stream`). A call with no live instance to go to was
+not sent either. Everything else that fails (a deadline, UNAVAILABLE on a connected
+channel, a broken stream with the call written, any other status) may have been sent."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import itertools
 import logging
 import time
@@ -30,7 +43,12 @@ from grpc import aio
 import accord.v1 as pb
 from accord.common.transport import TransportSettings, make_channel
 from accord.coordinator._methods import Method
-from accord.coordinator._stream import METHOD_NUMBERS, ParticipantStream, StreamUnsupported
+from accord.coordinator._stream import (
+    METHOD_NUMBERS,
+    CallNotSent,
+    ParticipantStream,
+    StreamUnsupported,
+)
 from accord.registry import Registry
 
 log = logging.getLogger("accord.coordinator.calls")
@@ -49,6 +67,9 @@ class CallResult:
     detail: str = ""
     code: grpc.StatusCode = grpc.StatusCode.OK
     result: bytes = b""
+    #: False only when the request certainly never left this process (see the module
+    #: docstring): it cannot have taken effect at the participant.
+    sent: bool = True
 
 
 _EXPECTED_RETRY = frozenset(
@@ -66,6 +87,29 @@ _STATUS: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 #: An address found without ``Stream`` (transport ``auto``) is called unary for this
 #: long, then asked again (it may have been upgraded).
 UNARY_RECHECK_S = 300.0
+
+
+async def wait_connected(channel: aio.Channel, timeout_s: float) -> str | None:
+    """Waits (at most ``timeout_s``) until ``channel`` is connected: None once it is
+    READY, else why nothing may be sent on it now. A channel in TRANSIENT_FAILURE is
+    answered at once, as gRPC itself fails a call there (without ``wait_for_ready``);
+    IDLE is asked to connect. Nothing is sent while this waits."""
+    state = channel.get_state(try_to_connect=True)
+    if state is grpc.ChannelConnectivity.READY:
+        return None
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                    return "cannot connect (channel in TRANSIENT_FAILURE)"
+                if state is grpc.ChannelConnectivity.SHUTDOWN:
+                    return "the channel is closed"
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
+                if state is grpc.ChannelConnectivity.READY:
+                    return None
+    except TimeoutError:
+        return f"not connected within {timeout_s:.3g} s (channel {state.name})"
 
 
 class Transport(enum.StrEnum):
@@ -94,6 +138,7 @@ class ParticipantCalls:
         self._on_fallback = on_fallback
         self._on_stream_open = on_stream_open
         self._stubs: dict[str, pb.ParticipantStub] = {}
+        self._channel_of: dict[str, aio.Channel] = {}
         self._channels: list[aio.Channel] = []
         self._streams: dict[str, ParticipantStream] = {}
         #: Addresses called unary (no Stream there), until a monotonic time.
@@ -147,7 +192,9 @@ class ParticipantCalls:
                 f"no live instance of participant service {service!r} "
                 f"(registry: {self._registry.describe()})"
             )
-            return CallResult(Verdict.RETRY, detail=detail, code=grpc.StatusCode.UNAVAILABLE), ""
+            return CallResult(
+                Verdict.RETRY, detail=detail, code=grpc.StatusCode.UNAVAILABLE, sent=False
+            ), ""
         result = await self.call(method, target, request, attempt_s, metadata=metadata)
         if result.code == grpc.StatusCode.UNAVAILABLE and not address:
             other = self._pick(service, target, target)
@@ -168,6 +215,7 @@ class ParticipantCalls:
         if stub is None:
             channel = make_channel(address, self._transport)
             self._channels.append(channel)
+            self._channel_of[address] = channel
             stub = self._stubs[address] = pb.ParticipantStub(channel)
         return stub
 
@@ -183,9 +231,13 @@ class ParticipantCalls:
         """``metadata``: the W3C trace context of the call's span (None: tracing off);
         over a stream it travels in the request's ``trace_context``."""
         if self.mode is not Transport.UNARY and not self._unary_only(address):
-            stream = self._stream(address)
+            stream = self._stream(address, attempt_s)
             try:
                 r = await stream.call(METHOD_NUMBERS[method], request, attempt_s, metadata)
+            except CallNotSent as e:
+                return self._answer(
+                    method, address, request, e.code, f"not sent: {e.message}", None, sent=False
+                )
             except StreamUnsupported:
                 if self.mode is Transport.STREAM:
                     return self._answer(
@@ -201,6 +253,17 @@ class ParticipantCalls:
                 code = _STATUS.get(r.code, grpc.StatusCode.UNKNOWN)
                 return self._answer(method, address, request, code, r.message, r.response)
         stub = self._stub(address)
+        why = await wait_connected(self._channel_of[address], attempt_s)
+        if why is not None:
+            return self._answer(
+                method,
+                address,
+                request,
+                grpc.StatusCode.UNAVAILABLE,
+                f"not sent: {why}",
+                None,
+                sent=False,
+            )
         rpc = getattr(stub, method.value)
         try:
             response: pb.BranchResponse = await rpc(request, timeout=attempt_s, metadata=metadata)
@@ -221,6 +284,8 @@ class ParticipantCalls:
         code: grpc.StatusCode,
         details: str,
         response: pb.BranchResponse | None,
+        *,
+        sent: bool = True,
     ) -> CallResult:
         """The result contract (DESIGN.md), the same for both transports."""
         if code == grpc.StatusCode.OK:
@@ -242,7 +307,7 @@ class ParticipantCalls:
         ):
             # A participant has seen a newer owner of this shard.
             self._on_fenced(detail)
-        if code not in _EXPECTED_RETRY:
+        if code not in _EXPECTED_RETRY and sent:
             log.warning(
                 "event=unexpected_participant_status method=%s branch=%s address=%s code=%s "
                 "detail=%r; will retry",
@@ -252,7 +317,7 @@ class ParticipantCalls:
                 code.name,
                 details,
             )
-        return CallResult(Verdict.RETRY, detail=detail, code=code)
+        return CallResult(Verdict.RETRY, detail=detail, code=code, sent=sent)
 
     def _unary_only(self, address: str) -> bool:
         until = self._unary_until.get(address)
@@ -263,11 +328,17 @@ class ParticipantCalls:
         del self._unary_until[address]
         return False
 
-    def _stream(self, address: str) -> ParticipantStream:
+    def _stream(self, address: str, connect_s: float) -> ParticipantStream:
+        """The open stream to ``address``, or a new one (its first batch waits up to
+        ``connect_s`` for a connection)."""
         stream = self._streams.get(address)
         if stream is None or stream.broken is not None:
+            stub = self._stub(address)
             stream = self._streams[address] = ParticipantStream(
-                self._stub(address), address, on_unsupported=self._stream_unsupported
+                stub,
+                address,
+                on_unsupported=self._stream_unsupported,
+                connect=functools.partial(wait_connected, self._channel_of[address], connect_s),
             )
             self.streams_opened += 1
             if self._on_stream_open is not None:
@@ -291,4 +362,5 @@ class ParticipantCalls:
         for channel in self._channels:
             await channel.close()
         self._channels.clear()
+        self._channel_of.clear()
         self._stubs.clear()

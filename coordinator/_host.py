@@ -61,6 +61,9 @@ class CallTarget(Protocol):
     def attempted(self, method: Method) -> None:
         """Counts one more attempt of ``method``."""
 
+    def answered(self, method: Method, result: CallResult) -> None:
+        """One attempt of ``method`` ended with ``result`` (after :meth:`attempted`)."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CallPolicy:

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import accord.v1 as pb
 from accord.coordinator._host import CallPolicy
 from accord.coordinator._methods import Method
 from accord.coordinator._specs import StepSpec, step_to_pb
 from accord.coordinator._states import BranchState, TxnState
+
+if TYPE_CHECKING:
+    from accord.coordinator._calls import CallResult
 
 
 @dataclass(kw_only=True)
@@ -29,6 +32,9 @@ class BranchRt:
 
     def attempted(self, method: Method) -> None:
         self.attempts += 1
+
+    def answered(self, method: Method, result: CallResult) -> None:
+        return None
 
     def spec(self) -> pb.Branch:
         return pb.Branch(
@@ -71,6 +77,10 @@ class StepRt:
     span: Any = None
     #: The retry policies of the action and of the compensation (made on first use).
     policies: tuple[CallPolicy, CallPolicy] | None = None
+    #: Attempts of the action, in its current run, that may have reached the
+    #: participant: sent, or still in flight (1 for a start found in the WAL after a
+    #: restart: what it sent then is unknown). 0 when every one certainly was not sent.
+    reached: int = 0
 
     @property
     def service(self) -> str:
@@ -85,6 +95,11 @@ class StepRt:
             self.compensation_attempts += 1
         else:
             self.attempts += 1
+            self.reached += 1  # in flight: it may reach the participant
+
+    def answered(self, method: Method, result: CallResult) -> None:
+        if method is not Method.COMPENSATE and not result.sent:
+            self.reached -= 1
 
     def to_pb(self) -> pb.StepStatus:
         return pb.StepStatus(

@@ -14,7 +14,14 @@ CancelSaga, or the deadline) turns the saga to COMPENSATING.
 
 Backward: every step whose action was sent and not definitely refused (it may have taken
 effect) is compensated, a step only after every step that depends on it, in parallel
-where the DAG allows. A compensation that keeps failing past its policy leaves the saga
+where the DAG allows. A step none of whose attempts can have reached the participant
+(each failed before it was sent: no connection, no live instance, a stream that could
+not be opened; see ``_calls``) is recorded UNDELIVERED in its result record and not
+compensated: sending its compensation to the participant that could not be reached
+would only fail again and leave the saga STUCK. That record rides the group commit; if
+it is lost in a crash the restarted coordinator finds the step RUNNING, knows nothing of
+what was sent before, and compensates it (the participant's barrier makes a
+compensation whose action never arrived a recorded no-op). A compensation that keeps failing past its policy leaves the saga
 STUCK for an operator (RetryTransaction), never silently half-done. The same ``run``
 drives live sagas and sagas found unfinished in the WAL after a restart.
 """
@@ -48,6 +55,8 @@ DEFAULT_MAX_MS = 10_000
 
 #: The step may have taken effect: it must be compensated if the saga goes back.
 _MAY_HAVE_RUN = frozenset({BranchState.RUNNING, BranchState.SUCCEEDED, BranchState.COMPENSATING})
+#: The step ended without taking effect: run again once the saga only goes forward.
+_DID_NOT_RUN = frozenset({BranchState.FAILED, BranchState.UNDELIVERED})
 
 
 class SagaMode:
@@ -105,6 +114,7 @@ class SagaMode:
             pb.BRANCH_STATE_RUNNING,
             pb.BRANCH_STATE_SUCCEEDED,
             pb.BRANCH_STATE_FAILED,
+            pb.BRANCH_STATE_UNDELIVERED,
         ):
             step.attempts = max(step.attempts, rec.attempts)
         if rec.error:
@@ -138,7 +148,10 @@ class SagaMode:
             return None
         if isinstance(rec, pb.WalSagaStep):
             txn.rec_steps[rec.step] = rec
-            self.apply_step(txn.steps[rec.step], rec)
+            step = txn.steps[rec.step]
+            self.apply_step(step, rec)
+            if rec.state == pb.BRANCH_STATE_RUNNING:
+                step.reached = 1  # whatever the last life sent is unknown
             return txn, None
         assert isinstance(rec, pb.WalSagaState), rtype
         txn.rec_saga_state = rec
@@ -163,6 +176,7 @@ class SagaMode:
             attempts=step.attempts,
             error=error,
             result=result,
+            saga_state=int(txn.state),  # type: ignore[arg-type]
         )
         txn.rec_steps[step.index] = rec
         lsn = await self._host.append(RecordType.SAGA_STEP, rec, sync=sync, parent=step.span)
@@ -223,7 +237,7 @@ class SagaMode:
             if not failed and not txn.abort_requested.is_set():
                 pivot_done = self.pivot_done(txn)
                 for st in txn.steps:
-                    again = pivot_done and st.state == BranchState.FAILED
+                    again = pivot_done and st.state in _DID_NOT_RUN
                     if again:
                         tasks.pop(st.index, None)  # past the pivot: run it again
                     if st.index in tasks or not (
@@ -271,6 +285,13 @@ class SagaMode:
         if all(st.state == BranchState.SUCCEEDED for st in txn.steps):
             await self._host.transition(txn, TxnState.COMPLETED)
             return
+        if not failed and not txn.abort_requested.is_set():
+            # Resumed after a restart with a step that had already failed for good.
+            failed = [
+                f"step {st.spec.name} failed: {st.last_error}"
+                for st in txn.steps
+                if st.state in _DID_NOT_RUN
+            ]
         reason = failed[0] if failed else (txn.reason or "cancelled by the client")
         await self._host.transition(txn, TxnState.COMPENSATING, reason=reason)
 
@@ -281,6 +302,8 @@ class SagaMode:
             return await self._step_traced(txn, st)
 
     async def _step_traced(self, txn: Txn, st: StepRt) -> bool:
+        # A step RUNNING here was started before a restart: it may have been sent then.
+        st.reached = 1 if st.state == BranchState.RUNNING else 0
         await self.log_step(txn, st, BranchState.RUNNING, sync=True)
         await self._fp.acheck(Failpoint.BEFORE_STEP_SEND)
         # The pivot, and everything after it, must reach a definite answer.
@@ -290,7 +313,10 @@ class SagaMode:
         )
         await self._fp.acheck(Failpoint.AFTER_STEP_RESULT)
         if result is None:
-            return False  # attempts exhausted: outcome unknown, state stays RUNNING
+            if st.reached == 0:
+                await self._undelivered(txn, st, "attempts ran out")
+            # else: outcome unknown, the state stays RUNNING (compensated if need be)
+            return False
         if result.verdict == Verdict.OK:
             await self.log_step(txn, st, BranchState.SUCCEEDED, sync=False, result=result.result)
             return True
@@ -299,7 +325,23 @@ class SagaMode:
         await self.log_step(txn, st, BranchState.FAILED, sync=False, error=result.detail)
         return False
 
+    async def _undelivered(self, txn: Txn, st: StepRt, why: str) -> None:
+        """Records that no attempt of ``st``'s action can have reached the participant."""
+        error = f"not delivered ({why}; no attempt reached the participant): {st.last_error}"
+        log.info(
+            "event=saga_step_undelivered gid=%s step=%s attempts=%d why=%r",
+            txn.gid,
+            st.spec.name,
+            st.attempts,
+            st.last_error,
+        )
+        await self.log_step(txn, st, BranchState.UNDELIVERED, sync=False, error=error)
+
     async def _backward(self, txn: Txn) -> None:
+        for st in txn.steps:
+            # Stopped (cancel, deadline) between attempts none of which was sent.
+            if st.state == BranchState.RUNNING and st.reached == 0:
+                await self._undelivered(txn, st, "stopped")
         todo = {
             st.index
             for st in txn.steps

@@ -1,7 +1,12 @@
 """The coordinator's gRPC transport: handlers only translate between protobuf and the
 engine's plain values (``_specs``, the ``Txn`` model), and one table maps domain errors
 to status codes. Also the server's lifecycle:
-open the WAL, replay it, serve, resume unfinished transactions, stop gracefully."""
+open the WAL, replay it, serve, resume unfinished transactions, stop gracefully.
+
+SIGTERM/SIGINT stop it in every state (:func:`serve`): waiting for etcd, waiting as a
+standby for its shard, waiting for the WAL directory's lock, replaying, serving. The
+start-up is cancelled where it waits, and what it holds is given back (the shard's
+lease is revoked), so a stopped standby never takes its shard over."""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import asyncio
 import gc
 import logging
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -24,7 +28,8 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 
 import accord.v1 as pb
-from accord.common.exits import ExitCode
+from accord.common.exits import ExitCode, StartupError
+from accord.common.runner import stop_on_signals
 from accord.common.telemetry import Telemetry, incoming_context
 from accord.common.transport import TransportSettings, bind, make_server
 from accord.coordinator._calls import ParticipantCalls, Transport
@@ -40,6 +45,7 @@ from accord.coordinator._errors import (
     Unavailable,
 )
 from accord.coordinator._failpoints import Failpoints
+from accord.coordinator._feed import FeedHub, OutOfRange
 from accord.coordinator._specs import branch_from_pb, saga_from_pb
 from accord.coordinator._states import TxnState
 from accord.coordinator._telemetry import CoordinatorTelemetry
@@ -54,6 +60,7 @@ from accord.registry import (
     coordinator_value,
     dialable,
 )
+from accord.registry._etcd import DEFAULT_ETCD_WAIT_S
 from accord.registry._shard import Owner, ShardLease
 
 log = logging.getLogger("accord.coordinator")
@@ -102,9 +109,12 @@ async def _guard(
 
 
 class CoordinatorServicer(pb.CoordinatorServicer):
-    def __init__(self, engine: Engine, *, tracing: bool = False) -> None:
+    def __init__(
+        self, engine: Engine, *, tracing: bool = False, feed: FeedHub | None = None
+    ) -> None:
         self._e = engine
         self._traced = tracing
+        self._feed = feed
 
     async def Begin(self, request: pb.BeginRequest, context: Any) -> pb.BeginResponse:
         txn = await _guard(
@@ -212,6 +222,26 @@ class CoordinatorServicer(pb.CoordinatorServicer):
 
         return await _guard(context, run())
 
+    async def Subscribe(
+        self, request: pb.SubscribeRequest, context: Any
+    ) -> AsyncIterator[pb.SubscribeResponse]:
+        feed = self._feed
+        if feed is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server has no event feed")
+            return
+        stream = feed.stream(request.from_lsn, request.max_batch)
+        try:
+            async for response in stream:
+                yield response
+        except OutOfRange as e:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
+        except AccordError as e:
+            await context.abort(status_for(e), str(e))
+        finally:
+            await stream.aclose()
+        # The hub closed: the coordinator is stopping (resubscribe from the last LSN).
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is stopping")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
@@ -223,6 +253,8 @@ class ServerSettings:
     registration_ttl_s: int = DEFAULT_TTL_S
     #: After taking a shard over, how long to wait for the former owner's WAL lock.
     takeover_wait_s: float = 300.0
+    #: With etcd: how long to wait at start-up for etcd's first answer before giving up.
+    etcd_wait_s: float = DEFAULT_ETCD_WAIT_S
     #: Keep the WAL's SYNCED marker (chaos testing: lets a power loss be simulated).
     wal_sync_marker: bool = False
     #: How participant calls travel: one stream per participant address (``stream``),
@@ -232,6 +264,10 @@ class ServerSettings:
 
 #: Exit status of a coordinator that stopped because another one owns its shard now.
 EXIT_FENCED = ExitCode.FENCED
+
+
+class WalLockedStartupError(StartupError):
+    """The WAL directory is held by another coordinator (its pid in the message)."""
 
 
 def _fail_stop(exc: BaseException) -> None:
@@ -283,6 +319,8 @@ class CoordinatorServer:
         self.shard: ShardLease | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self._on_fenced = on_fenced
+        #: The event feed (Subscribe): made before the WAL opens, which feeds it.
+        self.feed: FeedHub | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -293,6 +331,8 @@ class CoordinatorServer:
         config = s.config
         if not config.advertise_address:
             config = replace(config, advertise_address=f"{host}:{self.port}")
+        if isinstance(self._registry, EtcdRegistry):
+            await self._registry.etcd.wait_reachable(s.etcd_wait_s)
         await self._registry.start()
         if isinstance(self._registry, EtcdRegistry):
             # The shard is owned through etcd: a standby waits here until the owner's
@@ -307,6 +347,7 @@ class CoordinatorServer:
             epoch = await self.shard.acquire(on_wait=self._on_standby)
             config = replace(config, epoch=epoch)
             self._watchers.append(asyncio.get_running_loop().create_task(self._watch_shard()))
+        self.feed = FeedHub(config.shard, s.wal_dir, telemetry=self.telemetry)
         wal, recovered = await self._open_wal()
         self._wal = wal
         for note in recovered.repaired:
@@ -331,7 +372,7 @@ class CoordinatorServer:
         )
         self.engine = engine
         pb.add_CoordinatorServicer_to_server(
-            CoordinatorServicer(engine, tracing=self.telemetry.tracing), server
+            CoordinatorServicer(engine, tracing=self.telemetry.tracing, feed=self.feed), server
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -376,6 +417,7 @@ class CoordinatorServer:
         directory's lock (a paused process holds it until it wakes and stops)."""
         s = self.settings
         deadline = asyncio.get_running_loop().time() + s.takeover_wait_s
+        waited = False
         while True:
             try:
                 return await WAL.open(
@@ -385,10 +427,26 @@ class CoordinatorServer:
                     on_fatal=self._on_fatal,
                     on_sync=self.telemetry.on_wal_sync,
                     sync_marker=s.wal_sync_marker,
+                    feed=self.feed,
                 )
-            except WalLockedError:
-                if self.shard is None or asyncio.get_running_loop().time() > deadline:
-                    raise
+            except WalLockedError as e:
+                if self.shard is None:
+                    # Static mode: nothing to wait for; another coordinator runs there.
+                    raise WalLockedStartupError(str(e)) from None
+                if asyncio.get_running_loop().time() > deadline:
+                    raise WalLockedStartupError(
+                        f"{e} (waited {s.takeover_wait_s:g} s after taking shard "
+                        f"{self.shard.shard} over)"
+                    ) from None
+                if not waited:
+                    waited = True
+                    log.warning(
+                        "event=wal_lock_wait shard=%s wal=%s (the former owner still holds "
+                        "it) error=%r",
+                        self.shard.shard,
+                        s.wal_dir,
+                        str(e),
+                    )
                 await asyncio.sleep(0.2)
 
     async def _watch_shard(self) -> None:
@@ -409,6 +467,7 @@ class CoordinatorServer:
             task.cancel()
         if self.registration is not None:
             await self.registration.close()
+        self._close_feed()
         if self._server is not None:
             await self._server.stop(self.settings.grace_s)
         if self.engine is not None:
@@ -420,6 +479,12 @@ class CoordinatorServer:
         if self.shard is not None:
             await self.shard.close()  # after the WAL is closed: a successor may open it
         await self._registry.close()
+
+    def _close_feed(self) -> None:
+        """Ends the Subscribe streams (UNAVAILABLE), so a stop does not wait out the
+        grace period for subscribers that would never leave on their own."""
+        if self.feed is not None:
+            self.feed.close()
 
     async def __aenter__(self) -> CoordinatorServer:
         try:
@@ -463,15 +528,13 @@ async def serve(
     registry: Registry | None = None,
     telemetry: Telemetry | None = None,
 ) -> None:
-    """Runs a coordinator until SIGTERM or SIGINT. Prints ``listening on HOST:PORT``.
-    The caller owns ``telemetry`` (and shuts it down after this returns)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with CoordinatorServer(settings, registry=registry, telemetry=telemetry) as srv:
+    """Runs a coordinator until SIGTERM or SIGINT, which stop it in any state (start-up
+    included: see the module's docstring); returns normally then. Prints ``listening on
+    HOST:PORT``. The caller owns ``telemetry`` (and shuts it down after this returns)."""
+    server = CoordinatorServer(settings, registry=registry, telemetry=telemetry)
+    async with stop_on_signals() as signalled, server as srv:
         host = settings.listen.rsplit(":", 1)[0]
         tune_gc()
         print(f"listening on {host}:{srv.port}", flush=True)
-        await stop.wait()
-        log.info("event=stopping cause=signal")
+        await asyncio.Event().wait()  # until a signal cancels this task
+    log.info("event=stopped cause=%s", signalled.signal or "return")

@@ -62,6 +62,9 @@ class BranchState(enum.IntEnum):
     COMPENSATING = pb.BRANCH_STATE_COMPENSATING
     COMPENSATED = pb.BRANCH_STATE_COMPENSATED
     SKIPPED = pb.BRANCH_STATE_SKIPPED
+    #: A saga step whose attempts ran out (or were stopped) with none able to have
+    #: reached the participant: it did not run, so nothing is compensated.
+    UNDELIVERED = pb.BRANCH_STATE_UNDELIVERED
 
 
 S = TxnState
@@ -85,7 +88,10 @@ TRANSITIONS: dict[tuple[TxnState, TxnState], str] = {
         S.RUNNING,
         S.COMPENSATING,
     ): "a step failed for good, CancelSaga, or the deadline, before the pivot",
-    (S.COMPENSATING, S.COMPENSATED): "every step that ran is compensated",
+    (
+        S.COMPENSATING,
+        S.COMPENSATED,
+    ): "every step that ran, or may have, is compensated (an UNDELIVERED one needs none)",
     (S.COMPENSATING, S.STUCK): "a compensation failed past its retry policy",
     (S.STUCK, S.COMPENSATING): "an operator's RetryTransaction",
 }

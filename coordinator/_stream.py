@@ -6,6 +6,7 @@ more than a branch call's own work; a stream pays that per batch. Per address, o
 :class:`ParticipantStream`:
 
 - is opened lazily (by :class:`~accord.coordinator._calls.ParticipantCalls`, on the first call);
+  its writer sends nothing until ``connect`` says the channel is connected;
 - queues each call with a future and its deadline; a writer task sends everything
   queued since its last write as one batch (all calls made in one event-loop tick go
   out together), a batch being cut at about ``BATCH_BYTES``;
@@ -15,6 +16,10 @@ more than a branch call's own work; a stream pays that per batch. Per address, o
 - when the stream breaks (the participant died, restarted, shut down), fails every call
   pending on it as UNAVAILABLE, so the engine's ordinary retry and failover apply, and
   is never used again: the next call opens a new stream;
+- knows which calls were never handed to the stream (queued while it was being opened,
+  or behind a write that failed): those fail with :class:`CallNotSent` instead, since
+  they cannot have reached the participant; a call whose deadline passes while it is
+  still queued is taken out of its batch first, so it never goes out later;
 - when the participant answers UNIMPLEMENTED (it has no ``Stream``), fails every
   pending call with :class:`StreamUnsupported`, which the caller turns into unary calls.
 
@@ -26,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc import aio
@@ -55,6 +60,16 @@ class StreamUnsupported(Exception):
     """The participant has no ``Stream`` (it answered UNIMPLEMENTED)."""
 
 
+class CallNotSent(Exception):
+    """The call failed before it was handed to the stream (the stream could not be
+    opened, or broke first): it cannot have reached the participant."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class ParticipantStream:
     """One open ``Stream`` to ``address``; see the module docstring. Make it inside a
     running event loop; :meth:`close` when done."""
@@ -65,7 +80,12 @@ class ParticipantStream:
         address: str,
         *,
         on_unsupported: Callable[[ParticipantStream], None] | None = None,
+        connect: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
+        """``connect``: waits until the channel is connected; None when it is, else why
+        it cannot be (the stream then ends with every call not sent). Without it the
+        first batch is written at once (gRPC holds it until a connection is made, so a
+        failure then cannot tell whether it went out)."""
         self.address = address
         #: Why the stream ended (None while it works). A broken stream takes no calls.
         self.broken: str | None = None
@@ -74,12 +94,15 @@ class ParticipantStream:
         self.batches_sent = 0
         self.calls_sent = 0
         self._on_unsupported = on_unsupported
+        self._connect = connect
         self._loop = asyncio.get_running_loop()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[pb.BatchedResult]] = {}
         self._batch = pb.BranchBatch()
         self._batch_bytes = 0
         self._full: list[pb.BranchBatch] = []
+        #: Ids of the calls queued in ``_batch`` or ``_full``: not handed to the stream.
+        self._unsent: set[int] = set()
         self._wake = asyncio.Event()
         self._call: aio.StreamStreamCall = stub.Stream()
         self._reader = self._loop.create_task(self._read())
@@ -104,7 +127,7 @@ class ParticipantStream:
         if self.unsupported:
             raise StreamUnsupported(self.address)
         if self.broken is not None:
-            return self._failure(grpc.StatusCode.UNAVAILABLE, self.broken)
+            raise CallNotSent(grpc.StatusCode.UNAVAILABLE, self.broken)
         call_id = next(self._ids)
         size = len(request.payload) + _CALL_OVERHEAD
         if self._batch_bytes and self._batch_bytes + size > BATCH_BYTES:
@@ -113,6 +136,7 @@ class ParticipantStream:
             self._batch_bytes = 0
         self._batch_bytes += size
         entry = self._batch.calls.add(id=call_id, method=method, request=request)
+        self._unsent.add(call_id)
         if trace:
             tc = entry.request.trace_context
             for key, value in trace:
@@ -129,13 +153,35 @@ class ParticipantStream:
 
     def _expire(self, call_id: int, timeout_s: float) -> None:
         fut = self._pending.pop(call_id, None)
-        if fut is not None and not fut.done():
-            fut.set_result(
-                self._failure(
+        if fut is None or fut.done():
+            return
+        if self._unqueue(call_id):
+            fut.set_exception(
+                CallNotSent(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"no answer within {timeout_s:.3g} s on the stream",
+                    f"not sent within {timeout_s:.3g} s: the stream to {self.address} was not open",
                 )
             )
+            return
+        fut.set_result(
+            self._failure(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer within {timeout_s:.3g} s on the stream",
+            )
+        )
+
+    def _unqueue(self, call_id: int) -> bool:
+        """Takes a call not yet handed to the stream out of its batch; False when it was
+        handed over already."""
+        if call_id not in self._unsent:
+            return False
+        self._unsent.discard(call_id)
+        for batch in (self._batch, *self._full):
+            for i, entry in enumerate(batch.calls):
+                if entry.id == call_id:
+                    del batch.calls[i]
+                    return True
+        raise AssertionError(f"call {call_id} queued but in no batch")  # pragma: no cover
 
     @staticmethod
     def _failure(code: grpc.StatusCode, message: str) -> pb.BatchedResult:
@@ -144,6 +190,11 @@ class ParticipantStream:
     async def _write(self) -> None:
         call = self._call
         try:
+            if self._connect is not None:
+                why = await self._connect()
+                if why is not None:
+                    self._break(f"not opened: {why}")
+                    return
             while True:
                 await self._wake.wait()
                 # One more loop iteration: the callers woken by the same event (a result
@@ -156,7 +207,13 @@ class ParticipantStream:
                     self._batch = pb.BranchBatch()
                     self._batch_bytes = 0
                 self._full = []
+                unsent = self._unsent
                 for batch in batches:
+                    for entry in batch.calls:
+                        unsent.discard(entry.id)
+                for batch in batches:
+                    if not batch.calls:
+                        continue  # its calls expired before it was written
                     await call.write(batch)
                     self.batches_sent += 1
                     self.calls_sent += len(batch.calls)
@@ -215,8 +272,13 @@ class ParticipantStream:
                 "event=stream_broken address=%s pending=%d why=%s", self.address, len(pending), why
             )
         failure = self._failure(grpc.StatusCode.UNAVAILABLE, self.broken)
-        for fut in pending.values():
-            if not fut.done():
+        unsent, self._unsent = self._unsent, set()
+        for call_id, fut in pending.items():
+            if fut.done():
+                continue
+            if call_id in unsent:
+                fut.set_exception(CallNotSent(grpc.StatusCode.UNAVAILABLE, self.broken))
+            else:
                 fut.set_result(failure)
         self._stop_tasks()
 

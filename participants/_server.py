@@ -1,13 +1,15 @@
 """Serving a participant: the gRPC server (Participant service, health checking,
 reflection, and any extra services such as an admin API on the same port), the store
 and the in-doubt resolver, started and stopped together. Signals are handled in one
-place, :func:`serve`."""
+place, :func:`serve`: SIGTERM/SIGINT stop a participant in any state, including while it
+waits for its database or for etcd at start-up."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import signal
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import accord.v1 as pb
+from accord.common.runner import stop_on_signals
 from accord.common.telemetry import Telemetry
 from accord.common.transport import TransportSettings, bind, make_server
 from accord.participants._app import Participant, ParticipantApp
-from accord.participants._backend import Backend, SqliteBackend, open_backend
+from accord.participants._backend import (
+    Backend,
+    BackendStartError,
+    SqliteBackend,
+    open_backend,
+)
 from accord.participants._resolver import InDoubtResolver
 from accord.participants._service import ParticipantService
 from accord.participants._servicer import DEFAULT_STREAM_MAX_INFLIGHT, ParticipantServicer
@@ -37,6 +45,7 @@ from accord.registry import (
     service_key,
     service_value,
 )
+from accord.registry._etcd import DEFAULT_ETCD_WAIT_S
 
 log = logging.getLogger("accord.participant")
 
@@ -60,6 +69,8 @@ class Announce:
     ttl_s: int = DEFAULT_TTL_S
     #: The address others should dial; defaults to the bound address.
     advertise: str = ""
+    #: How long to wait at start-up for etcd's first answer before giving up.
+    etcd_wait_s: float = DEFAULT_ETCD_WAIT_S
 
 
 class ParticipantServer:
@@ -150,7 +161,20 @@ class ParticipantServer:
         if self._state != "new":
             raise RuntimeError(f"participant server already {self._state}")
         self._state = "starting"
-        await self.service.open()
+        try:
+            await self.service.open()
+        except BaseException as e:
+            self._state = "stopped"
+            with contextlib.suppress(Exception):
+                await self.service.close()  # whatever the open started (threads, a pool)
+            if isinstance(e, OSError | sqlite3.DatabaseError):
+                # A path that cannot be a database (a directory, a file that is not
+                # SQLite, a parent that is a file): one line saying which; the details
+                # at debug level.
+                log.debug("event=db_open_failed", exc_info=True)
+                reason = _reason(e)
+                raise BackendStartError(f"database {self.backend.location}: {reason}") from None
+            raise
         try:
             server, settings = make_server(self._transport, options=self._server_options)
             pb.add_ParticipantServicer_to_server(self._servicer, server)
@@ -162,8 +186,6 @@ class ParticipantServer:
                 [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
             )
             self._port = bind(server, self.listen, settings)
-            if not self._port:
-                raise OSError(f"cannot listen on {self.listen}")
             await server.start()
             self._server = server
             for name in ["", *names]:
@@ -193,7 +215,7 @@ class ParticipantServer:
         address = dialable(announce.advertise or self.address)
         instance = announce.instance_id or f"{name}-{address.replace(':', '-')}"
         self._etcd = Etcd(announce.etcd)
-        await self._etcd.connect()
+        await self._etcd.wait_reachable(announce.etcd_wait_s)
         self.registration = Registration(
             self._etcd,
             service_key(name, instance),
@@ -283,15 +305,13 @@ async def serve(
     announce: Announce | None = None,
     telemetry: Telemetry | None = None,
 ) -> None:
-    """Serves until SIGTERM or SIGINT, then stops gracefully. ``ready`` is called once
-    the server accepts calls (e.g. to print the bound address)."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with ParticipantServer(
+    """Serves until SIGTERM or SIGINT, then stops gracefully; a signal during start-up
+    (opening the database, waiting for etcd) stops it as promptly, and it returns
+    normally. ``ready`` is called once the server accepts calls (e.g. to print the
+    bound address)."""
+    async with (
+        stop_on_signals(),
+        ParticipantServer(
             logic,
             db=db,
             listen=listen,
@@ -303,11 +323,14 @@ async def serve(
             services=services,
             announce=announce,
             telemetry=telemetry,
-        ) as server:
-            if ready is not None:
-                ready(server)
-            await stop.wait()
-            log.info("event=signal service=%s action=graceful_stop", server.service.service)
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+        ) as server,
+    ):
+        if ready is not None:
+            ready(server)
+        await asyncio.Event().wait()  # until a signal cancels this task
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e)

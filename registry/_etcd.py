@@ -7,6 +7,12 @@ protos collide), so every etcd call in Accord goes through this module.
 
 How the pieces behave when etcd misbehaves:
 
+- At start-up, :meth:`Etcd.wait_reachable` waits for etcd's first answer for at most
+  ``wait_s`` seconds (``--etcd-wait-s``, default :data:`DEFAULT_ETCD_WAIT_S`), warning at
+  most every :data:`WARN_EVERY_S`, then gives up with one line
+  (:class:`EtcdUnreachableError`): a wrong ``--etcd`` is reported, not retried for ever.
+  Once etcd has answered, an outage is ridden out as below.
+
 - :class:`Registration` grants a lease, puts its key on it, and renews the lease every
   TTL/3. If a renewal says the lease is gone (etcd lost it, an operator revoked it, the
   process was paused past its TTL) it grants a new one and puts the key again; while
@@ -36,6 +42,7 @@ from urllib.parse import urlsplit
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
 
+from accord.common.exits import StartupError
 from accord.registry._base import Instance
 
 log = logging.getLogger("accord.registry")
@@ -51,7 +58,46 @@ DEFAULT_TTL_S = 5
 #: Deadline of one etcd request made by the registry.
 REQUEST_TIMEOUT_S = 2.0
 
+#: How long a process waits at start-up for etcd's first answer before giving up.
+DEFAULT_ETCD_WAIT_S = 30.0
+#: While waiting for etcd (or for a shard), at most one warning this often.
+WARN_EVERY_S = 5.0
+
 _ERRORS = (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError)
+
+#: Answers that mean "this is not (our) etcd": waiting longer will not help.
+_NOT_ETCD = (
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
+
+
+class EtcdUnreachableError(StartupError, ConnectionError):
+    """etcd did not answer at start-up within the wait allowed (or answered, but not as
+    an etcd Accord can use)."""
+
+
+class Throttle:
+    """``if throttle.ready(): log...``: true at most once every ``every_s`` seconds."""
+
+    def __init__(self, every_s: float = WARN_EVERY_S) -> None:
+        self.every_s = every_s
+        self._last: float | None = None
+        #: Calls refused since the last one allowed (to say "N more" in the next line).
+        self.skipped = 0
+
+    def ready(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if self._last is not None and now - self._last < self.every_s:
+            self.skipped += 1
+            return False
+        self._last = now
+        return True
+
+    def take_skipped(self) -> int:
+        n, self.skipped = self.skipped, 0
+        return n
 
 
 def parse_endpoints(url: str) -> list[str]:
@@ -105,6 +151,56 @@ class Etcd:
         if self._connected:
             self._connected = False
             await self._client.close()
+
+    async def wait_reachable(
+        self,
+        wait_s: float = DEFAULT_ETCD_WAIT_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Returns once etcd answers a read (connecting first if needed); raises
+        :class:`EtcdUnreachableError` after ``wait_s`` seconds without an answer, or at
+        once when the answer says this is not an etcd we can use. Logs at most one
+        warning every :data:`WARN_EVERY_S` seconds meanwhile."""
+        await self.connect()
+        kv = self._client.kv
+        assert kv is not None
+        start = clock()
+        throttle = Throttle()
+        while True:
+            left = wait_s - (clock() - start)
+            try:
+                await kv.get(
+                    ROOT + "ping",
+                    timeout=max(0.1, min(REQUEST_TIMEOUT_S, left)),
+                    max_attempts=1,
+                    keys_only=True,
+                )
+            except asyncio.CancelledError:
+                raise
+            except _ERRORS as e:
+                if isinstance(e, grpc.aio.AioRpcError) and e.code() in _NOT_ETCD:
+                    raise EtcdUnreachableError(
+                        f"etcd at {self.url} refused Accord: {_short(e)}"
+                    ) from None
+                waited = clock() - start
+                if waited >= wait_s:
+                    raise EtcdUnreachableError(
+                        f"etcd at {self.url} unreachable for {wait_s:g} s: {_why(e)}"
+                    ) from None
+                if throttle.ready(clock()):
+                    log.warning(
+                        "event=etcd_waiting etcd=%s waited_s=%.0f gives_up_after_s=%g error=%r",
+                        self.url,
+                        waited,
+                        wait_s,
+                        _why(e),
+                    )
+                await asyncio.sleep(min(0.5, max(0.0, wait_s - waited)))
+                continue
+            if throttle.take_skipped() or clock() - start > 1:
+                log.info("event=etcd_reachable etcd=%s after_s=%.1f", self.url, clock() - start)
+            return
 
     async def __aenter__(self) -> Etcd:
         await self.connect()
@@ -597,3 +693,11 @@ def _short(e: BaseException) -> str:
     if isinstance(e, grpc.aio.AioRpcError):
         return f"{e.code().name}: {e.details()}"
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _why(e: BaseException) -> str:
+    """:func:`_short` without etcd3aio's wrapping ("EtcdConnectionError: KV.Range failed
+    after 1 attempts: ...")."""
+    text = _short(e)
+    _, found, rest = text.partition(" attempts: ")
+    return rest if found else text

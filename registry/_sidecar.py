@@ -7,6 +7,9 @@ its own, so a hung target counts as down). SERVING registers the target under
 ``/accord/v1/services/<service>/<instance>`` on a lease; anything else (NOT_SERVING, an
 error, no answer) revokes the lease at once. If the sidecar itself dies, the lease ends
 within its TTL. Either way the key is gone within one TTL of the target going down.
+
+At start it waits for etcd's first answer for at most ``etcd_wait_s`` seconds, then
+gives up (:class:`~accord.registry._etcd.EtcdUnreachableError`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,15 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from accord.common.transport import TransportSettings, make_channel
-from accord.registry._etcd import DEFAULT_TTL_S, Etcd, Registration, service_key, service_value
+from accord.common.transport import TransportSettings, make_channel, parse_address
+from accord.registry._etcd import (
+    DEFAULT_ETCD_WAIT_S,
+    DEFAULT_TTL_S,
+    Etcd,
+    Registration,
+    service_key,
+    service_value,
+)
 
 log = logging.getLogger("accord.registry.sidecar")
 
@@ -38,6 +48,8 @@ class SidecarSettings:
     operations: tuple[str, ...] = ()
     ttl_s: int = DEFAULT_TTL_S
     interval_s: float = 1.0
+    #: How long to wait at start for etcd's first answer before giving up.
+    etcd_wait_s: float = DEFAULT_ETCD_WAIT_S
 
     @property
     def key(self) -> str:
@@ -46,11 +58,13 @@ class SidecarSettings:
 
 
 class Sidecar:
-    """``await Sidecar(settings).run(stop)`` until ``stop`` is set; then deregisters."""
+    """``await Sidecar(settings).run(stop)`` until ``stop`` is set (or the task is
+    cancelled); then deregisters."""
 
     def __init__(self, settings: SidecarSettings, *, transport: TransportSettings | None = None):
         if settings.interval_s <= 0:
             raise ValueError("interval must be > 0")
+        parse_address(settings.target)  # AddressError (a ValueError) when malformed
         self.settings = settings
         self._transport = transport
         self.registration: Registration | None = None
@@ -75,6 +89,7 @@ class Sidecar:
         stub = health_pb2_grpc.HealthStub(channel)
         async with Etcd(s.etcd) as etcd:
             try:
+                await etcd.wait_reachable(s.etcd_wait_s)
                 while not stop.is_set():
                     status = await self.check(stub)
                     if status != self.status:

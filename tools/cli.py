@@ -19,7 +19,7 @@ from rich.table import Table
 from accord.common import runner
 from accord.common.exits import ExitCode
 from accord.common.logs import LogFormat, LogLevel
-from accord.tools._choices import Fault, LoadMode, ParticipantDb
+from accord.tools._choices import FAULT_HELP, Fault, LoadMode, ParticipantDb, TxnStateChoice
 
 app = typer.Typer(
     name="accord",
@@ -79,13 +79,19 @@ DEFAULT_FAULTS = Faults((Fault.KILL_COORDINATOR, Fault.KILL_PARTICIPANT))
 
 
 def fail(message: str, code: ExitCode = ExitCode.FAILURE) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """``error: MESSAGE`` on stderr, one line; the exit to raise."""
+    from rich.markup import escape  # a message may quote user input: never markup
+
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
 LogLevelOpt = Annotated[
     LogLevel, typer.Option(envvar="ACCORD_LOG_LEVEL", case_sensitive=False, help="log level")
 ]
+# No environment variable: an output format chosen per invocation (an exported one would
+# change what every script reading another command's output gets).
+JsonOut = Annotated[bool, typer.Option("--json", help="print JSON")]
 RegistryEtcd = Annotated[
     str,
     typer.Option(
@@ -96,6 +102,15 @@ RegistryEtcd = Annotated[
 ]
 LeaseTtl = Annotated[
     int, typer.Option("--ttl", envvar="ACCORD_TTL_S", help="lease TTL of the registration (s)")
+]
+EtcdWait = Annotated[
+    float,
+    typer.Option(
+        "--etcd-wait-s",
+        envvar="ACCORD_ETCD_WAIT_S",
+        min=0,
+        help="at start-up, give up (exit 1) if etcd has not answered within this many seconds",
+    ),
 ]
 LogFormatOpt = Annotated[
     LogFormat, typer.Option(envvar="ACCORD_LOG_FORMAT", case_sensitive=False, help="log format")
@@ -177,6 +192,7 @@ def coordinator(
     checkpoint_every: Annotated[int, typer.Option(envvar="ACCORD_CHECKPOINT_EVERY")] = 100_000,
     segment_bytes: Annotated[int, typer.Option(envvar="ACCORD_SEGMENT_BYTES")] = 64 * 1024 * 1024,
     etcd: RegistryEtcd = "",
+    etcd_wait_s: EtcdWait = 30.0,
     ttl: LeaseTtl = 5,
     advertise: Annotated[
         str,
@@ -203,7 +219,9 @@ def coordinator(
     metrics_listen: MetricsListen = "",
     trace_console: TraceConsole = False,
 ) -> None:
-    """Run a coordinator: replay its WAL, finish what was unfinished, serve."""
+    """Run a coordinator: replay its WAL, finish what was unfinished, serve. SIGTERM or
+    SIGINT stops it (exit 0) in any state, a standby's wait for its shard included."""
+    from accord.common.exits import StartupError
     from accord.common.gid import check_shard_name
     from accord.coordinator import (
         CoordinatorConfig,
@@ -245,12 +263,15 @@ def coordinator(
         wal_dir=wal_dir,
         config=config,
         registration_ttl_s=ttl,
+        etcd_wait_s=etcd_wait_s,
         wal_sync_marker=wal_sync_marker,
         participant_transport=Transport(participant_transport.value),
     )
     telemetry = setup_telemetry("accord-coordinator", trace_console, metrics_listen)
     try:
         runner.run(serve(settings, registry=registry, telemetry=telemetry))
+    except StartupError as e:  # expected (port in use, etcd unreachable...): one line
+        raise fail(str(e), e.code) from None
     except Exception as e:  # one line, non-zero: the log has the details
         log.exception("event=coordinator_failed")
         raise fail(f"coordinator: {e}") from None
@@ -271,12 +292,18 @@ Advertise = Annotated[
 ]
 
 
-def _announce(etcd: str, instance_id: str, ttl: int, advertise: str) -> Any:
+def _announce(etcd: str, instance_id: str, ttl: int, advertise: str, etcd_wait_s: float) -> Any:
     from accord.participants import Announce
 
     if not etcd:
         return None
-    return Announce(etcd=etcd, instance_id=instance_id, ttl_s=ttl, advertise=advertise)
+    return Announce(
+        etcd=etcd,
+        instance_id=instance_id,
+        ttl_s=ttl,
+        advertise=advertise,
+        etcd_wait_s=etcd_wait_s,
+    )
 
 
 @participant_app.command("bank")
@@ -325,6 +352,7 @@ def participant_bank(
         ),
     ] = 2.0,
     etcd: RegistryEtcd = "",
+    etcd_wait_s: EtcdWait = 30.0,
     instance_id: InstanceId = "",
     ttl: LeaseTtl = 5,
     advertise: Advertise = "",
@@ -335,6 +363,7 @@ def participant_bank(
 ) -> None:
     """Run the bank participant (accounts in SQLite or PostgreSQL; debit, credit,
     balance)."""
+    from accord.common.exits import StartupError
     from accord.participants import BackendStartError
     from accord.participants.bank import serve_bank
 
@@ -351,12 +380,14 @@ def participant_bank(
                 in_doubt_after_s=in_doubt_after_s,
                 grace_s=grace,
                 lock_timeout_s=lock_timeout_s,
-                announce=_announce(etcd, instance_id, ttl, advertise),
+                announce=_announce(etcd, instance_id, ttl, advertise, etcd_wait_s),
                 telemetry=telemetry,
             )
         )
     except BackendStartError as e:  # a set-up mistake: its one line says what to fix
         raise fail(f"participant: {e}") from None
+    except StartupError as e:  # expected (port in use, etcd unreachable...): one line
+        raise fail(str(e), e.code) from None
     except Exception as e:
         log.exception("event=participant_failed service=%s", service)
         raise fail(f"participant: {e}") from None
@@ -370,7 +401,7 @@ def participant_pending(
         str,
         typer.Option(envvar="ACCORD_DB", help="the participant's SQLite file or postgresql:// URL"),
     ],
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: JsonOut = False,
 ) -> None:
     """List the branches a participant holds prepared: gid, branch, age, and the
     coordinator its in-doubt resolver will ask about each."""
@@ -424,6 +455,7 @@ def _trip_command(kind: str) -> None:
         ] = None,
         in_doubt_after_s: Annotated[float, typer.Option(envvar="ACCORD_IN_DOUBT_AFTER_S")] = 10.0,
         etcd: RegistryEtcd = "",
+        etcd_wait_s: EtcdWait = 30.0,
         instance_id: InstanceId = "",
         ttl: LeaseTtl = 5,
         advertise: Advertise = "",
@@ -432,6 +464,8 @@ def _trip_command(kind: str) -> None:
         metrics_listen: MetricsListen = "",
         trace_console: TraceConsole = False,
     ) -> None:
+        from accord.common.exits import StartupError
+        from accord.participants import BackendStartError
         from accord.participants.trip import serve_trip
 
         setup_logging(log_level, log_format)
@@ -444,10 +478,14 @@ def _trip_command(kind: str) -> None:
                     db,
                     fail_cities=fail_city or (),
                     in_doubt_after_s=in_doubt_after_s,
-                    announce=_announce(etcd, instance_id, ttl, advertise),
+                    announce=_announce(etcd, instance_id, ttl, advertise, etcd_wait_s),
                     telemetry=telemetry,
                 )
             )
+        except BackendStartError as e:
+            raise fail(f"participant: {e}") from None
+        except StartupError as e:  # expected (port in use, etcd unreachable...): one line
+            raise fail(str(e), e.code) from None
         except Exception as e:
             log.exception("event=participant_failed service=%s", kind)
             raise fail(f"participant: {e}") from None
@@ -488,6 +526,7 @@ def sidecar(
         typer.Option(envvar="ACCORD_OPERATIONS", help="operation to advertise (repeatable)"),
     ] = None,
     ttl: LeaseTtl = 5,
+    etcd_wait_s: EtcdWait = 30.0,
     interval_s: Annotated[
         float, typer.Option(envvar="ACCORD_INTERVAL_S", help="health check period (s)")
     ] = 1.0,
@@ -496,8 +535,8 @@ def sidecar(
 ) -> None:
     """Keep a participant that does not embed the SDK registered in etcd while its gRPC
     health status is SERVING (the sidecar pattern)."""
-    import signal
-
+    from accord.common.exits import StartupError
+    from accord.common.runner import stop_on_signals
     from accord.registry import Sidecar, SidecarSettings
 
     setup_logging(log_level, log_format)
@@ -512,21 +551,23 @@ def sidecar(
             operations=tuple(operation or ()),
             ttl_s=ttl,
             interval_s=interval_s,
+            etcd_wait_s=etcd_wait_s,
         )
         car = Sidecar(settings)
+    except StartupError as e:  # a malformed --target
+        raise fail(str(e), e.code) from None
     except ValueError as e:
         raise fail(str(e)) from None
 
     async def go() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        print(f"sidecar watching {target} for service {service}", flush=True)
-        await car.run(stop)
+        async with stop_on_signals():  # a signal cancels the run: it deregisters
+            print(f"sidecar watching {target} for service {service}", flush=True)
+            await car.run(asyncio.Event())
 
     try:
         runner.run(go())
+    except StartupError as e:  # expected (etcd unreachable, ...): one line
+        raise fail(str(e), e.code) from None
     except Exception as e:
         log.exception("event=sidecar_failed service=%s", service)
         raise fail(f"sidecar: {e}") from None
@@ -537,7 +578,6 @@ def sidecar(
 Coordinator = Annotated[
     str, typer.Option("--coordinator", "-c", envvar="ACCORD_COORDINATOR", help="host:port")
 ]
-JsonOut = Annotated[bool, typer.Option("--json", help="print JSON")]
 EtcdUrl = Annotated[
     str,
     typer.Option(
@@ -548,6 +588,24 @@ EtcdUrl = Annotated[
         "each gid sent to its own shard",
     ),
 ]
+# No environment variable: a key names one transaction for good, so an exported key
+# would turn every later command into a replay of the first one.
+IdempotencyKey = Annotated[
+    str,
+    typer.Option(
+        help="names this transaction for good: a retry with the same key gets the same "
+        "transaction (also an aborted one; a new attempt needs a new key)"
+    ),
+]
+TimeoutMs = Annotated[
+    int,
+    typer.Option(
+        envvar="ACCORD_TXN_TIMEOUT_MS",
+        help="the transaction's deadline in ms (0: the coordinator's default)",
+    ),
+]
+# No environment variable: a reason belongs to one request.
+Reason = Annotated[str, typer.Option(help="why (kept with the transaction)")]
 
 
 def _client_call(address: str, etcd: str, fn: Any) -> Any:
@@ -581,10 +639,16 @@ def _print_txn(result: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result.to_dict()))
         return
+    # Every column folds rather than cuts: an id is shown in full at any width.
+    console.print(
+        f"{'saga' if result.steps else 'transaction'} {result.gid}  state: "
+        f"[bold]{result.state}[/bold]" + (f"  reason: {result.reason}" if result.reason else ""),
+        soft_wrap=True,
+    )
     if result.steps:
-        steps = Table(title=f"saga {result.gid}", show_header=True)
+        steps = Table(show_header=True)
         for col in ("step", "target", "action", "state", "attempts", "last error"):
-            steps.add_column(col)
+            steps.add_column(col, overflow="fold")
         for st in result.steps:
             steps.add_row(
                 st.name,
@@ -594,26 +658,34 @@ def _print_txn(result: Any, as_json: bool) -> None:
                 f"{st.attempts}+{st.compensation_attempts}",
                 st.last_error,
             )
-        console.print(
-            f"state: [bold]{result.state}[/bold]"
-            + (f"  reason: {result.reason}" if result.reason else "")
-        )
         console.print(steps)
         return
-    table = Table(title=f"transaction {result.gid}", show_header=True)
-    table.add_column("branch")
-    table.add_column("target")
-    table.add_column("operation")
-    table.add_column("state")
+    if not result.branches:
+        return
+    table = Table(show_header=True)
+    for col in ("branch", "target", "operation", "state"):
+        table.add_column(col, overflow="fold")
     table.add_column("attempts", justify="right")
     for b in result.branches:
         table.add_row(b.branch_id, b.address, b.operation, b.state, str(b.attempts))
-    console.print(
-        f"state: [bold]{result.state}[/bold]"
-        + (f"  reason: {result.reason}" if result.reason else "")
-    )
-    if result.branches:
-        console.print(table)
+    console.print(table)
+
+
+#: The states after which an idempotency key names a transaction that did not do its work.
+_FAILED_STATES = frozenset({"ABORTING", "ABORTED", "COMPENSATING", "COMPENSATED", "STUCK"})
+
+
+def _note_spent_key(result: Any, key: str) -> None:
+    """An idempotency key names its first transaction for good, an aborted one too (as
+    Stripe's keys do): say so when that transaction failed, since retrying with the same
+    key only returns this outcome again."""
+    key = key or result.idempotency_key
+    if key and result.state in _FAILED_STATES:
+        print(
+            f"note: idempotency key {key} now names this aborted transaction; "
+            "a new attempt needs a new key",
+            file=sys.stderr,
+        )
 
 
 def _branch(spec: str) -> Any:
@@ -624,7 +696,9 @@ def _branch(spec: str) -> Any:
     op, _, payload = rest.partition(":")
     if not sep or not target or not op:
         raise fail(
-            f"branch {spec!r}: expected SERVICE/OPERATION[:PAYLOAD] or HOST:PORT/OPERATION[:PAYLOAD]"
+            f"branch {spec!r}: expected SERVICE/OPERATION[:PAYLOAD] or "
+            "HOST:PORT/OPERATION[:PAYLOAD]",
+            code=ExitCode.USAGE,
         )
     if ":" in target:
         return Branch(address=target, operation=op, payload=payload.encode())
@@ -635,11 +709,11 @@ def _branch(spec: str) -> Any:
 def txn_begin(
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
-    timeout_ms: int = 0,
-    idempotency_key: str = "",
+    timeout_ms: TimeoutMs = 0,
+    idempotency_key: IdempotencyKey = "",
     as_json: JsonOut = False,
 ) -> None:
-    """Begin an interactive 2PC transaction; prints its gid."""
+    """Begin an interactive 2PC transaction; prints its gid (one line, nothing else)."""
     tx = _client_call(
         coordinator, etcd, lambda c: c.begin(timeout_ms=timeout_ms, idempotency_key=idempotency_key)
     )
@@ -654,10 +728,11 @@ def txn_enlist(
     ],
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
-    branch_id: str = "",
+    # No environment variable: a branch id belongs to one branch of one transaction.
+    branch_id: Annotated[str, typer.Option(help="the branch's id (default: b1, b2, ...)")] = "",
     as_json: JsonOut = False,
 ) -> None:
-    """Enlist a branch in an ACTIVE transaction."""
+    """Enlist a branch in an ACTIVE transaction; prints the branch id."""
     from dataclasses import replace
 
     b = replace(_branch(branch), branch_id=branch_id)
@@ -676,6 +751,7 @@ def txn_commit(
     result = _client_call(coordinator, etcd, lambda c: c.commit(gid))
     _print_txn(result, as_json)
     if not result.committed:
+        _note_spent_key(result, "")
         raise typer.Exit(ExitCode.FAILURE)
 
 
@@ -684,7 +760,7 @@ def txn_abort(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
-    reason: str = "",
+    reason: Reason = "",
     as_json: JsonOut = False,
 ) -> None:
     """Abort a transaction that is not decided yet."""
@@ -696,8 +772,8 @@ def txn_execute(
     branches: Annotated[list[str], typer.Argument(help="SERVICE/OPERATION[:PAYLOAD] ...")],
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
-    idempotency_key: str = "",
-    timeout_ms: int = 0,
+    idempotency_key: IdempotencyKey = "",
+    timeout_ms: TimeoutMs = 0,
     as_json: JsonOut = False,
 ) -> None:
     """Begin + enlist + commit in one call. Exit 1 if it aborted."""
@@ -709,42 +785,101 @@ def txn_execute(
     )
     _print_txn(result, as_json)
     if not result.committed:
+        _note_spent_key(result, idempotency_key)
         raise typer.Exit(ExitCode.FAILURE)
+
+
+def _saga_steps(file: Path) -> tuple[list[Any], int]:
+    """The steps and timeout of a saga file; one line saying what is wrong otherwise."""
+    from accord.client import SagaStep
+
+    def bad(problem: str) -> typer.Exit:
+        return fail(f"saga file {file}: {problem}", code=ExitCode.USAGE)
+
+    try:
+        text = file.read_text()
+    except OSError as e:
+        raise bad(e.strerror or str(e)) from None
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise bad(f"not JSON ({e})") from None
+    shape = '{"steps": [{"name", "service", "action", "compensation", ...}, ...]}'
+    if not isinstance(doc, dict):
+        raise bad(f"the top level is a JSON {type(doc).__name__}; expected an object {shape}")
+    steps = doc.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise bad(f'"steps" must be a non-empty list: {shape}')
+    timeout_ms = doc.get("timeout_ms", 0)
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms < 0:
+        raise bad(f'"timeout_ms" must be a whole number >= 0, not {timeout_ms!r}')
+    out = []
+    for i, d in enumerate(steps, 1):
+        if not isinstance(d, dict):
+            raise bad(f"step {i} is a JSON {type(d).__name__}; expected an object")
+        missing = [k for k in ("name", "action") if not d.get(k)]
+        if not (d.get("service") or d.get("address")):
+            missing.append('"service" or "address"')
+        if missing:
+            raise bad(f"step {i} ({d.get('name') or 'unnamed'}) lacks {', '.join(missing)}")
+        try:
+            out.append(SagaStep.from_dict(d))
+        except (ValueError, TypeError) as e:
+            raise bad(f"step {i}: {e}") from None
+    return out, timeout_ms
 
 
 @txn_app.command("saga")
 def txn_saga(
-    file: Annotated[Path, typer.Option("--file", "-f", help="saga definition (JSON)")],
+    file: Annotated[
+        Path,
+        typer.Option("--file", "-f", envvar="ACCORD_SAGA_FILE", help="saga definition (JSON)"),
+    ],
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
-    idempotency_key: str = "",
-    timeout_ms: int = 0,
-    wait: Annotated[bool, typer.Option(help="wait until the saga ends")] = True,
+    idempotency_key: IdempotencyKey = "",
+    timeout_ms: Annotated[
+        int,
+        typer.Option(
+            envvar="ACCORD_TXN_TIMEOUT_MS",
+            help="the saga's deadline in ms (0: the file's timeout_ms, else the "
+            "coordinator's default)",
+        ),
+    ] = 0,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            envvar="ACCORD_SAGA_WAIT",
+            help="wait until the saga ends (--no-wait: print only its gid and return)",
+        ),
+    ] = True,
     as_json: JsonOut = False,
 ) -> None:
-    """Start a saga from a JSON file: {"steps": [{"name", "service" or "address",
-    "action", "compensation", "payload", "depends_on": [...], "pivot", "timeout_ms",
+    """Start a saga from a JSON file (--no-wait: print its gid and return).
+
+    The file: {"steps": [{"name", "service" or "address", "action", "compensation", "payload", "depends_on": [...], "pivot", "timeout_ms",
     "retry": {"max_attempts", "initial_interval_ms", "max_interval_ms", "multiplier",
     "final_codes"}}], "timeout_ms": N} (a step is accord.v1.SagaStep in protobuf's JSON
-    mapping; a payload is any JSON value, or text). Exit 1 unless it COMPLETED (or is
-    running)."""
-    from accord.client import SagaStep
-
-    try:
-        doc = json.loads(file.read_text())
-        steps = [SagaStep.from_dict(d) for d in doc["steps"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise fail(f"{file}: {e}") from None
-    timeout_ms = timeout_ms or int(doc.get("timeout_ms", 0))
+    mapping; a payload is any JSON value, or text). A file that is not such an object
+    is refused with exit code 2. Exit 1 unless it COMPLETED (or, with --no-wait, was
+    started)."""
+    steps, file_timeout_ms = _saga_steps(file)
     result = _client_call(
         coordinator,
         etcd,
         lambda c: c.start_saga(
-            steps, idempotency_key=idempotency_key, timeout_ms=timeout_ms, wait=wait
+            steps,
+            idempotency_key=idempotency_key,
+            timeout_ms=timeout_ms or file_timeout_ms,
+            wait=wait,
         ),
     )
-    _print_txn(result, as_json)
+    if not wait and not as_json:
+        print(result.gid)  # only the gid: gid=$(accord txn saga --file F --no-wait)
+    else:
+        _print_txn(result, as_json)
     if wait and not result.completed:
+        _note_spent_key(result, idempotency_key)
         raise typer.Exit(ExitCode.FAILURE)
 
 
@@ -753,11 +888,17 @@ def txn_cancel(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
-    reason: str = "",
+    reason: Reason = "",
     as_json: JsonOut = False,
 ) -> None:
-    """Cancel a saga before its pivot: what ran is compensated."""
-    _print_txn(_client_call(coordinator, etcd, lambda c: c.cancel_saga(gid, reason)), as_json)
+    """Cancel a saga before its pivot: what ran is compensated.
+
+    Exit 1 unless it ends COMPENSATED (STUCK: a compensation keeps failing; fix the
+    cause, then accord txn retry GID)."""
+    result = _client_call(coordinator, etcd, lambda c: c.cancel_saga(gid, reason))
+    _print_txn(result, as_json)
+    if not result.compensated:
+        raise _not_compensated(result, "cancelled")
 
 
 @txn_app.command("retry")
@@ -767,11 +908,22 @@ def txn_retry(
     etcd: EtcdUrl = "",
     as_json: JsonOut = False,
 ) -> None:
-    """Operator action: try a STUCK saga's compensations again. Exit 1 if still stuck."""
+    """Operator action: try a STUCK saga's compensations again.
+
+    Exit 1 unless it ends COMPENSATED."""
     result = _client_call(coordinator, etcd, lambda c: c.retry(gid))
     _print_txn(result, as_json)
-    if result.stuck:
-        raise typer.Exit(ExitCode.FAILURE)
+    if not result.compensated:
+        raise _not_compensated(result, "retried")
+
+
+def _not_compensated(result: Any, what: str) -> typer.Exit:
+    hint = "; fix the cause, then: accord txn retry GID" if result.stuck else ""
+    return fail(
+        f"saga {result.gid} {what} but {result.state}, not COMPENSATED"
+        + (f": {result.reason}" if result.reason else "")
+        + hint
+    )
 
 
 @txn_app.command("get")
@@ -785,32 +937,76 @@ def txn_get(
     _print_txn(_client_call(coordinator, etcd, lambda c: c.get(gid)), as_json)
 
 
+def render_txn_list(txns: Sequence[Any], out: Console) -> None:
+    """Transactions as a table on a terminal wide enough for every id in full, else (a
+    narrow terminal, a pipe, a file) as plain lines: a header, then one transaction a
+    line, columns separated by two spaces, ids never cut or wrapped."""
+    rows = [
+        (t.gid, str(t.state), str(len(t.branches) + len(t.steps)), " ".join(t.reason.split()))
+        for t in txns
+    ]
+    id_width = max((len(r[0]) for r in rows), default=3)
+    state_width = max((len(r[1]) for r in rows), default=5)
+    # The table's narrowest form: gid and state whole, BRANCHES, a reason column of 16,
+    # and the borders and padding of four columns.
+    if out.is_terminal and out.width >= id_width + state_width + 8 + 16 + 13:
+        table = Table(show_header=True)
+        table.add_column("gid", no_wrap=True, min_width=id_width)
+        table.add_column("state", no_wrap=True, min_width=state_width)
+        table.add_column("branches", justify="right", no_wrap=True)
+        table.add_column("reason", overflow="fold")
+        for r in rows:
+            table.add_row(*r)
+        out.print(table)
+        return
+    plain = [("GID", "STATE", "BRANCHES", "REASON"), *rows]
+    widths = [max(len(r[i]) for r in plain) for i in range(3)]
+    for r in plain:
+        cells = [cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)]
+        out.out("  ".join([*cells, r[3]]).rstrip(), highlight=False)
+
+
 @txn_app.command("list")
 def txn_list(
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
-    state: Annotated[list[str] | None, typer.Option(help="only these states (repeatable)")] = None,
-    stuck: Annotated[bool, typer.Option("--stuck", help="only STUCK sagas")] = False,
-    limit: int = 100,
-    page_token: str = "",
+    state: Annotated[
+        list[TxnStateChoice] | None,
+        typer.Option(
+            envvar="ACCORD_TXN_STATES",
+            case_sensitive=False,
+            metavar="STATE",
+            help="only this state (repeatable; any case): " + ", ".join(TxnStateChoice),
+        ),
+    ] = None,
+    stuck: Annotated[
+        bool, typer.Option("--stuck", envvar="ACCORD_TXN_STUCK", help="only STUCK sagas")
+    ] = False,
+    limit: Annotated[
+        int, typer.Option(envvar="ACCORD_TXN_LIMIT", help="transactions per page")
+    ] = 100,
+    # No environment variable: a page token continues one listing.
+    page_token: Annotated[
+        str, typer.Option(help="continue after this page (printed after a full page)")
+    ] = "",
     as_json: JsonOut = False,
 ) -> None:
-    """List transactions, oldest first."""
-    states = [*(state or []), *(["STUCK"] if stuck else [])]
+    """List transactions, oldest first.
+
+    A table on a terminal wide enough for it; otherwise (a narrow terminal, a pipe, a
+    file) a header line, then one transaction a line: GID STATE BRANCHES REASON,
+    separated by two spaces, ids in full. A full page ends with the next --page-token
+    (on stderr)."""
+    states = [*(s.value for s in state or ()), *(["STUCK"] if stuck else [])]
     txns, token = _client_call(
         coordinator, etcd, lambda c: c.list(states=states, limit=limit, page_token=page_token)
     )
     if as_json:
         print(json.dumps({"transactions": [t.to_dict() for t in txns], "next_page_token": token}))
         return
-    table = Table(show_header=True)
-    for col in ("gid", "state", "branches", "reason"):
-        table.add_column(col)
-    for t in txns:
-        table.add_row(t.gid, t.state, str(len(t.branches)), t.reason)
-    console.print(table)
+    render_txn_list(txns, console)
     if token:
-        console.print(f"next page: --page-token {token}")
+        err_console.print(f"next page: --page-token {token}", highlight=False, soft_wrap=True)
 
 
 @txn_app.command("watch")
@@ -828,10 +1024,235 @@ def txn_watch(
                 print(json.dumps(t.to_dict()), flush=True)
             else:
                 console.print(
-                    f"lsn {t.lsn:>8}  {t.state}" + (f"  ({t.reason})" if t.reason else "")
+                    f"lsn {t.lsn:>8}  {t.state}" + (f"  ({t.reason})" if t.reason else ""),
+                    soft_wrap=True,
                 )
 
     _client_call(coordinator, etcd, go)
+
+
+@txn_app.command("feed")
+def txn_feed(
+    coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
+    shard: Annotated[
+        str, typer.Option(envvar="ACCORD_FEED_SHARD", help="the shard (with --etcd)")
+    ] = "",
+    from_lsn: Annotated[
+        int,
+        typer.Option(
+            "--from-lsn",
+            envvar="ACCORD_FROM_LSN",
+            help="events after this LSN (0: from the start of the retained log)",
+        ),
+    ] = 0,
+    limit: Annotated[
+        int, typer.Option(envvar="ACCORD_FEED_LIMIT", help="stop after this many events (0: never)")
+    ] = 0,
+    as_json: JsonOut = False,
+) -> None:
+    """Print the shard's event feed (Subscribe), one event per line, in LSN order."""
+    from google.protobuf.json_format import MessageToDict
+
+    import accord.v1 as pb
+
+    def line(ev: Any) -> str:
+        if as_json:
+            return json.dumps(MessageToDict(ev, preserving_proto_field_name=True))
+        kind = pb.FeedEventKind.Name(ev.kind).removeprefix("FEED_EVENT_KIND_")
+        state = pb.TxnState.Name(ev.state).removeprefix("TXN_STATE_") if ev.state else ""
+        extra = ""
+        if ev.kind == pb.FEED_EVENT_KIND_STEP:
+            step = pb.BranchState.Name(ev.step_status.state).removeprefix("BRANCH_STATE_")
+            extra = f"step {ev.step} {step}"
+        elif ev.reason:
+            extra = ev.reason
+        return f"{ev.lsn:>10}  {kind:<13} {ev.gid:<36} {state:<12} {extra}".rstrip()
+
+    async def go(c: Any) -> None:
+        seen = 0
+        async for batch in c.subscribe(from_lsn, shard=shard):
+            for ev in batch.events:
+                print(line(ev), flush=True)
+                seen += 1
+                if limit and seen >= limit:
+                    return
+
+    _client_call(coordinator, etcd, go)
+
+
+# ---------------------------------------------------------------- bank
+
+bank_app = typer.Typer(
+    help="The reference bank participant's admin API (accord.bank.v1.Bank): open accounts, "
+    "read balances. Money moves only through transactions.",
+    no_args_is_help=True,
+)
+app.add_typer(bank_app, name="bank")
+
+BankAddress = Annotated[
+    str,
+    typer.Argument(
+        metavar="ADDRESS",
+        help="the bank's HOST:PORT, or with --etcd the name of a bank service registered there",
+        show_default=False,
+    ),
+]
+BankEtcd = Annotated[
+    str,
+    typer.Option(
+        "--etcd",
+        envvar="ACCORD_ETCD",
+        help="find the bank in etcd (http://host:port): ADDRESS is then a service name",
+    ),
+]
+BANK_TIMEOUT_S = 10.0
+
+
+def _opening(spec: str) -> tuple[str, int]:
+    """NAME=AMOUNT: an account to open and its opening balance (an integer >= 0)."""
+    name, sep, amount = spec.partition("=")
+    name, amount = name.strip(), amount.strip()
+    if not sep or not name:
+        raise typer.BadParameter(f"expected NAME=AMOUNT, got {spec!r}")
+    try:
+        value = int(amount)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{spec!r}: the amount must be a whole number, got {amount!r}"
+        ) from None
+    if value < 0:
+        raise typer.BadParameter(f"{spec!r}: the amount must be >= 0")
+    return name, value
+
+
+def _bank_address(address: str, etcd: str) -> str:
+    """HOST:PORT, or the address of a live instance of service ``address`` in etcd."""
+    if not etcd:
+        if ":" not in address:
+            raise fail(
+                f"{address!r} is not HOST:PORT; to find a bank service by name, give --etcd URL",
+                code=ExitCode.USAGE,
+            )
+        return address
+    from accord.registry import EtcdRegistry
+
+    async def find() -> str:
+        registry = EtcdRegistry.from_url(etcd)
+        try:
+            await registry.start()
+            instances = registry.instances(address)
+        finally:
+            await registry.close()
+        if not instances:
+            raise LookupError(f"no live instance of service {address!r} registered in {etcd}")
+        return instances[0].address
+
+    try:
+        return runner.run(find())
+    except (LookupError, OSError, ValueError, TimeoutError) as e:
+        raise fail(f"bank: {e}") from None
+
+
+def _bank_call(address: str, call: Callable[[Any], Any]) -> Any:
+    """``call(stub)`` on the bank admin service at ``address``; one line on failure."""
+    import grpc
+
+    import accord.bank.v1 as bankpb
+    from accord.common.transport import make_channel
+
+    async def go() -> Any:
+        async with make_channel(address) as channel:
+            return await call(bankpb.BankStub(channel))
+
+    try:
+        return runner.run(go())
+    except grpc.aio.AioRpcError as e:
+        raise fail(f"bank at {address}: {e.code().name}: {e.details()}") from None
+    except ValueError as e:
+        raise fail(f"bank at {address}: {e}") from None
+
+
+@bank_app.command("open-accounts")
+def bank_open_accounts(
+    address: BankAddress,
+    accounts: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="NAME=AMOUNT",
+            help="accounts to open and their opening balances (whole numbers >= 0)",
+            show_default=False,
+        ),
+    ],
+    etcd: BankEtcd = "",
+    as_json: JsonOut = False,
+) -> None:
+    """Open accounts with their opening balances.
+
+    Idempotent: an account that already exists is left as it is (its balance is not reset, whatever AMOUNT says); the output
+    says how many were created and how many existed already."""
+    import accord.bank.v1 as bankpb
+
+    try:
+        rows = [_opening(a) for a in accounts]
+    except typer.BadParameter as e:
+        raise fail(str(e), code=ExitCode.USAGE) from None
+    names = [n for n, _ in rows]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise fail(f"account named twice: {', '.join(dup)}", code=ExitCode.USAGE)
+    target = _bank_address(address, etcd)
+    request = bankpb.OpenAccountsRequest(
+        accounts=[bankpb.OpenAccount(id=n, balance=b) for n, b in rows]
+    )
+    resp = _bank_call(target, lambda stub: stub.OpenAccounts(request, timeout=BANK_TIMEOUT_S))
+    if as_json:
+        print(json.dumps({"created": resp.created, "existing": resp.existing}))
+        return
+    print(f"created {resp.created}, already existed {resp.existing} (left unchanged)")
+
+
+@bank_app.command("balances")
+def bank_balances(
+    address: BankAddress,
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="NAME", help="only these accounts (default: every one)"),
+    ] = None,
+    etcd: BankEtcd = "",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object: account -> balance")
+    ] = False,
+) -> None:
+    """Print account balances.
+
+    BALANCE is the committed balance, HELD what prepared debits reserve. Exit 1 if a
+    named account does not exist."""
+    import accord.bank.v1 as bankpb
+
+    target = _bank_address(address, etcd)
+    request = bankpb.GetBalancesRequest(ids=names or [])
+    resp = _bank_call(target, lambda stub: stub.GetBalances(request, timeout=BANK_TIMEOUT_S))
+    missing = sorted(set(names or ()) - {a.id for a in resp.accounts})
+    if missing:
+        raise fail(f"bank at {target}: no account {', '.join(missing)}")
+    if as_json:
+        print(json.dumps({a.id: a.balance for a in resp.accounts}))
+        return
+    rows = [("ACCOUNT", "BALANCE", "HELD")]
+    rows += [(a.id, str(a.balance), str(a.held)) for a in resp.accounts]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:  # plain columns, never cut: ids in full for grep and terminals alike
+        print(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
+    print(
+        f"total {resp.total} in {resp.count} accounts, held {resp.total_held}, "
+        f"prepared branches {resp.prepared_branches}"
+    )
 
 
 # ---------------------------------------------------------------- relay
@@ -930,24 +1351,44 @@ def relay(
 
 @app.command()
 def demo(
-    transfers: Annotated[int, typer.Option(help="number of transfers")] = 400,
-    concurrency: Annotated[int, typer.Option(help="transfers in flight")] = 32,
-    accounts: Annotated[int, typer.Option(help="accounts per bank")] = 20,
-    initial_balance: int = 1000,
-    seed: int = 7,
+    transfers: Annotated[
+        int, typer.Option(envvar="ACCORD_DEMO_TRANSFERS", help="number of transfers")
+    ] = 400,
+    concurrency: Annotated[
+        int, typer.Option(envvar="ACCORD_DEMO_CONCURRENCY", help="transfers in flight")
+    ] = 32,
+    accounts: Annotated[
+        int, typer.Option(envvar="ACCORD_DEMO_ACCOUNTS", help="accounts per bank")
+    ] = 20,
+    initial_balance: Annotated[
+        int, typer.Option(envvar="ACCORD_DEMO_INITIAL_BALANCE", help="balance of each account")
+    ] = 1000,
+    seed: Annotated[
+        int, typer.Option(envvar="ACCORD_DEMO_SEED", help="replays the same transfers")
+    ] = 7,
     data_dir: Annotated[
-        Path | None, typer.Option(help="keep data here (default: a temp dir)")
+        Path | None,
+        typer.Option(envvar="ACCORD_DEMO_DATA_DIR", help="keep data here (default: a temp dir)"),
     ] = None,
     saga: Annotated[
-        bool, typer.Option("--saga", help="also book trips with sagas (flight, hotel, car)")
+        bool,
+        typer.Option(
+            "--saga",
+            envvar="ACCORD_DEMO_SAGA",
+            help="also book trips with sagas (flight, hotel, car)",
+        ),
     ] = False,
     static: Annotated[
-        bool, typer.Option("--static", help="a static service map instead of etcd")
+        bool,
+        typer.Option(
+            "--static", envvar="ACCORD_DEMO_STATIC", help="a static service map instead of etcd"
+        ),
     ] = False,
     postgres: Annotated[
         bool,
         typer.Option(
             "--postgres",
+            envvar="ACCORD_DEMO_POSTGRES",
             help="the banks on PostgreSQL: a server the demo starts itself (Debian's "
             "postgresql package), one database per bank",
         ),
@@ -990,34 +1431,56 @@ app.add_typer(chaos_app, name="chaos")
 @chaos_app.callback()
 def chaos(
     ctx: typer.Context,
-    duration: Annotated[float, typer.Option(help="seconds of load and faults")] = 120.0,
-    coordinators: Annotated[int, typer.Option(help="WAL shards (each an owner + a standby)")] = 2,
-    participants: Annotated[int, typer.Option(help="bank participant services")] = 4,
-    seed: Annotated[int, typer.Option(help="replays the same schedule")] = 1,
-    workers: Annotated[int, typer.Option(help="concurrent client operations")] = 8,
-    saga_share: Annotated[float, typer.Option(help="share of operations that are sagas")] = 0.3,
-    fault_every: Annotated[float, typer.Option(help="mean seconds between faults")] = 6.0,
+    duration: Annotated[
+        float, typer.Option(envvar="ACCORD_CHAOS_DURATION", help="seconds of load and faults")
+    ] = 120.0,
+    coordinators: Annotated[
+        int,
+        typer.Option(
+            envvar="ACCORD_CHAOS_COORDINATORS", help="WAL shards (each an owner + a standby)"
+        ),
+    ] = 2,
+    participants: Annotated[
+        int, typer.Option(envvar="ACCORD_CHAOS_PARTICIPANTS", help="bank participant services")
+    ] = 4,
+    seed: Annotated[
+        int, typer.Option(envvar="ACCORD_CHAOS_SEED", help="replays the same schedule")
+    ] = 1,
+    workers: Annotated[
+        int, typer.Option(envvar="ACCORD_CHAOS_WORKERS", help="concurrent client operations")
+    ] = 8,
+    saga_share: Annotated[
+        float,
+        typer.Option(envvar="ACCORD_CHAOS_SAGA_SHARE", help="share of operations that are sagas"),
+    ] = 0.3,
+    fault_every: Annotated[
+        float,
+        typer.Option(envvar="ACCORD_CHAOS_FAULT_EVERY", help="mean seconds between faults"),
+    ] = 6.0,
     faults: Annotated[
         Faults,
         typer.Option(
             parser=Faults.parse,
             metavar="FAULT,...",
-            help="comma-separated: kill-coordinator, kill-participant, pause (SIGSTOP past "
-            "the lease), etcd (stop etcd for a while), power-loss (a coordinator's unsynced "
-            "WAL tail is lost)",
+            envvar="ACCORD_CHAOS_FAULTS",
+            help="comma-separated, any of: " + "; ".join(f"{f} ({FAULT_HELP[f]})" for f in Fault),
         ),
     ] = DEFAULT_FAULTS,
     ttl: LeaseTtl = 2,
     participant_db: Annotated[
         ParticipantDb,
         typer.Option(
+            envvar="ACCORD_CHAOS_PARTICIPANT_DB",
             case_sensitive=False,
             help="the banks' databases: a SQLite file each, or postgres: one PostgreSQL "
             "server started for the run, a database per bank",
         ),
     ] = ParticipantDb.SQLITE,
     out: Annotated[
-        Path | None, typer.Option(help="keep the run here (history, databases, logs)")
+        Path | None,
+        typer.Option(
+            envvar="ACCORD_CHAOS_OUT", help="keep the run here (history, databases, logs)"
+        ),
     ] = None,
     as_json: JsonOut = False,
 ) -> None:
@@ -1060,11 +1523,17 @@ def _named_db(text: str) -> tuple[str, Path]:
 def chaos_check(
     history: Annotated[Path, typer.Argument(help="the JSONL history file")],
     initial: Annotated[
-        Path, typer.Option(help="JSON object: account -> initial balance", show_default=False)
+        Path,
+        typer.Option(
+            envvar="ACCORD_CHAOS_INITIAL",
+            help="JSON object: account -> initial balance",
+            show_default=False,
+        ),
     ],
     db: Annotated[
         list[str] | None,
         typer.Option(
+            envvar="ACCORD_CHAOS_DB",
             metavar="NAME=PATH",
             help="a participant service and its SQLite file (repeat per participant)",
         ),
@@ -1072,6 +1541,7 @@ def chaos_check(
     coordinator_state: Annotated[
         list[Path] | None,
         typer.Option(
+            envvar="ACCORD_CHAOS_COORDINATOR_STATE",
             metavar="FILE",
             help="JSON list of the coordinator's final transactions (repeat per coordinator)",
         ),
@@ -1079,12 +1549,15 @@ def chaos_check(
     recovery_bound_s: Annotated[
         float | None,
         typer.Option(
+            envvar="ACCORD_CHAOS_RECOVERY_BOUND_S",
             help="longest allowed time from the last heal to quiescence (default: the "
             "checker's, 60)",
             show_default=False,
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    as_json: Annotated[  # no environment variable: an output format, as JsonOut
+        bool, typer.Option("--json", help="print the report as JSON")
+    ] = False,
 ) -> None:
     """Check a saved chaos run offline against the participants' final databases.
 
@@ -1180,7 +1653,11 @@ def load(
     ] = 30.0,
     progress: Annotated[
         bool | None,
-        typer.Option("--progress/--no-progress", help="live progress (default: on a terminal)"),
+        typer.Option(
+            "--progress/--no-progress",
+            envvar="ACCORD_LOAD_PROGRESS",
+            help="live progress (default: on a terminal)",
+        ),
     ] = None,
 ) -> None:
     """Load generator: bank transfers (2PC, sagas or both) against a coordinator;
@@ -1215,6 +1692,39 @@ def load(
         raise typer.Exit(code)
 
 
+#: click's base class of usage errors and other reported failures (typer vendors click, so
+#: it is reached through one of typer's public names rather than a private module).
+_ClickException: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+)
+
+
+def _invoke(command_app: typer.Typer, prog_name: str, argv: Sequence[str] | None) -> int:
+    """Runs ``command_app`` on ``argv`` (default: ``sys.argv[1:]``) and returns its exit
+    code. A usage error (a bad option value, a missing argument, an unknown state ...)
+    is one line on stderr, exit code 2, like every other refusal of this CLI."""
+    try:
+        code = command_app(
+            args=None if argv is None else list(argv),
+            prog_name=prog_name,
+            standalone_mode=False,
+        )
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+    except typer.Abort:
+        return ExitCode.FAILURE
+    except _ClickException as e:
+        exit_code = int(getattr(e, "exit_code", ExitCode.USAGE))
+        if type(e).__name__ == "NoArgsIsHelpError":
+            return exit_code  # the group's help is already printed
+        ctx = getattr(e, "ctx", None)
+        message = " ".join(str(getattr(e, "format_message", e.__str__)()).split())
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        fail(message + hint)
+        return exit_code
+    return code if isinstance(code, int) else ExitCode.OK
+
+
 def run_standalone(
     command: Callable[..., None], prog_name: str, argv: Sequence[str] | None = None
 ) -> int:
@@ -1223,21 +1733,98 @@ def run_standalone(
     single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     single.command()(command)
     try:
-        single(args=None if argv is None else list(argv), prog_name=prog_name)
-    except KeyboardInterrupt:
-        return ExitCode.INTERRUPTED
-    except SystemExit as e:  # click ends every standalone run so, success included
+        return _invoke(single, prog_name, argv)
+    except SystemExit as e:  # a command that exits the process itself
         if e.code is None or isinstance(e.code, int):
             return e.code or ExitCode.OK
         return ExitCode.FAILURE
-    return ExitCode.OK
 
 
-def main() -> None:
+# ---------------------------------------------------------------- shard
+
+shard_app = typer.Typer(
+    help="The WAL shards of a sharded deployment (in etcd): list them, retire one for good.",
+    no_args_is_help=True,
+)
+app.add_typer(shard_app, name="shard")
+
+ShardEtcd = Annotated[
+    str, typer.Option("--etcd", envvar="ACCORD_ETCD", help="etcd URL (http://host:port[,...])")
+]
+
+
+@shard_app.command("list")
+def shard_list(etcd: ShardEtcd, as_json: JsonOut = False) -> None:
+    """Every shard etcd knows: its owner (or last owner), epoch, live, retired.
+
+    ``--json`` adds when and by whom each retired shard was retired."""
+    from accord.tools._shard import list_shards
+
     try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(ExitCode.INTERRUPTED)
+        m = runner.run(list_shards(etcd))
+    except ConnectionError as e:
+        raise fail(str(e)) from None
+    states = [m.states[s] for s in m.known]
+    if as_json:
+        print(json.dumps({"shards": [st.to_dict() for st in states]}))
+        return
+    table = Table(show_header=True)
+    for col in ("shard", "owner", "address", "epoch", "live", "retired"):
+        table.add_column(col)
+    for st in states:
+        owner = st.owner if st.live or not st.owner else f"{st.owner} (last)"
+        retired = f"yes, {st.retired.kept} keys kept" if st.retired is not None else ""
+        table.add_row(
+            st.shard, owner, st.address, str(st.epoch), "yes" if st.live else "no", retired
+        )
+    console.print(table)
+
+
+@shard_app.command("retire")
+def shard_retire(
+    shard: Annotated[str, typer.Argument(help="the shard to retire")],
+    etcd: ShardEtcd,
+    wal_dir: Annotated[
+        Path, typer.Option(envvar="ACCORD_WAL_DIR", help="the shard's WAL directory")
+    ],
+    as_json: JsonOut = False,
+) -> None:
+    """Retire a shard that is gone for good.
+
+    Refused while a coordinator owns it or its WAL holds an unfinished transaction. Keeps in etcd the outcome of every finished
+    transaction of the shard that had an idempotency key, then marks it retired:
+    clients then answer its keys and gids from etcd and place new keys elsewhere.
+    Safe to run again (it finishes an interrupted run; a retired shard stays so)."""
+    from accord.common.gid import check_shard_name
+    from accord.registry import RetireRefused
+    from accord.tools._shard import retire
+
+    try:
+        check_shard_name(shard)
+    except ValueError as e:
+        raise fail(str(e), code=ExitCode.USAGE) from None
+    try:
+        report = runner.run(retire(shard, etcd, wal_dir))
+    except RetireRefused as e:
+        raise fail(str(e)) from None
+    if as_json:
+        print(json.dumps(report.to_dict()))
+        return
+    r = report.retired
+    if report.already:
+        console.print(f"shard {shard} is retired already (at {r.at} by {r.by})", highlight=False)
+        return
+    console.print(
+        f"retired shard {shard}: kept the outcomes of {r.kept} idempotency keys "
+        f"({r.transactions} finished transactions in {wal_dir}; last owner "
+        f"{r.last_owner or 'unknown'}, epoch {r.epoch})",
+        highlight=False,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``accord`` program."""
+    sys.exit(_invoke(app, "accord", argv))
 
 
 if __name__ == "__main__":

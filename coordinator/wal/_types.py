@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +46,26 @@ class WalStats:
     segments_created: int = 0
     segments_deleted: int = 0
     checkpoints: int = 0
+
+
+class FeedSink(Protocol):
+    """Who hears of durable records (the event feed's hub, ``accord.coordinator._feed``).
+    Called on the event loop; each call must be cheap and must not block or await."""
+
+    def opened(self, durable_lsn: int, checkpoint_lsn: int, flush: Callable[[], None]) -> None:
+        """At open: every record up to ``durable_lsn`` is durable; the live checkpoint
+        (0: none) reflects every record up to ``checkpoint_lsn``. ``flush()`` asks the
+        writer to make its unsynced tail durable soon (call it when a subscriber starts
+        waiting: the writer only looks at ``waiting`` when it has work)."""
+
+    def durable(self, records: list[tuple[int, int, bytes]], durable_lsn: int) -> None:
+        """``records`` (lsn, rtype, payload; every type, in LSN order, following the
+        previous call's without a gap) are durable, up to ``durable_lsn``."""
+
+    def checkpointed(self, lsn: int) -> None:
+        """A checkpoint reflecting every record up to ``lsn`` is live (its CHECKPOINT
+        record is durable); older segments may be deleted from now on."""
+
+    @property
+    def waiting(self) -> bool:
+        """True while a subscriber waits for records: unsynced ones are synced soon."""

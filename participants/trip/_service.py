@@ -42,6 +42,10 @@ def trip_app(kind: str, *, fail_cities: Iterable[str] = ()) -> ParticipantApp:
         trip, city = str(req["trip"]), str(req.get("city", ""))
         if city.lower() in refuse:
             raise Refuse(f"no {kind} available in {city}")
+        if conn.execute("SELECT 1 FROM bookings WHERE trip = ?", (trip,)).fetchone():
+            # A business "no": the trip id names another saga's booking (a compensation
+            # of this refused step is a recorded no-op, so that booking stays).
+            raise Refuse(f"trip {trip} already has a {kind} booking: use a new trip id")
         conn.execute(
             "INSERT INTO bookings (trip, city, status, detail) VALUES (?, ?, 'CONFIRMED', ?)",
             (trip, city, json.dumps(req)),

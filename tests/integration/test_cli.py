@@ -4,23 +4,32 @@ codes, health checking and reflection, and `accord demo --json`."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.integration.conftest import Cluster, balances, open_accounts
+from accord.participants.trip._service import bookings
+from tests.integration.conftest import Cluster, balances, free_port, open_accounts
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def accord(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def accord(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``accord ARGS`` as a program, its stdout and stderr pipes (not a terminal)."""
     proc = subprocess.run(
         [sys.executable, "-m", "accord.tools.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env={**os.environ, **env} if env else None,
     )
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -204,3 +213,142 @@ async def test_txn_saga_from_a_file(cluster: Cluster) -> None:
     )
     refused = accord("txn", "saga", "--file", str(bad), *c, check=False)
     assert refused.returncode != 0 and "INVALID_ARGUMENT" in refused.stderr
+
+
+def test_usage_errors_and_help_as_a_program() -> None:
+    bad = accord("txn", "list", "--state", "BOGUS", check=False)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "'BOGUS' is not one of" in bad.stderr
+    chaos = accord("chaos", "--help", env={"COLUMNS": "80"}).stdout
+    assert "power-loss (" in " ".join(chaos.replace("│", " ").split())
+
+
+async def test_txn_list_in_a_pipe_prints_whole_ids_one_a_line(cluster: Cluster) -> None:
+    a = cluster.bank("bank-a")
+    await open_accounts(a.address, {"x": 10})
+    coord = cluster.coordinator({"bank-a": a.address})
+    c = ["--coordinator", coord.address]
+    for amount in (1, 100, 2):  # the 100 aborts: insufficient funds, a long reason
+        accord(
+            "txn", "execute", f'bank-a/debit:{{"account":"x","amount":{amount}}}', *c, check=False
+        )
+    listed = json.loads(accord("txn", "list", *c, "--json").stdout)["transactions"]
+    assert len(listed) == 3
+    plain = accord("txn", "list", *c, env={"COLUMNS": "80"}).stdout.splitlines()
+    assert plain[0].split() == ["GID", "STATE", "BRANCHES", "REASON"]
+    assert [line.split()[:3] for line in plain[1:]] == [[t["gid"], t["state"], "1"] for t in listed]
+    aborted = next(line for line in plain if "ABORTED" in line)
+    assert "insufficient" in aborted and "…" not in "".join(plain)
+
+
+async def test_saga_no_wait_prints_only_the_gid(cluster: Cluster) -> None:
+    a = cluster.bank("bank-a")
+    await open_accounts(a.address, {"x": 10})
+    coord = cluster.coordinator({"bank-a": a.address})
+    c = ["--coordinator", coord.address]
+    saga = cluster.root / "saga.json"
+    saga.write_text(
+        json.dumps(
+            {
+                "steps": [
+                    {
+                        "name": "take",
+                        "service": "bank-a",
+                        "action": "debit",
+                        "compensation": "refund",
+                        "payload": {"account": "x", "amount": 3},
+                    }
+                ]
+            }
+        )
+    )
+    started = accord("txn", "saga", "--file", str(saga), "--no-wait", *c)
+    gid = started.stdout.strip()
+    assert started.stdout == gid + "\n" and started.stderr == ""
+    watched = accord("txn", "watch", gid, *c, "--json").stdout.splitlines()
+    assert json.loads(watched[-1])["state"] == "COMPLETED"
+    begun = accord("txn", "begin", *c)
+    assert begun.stdout.count("\n") == 1 and begun.stdout.strip() == begun.stdout.rstrip("\n")
+    assert accord("txn", "abort", begun.stdout.strip(), *c).returncode == 0
+
+
+async def test_cancel_that_ends_stuck_exits_1_with_the_reason(cluster: Cluster) -> None:
+    # The step's service is down from the start: its action never gets an answer, so it
+    # may have run and must be compensated, and that compensation cannot run either.
+    dead = f"127.0.0.1:{free_port()}"
+    coord = cluster.coordinator({"hotel": dead})
+    c = ["--coordinator", coord.address]
+    saga = cluster.root / "stuck.json"
+    saga.write_text(
+        json.dumps(
+            {
+                "steps": [
+                    {
+                        "name": "hotel",
+                        "service": "hotel",
+                        "action": "book",
+                        "compensation": "cancel",
+                        "payload": {"trip": "t-1"},
+                        "retry": {"max_attempts": 3, "initial_interval_ms": 1000},
+                    }
+                ]
+            }
+        )
+    )
+    gid = accord("txn", "saga", "--file", str(saga), "--no-wait", *c).stdout.strip()
+    cancelled = accord("txn", "cancel", gid, *c, "--reason", "changed my mind", check=False)
+    assert cancelled.returncode == 1, cancelled.stdout + cancelled.stderr
+    assert len(cancelled.stderr.strip().splitlines()) == 1
+    assert f"error: saga {gid} cancelled but STUCK, not COMPENSATED" in cancelled.stderr
+    assert "accord txn retry" in cancelled.stderr
+    assert "STUCK" in cancelled.stdout
+    # Still stuck: retry says so the same way.
+    retried = accord("txn", "retry", gid, *c, check=False)
+    assert retried.returncode == 1 and "retried but STUCK" in retried.stderr
+
+
+async def test_an_aborted_idempotency_key_is_noted(cluster: Cluster) -> None:
+    a, b = cluster.bank("bank-a"), cluster.bank("bank-b")
+    await open_accounts(a.address, {"x": 5})
+    await open_accounts(b.address, {"y": 0})
+    coord = cluster.coordinator({"bank-a": a.address, "bank-b": b.address})
+    c = ["--coordinator", coord.address]
+    branches = [
+        'bank-a/debit:{"account":"x","amount":9}',
+        'bank-b/credit:{"account":"y","amount":9}',
+    ]
+    note = (
+        "note: idempotency key pay-1 now names this aborted transaction; "
+        "a new attempt needs a new key"
+    )
+    first = accord(
+        "txn", "execute", *branches, *c, "--idempotency-key", "pay-1", "--json", check=False
+    )
+    assert first.returncode == 1 and first.stderr.strip() == note
+    assert json.loads(first.stdout)["state"] == "ABORTED"
+    # The cause fixed (money in), the same key still names the aborted transaction.
+    accord("txn", "execute", 'bank-a/credit:{"account":"x","amount":10}', *c)
+    again = accord(
+        "txn", "execute", *branches, *c, "--idempotency-key", "pay-1", "--json", check=False
+    )
+    assert again.returncode == 1 and again.stderr.strip() == note
+    assert json.loads(again.stdout)["gid"] == json.loads(first.stdout)["gid"]
+    # A new key is a new attempt: it commits now, and there is nothing to note.
+    fresh = accord("txn", "execute", *branches, *c, "--idempotency-key", "pay-2", "--json")
+    assert json.loads(fresh.stdout)["state"] == "COMMITTED" and fresh.stderr == ""
+
+
+async def test_the_trip_example_saga_file(cluster: Cluster) -> None:
+    services = {
+        kind: cluster.topology.participant(kind, db=cluster.root / f"{kind}.db").address
+        for kind in ("flight", "hotel", "car")
+    }
+    coord = cluster.coordinator(services)
+    example = ROOT / "clients/examples/trip.json"
+    out = accord("txn", "saga", "--file", str(example), "--coordinator", coord.address, "--json")
+    done = json.loads(out.stdout)
+    assert done["state"] == "COMPLETED", done
+    assert [s["name"] for s in done["steps"]] == ["flight", "hotel", "car"]
+    assert {s["state"] for s in done["steps"]} == {"SUCCEEDED"}
+    for kind in services:
+        assert bookings(cluster.root / f"{kind}.db") == {"t-42": "CONFIRMED"}

@@ -1,8 +1,16 @@
 """Sagas across real processes: three bank participants, a real coordinator SIGKILLed at
 each saga failpoint and restarted on its WAL; a compensation that cannot run leaves the
-saga STUCK until an operator retries it; malformed definitions are refused."""
+saga STUCK until an operator retries it; a step whose service nobody listens on is never
+delivered and not compensated; malformed definitions are refused."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -94,25 +102,32 @@ async def test_coordinator_crash_at_each_saga_step(
 
 
 async def test_stuck_saga_is_listed_and_an_operator_retry_finishes_it(cluster: Cluster) -> None:
-    # bank-c is down from the start: step c's action never gets an answer, so it may
-    # have run and must be compensated, and that compensation cannot run either.
-    c_port = free_port()
-    services = await banks(cluster, c_port=c_port)
+    # bank-c stops answering (SIGSTOP) after the coordinator is connected to it: step
+    # c's action is sent and never answered, so it may have run and must be
+    # compensated, and that compensation gets no answer either.
+    services = await banks(cluster)
     bank_c = cluster.procs[-1]
-    bank_c.stop()
     coord = cluster.coordinator(services)
     async with AccordClient(coord.address) as client:
-        result = await client.start_saga(transfer_saga(fail_last=False), idempotency_key="s2")
-        assert result.state == "STUCK"
+        warm = await client.start_saga(transfer_saga(fail_last=False), idempotency_key="warm")
+        assert warm.state == "COMPLETED"  # the coordinator is now connected to bank-c
+        bank_c.pause()
+        steps = transfer_saga(fail_last=False)
+        steps[2] = replace(steps[2], timeout_ms=500)
+        try:
+            result = await client.start_saga(steps, idempotency_key="s2")
+        finally:
+            bank_c.resume()
+        assert result.state == "STUCK", result
         assert "compensation of step c" in result.reason
-        steps = {s.name: s.state for s in result.steps}
+        steps_now = {s.name: s.state for s in result.steps}
         # Reverse dependency order: b and a wait for c, whose compensation cannot run.
-        assert steps == {"a": "SUCCEEDED", "b": "SUCCEEDED", "c": "COMPENSATING"}
+        assert steps_now == {"a": "SUCCEEDED", "b": "SUCCEEDED", "c": "COMPENSATING"}
+        assert "DEADLINE_EXCEEDED" in result.steps[2].last_error
         stuck, _ = await client.list(states=["STUCK"])
         assert [t.gid for t in stuck] == [result.gid]
-        cluster.bank("bank-c", port=c_port)  # back, on the same DB
-        # The operator retries until the compensations go through (each retry has a
-        # fresh budget of attempts; the coordinator reconnects within a second).
+        # bank-c answers again. The operator retries until the compensations go
+        # through (each retry has a fresh budget of attempts).
         fixed = await assert_eventually(
             lambda: client.retry(result.gid), lambda t: t.state == "COMPENSATED", timeout_s=15
         )
@@ -121,8 +136,83 @@ async def test_stuck_saga_is_listed_and_an_operator_retry_finishes_it(cluster: C
             "b": "COMPENSATED",
             "c": "COMPENSATED",
         }
-    # c's compensation arrived before (instead of) its action: a recorded no-op.
-    assert await totals(services) == (100, 0, 0)
+    # Only the first saga's transfer is left: c's action, whether it ran when bank-c
+    # woke up or was refused after its compensation, is undone.
+    got = await assert_eventually(
+        lambda: totals(services), lambda t: t == (70, 15, 15), timeout_s=10, what="balances"
+    )
+    assert sum(got) == 100
+
+
+def trip_step(name: str, trip: str, *deps: str) -> SagaStep:
+    return SagaStep(
+        name=name,
+        service=name,
+        action="book",
+        compensation="cancel",
+        payload={"trip": trip, "city": "Lisbon"},
+        depends_on=deps,
+        max_attempts=3,
+        initial_interval_ms=20,
+        max_interval_ms=100,
+    )
+
+
+def booked(db: Path) -> dict[str, str]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return {str(t): str(s) for t, s in conn.execute("SELECT trip, status FROM bookings")}
+
+
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+async def test_a_step_whose_service_nobody_listens_on_is_not_compensated(
+    cluster: Cluster, transport: str
+) -> None:
+    """The car service is mapped to a port nothing listens on: none of its 3 attempts
+    can reach it, so it is UNDELIVERED, gets no compensation, and the saga ends
+    COMPENSATED (not STUCK) with the flight and hotel bookings cancelled."""
+    topo = cluster.topology
+    flight, hotel = topo.participant("flight"), topo.participant("hotel")
+    nowhere = f"127.0.0.1:{free_port()}"
+    coord = cluster.coordinator(
+        {"flight": flight.address, "hotel": hotel.address, "car": nowhere},
+        extra=["--participant-transport", transport],
+    )
+    steps = [
+        trip_step("flight", "t1"),
+        trip_step("hotel", "t1", "flight"),
+        trip_step("car", "t1", "hotel"),
+    ]
+    async with AccordClient(coord.address, timeout_s=30) as client:
+        result = await client.start_saga(steps, idempotency_key="trip-t1")
+        assert result.state == "COMPENSATED", result
+        assert result.reason.startswith("step car failed: not delivered"), result.reason
+        by_name = {s.name: s for s in result.steps}
+        assert {n: s.state for n, s in by_name.items()} == {
+            "flight": "COMPENSATED",
+            "hotel": "COMPENSATED",
+            "car": "UNDELIVERED",
+        }
+        car = by_name["car"]
+        assert car.attempts == 3 and car.compensation_attempts == 0, car
+        assert "not sent" in car.last_error and nowhere in car.last_error, car
+        assert (await client.get(result.gid)).steps[2].state == "UNDELIVERED"
+    assert booked(topo.root / "flight.db") == {"t1": "CANCELLED"}
+    assert booked(topo.root / "hotel.db") == {"t1": "CANCELLED"}
+    # What an operator sees.
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "accord.tools.cli", "txn", "get", result.gid),
+        *("--coordinator", coord.address, "--json"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    doc = json.loads(out)
+    assert doc["state"] == "COMPENSATED"
+    assert [(s["name"], s["state"]) for s in doc["steps"]] == [
+        ("flight", "COMPENSATED"),
+        ("hotel", "COMPENSATED"),
+        ("car", "UNDELIVERED"),
+    ]
 
 
 async def test_bad_definitions_are_refused_and_nothing_is_kept(cluster: Cluster) -> None:

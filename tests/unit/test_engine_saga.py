@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 import accord.v1 as pb
@@ -294,3 +295,161 @@ async def test_2pc_calls_on_a_saga_are_refused_at_once() -> None:
     with pytest.raises(InvalidArgument, match="gid is required"):
         e.get("")
     await asyncio.wait_for(txn.finished.wait(), 2)
+
+
+# ---------------------------------------------------------------- undelivered steps
+
+#: A failed attempt whose request certainly never left the coordinator (no connection).
+NOT_SENT = CallResult(
+    Verdict.RETRY,
+    detail="Execute b@svc:1: UNAVAILABLE: not sent: cannot connect",
+    code=grpc.StatusCode.UNAVAILABLE,
+    sent=False,
+)
+#: UNAVAILABLE after the request was written: it may have run.
+LOST = CallResult(
+    Verdict.RETRY, detail="UNAVAILABLE: stream broken", code=grpc.StatusCode.UNAVAILABLE
+)
+
+
+def compensated(calls: FakeCalls) -> list[str]:
+    return [b for m, b, _ in calls.log if m == "Compensate"]
+
+
+async def test_a_step_never_delivered_is_not_compensated() -> None:
+    calls = TimedCalls({("Execute", "b"): [NOT_SENT]}, delay=0)
+    e, wal = make(calls)
+    txn = await start(e, step("a"), step("b", "a"), step("c", "b"))
+    assert txn.state == TxnState.COMPENSATED, txn.reason
+    assert steps_of(txn) == {
+        "a": BranchState.COMPENSATED,
+        "b": BranchState.UNDELIVERED,
+        "c": BranchState.SKIPPED,
+    }
+    assert [b for m, b, _ in calls.log if m == "Execute"].count("b") == 3  # max_attempts
+    assert compensated(calls) == ["a"]  # nothing sent to b
+    b = txn.steps[1]
+    assert b.attempts == 3 and "not delivered" in b.last_error and "cannot connect" in b.last_error
+    assert txn.reason.startswith("step b failed: not delivered")
+    # The UNDELIVERED result rides the group commit (only step starts are forced).
+    results = [
+        (pb.WalSagaStep.FromString(p), sync)
+        for _, rt, p, sync in wal.records
+        if rt == RecordType.SAGA_STEP
+    ]
+    undelivered = [(r, sync) for r, sync in results if r.state == pb.BRANCH_STATE_UNDELIVERED]
+    assert [(r.step, r.attempts, sync) for r, sync in undelivered] == [(1, 3, False)]
+    # What a client is shown.
+    shown = {s.step.name: s.state for s in txn.to_pb().steps}
+    assert shown["b"] == pb.BRANCH_STATE_UNDELIVERED
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        [NOT_SENT, LOST, NOT_SENT],  # one attempt may have been delivered
+        [NOT_SENT, NOT_SENT, CallResult(Verdict.RETRY, code=grpc.StatusCode.DEADLINE_EXCEEDED)],
+        [CallResult(Verdict.RETRY, code=grpc.StatusCode.INTERNAL)],  # any other status
+    ],
+)
+async def test_a_step_maybe_delivered_once_is_compensated(script: list[CallResult]) -> None:
+    calls = TimedCalls({("Execute", "b"): list(script)}, delay=0)
+    e, _ = make(calls)
+    txn = await start(e, step("a"), step("b", "a"))
+    assert txn.state == TxnState.COMPENSATED
+    assert steps_of(txn) == {"a": BranchState.COMPENSATED, "b": BranchState.COMPENSATED}
+    assert compensated(calls) == ["b", "a"]
+
+
+async def test_an_undelivered_step_does_not_block_its_dependencies_compensation() -> None:
+    # b and c both depend on a; b is never delivered, c refuses: a is compensated
+    # (after c's failure and b's end), b gets nothing.
+    calls = TimedCalls({("Execute", "b"): [NOT_SENT], ("Execute", "c"): [NO]}, delay=0)
+    e, _ = make(calls)
+    txn = await start(e, step("a"), step("b", "a"), step("c", "a"))
+    assert txn.state == TxnState.COMPENSATED
+    assert steps_of(txn)["b"] == BranchState.UNDELIVERED
+    assert compensated(calls) == ["a"]
+
+
+async def test_cancel_between_undelivered_attempts_records_undelivered() -> None:
+    # Plain FakeCalls answer without suspending: the cancel lands in a backoff pause,
+    # with no attempt in flight.
+    slow_retry = StepRetry(initial_interval_ms=20, max_interval_ms=20, max_attempts=1000)
+    b = StepSpec(
+        name="b",
+        service="svc",
+        action="do",
+        compensation="undo",
+        depends_on=("a",),
+        retry=slow_retry,
+    )
+    calls = FakeCalls({("Execute", "b"): [NOT_SENT]})
+    e, _ = make(calls)
+    txn = await e.start_saga(
+        key="", timeout_ms=0, definition=SagaSpec(steps=(step("a"), b)), wait=False
+    )
+    for _ in range(100):
+        if txn.steps[1].attempts >= 2:
+            break
+        await asyncio.sleep(0.01)
+    out = await e.cancel_saga(txn.gid, "user cancelled")
+    assert out.state == TxnState.COMPENSATED
+    assert steps_of(out) == {"a": BranchState.COMPENSATED, "b": BranchState.UNDELIVERED}
+    assert compensated(calls) == ["a"]
+
+
+async def test_cancel_with_an_attempt_in_flight_compensates_it() -> None:
+    calls = TimedCalls({("Execute", "b"): [NOT_SENT]}, delay=0.2)
+    e, _ = make(calls)
+    txn = await e.start_saga(
+        key="", timeout_ms=0, definition=SagaSpec(steps=(step("a"), step("b", "a"))), wait=False
+    )
+    for _ in range(100):
+        if txn.steps[1].attempts >= 1:
+            break
+        await asyncio.sleep(0.01)
+    out = await e.cancel_saga(txn.gid, "user cancelled")  # b's first attempt in flight
+    assert out.state == TxnState.COMPENSATED
+    assert steps_of(out)["b"] == BranchState.COMPENSATED
+    assert compensated(calls) == ["b", "a"]
+
+
+async def test_recovery_of_an_undelivered_step_from_every_prefix() -> None:
+    """Cut the log after every record. With b's start in the log and not its UNDELIVERED
+    result, the restarted coordinator finds b RUNNING and compensates it (what the dead
+    one sent is unknown), even though none of its own attempts reach the participant;
+    from that record on it never sends b's compensation; with no start of b in the log,
+    its own run of b is never delivered."""
+    e, wal = make(TimedCalls({("Execute", "b"): [NOT_SENT]}, delay=0))
+    txn = await start(e, step("a"), step("b", "a"), step("c", "b"))
+    assert txn.state == TxnState.COMPENSATED
+    steps = [
+        (n, pb.WalSagaStep.FromString(p))
+        for n, rt, p, _ in wal.records
+        if rt == RecordType.SAGA_STEP
+    ]
+    b_started = next(n for n, r in steps if r.step == 1 and r.state == pb.BRANCH_STATE_RUNNING)
+    b_marked = next(n for n, r in steps if r.state == pb.BRANCH_STATE_UNDELIVERED)
+    assert b_started < b_marked
+    seen = set()
+    for upto in range(1, len(wal.records) + 1):
+        calls = TimedCalls({("Execute", "b"): [NOT_SENT]}, delay=0)
+        e2 = await _recover(wal, upto, calls)
+        t2 = e2.get(txn.gid)
+        states = steps_of(t2)
+        assert t2.state == TxnState.COMPENSATED, (upto, t2.reason)
+        assert states["a"] == BranchState.COMPENSATED, upto
+        # Never started (a finished saga's replay leaves it PENDING: SKIPPED is not logged).
+        assert states["c"] in (BranchState.SKIPPED, BranchState.PENDING), upto
+        assert "c" not in compensated(calls), upto
+        if b_started <= upto < b_marked:
+            seen.add("compensated")
+            assert states["b"] == BranchState.COMPENSATED, upto
+            assert "b" in compensated(calls), upto
+        else:
+            seen.add("undelivered")
+            assert states["b"] == BranchState.UNDELIVERED, upto
+            assert "b" not in compensated(calls), upto
+            assert t2.reason.startswith("step b failed: not delivered"), (upto, t2.reason)
+    assert seen == {"compensated", "undelivered"}

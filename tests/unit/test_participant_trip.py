@@ -68,6 +68,16 @@ async def test_fail_city_is_refused(hotel: ParticipantService) -> None:
     assert bookings(hotel.store.path) == {}
 
 
+async def test_a_trip_id_booked_by_another_saga_is_refused(hotel: ParticipantService) -> None:
+    assert (await hotel.call(Op.EXECUTE, trip("g1", "book", trip_id="t-42"))).ok
+    r = await hotel.call(Op.EXECUTE, trip("g2", "book", "Rome", trip_id="t-42"))
+    assert r.status is Status.REFUSED
+    assert r.message == "trip t-42 already has a hotel booking: use a new trip id"
+    # The second saga compensates its refused step: a no-op that leaves g1's booking.
+    assert (await hotel.call(Op.COMPENSATE, trip("g2", "cancel", "Rome", trip_id="t-42"))).ok
+    assert bookings(hotel.store.path) == {"t-42": "CONFIRMED"}
+
+
 async def test_cancel(hotel: ParticipantService) -> None:
     await hotel.call(Op.EXECUTE, trip("g1", "book"))
     await hotel.call(Op.EXECUTE, trip("g2", "book", "Rome"))

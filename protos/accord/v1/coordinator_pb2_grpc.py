@@ -204,7 +204,14 @@ class CoordinatorServicer:
         already removed from the log gets a snapshot of the retained transactions first
         (FEED_EVENT_KIND_SNAPSHOT events, then one FEED_EVENT_KIND_SNAPSHOT_END), then the
         feed after the snapshot's LSN. A subscriber never slows the write path: one that
-        falls behind its bounded buffer is caught up from the WAL segments on disk.
+        falls behind its bounded buffer (64 group-commit batches or 8192 records) is caught
+        up from the WAL segments on disk, then rejoins the live path. A subscriber whose
+        next records a checkpoint removes while it catches up gets a new snapshot (at the
+        newer checkpoint's LSN) the same way.
+        Errors: INVALID_ARGUMENT for max_batch over 4096; OUT_OF_RANGE for a from_lsn past
+        the shard's durable LSN (nothing was ever sent there; it may become valid later);
+        UNAVAILABLE when the coordinator stops (resubscribe from the last LSN). Only the
+        shard's owner serves it (a standby serves nothing), once its WAL is replayed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

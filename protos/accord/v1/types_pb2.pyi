@@ -133,6 +133,11 @@ class _BranchStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BranchSta
     """compensation done"""
     BRANCH_STATE_SKIPPED: _BranchState.ValueType  # 12
     """never started: nothing to undo"""
+    BRANCH_STATE_UNDELIVERED: _BranchState.ValueType  # 13
+    """Saga step whose attempts ran out and none of which can have reached the participant
+    (no connection, no live instance, a stream not opened): it did not run, nothing to
+    undo. A step found RUNNING after a restart is never given this state.
+    """
 
 class BranchState(_BranchState, metaclass=_BranchStateEnumTypeWrapper): ...
 
@@ -161,6 +166,11 @@ BRANCH_STATE_COMPENSATED: BranchState.ValueType  # 11
 """compensation done"""
 BRANCH_STATE_SKIPPED: BranchState.ValueType  # 12
 """never started: nothing to undo"""
+BRANCH_STATE_UNDELIVERED: BranchState.ValueType  # 13
+"""Saga step whose attempts ran out and none of which can have reached the participant
+(no connection, no live instance, a stream not opened): it did not run, nothing to
+undo. A step found RUNNING after a restart is never given this state.
+"""
 Global___BranchState: _TypeAlias = BranchState  # noqa: Y015
 
 class _FeedEventKind:
@@ -595,15 +605,20 @@ class FeedEvent(_message.Message):
     """BEGUN, PREPARING, SAGA_STARTED"""
     deadline_unix_ms: _builtins.int
     trace_id: _builtins.str
-    """32 hex digits, when the transaction was traced"""
+    """32 hex digits, when traced (BEGUN, PREPARING,"""
     one_phase: _builtins.bool
     step: _builtins.int
     """STEP: index in the definition"""
     reason: _builtins.str
-    """ABORT, ENDED, SAGA_STATE"""
+    """`step` is unset: the definition is in SAGA_STARTED)
+    ABORT, ENDED, SAGA_STATE
+    """
     @_builtins.property
     def branches(self) -> _containers.RepeatedCompositeFieldContainer[Global___BranchStatus]:
-        """PREPARING: the branches; ENDED: each outcome"""
+        """SAGA_STARTED, SNAPSHOT)
+        PREPARING: the branches (PENDING, resolved address); ENDED: each branch's outcome
+        (state, attempts, last error, resolved address; `branch` holds only branch_id).
+        """
 
     @_builtins.property
     def commit_branch_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -619,7 +634,7 @@ class FeedEvent(_message.Message):
 
     @_builtins.property
     def step_status(self) -> Global___StepStatus:
-        """STEP: state, attempts, last error, result"""
+        """STEP: state, attempts, last error, result (its"""
 
     @_builtins.property
     def transaction(self) -> Global___Transaction:
