@@ -71,6 +71,8 @@ class RelaySettings:
     refresh_s: float = 2.0
     #: Events per Subscribe batch.
     max_batch: int = 512
+    #: How long the first connection to NATS may take.
+    connect_wait_s: float = 30.0
     #: A publish not acknowledged by then ends the subscription (it is retried).
     publish_timeout_s: float = 10.0
     backoff: Backoff = field(default_factory=lambda: Backoff(initial_s=0.2, max_s=5.0))
@@ -247,13 +249,21 @@ class Relay:
         import nats
 
         s = self.settings
-        nc = await nats.connect(
-            s.nats_url,
-            name="accord-relay",
-            connect_timeout=5,
-            reconnect_time_wait=0.5,
-            max_reconnect_attempts=-1,
-        )
+        try:
+            # Reconnecting for ever once connected; a first connection has a bound, so a
+            # wrong URL is a one-line failure rather than a silent wait.
+            async with asyncio.timeout(s.connect_wait_s):
+                nc = await nats.connect(
+                    s.nats_url,
+                    name="accord-relay",
+                    connect_timeout=5,
+                    reconnect_time_wait=0.5,
+                    max_reconnect_attempts=-1,
+                )
+        except TimeoutError:
+            raise ConnectionError(
+                f"NATS at {s.nats_url} unreachable for {s.connect_wait_s:g} s"
+            ) from None
         try:
             js = nc.jetstream()
             await ensure_stream(js, s.stream, s.duplicate_window_s)

@@ -1307,6 +1307,12 @@ def relay(
     max_batch: Annotated[
         int, typer.Option(envvar="ACCORD_MAX_BATCH", help="events per feed batch")
     ] = 512,
+    connect_wait_s: Annotated[
+        float,
+        typer.Option(
+            envvar="ACCORD_CONNECT_WAIT_S", help="give up if NATS is unreachable this long at start"
+        ),
+    ] = 30.0,
     log_level: LogLevelOpt = LogLevel.INFO,
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
@@ -1328,6 +1334,7 @@ def relay(
             duplicate_window_s=duplicate_window_s,
             refresh_s=refresh_s,
             max_batch=max_batch,
+            connect_wait_s=connect_wait_s,
         )
     except ValueError as e:
         raise fail(str(e), code=ExitCode.USAGE) from None
