@@ -257,6 +257,14 @@ async def test_relay_killed_and_restarted_loses_nothing_and_repeats_nothing(
     decisions = {s.event.gid for s in stored if s.event.kind == pb.FEED_EVENT_KIND_COMMIT}
     assert len(decisions) == 400
     check_stream(stored, [e for c in coords for e in await feed(c.address)])
+    # And, once phase two has finished (END records are lazy), every outcome.
+    stored = await assert_eventually(
+        lambda: until_relayed(server.url, [c.address for c in coords]),
+        lambda st: sum(s.event.state == pb.TXN_STATE_COMMITTED for s in st) == 400,
+        timeout_s=30,
+        what="400 committed outcomes",
+    )
+    check_stream(stored, [e for c in coords for e in await feed(c.address)])
     assert {s.event.shard for s in stored} == {"s1", "s2"}
     assert len(stored) > killed_at  # the restarted relay went on
 
