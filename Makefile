@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos clean prometheus postgresql
+.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos clean prometheus postgresql nats
 
 all: test
 
@@ -63,8 +63,19 @@ postgresql:
 	  { systemctl disable --now postgresql >/dev/null 2>&1 || true; }; } || \
 	  { echo "postgresql: could not install Debian's postgresql package (needed by the PostgreSQL participant tests)"; exit 1; }
 
+# The relay's tests (tests/integration/test_relay.py) start their own NATS server with
+# JetStream (Debian's nats-server package) on a free port; the package's own service, if
+# it has one, is stopped and disabled.
+nats:
+	@command -v nats-server >/dev/null || test -x /usr/sbin/nats-server || { \
+	  apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nats-server && \
+	  { service nats-server stop >/dev/null 2>&1 || true; } && \
+	  { systemctl disable --now nats-server >/dev/null 2>&1 || true; }; } || \
+	  { echo "nats: could not install Debian's nats-server package (needed by tests/integration/test_relay.py)"; exit 1; }
+
 # The whole suite: generated code fresh, lint, types, then every test.
-test: check-protos lint typecheck prometheus postgresql
+test: check-protos lint typecheck prometheus postgresql nats
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The whole topology on this machine, a workload, a summary.

@@ -1255,6 +1255,104 @@ def bank_balances(
     )
 
 
+# ---------------------------------------------------------------- relay
+
+
+@app.command()
+def relay(
+    nats: Annotated[
+        str,
+        typer.Option(
+            "--nats", envvar="ACCORD_NATS", help="NATS server URL (nats://host:port[,...])"
+        ),
+    ],
+    coordinator: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--coordinator",
+            "-c",
+            envvar="ACCORD_COORDINATORS",
+            help="a coordinator's host:port (repeatable; its shard is learned from its feed)",
+        ),
+    ] = None,
+    etcd: Annotated[
+        str,
+        typer.Option(
+            "--etcd",
+            envvar="ACCORD_ETCD",
+            help="follow every shard's owner registered in etcd instead of --coordinator",
+        ),
+    ] = "",
+    stream: Annotated[
+        str,
+        typer.Option(envvar="ACCORD_STREAM", help="the JetStream stream (created if missing)"),
+    ] = "ACCORD",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", envvar="ACCORD_RELAY_FORMAT", help="payload: proto (FeedEvent) or json"
+        ),
+    ] = "proto",
+    duplicate_window_s: Annotated[
+        float,
+        typer.Option(
+            envvar="ACCORD_DUPLICATE_WINDOW_S",
+            help="the duplicate window of a stream the relay creates (s)",
+        ),
+    ] = 120.0,
+    refresh_s: Annotated[
+        float,
+        typer.Option(envvar="ACCORD_REFRESH_S", help="how often etcd's shard map is read (s)"),
+    ] = 2.0,
+    max_batch: Annotated[
+        int, typer.Option(envvar="ACCORD_MAX_BATCH", help="events per feed batch")
+    ] = 512,
+    connect_wait_s: Annotated[
+        float,
+        typer.Option(
+            envvar="ACCORD_CONNECT_WAIT_S", help="give up if NATS is unreachable this long at start"
+        ),
+    ] = 30.0,
+    log_level: LogLevelOpt = LogLevel.INFO,
+    log_format: LogFormatOpt = LogFormat.TEXT,
+) -> None:
+    """Publish every shard's event feed to NATS JetStream: subjects
+    accord.<shard>.<protocol>.<state>, message id <shard>:<lsn>; resumes after the last
+    event the stream holds."""
+    import signal
+
+    from accord.relay import Format, Relay, RelaySettings
+
+    setup_logging(log_level, log_format)
+    try:
+        settings = RelaySettings(
+            nats_url=nats,
+            coordinators=tuple(coordinator or ()),
+            etcd=etcd,
+            stream=stream,
+            fmt=Format(fmt),
+            duplicate_window_s=duplicate_window_s,
+            refresh_s=refresh_s,
+            max_batch=max_batch,
+            connect_wait_s=connect_wait_s,
+        )
+    except ValueError as e:
+        raise fail(str(e), code=ExitCode.USAGE) from None
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Relay(settings).run(stop)
+
+    try:
+        runner.run(go())
+    except Exception as e:
+        log.exception("event=relay_failed")
+        raise fail(f"relay: {e}") from None
+
+
 # ---------------------------------------------------------------- demo
 
 

@@ -7,7 +7,8 @@ every one stopped by PID.
   ``async with``), last started first;
 - :class:`ManagedProcess` is one of them, with the faults the chaos harness injects
   (``kill``: SIGKILL, ``pause``/``resume``: SIGSTOP/SIGCONT) and restarts (``start``
-  again, same command line); :class:`EtcdServer` is etcd;
+  again, same command line); :class:`EtcdServer` is etcd, :class:`NatsServer` a NATS
+  server with JetStream;
 - :func:`free_port` reserves a port for a process that must be told its port;
 - :func:`open_accounts`, :func:`balances` and :func:`numbered_accounts` use the bank's
   admin API.
@@ -15,6 +16,7 @@ every one stopped by PID.
 It owns no part of Accord: it only runs the command lines the parts document."""
 
 from accord.tools.topology._bank import balances, numbered_accounts, open_accounts
+from accord.tools.topology._nats import NatsServer, nats_server_binary
 from accord.tools.topology._postgres import PostgresServer, postgres_bindir
 from accord.tools.topology._process import (
     EtcdServer,
@@ -30,6 +32,7 @@ from accord.tools.topology._topology import Role, Topology, workdir
 __all__ = [
     "EtcdServer",
     "ManagedProcess",
+    "NatsServer",
     "PostgresServer",
     "ProcessFailed",
     "Role",
@@ -38,6 +41,7 @@ __all__ = [
     "balances",
     "etcd_binary",
     "free_port",
+    "nats_server_binary",
     "numbered_accounts",
     "open_accounts",
     "postgres_bindir",
