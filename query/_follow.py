@@ -207,7 +207,7 @@ class Follower:
             stub = pb.CoordinatorStub(channel)
             shard = self.state.shard
             from_lsn = await self._start_lsn(shard) if shard else 0
-            self.state.applied_lsn = max(self.state.applied_lsn, from_lsn) if shard else 0
+            self.state.applied_lsn = from_lsn
             call = stub.Subscribe(pb.SubscribeRequest(from_lsn=from_lsn, max_batch=self._max_batch))
             self._call = call
             async for resp in call:
@@ -220,7 +220,7 @@ class Follower:
                         from_lsn,
                     )
                 self.state.heard = time.monotonic()
-                self.state.durable_lsn = max(self.state.durable_lsn, resp.durable_lsn)
+                self.state.durable_lsn = resp.durable_lsn
                 if not resp.events:
                     continue
                 got = True
@@ -256,9 +256,7 @@ class Follower:
 async def _pause_or(delay: float, stop: asyncio.Event, moved: asyncio.Event) -> bool:
     """Waits ``delay``; True when ``stop`` or ``moved`` came first."""
     either = asyncio.Event()
-    waiters = [
-        asyncio.get_running_loop().create_task(_relay(e, either)) for e in (stop, moved)
-    ]
+    waiters = [asyncio.get_running_loop().create_task(_relay(e, either)) for e in (stop, moved)]
     try:
         return await pause(delay, either)
     finally:

@@ -101,11 +101,11 @@ def _prefix(col: str, prefix: str, where: list[str], params: list[Any]) -> None:
 def filter_sql(flt: pb.TransactionFilter) -> tuple[list[str], list[Any]]:
     where: list[str] = []
     params: list[Any] = []
-    states = list(dict.fromkeys(int(s) for s in flt.states))
+    states: list[int] = list(dict.fromkeys(int(s) for s in flt.states))
     if flt.stuck:
         states = [pb.TXN_STATE_STUCK] if not states or pb.TXN_STATE_STUCK in states else [-1]
     if flt.phase_two_pending:
-        pending = sorted(PHASE_TWO_STATES)
+        pending = sorted(int(s) for s in PHASE_TWO_STATES)
         states = [s for s in states if s in PHASE_TWO_STATES] if states else pending
         states = states or [-1]
     if states:
@@ -149,13 +149,19 @@ def _order(order: int, now_ms: int) -> tuple[str, str, list[Any]]:
     if order == pb.QUERY_ORDER_ENDED_DESC:
         return "t.ended_ms", "DESC", []
     # Unfinished transactions: their age so far, as of the first page's "now".
-    return "(CASE WHEN t.ended_ms > 0 THEN t.duration_ms ELSE ? - t.created_ms END)", "DESC", [
-        now_ms
-    ]
+    return (
+        "(CASE WHEN t.ended_ms > 0 THEN t.duration_ms ELSE ? - t.created_ms END)",
+        "DESC",
+        [now_ms],
+    )
 
 
 def _sort_value(order: int, summary: pb.TransactionSummary, now_ms: int) -> int:
-    if order in (pb.QUERY_ORDER_UNSPECIFIED, pb.QUERY_ORDER_STARTED_DESC, pb.QUERY_ORDER_STARTED_ASC):
+    if order in (
+        pb.QUERY_ORDER_UNSPECIFIED,
+        pb.QUERY_ORDER_STARTED_DESC,
+        pb.QUERY_ORDER_STARTED_ASC,
+    ):
         return int(summary.created_unix_ms)
     if order == pb.QUERY_ORDER_ENDED_DESC:
         return int(summary.ended_unix_ms)
@@ -194,7 +200,7 @@ async def list_transactions(
         + (" WHERE " + " AND ".join(where) if where else "")
         + f" ORDER BY {key} {direction}, t.gid {direction} LIMIT ?"
     )
-    rows = await store.fetch(sql, [*key_params, *params, *key_params, size + 1])
+    rows = await store.fetch(sql, [*params, *key_params, size + 1])
     summaries = [row_from(r).summary() for r in rows[:size]]
     token = ""
     if len(rows) > size and summaries:
