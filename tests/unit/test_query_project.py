@@ -142,7 +142,7 @@ def test_saga_completes():
 
 
 def test_saga_compensates_then_stuck_then_retried():
-    row, tl = run(
+    row, _ = run(
         [
             ev.saga_started("s1:g", 1, [("debit", "bank-a"), ("credit", "bank-b")]),
             ev.step("s1:g", 2, 0, pb.BRANCH_STATE_SUCCEEDED),
