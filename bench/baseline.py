@@ -88,7 +88,7 @@ class BareCoordinator(pb.CoordinatorServicer):
 
     Begin = Enlist = Commit = Abort = GetTransaction = ListTransactions = _unimplemented
     QueryOutcome = CancelSaga = RetryTransaction = _unimplemented
-    WatchTransaction = _unimplemented_stream
+    WatchTransaction = Subscribe = _unimplemented_stream
 
     def __init__(self, services: dict[str, str], advertise: str) -> None:
         self._channels: list[aio.Channel] = []

@@ -483,6 +483,7 @@ class Engine:
     ) -> int:
         """Appends; returns once the record is written (``sync``: fdatasync'ed). A forced
         append gets an ``accord.wal.sync`` span under ``parent`` when tracing."""
+        record.unix_ms = self._clock.now_ms()  # the feed's event time (FeedEvent.unix_ms)
         try:
             lsn, done = self._wal.submit(int(rtype), record.SerializeToString(), sync=sync)
         except Exception as e:  # WalFatalError and friends: the log cannot take it

@@ -40,6 +40,7 @@ from accord.coordinator._errors import (
     Unavailable,
 )
 from accord.coordinator._failpoints import Failpoints
+from accord.coordinator._feed import FeedHub, OutOfRange
 from accord.coordinator._specs import branch_from_pb, saga_from_pb
 from accord.coordinator._states import TxnState
 from accord.coordinator._telemetry import CoordinatorTelemetry
@@ -102,9 +103,12 @@ async def _guard(
 
 
 class CoordinatorServicer(pb.CoordinatorServicer):
-    def __init__(self, engine: Engine, *, tracing: bool = False) -> None:
+    def __init__(
+        self, engine: Engine, *, tracing: bool = False, feed: FeedHub | None = None
+    ) -> None:
         self._e = engine
         self._traced = tracing
+        self._feed = feed
 
     async def Begin(self, request: pb.BeginRequest, context: Any) -> pb.BeginResponse:
         txn = await _guard(
@@ -212,6 +216,26 @@ class CoordinatorServicer(pb.CoordinatorServicer):
 
         return await _guard(context, run())
 
+    async def Subscribe(
+        self, request: pb.SubscribeRequest, context: Any
+    ) -> AsyncIterator[pb.SubscribeResponse]:
+        feed = self._feed
+        if feed is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server has no event feed")
+            return
+        stream = feed.stream(request.from_lsn, request.max_batch)
+        try:
+            async for response in stream:
+                yield response
+        except OutOfRange as e:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(e))
+        except AccordError as e:
+            await context.abort(status_for(e), str(e))
+        finally:
+            await stream.aclose()
+        # The hub closed: the coordinator is stopping (resubscribe from the last LSN).
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is stopping")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
@@ -283,6 +307,8 @@ class CoordinatorServer:
         self.shard: ShardLease | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self._on_fenced = on_fenced
+        #: The event feed (Subscribe): made before the WAL opens, which feeds it.
+        self.feed: FeedHub | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -307,6 +333,7 @@ class CoordinatorServer:
             epoch = await self.shard.acquire(on_wait=self._on_standby)
             config = replace(config, epoch=epoch)
             self._watchers.append(asyncio.get_running_loop().create_task(self._watch_shard()))
+        self.feed = FeedHub(config.shard, s.wal_dir, telemetry=self.telemetry)
         wal, recovered = await self._open_wal()
         self._wal = wal
         for note in recovered.repaired:
@@ -331,7 +358,7 @@ class CoordinatorServer:
         )
         self.engine = engine
         pb.add_CoordinatorServicer_to_server(
-            CoordinatorServicer(engine, tracing=self.telemetry.tracing), server
+            CoordinatorServicer(engine, tracing=self.telemetry.tracing, feed=self.feed), server
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -385,6 +412,7 @@ class CoordinatorServer:
                     on_fatal=self._on_fatal,
                     on_sync=self.telemetry.on_wal_sync,
                     sync_marker=s.wal_sync_marker,
+                    feed=self.feed,
                 )
             except WalLockedError:
                 if self.shard is None or asyncio.get_running_loop().time() > deadline:
@@ -409,6 +437,7 @@ class CoordinatorServer:
             task.cancel()
         if self.registration is not None:
             await self.registration.close()
+        self._close_feed()
         if self._server is not None:
             await self._server.stop(self.settings.grace_s)
         if self.engine is not None:
@@ -420,6 +449,12 @@ class CoordinatorServer:
         if self.shard is not None:
             await self.shard.close()  # after the WAL is closed: a successor may open it
         await self._registry.close()
+
+    def _close_feed(self) -> None:
+        """Ends the Subscribe streams (UNAVAILABLE), so a stop does not wait out the
+        grace period for subscribers that would never leave on their own."""
+        if self.feed is not None:
+            self.feed.close()
 
     async def __aenter__(self) -> CoordinatorServer:
         try:

@@ -137,6 +137,18 @@ class CoordinatorTelemetry:
             description="records per fsync'ed group-commit batch",
             explicit_bucket_boundaries_advisory=_BATCH,
         )
+        self._feed_subs = m.create_up_down_counter(
+            "accord.feed.subscribers", description="Subscribe streams connected (event feed)"
+        )
+        self._feed_events = m.create_counter(
+            "accord.feed.events", description="feed events sent, over every subscriber"
+        )
+        self._feed_catch_ups = m.create_counter(
+            "accord.feed.catch_ups",
+            description="feed subscribers served from the WAL files on disk, by reason: "
+            "start (subscribed behind the live edge), overflow (fell behind its buffer), "
+            "snapshot (its records were checkpointed away: served a snapshot)",
+        )
         m.create_observable_gauge(
             "accord.transactions.in_flight",
             callbacks=[self._observe_in_flight],
@@ -365,6 +377,18 @@ class CoordinatorTelemetry:
         self.last_batch = batch
         self._fsync_ms.record(seconds * 1000)
         self._batch.record(batch)
+
+    # ------------------------------------------------------------------ event feed
+
+    def feed_subscribed(self, delta: int) -> None:
+        self._feed_subs.add(delta)
+
+    def feed_sent(self, events: int) -> None:
+        if events:
+            self._feed_events.add(events)
+
+    def feed_catch_up(self, why: str) -> None:
+        self._feed_catch_ups.add(1, _attrs(reason=why))
 
     def wal_span(self, parent: trace.Span | None) -> trace.Span | None:
         if not self.tracing or parent is None or not parent.is_recording():

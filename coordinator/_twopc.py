@@ -96,6 +96,17 @@ class TwoPhaseCommit:
             txn.rec_abort = rec_a
             return RecordType.ABORT, rec_a, False  # presumed abort: never forced
         rec_e = pb.WalEnd(gid=txn.gid, state=int(new), reason=reason or txn.reason)  # type: ignore[arg-type]
+        # Each branch's outcome, for the feed (the spec is in WalPrepare: only the id).
+        final = BranchState.COMMITTED if new == TxnState.COMMITTED else BranchState.ABORTED
+        for b in txn.branches:
+            state = final if b.state in (BranchState.PENDING, BranchState.PREPARED) else b.state
+            rec_e.branches.add(
+                branch=pb.Branch(branch_id=b.branch_id),
+                state=int(state),
+                attempts=b.attempts,
+                last_error=b.last_error,
+                resolved_address=b.resolved,
+            )
         txn.rec_end = rec_e
         return RecordType.END, rec_e, False  # lazy
 

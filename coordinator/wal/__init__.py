@@ -100,11 +100,13 @@ are older checkpoint files. Add one preallocated spare segment (``spare.wal.tmp`
 
 from __future__ import annotations
 
+from ._checkpoint import read_live_image
 from ._errors import WalCorruptionError, WalError, WalFatalError, WalLockedError
 from ._format import FIRST_USER_RTYPE, MAX_PAYLOAD, RTYPE_CHECKPOINT
 from ._powerloss import drop_unsynced
+from ._reader import LogReader, RecordsGone
 from ._segment import SYNC_MARKER
-from ._types import RecoveredLog, WalRecord, WalStats
+from ._types import FeedSink, RecoveredLog, WalRecord, WalStats
 from ._wal import DEFAULT_SEGMENT_SIZE, WAL
 
 __all__ = [
@@ -114,6 +116,9 @@ __all__ = [
     "RTYPE_CHECKPOINT",
     "SYNC_MARKER",
     "WAL",
+    "FeedSink",
+    "LogReader",
+    "RecordsGone",
     "RecoveredLog",
     "WalCorruptionError",
     "WalError",
@@ -122,4 +127,5 @@ __all__ = [
     "WalRecord",
     "WalStats",
     "drop_unsynced",
+    "read_live_image",
 ]

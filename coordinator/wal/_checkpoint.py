@@ -67,3 +67,21 @@ def remove_checkpoints_except(directory: Path, keep_lsn: int | None) -> list[str
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
+
+
+def read_live_image(directory: Path, lsn: int) -> bytes | None:
+    """The image of checkpoint file ``lsn`` (its own header and CRC verified), or None
+    if the file is gone (a newer checkpoint replaced it). For the event feed's snapshot:
+    call it only with the LSN of a live checkpoint."""
+    name = checkpoint_name(lsn)
+    try:
+        data = (directory / name).read_bytes()
+    except FileNotFoundError:
+        return None
+    decoded = decode_checkpoint_file(data)
+    if isinstance(decoded, str):
+        raise WalCorruptionError(f"wal: {decoded} in checkpoint file {name}")
+    found, image = decoded
+    if found.lsn != lsn:
+        raise WalCorruptionError(f"wal: checkpoint file {name} says lsn {found.lsn}")
+    return image

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +45,24 @@ class WalStats:
     segments_created: int = 0
     segments_deleted: int = 0
     checkpoints: int = 0
+
+
+class FeedSink(Protocol):
+    """Who hears of durable records (the event feed's hub, ``accord.coordinator._feed``).
+    Called on the event loop; each call must be cheap and must not block or await."""
+
+    def opened(self, durable_lsn: int, checkpoint_lsn: int) -> None:
+        """At open: every record up to ``durable_lsn`` is durable; the live checkpoint
+        (0: none) reflects every record up to ``checkpoint_lsn``."""
+
+    def durable(self, records: list[tuple[int, int, bytes]], durable_lsn: int) -> None:
+        """``records`` (lsn, rtype, payload; every type, in LSN order, following the
+        previous call's without a gap) are durable, up to ``durable_lsn``."""
+
+    def checkpointed(self, lsn: int) -> None:
+        """A checkpoint reflecting every record up to ``lsn`` is live (its CHECKPOINT
+        record is durable); older segments may be deleted from now on."""
+
+    @property
+    def waiting(self) -> bool:
+        """True while a subscriber waits for records: unsynced ones are synced soon."""

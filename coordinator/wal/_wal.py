@@ -25,7 +25,7 @@ from ._format import (
 from ._lock import DirectoryLock
 from ._recovery import Recovery, recover
 from ._segment import SegmentLog
-from ._types import RecoveredLog, WalStats
+from ._types import FeedSink, RecoveredLog, WalStats
 from ._writer import GroupCommitWriter
 
 logger = logging.getLogger("accord.coordinator.wal")
@@ -48,15 +48,17 @@ class WAL:
         recovery: Recovery,
         on_fatal: Callable[[BaseException], None] | None,
         on_sync: Callable[[int, float], None] | None,
+        feed: FeedSink | None = None,
     ) -> None:
         self._dir = directory
+        self._feed = feed
         self._lock = lock
         self._log = log
         # One I/O thread: SegmentLog is thread-confined, and fsync stalls never occupy
         # the loop's default executor. A second thread prepares spare segment files.
         self._io = io
         self._spare = spare
-        self._writer = GroupCommitWriter(log, io, on_fatal=on_fatal, on_sync=on_sync)
+        self._writer = GroupCommitWriter(log, io, on_fatal=on_fatal, on_sync=on_sync, feed=feed)
         self._next_lsn = recovery.next_lsn
         self._checkpoint_lsn: int | None = (
             recovery.checkpoint_lsn if recovery.checkpoint is not None else None
@@ -77,11 +79,13 @@ class WAL:
         on_sync: Callable[[int, float], None] | None = None,
         slow_fsync_warn_s: float = 0.5,
         sync_marker: bool = False,
+        feed: FeedSink | None = None,
     ) -> tuple[WAL, RecoveredLog]:
         """Lock ``directory`` (created if missing), recover it, and start the writer.
 
         Raises WalLockedError if another WAL owns the directory, WalCorruptionError if
         the log is damaged anywhere but a torn tail (which is repaired, see ``repaired``).
+        ``feed`` hears of every record once it is durable (the event feed).
         """
         directory = Path(directory)
         if segment_size < MIN_SEGMENT_SIZE:
@@ -131,7 +135,11 @@ class WAL:
             recovery=recovery,
             on_fatal=on_fatal,
             on_sync=on_sync,
+            feed=feed,
         )
+        if feed is not None:
+            # Recovery made everything it found durable (SegmentLog fsyncs the tail).
+            feed.opened(recovery.next_lsn - 1, wal._checkpoint_lsn or 0)
         wal._writer.start()
         recovered = RecoveredLog(
             checkpoint=recovery.checkpoint,
@@ -210,6 +218,8 @@ class WAL:
             await done
             self._checkpoint_lsn = lsn
             self._checkpoints += 1
+            if self._feed is not None:
+                self._feed.checkpointed(lsn)  # before any segment it covers is deleted
             loop = asyncio.get_running_loop()
             deleted = await loop.run_in_executor(self._io, self._log.delete_through, lsn)
             removed = await asyncio.to_thread(remove_checkpoints_except, self._dir, lsn)

@@ -20,11 +20,17 @@ from typing import Final, TypeVar
 from ._errors import WalFatalError
 from ._format import record_size
 from ._segment import SegmentLog
+from ._types import FeedSink
 
 logger = logging.getLogger("accord.coordinator.wal")
 
 MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
 """A batch stops growing here (it always takes at least one record)."""
+
+FEED_FLUSH_S: Final = 0.05
+"""With a feed subscriber waiting, records written without a sync (presumed-abort
+records, saga results, END) are fdatasync'ed after this long idle, so the feed, which
+only carries durable records, does not hold them back until the next forced record."""
 
 _T = TypeVar("_T")
 
@@ -46,8 +52,12 @@ class GroupCommitWriter:
         *,
         on_fatal: Callable[[BaseException], None] | None,
         on_sync: Callable[[int, float], None] | None,
+        feed: FeedSink | None = None,
     ) -> None:
         self._log = log
+        self._feed = feed
+        #: Written, not yet known durable: (lsn, rtype, payload), for the feed only.
+        self._written: list[tuple[int, int, bytes]] = []
         self._io = io
         self._on_fatal = on_fatal
         self._on_sync = on_sync
@@ -93,7 +103,10 @@ class GroupCommitWriter:
                 elif self._stopping:
                     if self._log.dirty:  # sync=False records still only in the page cache
                         await self._in_io(self._log.sync)
+                    self._publish()
                     return
+                elif self._written and self._feed is not None and self._feed.waiting:
+                    await self._flush_when_idle()
                 else:
                     self._wakeup.clear()
                     await self._wakeup.wait()
@@ -117,9 +130,34 @@ class GroupCommitWriter:
             size += more
         return batch
 
+    async def _flush_when_idle(self) -> None:
+        """Unsynced records and a feed subscriber waiting: sync them unless more work
+        comes within FEED_FLUSH_S (its batch's sync will cover them)."""
+        self._wakeup.clear()
+        try:
+            async with asyncio.timeout(FEED_FLUSH_S):
+                await self._wakeup.wait()
+        except TimeoutError:
+            await self._in_io(self._log.sync)
+            self._publish()
+
+    def _publish(self) -> None:
+        """Everything written so far is durable now: hand it to the feed."""
+        written = self._written
+        if not written or self._feed is None:
+            return
+        self._written = []
+        try:
+            self._feed.durable(written, written[-1][0])
+        except Exception:
+            logger.exception("event=wal_feed_failed")
+
     async def _commit(self, batch: list[_Pending]) -> None:
         self._inflight = batch
-        await self._in_io(self._log.write_batch, [(p.lsn, p.rtype, p.payload) for p in batch])
+        items = [(p.lsn, p.rtype, p.payload) for p in batch]
+        await self._in_io(self._log.write_batch, items)
+        if self._feed is not None:
+            self._written.extend(items)
         self.records += len(batch)
         self.batches += 1
         self.max_batch = max(self.max_batch, len(batch))
@@ -132,6 +170,7 @@ class GroupCommitWriter:
                 p.future.set_result(None)
         if needs_sync:
             seconds = await self._in_io(self._log.sync)
+            self._publish()
             for p in batch:
                 if p.sync and not p.future.done():
                     p.future.set_result(None)
@@ -164,6 +203,7 @@ class GroupCommitWriter:
                 self._fatal.__cause__ = exc
             logger.log(logging.ERROR if notify else logging.WARNING, "%s", self._fatal)
         waiters = [*self._inflight, *self._queue]
+        self._written = []  # never durable as far as anyone will hear
         self._inflight = []
         self._queue.clear()
         for p in waiters:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from accord.v1 import types_pb2 as accord_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61\x63\x63ord/v1/wal.proto\x12\taccord.v1\x1a\x15\x61\x63\x63ord/v1/types.proto\"\x90\x01\n\x08WalBegin\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x16\n\x0erequest_digest\x18\x03 \x01(\x0c\x12\x17\n\x0f\x63reated_unix_ms\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\"\xe6\x01\n\nWalPrepare\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x16\n\x0erequest_digest\x18\x03 \x01(\x0c\x12\x17\n\x0f\x63reated_unix_ms\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12#\n\x08\x62ranches\x18\x06 \x03(\x0b\x32\x11.accord.v1.Branch\x12\x1a\n\x12resolved_addresses\x18\x07 \x03(\t\x12\x11\n\tone_phase\x18\x08 \x01(\x08\x12\x13\n\x0btraceparent\x18\t \x01(\t\",\n\tWalCommit\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x12\n\nbranch_ids\x18\x02 \x03(\t\"\'\n\x08WalAbort\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x06WalEnd\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.accord.v1.TxnState\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xdf\x01\n\x0cWalSagaStart\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x16\n\x0erequest_digest\x18\x03 \x01(\x0c\x12\x17\n\x0f\x63reated_unix_ms\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12-\n\ndefinition\x18\x06 \x01(\x0b\x32\x19.accord.v1.SagaDefinition\x12\x1a\n\x12resolved_addresses\x18\x07 \x03(\t\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"\x80\x01\n\x0bWalSagaStep\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.accord.v1.BranchState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0e\n\x06result\x18\x06 \x01(\x0c\"O\n\x0cWalSagaState\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.accord.v1.TxnState\x12\x0e\n\x06reason\x18\x03 \x01(\t\"*\n\rWalCheckpoint\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0b\n\x03lsn\x18\x02 \x01(\x04\"N\n\x0f\x43heckpointImage\x12\x0b\n\x03lsn\x18\x01 \x01(\x04\x12.\n\x0ctransactions\x18\x02 \x03(\x0b\x32\x18.accord.v1.CheckpointTxn\"\xc0\x02\n\rCheckpointTxn\x12\"\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x13.accord.v1.WalBegin\x12&\n\x07prepare\x18\x02 \x01(\x0b\x32\x15.accord.v1.WalPrepare\x12$\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x14.accord.v1.WalCommit\x12\"\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x13.accord.v1.WalAbort\x12\x1e\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x11.accord.v1.WalEnd\x12%\n\x04saga\x18\x06 \x01(\x0b\x32\x17.accord.v1.WalSagaStart\x12%\n\x05steps\x18\x07 \x03(\x0b\x32\x16.accord.v1.WalSagaStep\x12+\n\nsaga_state\x18\x08 \x01(\x0b\x32\x17.accord.v1.WalSagaStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61\x63\x63ord/v1/wal.proto\x12\taccord.v1\x1a\x15\x61\x63\x63ord/v1/types.proto\"\xa1\x01\n\x08WalBegin\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x16\n\x0erequest_digest\x18\x03 \x01(\x0c\x12\x17\n\x0f\x63reated_unix_ms\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\x12\x0f\n\x07unix_ms\x18\n \x01(\x03\"\xf7\x01\n\nWalPrepare\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x16\n\x0erequest_digest\x18\x03 \x01(\x0c\x12\x17\n\x0f\x63reated_unix_ms\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12#\n\x08\x62ranches\x18\x06 \x03(\x0b\x32\x11.accord.v1.Branch\x12\x1a\n\x12resolved_addresses\x18\x07 \x03(\t\x12\x11\n\tone_phase\x18\x08 \x01(\x08\x12\x13\n\x0btraceparent\x18\t \x01(\t\x12\x0f\n\x07unix_ms\x18\n \x01(\x03\"=\n\tWalCommit\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x12\n\nbranch_ids\x18\x02 \x03(\t\x12\x0f\n\x07unix_ms\x18\n \x01(\x03\"8\n\x08WalAbort\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07unix_ms\x18\n \x01(\x03\"\x85\x01\n\x06WalEnd\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.accord.v1.TxnState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07unix_ms\x18\n \x01(\x03\x12)\n\x08\x62ranches\x18\x0b \x03(\x0b\x32\x17.accord.v1.BranchStatus\"\xf0\x01\n\x0cWalSagaStart\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x16\n\x0erequest_digest\x18\x03 \x01(\x0c\x12\x17\n\x0f\x63reated_unix_ms\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12-\n\ndefinition\x18\x06 \x01(\x0b\x32\x19.accord.v1.SagaDefinition\x12\x1a\n\x12resolved_addresses\x18\x07 \x03(\t\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x0f\n\x07unix_ms\x18\n \x01(\x03\"\x91\x01\n\x0bWalSagaStep\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.accord.v1.BranchState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0e\n\x06result\x18\x06 \x01(\x0c\x12\x0f\n\x07unix_ms\x18\n \x01(\x03\"`\n\x0cWalSagaState\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.accord.v1.TxnState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07unix_ms\x18\n \x01(\x03\"*\n\rWalCheckpoint\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0b\n\x03lsn\x18\x02 \x01(\x04\"N\n\x0f\x43heckpointImage\x12\x0b\n\x03lsn\x18\x01 \x01(\x04\x12.\n\x0ctransactions\x18\x02 \x03(\x0b\x32\x18.accord.v1.CheckpointTxn\"\xc0\x02\n\rCheckpointTxn\x12\"\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x13.accord.v1.WalBegin\x12&\n\x07prepare\x18\x02 \x01(\x0b\x32\x15.accord.v1.WalPrepare\x12$\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x14.accord.v1.WalCommit\x12\"\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x13.accord.v1.WalAbort\x12\x1e\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x11.accord.v1.WalEnd\x12%\n\x04saga\x18\x06 \x01(\x0b\x32\x17.accord.v1.WalSagaStart\x12%\n\x05steps\x18\x07 \x03(\x0b\x32\x16.accord.v1.WalSagaStep\x12+\n\nsaga_state\x18\x08 \x01(\x0b\x32\x17.accord.v1.WalSagaStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +33,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accord.v1.wal_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WALBEGIN']._serialized_start=58
-  _globals['_WALBEGIN']._serialized_end=202
-  _globals['_WALPREPARE']._serialized_start=205
-  _globals['_WALPREPARE']._serialized_end=435
-  _globals['_WALCOMMIT']._serialized_start=437
-  _globals['_WALCOMMIT']._serialized_end=481
-  _globals['_WALABORT']._serialized_start=483
-  _globals['_WALABORT']._serialized_end=522
-  _globals['_WALEND']._serialized_start=524
-  _globals['_WALEND']._serialized_end=597
-  _globals['_WALSAGASTART']._serialized_start=600
-  _globals['_WALSAGASTART']._serialized_end=823
-  _globals['_WALSAGASTEP']._serialized_start=826
-  _globals['_WALSAGASTEP']._serialized_end=954
-  _globals['_WALSAGASTATE']._serialized_start=956
-  _globals['_WALSAGASTATE']._serialized_end=1035
-  _globals['_WALCHECKPOINT']._serialized_start=1037
-  _globals['_WALCHECKPOINT']._serialized_end=1079
-  _globals['_CHECKPOINTIMAGE']._serialized_start=1081
-  _globals['_CHECKPOINTIMAGE']._serialized_end=1159
-  _globals['_CHECKPOINTTXN']._serialized_start=1162
-  _globals['_CHECKPOINTTXN']._serialized_end=1482
+  _globals['_WALBEGIN']._serialized_end=219
+  _globals['_WALPREPARE']._serialized_start=222
+  _globals['_WALPREPARE']._serialized_end=469
+  _globals['_WALCOMMIT']._serialized_start=471
+  _globals['_WALCOMMIT']._serialized_end=532
+  _globals['_WALABORT']._serialized_start=534
+  _globals['_WALABORT']._serialized_end=590
+  _globals['_WALEND']._serialized_start=593
+  _globals['_WALEND']._serialized_end=726
+  _globals['_WALSAGASTART']._serialized_start=729
+  _globals['_WALSAGASTART']._serialized_end=969
+  _globals['_WALSAGASTEP']._serialized_start=972
+  _globals['_WALSAGASTEP']._serialized_end=1117
+  _globals['_WALSAGASTATE']._serialized_start=1119
+  _globals['_WALSAGASTATE']._serialized_end=1215
+  _globals['_WALCHECKPOINT']._serialized_start=1217
+  _globals['_WALCHECKPOINT']._serialized_end=1259
+  _globals['_CHECKPOINTIMAGE']._serialized_start=1261
+  _globals['_CHECKPOINTIMAGE']._serialized_end=1339
+  _globals['_CHECKPOINTTXN']._serialized_start=1342
+  _globals['_CHECKPOINTTXN']._serialized_end=1662
 # @@protoc_insertion_point(module_scope)

@@ -37,6 +37,7 @@ class WalBegin(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     idempotency_key: _builtins.str
     request_digest: _builtins.bytes
@@ -45,6 +46,10 @@ class WalBegin(_message.Message):
     traceparent: _builtins.str
     """W3C traceparent of the transaction's root span ("" when tracing is off): recovery
     spans after a restart are linked to it, so a crashed transaction stays one story.
+    """
+    unix_ms: _builtins.int
+    """When the record was made (Unix ms; 0 in logs older than the field): the feed's
+    FeedEvent.unix_ms.
     """
     def __init__(
         self,
@@ -55,10 +60,11 @@ class WalBegin(_message.Message):
         created_unix_ms: _builtins.int = ...,
         deadline_unix_ms: _builtins.int = ...,
         traceparent: _builtins.str = ...,
+        unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest", "traceparent", b"traceparent", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -81,6 +87,7 @@ class WalPrepare(_message.Message):
     RESOLVED_ADDRESSES_FIELD_NUMBER: _builtins.int
     ONE_PHASE_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     idempotency_key: _builtins.str
     request_digest: _builtins.bytes
@@ -89,6 +96,8 @@ class WalPrepare(_message.Message):
     one_phase: _builtins.bool
     traceparent: _builtins.str
     """as in WalBegin (Execute writes no WalBegin)"""
+    unix_ms: _builtins.int
+    """when the record was made, as in WalBegin"""
     @_builtins.property
     def branches(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Branch]: ...
     @_builtins.property
@@ -105,10 +114,11 @@ class WalPrepare(_message.Message):
         resolved_addresses: _abc.Iterable[_builtins.str] | None = ...,
         one_phase: _builtins.bool = ...,
         traceparent: _builtins.str = ...,
+        unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branches", b"branches", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "one_phase", b"one_phase", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branches", b"branches", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "one_phase", b"one_phase", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses", "traceparent", b"traceparent", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -124,7 +134,10 @@ class WalCommit(_message.Message):
 
     GID_FIELD_NUMBER: _builtins.int
     BRANCH_IDS_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
+    unix_ms: _builtins.int
+    """when the record was made, as in WalBegin"""
     @_builtins.property
     def branch_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -132,10 +145,11 @@ class WalCommit(_message.Message):
         *,
         gid: _builtins.str = ...,
         branch_ids: _abc.Iterable[_builtins.str] | None = ...,
+        unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_ids", b"branch_ids", "gid", b"gid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_ids", b"branch_ids", "gid", b"gid", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -149,17 +163,21 @@ class WalAbort(_message.Message):
 
     GID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     reason: _builtins.str
+    unix_ms: _builtins.int
+    """when the record was made, as in WalBegin"""
     def __init__(
         self,
         *,
         gid: _builtins.str = ...,
         reason: _builtins.str = ...,
+        unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gid", b"gid", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gid", b"gid", "reason", b"reason", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -174,20 +192,34 @@ class WalEnd(_message.Message):
     GID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
+    BRANCHES_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     state: _types_pb2.TxnState.ValueType
     """COMMITTED or ABORTED"""
     reason: _builtins.str
+    unix_ms: _builtins.int
+    """when the record was made, as in WalBegin"""
+    @_builtins.property
+    def branches(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.BranchStatus]:
+        """Each branch's outcome (state, attempts, last error, resolved address), in the
+        order of WalPrepare.branches; `branch` holds only branch_id (the rest is in
+        WalPrepare). Empty in logs older than the field, and for a transaction aborted
+        before Commit without branches.
+        """
+
     def __init__(
         self,
         *,
         gid: _builtins.str = ...,
         state: _types_pb2.TxnState.ValueType = ...,
         reason: _builtins.str = ...,
+        unix_ms: _builtins.int = ...,
+        branches: _abc.Iterable[_types_pb2.BranchStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gid", b"gid", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branches", b"branches", "gid", b"gid", "reason", b"reason", "state", b"state", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -207,6 +239,7 @@ class WalSagaStart(_message.Message):
     DEFINITION_FIELD_NUMBER: _builtins.int
     RESOLVED_ADDRESSES_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     idempotency_key: _builtins.str
     request_digest: _builtins.bytes
@@ -214,6 +247,8 @@ class WalSagaStart(_message.Message):
     deadline_unix_ms: _builtins.int
     traceparent: _builtins.str
     """as in WalBegin"""
+    unix_ms: _builtins.int
+    """when the record was made, as in WalBegin"""
     @_builtins.property
     def definition(self) -> _types_pb2.SagaDefinition: ...
     @_builtins.property
@@ -229,10 +264,11 @@ class WalSagaStart(_message.Message):
         definition: _types_pb2.SagaDefinition | None = ...,
         resolved_addresses: _abc.Iterable[_builtins.str] | None = ...,
         traceparent: _builtins.str = ...,
+        unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "definition", b"definition", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "definition", b"definition", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses", "traceparent", b"traceparent", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -252,6 +288,7 @@ class WalSagaStep(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     step: _builtins.int
     """index in the definition"""
@@ -259,6 +296,8 @@ class WalSagaStep(_message.Message):
     attempts: _builtins.int
     error: _builtins.str
     result: _builtins.bytes
+    unix_ms: _builtins.int
+    """when the record was made, as in WalBegin"""
     def __init__(
         self,
         *,
@@ -268,10 +307,11 @@ class WalSagaStep(_message.Message):
         attempts: _builtins.int = ...,
         error: _builtins.str = ...,
         result: _builtins.bytes = ...,
+        unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "gid", b"gid", "result", b"result", "state", b"state", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "gid", b"gid", "result", b"result", "state", b"state", "step", b"step", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -286,19 +326,23 @@ class WalSagaState(_message.Message):
     GID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     state: _types_pb2.TxnState.ValueType
     reason: _builtins.str
+    unix_ms: _builtins.int
+    """when the record was made, as in WalBegin"""
     def __init__(
         self,
         *,
         gid: _builtins.str = ...,
         state: _types_pb2.TxnState.ValueType = ...,
         reason: _builtins.str = ...,
+        unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gid", b"gid", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gid", b"gid", "reason", b"reason", "state", b"state", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
