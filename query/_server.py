@@ -29,7 +29,7 @@ import accord.v1 as pb
 from accord.common.telemetry import Telemetry
 from accord.common.transport import TransportSettings, bind, make_server
 from accord.query._app import DEFAULT_MAX_LAG_EVENTS, QueryApp
-from accord.query._http import build_http_app
+from accord.query._http import ConsoleOptions, build_http_app
 from accord.query._service import QueryServicer
 from accord.query._store import open_store
 from accord.registry import (
@@ -73,6 +73,10 @@ class QuerySettings:
     grace_s: float = 2.0
     resync_s: float = 2.0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The console's ``--trace-url`` (``{trace_id}`` replaced; "" = no link) and
+    #: ``--console-actions`` (retry/cancel a saga from the console).
+    trace_url: str = ""
+    console_actions: bool = False
 
     def check(self) -> None:
         if bool(self.coordinators) == bool(self.etcd):
@@ -135,7 +139,10 @@ class QueryServer:
         host = s.listen.rsplit(":", 1)[0]
         http_addr = ""
         if s.http:
-            self.http_app = build_http_app(self.app)
+            console = ConsoleOptions(
+                trace_url=s.trace_url, actions=s.console_actions, transport=self._transport
+            )
+            self.http_app = build_http_app(self.app, console=console)
             self.http_app.router.add_post("/rebuild", self._rebuild)
             self._runner = web.AppRunner(self.http_app, access_log=None)
             await self._runner.setup()

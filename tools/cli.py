@@ -1097,6 +1097,21 @@ def query(
             help="/healthz says 503 when a shard is further behind than this",
         ),
     ] = 1000,
+    trace_url: Annotated[
+        str,
+        typer.Option(
+            envvar="ACCORD_TRACE_URL",
+            help="the console links trace ids to this URL, {trace_id} replaced "
+            "(e.g. 'http://jaeger:16686/trace/{trace_id}'); no link when unset",
+        ),
+    ] = "",
+    console_actions: Annotated[
+        bool,
+        typer.Option(
+            envvar="ACCORD_CONSOLE_ACTIONS",
+            help="enable the console's retry/cancel saga buttons (no admin tokens yet)",
+        ),
+    ] = False,
     log_level: LogLevelOpt = LogLevel.INFO,
     log_format: LogFormatOpt = LogFormat.TEXT,
     metrics_listen: MetricsListen = "",
@@ -1119,9 +1134,14 @@ def query(
         advertise=advertise,
         ttl_s=ttl,
         max_lag_events=max_lag_events,
+        trace_url=trace_url,
+        console_actions=console_actions,
     )
     try:
         settings.check()
+        from accord.query._console import check_trace_url
+
+        check_trace_url(trace_url)
         from accord.query import parse_coordinator
 
         for c in settings.coordinators:
