@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import accord.v1 as pb
 from accord.query import ConsoleOptions, QueryApp, SqliteStore, _console, build_http_app
 from tests.unit import _query_events as ev
+
+Client = TestClient[web.Request, web.Application]
 
 XSS = "<img src=x onerror=alert(1)>"
 
@@ -62,14 +65,16 @@ async def backend(tmp_path: Path) -> AsyncIterator[QueryApp]:
         await app.stop()
 
 
-async def _client(backend: QueryApp, **options: Any) -> TestClient:
-    client = TestClient(TestServer(build_http_app(backend, console=ConsoleOptions(**options))))
+async def _client(backend: QueryApp, **options: Any) -> Client:
+    client: Client = TestClient(
+        TestServer(build_http_app(backend, console=ConsoleOptions(**options)))
+    )
     await client.start_server()
     return client
 
 
 @pytest.fixture
-async def http(backend: QueryApp) -> AsyncIterator[TestClient]:
+async def http(backend: QueryApp) -> AsyncIterator[Client]:
     client = await _client(backend, trace_url="http://jaeger:16686/trace/{trace_id}")
     try:
         yield client
@@ -77,14 +82,14 @@ async def http(backend: QueryApp) -> AsyncIterator[TestClient]:
         await client.close()
 
 
-async def _json(client: TestClient, url: str, status: int = 200) -> Any:
+async def _json(client: Client, url: str, status: int = 200) -> Any:
     resp = await client.get(url)
     body = await resp.json()
     assert resp.status == status, body
     return body
 
 
-async def test_pages_and_assets_carry_a_csp_and_no_inline_script(http: TestClient) -> None:
+async def test_pages_and_assets_carry_a_csp_and_no_inline_script(http: Client) -> None:
     for url in ("/", "/transaction?gid=s1:c1", "/static/console.js", "/static/console.css"):
         resp = await http.get(url)
         assert resp.status == 200, url
@@ -102,7 +107,7 @@ async def test_pages_and_assets_carry_a_csp_and_no_inline_script(http: TestClien
     assert health.status in (200, 503) and "healthy" in await health.json()
 
 
-async def test_list_filters_order_and_pages(http: TestClient) -> None:
+async def test_list_filters_order_and_pages(http: Client) -> None:
     body = await _json(http, "/api/transactions?state=ABORTED")
     assert [t["gid"] for t in body["transactions"]] == ["s1:a1"]
     assert body["transactions"][0]["reason"].endswith(f"{XSS!r}")
@@ -154,22 +159,20 @@ async def test_list_filters_order_and_pages(http: TestClient) -> None:
         ("shard=" + ",".join(str(i) for i in range(101)), "shard: at most 100 values"),
     ],
 )
-async def test_bad_input_is_400_with_a_json_error(
-    http: TestClient, query: str, needle: str
-) -> None:
+async def test_bad_input_is_400_with_a_json_error(http: Client, query: str, needle: str) -> None:
     body = await _json(http, f"/api/transactions?{query}", status=400)
     assert body["code"] == "INVALID_ARGUMENT"
     assert needle in body["error"], body
 
 
-async def test_bad_input_elsewhere(http: TestClient) -> None:
+async def test_bad_input_elsewhere(http: Client) -> None:
     assert (await _json(http, "/api/transaction", 400))["error"] == "gid: required"
     assert (await _json(http, "/api/transaction?gid=nope:1", 404))["code"] == "NOT_FOUND"
     assert (await _json(http, "/api/stats?since=-5", 400))["code"] == "INVALID_ARGUMENT"
     assert (await _json(http, "/api/events?order=x", 400))["code"] == "INVALID_ARGUMENT"
 
 
-async def test_transaction_view_lanes_and_trace_link(http: TestClient) -> None:
+async def test_transaction_view_lanes_and_trace_link(http: Client) -> None:
     v = await _json(http, "/api/transaction?gid=s1:c1")
     assert v["summary"]["state"] == "COMMITTED"
     assert v["trace_link"] == ""  # no trace id recorded for it
@@ -203,7 +206,7 @@ async def test_transaction_view_lanes_and_trace_link(http: TestClient) -> None:
     assert v["actions"] == {"retry": True, "cancel": False}
 
 
-async def test_stats_counts_and_minutes(http: TestClient) -> None:
+async def test_stats_counts_and_minutes(http: Client) -> None:
     stats = await _json(http, "/api/stats")
     assert stats["counts"] == {
         "ACTIVE": 1,
@@ -227,7 +230,7 @@ async def _next_event(resp: Any, timeout_s: float = 5.0) -> dict[str, Any]:
 
 
 async def test_events_stream_changes_with_whether_they_match(
-    http: TestClient, backend: QueryApp
+    http: Client, backend: QueryApp
 ) -> None:
     resp = await http.get("/api/events?state=ABORTED")
     assert resp.status == 200
