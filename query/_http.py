@@ -21,8 +21,10 @@ The console (pages and script under ``static/``, no CDN, no framework):
   when the backend drops a slow subscriber, and the browser reconnects.
 - ``POST /api/actions/retry`` and ``/api/actions/cancel`` with JSON ``{"gid": ..}`` and
   header ``X-CSRF-Token``: RetryTransaction of a STUCK saga, CancelSaga of a running one,
-  sent to the coordinator owning the saga's shard. Off (403) unless the service runs
-  with ``--console-actions``: there are no admin tokens yet (issue 15).
+  sent to the coordinator owning the saga's shard; the coordinator answers once the saga
+  has settled, and after ``action_timeout_s`` the console answers 202 (still settling).
+  Off (403) unless the service runs with ``--console-actions``: there are no admin
+  tokens yet (issue 15).
 
 Bad input (an unknown parameter or value, a page size over 1000, a bad cursor) is 400
 with ``{"error": ..., "code": "INVALID_ARGUMENT"}``, as gRPC would say INVALID_ARGUMENT;
@@ -307,6 +309,21 @@ async def _action(request: web.Request) -> web.Response:
                 timeout=timeout,
             )
     except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            # The coordinator answers once the saga has settled (final or STUCK), and a
+            # compensation being retried can take longer than any page should wait.
+            log.info("event=console_action_pending action=%s gid=%s", kind, gid)
+            return web.json_response(
+                {
+                    "gid": gid,
+                    "state": "",
+                    "pending": True,
+                    "coordinator": address,
+                    "message": f"sent; no answer within {timeout:g} s: the saga is still "
+                    "settling (this page follows it live)",
+                },
+                status=202,
+            )
         status = _GRPC_HTTP.get(e.code(), 502)
         log.info("event=console_action_failed gid=%s code=%s", gid, e.code().name)
         return _error(status, e.code().name, f"coordinator {address}: {e.details()}")

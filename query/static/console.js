@@ -200,16 +200,20 @@ function renderSparkline(minutes) {
     caption.textContent = "no transaction in the last hour";
     return;
   }
-  const line = (values, cls) => {
-    const max = Math.max(1, ...values);
-    const step = rows.length > 1 ? (W - 4) / (rows.length - 1) : 0;
-    const pts = values.map((v, i) => `${(2 + i * step).toFixed(1)},${(H - 2 - (v / max) * (H - 6)).toFixed(1)}`);
-    if (pts.length === 1) pts.push(`${W - 2},${pts[0].split(",")[1]}`);
-    return svg("polyline", { points: pts.join(" "), class: cls });
-  };
-  const ended = rows.map((m) => m.ended);
-  const p95 = rows.map((m) => m.p95_ms);
-  nodes.push(line(ended, "spark-tput"), line(p95, "spark-lat"));
+  // One bar per minute for the transactions that ended, a line for the p95 latency.
+  const slot = (W - 4) / Math.max(rows.length, 1);
+  const maxEnded = Math.max(1, ...rows.map((m) => m.ended));
+  rows.forEach((m, i) => {
+    const h = (m.ended / maxEnded) * (H - 6);
+    nodes.push(svg("rect", {
+      x: (2 + i * slot + slot * 0.15).toFixed(1), y: (H - 2 - h).toFixed(1),
+      width: Math.max(1, slot * 0.7).toFixed(1), height: h.toFixed(1), class: "spark-tput",
+    }));
+  });
+  const maxLat = Math.max(1, ...rows.map((m) => m.p95_ms));
+  const pts = rows.map((m, i) => `${(2 + (i + 0.5) * slot).toFixed(1)},${(H - 2 - (m.p95_ms / maxLat) * (H - 6)).toFixed(1)}`);
+  if (pts.length === 1) pts.unshift(`2,${pts[0].split(",")[1]}`), pts.push(`${W - 2},${pts[1].split(",")[1]}`);
+  nodes.push(svg("polyline", { points: pts.join(" "), class: "spark-lat" }));
   const last = rows[rows.length - 1];
   const title = svg("title");
   title.textContent = `${rows.length} minutes; last minute: ${last.ended} ended (${last.committed} committed, ` +
@@ -317,7 +321,8 @@ async function transactionsPage() {
 
   function subscribe() {
     if (source) source.close();
-    source = new EventSource(`/api/events?${filter}`);
+    const only = new URLSearchParams([...filter].filter(([k]) => FILTER_NAMES.includes(k)));
+    source = new EventSource(`/api/events?${only}`);
     source.addEventListener("open", () => setLive(true, "live"));
     source.addEventListener("error", () => setLive(false, "reconnecting"));
     source.addEventListener("change", onChange);
@@ -531,7 +536,8 @@ async function transactionPage() {
         headers: { "Content-Type": "application/json", "X-CSRF-Token": cfg.csrf_token },
         body: JSON.stringify({ gid }),
       });
-      result.textContent = `${name}: the coordinator says ${r.state}${r.reason ? ` (${r.reason})` : ""}`;
+      result.textContent = r.pending ? `${name}: ${r.message}`
+        : `${name}: the coordinator says ${r.state}${r.reason ? ` (${r.reason})` : ""}`;
     } catch (err) {
       result.textContent = `${name} failed: ${err.message}`;
     }
