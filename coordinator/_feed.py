@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -272,12 +272,14 @@ class FeedHub:
         self._subs: set[_Sub] = set()
         self._live: list[_Sub] = []
         self._closed = False
+        self._flush: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ FeedSink
 
-    def opened(self, durable_lsn: int, checkpoint_lsn: int) -> None:
+    def opened(self, durable_lsn: int, checkpoint_lsn: int, flush: Callable[[], None]) -> None:
         self.durable_lsn = durable_lsn
         self.checkpoint_lsn = checkpoint_lsn
+        self._flush = flush
 
     def durable(self, records: list[tuple[int, int, bytes]], durable_lsn: int) -> None:
         self.durable_lsn = durable_lsn
@@ -327,6 +329,8 @@ class FeedHub:
     def _to_live(self, sub: _Sub) -> None:
         sub.live = True
         self._live.append(sub)
+        if self._flush is not None:
+            self._flush()  # records written but not synced yet: make them durable soon
 
     def check(self, from_lsn: int, max_batch: int) -> int:
         """Validates a request; returns the batch size to use."""
