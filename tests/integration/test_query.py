@@ -12,6 +12,7 @@ import random
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import grpc
 import pytest
 
 import accord.v1 as pb
-from accord.client import AccordClient, Branch, SagaStep
+from accord.client import AccordClient, Branch, SagaStep, TxnResult
 from accord.common.transport import make_channel
 from accord.tools.topology import ManagedProcess, accord_argv
 from tests.integration._util import assert_eventually
@@ -169,20 +170,22 @@ async def list_all(address: str, **filter_kw: Any) -> list[pb.TransactionSummary
     raise AssertionError("too many pages")
 
 
-async def caught_up(address: str, shards: int = 2) -> bool:
-    stats = await query_call(address, "Stats", pb.StatsRequest())
-    return len(stats.shards) == shards and all(
-        s.connected and s.applied_lsn == s.durable_lsn and s.lag_events == 0 for s in stats.shards
-    )
+async def lags(address: str) -> list[pb.ShardLag]:
+    return list((await query_call(address, "Stats", pb.StatsRequest())).shards)
 
 
 async def wait_caught_up(address: str, shards: int = 2, timeout_s: float = 30.0) -> None:
+    def done(got: list[pb.ShardLag]) -> bool:
+        return len(got) == shards and all(
+            s.connected and s.applied_lsn == s.durable_lsn and s.lag_events == 0 for s in got
+        )
+
     await assert_eventually(
-        lambda: caught_up(address, shards), bool, timeout_s=timeout_s, what="lag 0 on every shard"
+        lambda: lags(address), done, timeout_s=timeout_s, what="lag 0 on every shard"
     )
 
 
-async def coordinator_view(etcd: str, gids: list[str]) -> dict[str, pb.Transaction]:
+async def coordinator_view(etcd: str, gids: list[str]) -> dict[str, TxnResult]:
     out = {}
     async with await AccordClient.from_etcd(etcd, timeout_s=20) as client:
         for gid in gids:
@@ -240,14 +243,15 @@ async def test_read_model_equals_the_coordinators_view(cluster: Cluster, tmp_pat
     assert pb.TXN_STATE_ABORTED in by_state.values()
     assert pb.TXN_STATE_COMPENSATED in by_state.values()
     # Filters over real data agree with the unfiltered list.
-    for kw, pred in [
+    filters: list[tuple[dict[str, Any], Callable[[pb.TransactionSummary], bool]]] = [
         ({"states": [pb.TXN_STATE_COMMITTED]}, lambda t: t.state == pb.TXN_STATE_COMMITTED),
         ({"protocols": [pb.PROTOCOL_SAGA]}, lambda t: t.protocol == pb.PROTOCOL_SAGA),
         ({"shards": ["s2"]}, lambda t: t.shard == "s2"),
         ({"services": ["bank-b"]}, lambda t: "bank-b" in t.services),
         ({"gid_prefix": "s1:"}, lambda t: t.gid.startswith("s1:")),
         ({"idempotency_key_prefix": "k-"}, lambda t: t.idempotency_key.startswith("k-")),
-    ]:
+    ]
+    for kw, pred in filters:
         got = {t.gid for t in await list_all(q.address, **kw)}
         assert got == {t.gid for t in listed if pred(t)}, kw
         assert got, kw
