@@ -985,6 +985,14 @@ def chaos(
         Path | None, typer.Option(help="keep the run here (history, databases, logs)")
     ] = None,
     as_json: JsonOut = False,
+    query: Annotated[
+        bool,
+        typer.Option(
+            "--query",
+            help="also run a query service; at quiescence its read model must equal the "
+            "coordinators' view (a difference is a violation)",
+        ),
+    ] = False,
 ) -> None:
     """Kill coordinators and participants under a bank workload, then check the history:
     exit 0 only with zero violations. `accord chaos check` checks a saved run again."""
@@ -1006,6 +1014,7 @@ def chaos(
         ttl_s=ttl,
         out_dir=out,
         participant_db=participant_db.value,
+        query=query,
     )
     report = run_chaos(settings, console=None if as_json else console)
     if as_json:

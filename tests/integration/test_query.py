@@ -455,3 +455,36 @@ async def test_static_coordinators_learn_their_shard(cluster: Cluster, tmp_path:
     )
     await wait_caught_up(q.address)
     await converged(q.address, etcd, gids)
+
+
+@pytest.mark.timeout(300)
+async def test_chaos_with_query_finds_no_difference(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        accord_argv(
+            [
+                "chaos",
+                "--query",
+                *("--duration", "25"),
+                *("--seed", "14"),
+                *("--coordinators", "2"),
+                *("--participants", "2"),
+                *("--fault-every", "5"),
+                *("--faults", "kill-coordinator,kill-participant"),
+                *("--out", str(out)),
+                "--json",
+            ]
+        ),
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["violations"] == []
+    rm = report["read_model"]
+    # Every transaction the coordinators hold was compared, and the model has them all.
+    assert rm["compared"] > 50 and rm["read_model"] >= rm["compared"]
+    assert report["coordinator_kills"] + report["participant_kills"] >= 1
