@@ -562,6 +562,49 @@ async def static_2pc(env: RowEnv, *, transport: str) -> AsyncIterator[Target]:
 
 
 @row(
+    "2pc-subscribed",
+    "Accord 2PC as 2pc, with two event-feed subscribers (Coordinator/Subscribe, each its "
+    "own process: bench/feed_sink.py) attached for the whole row",
+    baseline="2pc",
+)
+@asynccontextmanager
+async def accord_2pc_subscribed(env: RowEnv) -> AsyncIterator[Target]:
+    async with static_2pc(env, transport="unary") as target:
+        coord = target.processes["coordinator"]
+        sinks = {
+            f"feed-sink-{i}": env.topology.process(
+                f"feed-sink-{i}",
+                [sys.executable, "-m", "bench.feed_sink", "--coordinator", coord.address],
+                ready="subscribed to ",
+            )
+            for i in (1, 2)
+        }
+        await env.topology.start_together(*sinks.values())
+        check = target.check
+
+        async def check_feed() -> list[str]:
+            warnings = await check() if check is not None else []
+            # What each sink saw of the feed: everything, in LSN order, nothing twice.
+            await asyncio.sleep(1.5)  # a progress line after the last transaction
+            for name, sink in sinks.items():
+                lines = [ln for ln in sink.output().splitlines() if ln.startswith("events ")]
+                if not lines:
+                    warnings.append(f"{name} reported no events")
+                    continue
+                fields = lines[-1].split()
+                stats = dict(zip(fields[::2], (int(v) for v in fields[1::2]), strict=True))
+                if stats["events"] == 0 or stats["out_of_order"]:
+                    warnings.append(f"{name}: {lines[-1]}")
+            return warnings
+
+        yield Target(
+            factory=target.factory,
+            processes={**target.processes, **sinks},
+            check=check_feed,
+        )
+
+
+@row(
     "2pc-nodb",
     "Accord's coordinator (WAL, fsync) with the baseline's bare participants: what the "
     "coordinator alone adds to the baseline's call pattern",

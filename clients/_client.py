@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -826,6 +826,34 @@ class AccordClient:
         txns = txns[:limit] if limit > 0 else txns
         token = txns[-1].gid if more and txns else ""
         return [TxnResult.from_pb(t) for t in txns], token
+
+    async def subscribe(
+        self, from_lsn: int = 0, *, max_batch: int = 0, shard: str = ""
+    ) -> AsyncGenerator[pb.SubscribeResponse, None]:
+        """The shard's event feed after ``from_lsn`` (``Coordinator/Subscribe``):
+        batches of ``accord.v1.FeedEvent`` in LSN order, each with the shard's durable
+        LSN, for as long as the stream lasts. When it breaks (an AccordClientError, e.g.
+        UNAVAILABLE while the coordinator restarts), subscribe again from the last
+        event's LSN: nothing is lost, and only events at or below it can come twice. A
+        sharded client (:meth:`from_etcd`) needs ``shard``."""
+        if self._sharded:
+            if not shard:
+                raise ValueError("a sharded client subscribes to one shard: give shard=")
+            if shard not in self._conns:
+                await self._refresh()
+            if shard not in self._conns:
+                raise UnavailableError(f"UNAVAILABLE: no live coordinator owns shard {shard!r}")
+            stub = self._conns[shard].stub
+        else:
+            stub = self._stub
+        stream = stub.Subscribe(pb.SubscribeRequest(from_lsn=from_lsn, max_batch=max_batch))
+        try:
+            async for batch in stream:
+                yield batch
+        except aio.AioRpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            stream.cancel()
 
     async def watch(self, gid: str) -> AsyncIterator[TxnResult]:
         """Yields the transaction's state now, then after every change, until final."""

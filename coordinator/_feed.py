@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -81,80 +81,192 @@ def trace_id_of(traceparent: str) -> str:
     return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""
 
 
+_BEGUN = int(K.FEED_EVENT_KIND_BEGUN)
+_PREPARING = int(K.FEED_EVENT_KIND_PREPARING)
+_COMMIT = int(K.FEED_EVENT_KIND_COMMIT)
+_ABORT = int(K.FEED_EVENT_KIND_ABORT)
+_ENDED = int(K.FEED_EVENT_KIND_ENDED)
+_SAGA_STARTED = int(K.FEED_EVENT_KIND_SAGA_STARTED)
+_STEP = int(K.FEED_EVENT_KIND_STEP)
+_SAGA_STATE = int(K.FEED_EVENT_KIND_SAGA_STATE)
+_PENDING = int(pb.BRANCH_STATE_PENDING)
+
+
+# One function per record type; each builds the event in one constructor call (setting
+# fields one by one on a protobuf message costs several times more).
+def _begun(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
+    r = pb.WalBegin.FromString(payload)
+    return pb.FeedEvent(
+        shard=shard,
+        lsn=lsn,
+        kind=_BEGUN,  # type: ignore[arg-type]
+        gid=r.gid,
+        protocol=_2PC,
+        state=pb.TXN_STATE_ACTIVE,
+        unix_ms=r.unix_ms,
+        idempotency_key=r.idempotency_key,
+        created_unix_ms=r.created_unix_ms,
+        deadline_unix_ms=r.deadline_unix_ms,
+        trace_id=trace_id_of(r.traceparent),
+    )
+
+
+def _preparing(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
+    r = pb.WalPrepare.FromString(payload)
+    resolved = r.resolved_addresses
+    n = len(resolved)
+    return pb.FeedEvent(
+        shard=shard,
+        lsn=lsn,
+        kind=_PREPARING,  # type: ignore[arg-type]
+        gid=r.gid,
+        protocol=_2PC,
+        state=pb.TXN_STATE_PREPARING,
+        unix_ms=r.unix_ms,
+        idempotency_key=r.idempotency_key,
+        created_unix_ms=r.created_unix_ms,
+        deadline_unix_ms=r.deadline_unix_ms,
+        trace_id=trace_id_of(r.traceparent),
+        branches=[
+            pb.BranchStatus(
+                branch=b,
+                state=_PENDING,  # type: ignore[arg-type]
+                resolved_address=resolved[i] if i < n else "",
+            )
+            for i, b in enumerate(r.branches)
+        ],
+        one_phase=r.one_phase,
+        resolved_addresses=resolved,
+    )
+
+
+def _commit(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
+    r = pb.WalCommit.FromString(payload)
+    return pb.FeedEvent(
+        shard=shard,
+        lsn=lsn,
+        kind=_COMMIT,  # type: ignore[arg-type]
+        gid=r.gid,
+        protocol=_2PC,
+        state=pb.TXN_STATE_COMMITTING,
+        unix_ms=r.unix_ms,
+        commit_branch_ids=r.branch_ids,
+    )
+
+
+def _abort(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
+    r = pb.WalAbort.FromString(payload)
+    return pb.FeedEvent(
+        shard=shard,
+        lsn=lsn,
+        kind=_ABORT,  # type: ignore[arg-type]
+        gid=r.gid,
+        protocol=_2PC,
+        state=pb.TXN_STATE_ABORTING,
+        unix_ms=r.unix_ms,
+        reason=r.reason,
+    )
+
+
+def _ended(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
+    r = pb.WalEnd.FromString(payload)
+    return pb.FeedEvent(
+        shard=shard,
+        lsn=lsn,
+        kind=_ENDED,  # type: ignore[arg-type]
+        gid=r.gid,
+        protocol=_2PC,
+        state=r.state,
+        unix_ms=r.unix_ms,
+        reason=r.reason,
+        branches=r.branches,
+    )
+
+
+def _saga_started(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
+    r = pb.WalSagaStart.FromString(payload)
+    return pb.FeedEvent(
+        shard=shard,
+        lsn=lsn,
+        kind=_SAGA_STARTED,  # type: ignore[arg-type]
+        gid=r.gid,
+        protocol=_SAGA,
+        state=pb.TXN_STATE_RUNNING,
+        unix_ms=r.unix_ms,
+        idempotency_key=r.idempotency_key,
+        created_unix_ms=r.created_unix_ms,
+        deadline_unix_ms=r.deadline_unix_ms,
+        trace_id=trace_id_of(r.traceparent),
+        definition=r.definition,
+        resolved_addresses=r.resolved_addresses,
+    )
+
+
+def _step(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
+    r = pb.WalSagaStep.FromString(payload)
+    return pb.FeedEvent(
+        shard=shard,
+        lsn=lsn,
+        kind=_STEP,  # type: ignore[arg-type]
+        gid=r.gid,
+        protocol=_SAGA,
+        # A step record does not say the saga's state; it follows from the step's: a
+        # compensation runs only while the saga compensates, an action while it runs.
+        state=_STEP_SAGA_STATE.get(r.state, pb.TXN_STATE_RUNNING),
+        unix_ms=r.unix_ms,
+        step=r.step,
+        step_status=pb.StepStatus(
+            state=r.state, attempts=r.attempts, last_error=r.error, result=r.result
+        ),
+    )
+
+
+def _saga_state(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
+    r = pb.WalSagaState.FromString(payload)
+    return pb.FeedEvent(
+        shard=shard,
+        lsn=lsn,
+        kind=_SAGA_STATE,  # type: ignore[arg-type]
+        gid=r.gid,
+        protocol=_SAGA,
+        state=r.state,
+        unix_ms=r.unix_ms,
+        reason=r.reason,
+    )
+
+
+_CONVERT: dict[int, Callable[[str, int, bytes], pb.FeedEvent]] = {
+    RecordType.BEGIN: _begun,
+    RecordType.PREPARE: _preparing,
+    RecordType.COMMIT: _commit,
+    RecordType.ABORT: _abort,
+    RecordType.END: _ended,
+    RecordType.SAGA_START: _saga_started,
+    RecordType.SAGA_STEP: _step,
+    RecordType.SAGA_STATE: _saga_state,
+}
+
+
 def record_event(shard: str, lsn: int, rtype: int, payload: bytes) -> pb.FeedEvent | None:
     """The feed event of one WAL record (None for the WAL's own records and for record
     types this version does not know)."""
-    if rtype < FIRST_USER_RTYPE:
+    convert = _CONVERT.get(rtype)
+    if convert is None:
+        if rtype >= FIRST_USER_RTYPE:
+            log.warning("event=feed_unknown_record rtype=%d lsn=%d", rtype, lsn)
         return None
-    try:
-        kind = RecordType(rtype)
-    except ValueError:
-        log.warning("event=feed_unknown_record rtype=%d lsn=%d", rtype, lsn)
-        return None
-    rec = kind.decode(payload)
-    e = pb.FeedEvent(shard=shard, lsn=lsn, gid=rec.gid, unix_ms=rec.unix_ms)
-    if isinstance(rec, pb.WalBegin):
-        e.kind, e.protocol, e.state = K.FEED_EVENT_KIND_BEGUN, _2PC, pb.TXN_STATE_ACTIVE
-        e.idempotency_key = rec.idempotency_key
-        e.created_unix_ms, e.deadline_unix_ms = rec.created_unix_ms, rec.deadline_unix_ms
-        e.trace_id = trace_id_of(rec.traceparent)
-    elif isinstance(rec, pb.WalPrepare):
-        e.kind, e.protocol, e.state = K.FEED_EVENT_KIND_PREPARING, _2PC, pb.TXN_STATE_PREPARING
-        e.idempotency_key = rec.idempotency_key
-        e.created_unix_ms, e.deadline_unix_ms = rec.created_unix_ms, rec.deadline_unix_ms
-        e.trace_id = trace_id_of(rec.traceparent)
-        e.one_phase = rec.one_phase
-        resolved = rec.resolved_addresses
-        e.resolved_addresses.extend(resolved)
-        for i, b in enumerate(rec.branches):
-            e.branches.add(
-                branch=b,
-                state=pb.BRANCH_STATE_PENDING,
-                resolved_address=resolved[i] if i < len(resolved) else "",
-            )
-    elif isinstance(rec, pb.WalCommit):
-        e.kind, e.protocol, e.state = K.FEED_EVENT_KIND_COMMIT, _2PC, pb.TXN_STATE_COMMITTING
-        e.commit_branch_ids.extend(rec.branch_ids)
-    elif isinstance(rec, pb.WalAbort):
-        e.kind, e.protocol, e.state = K.FEED_EVENT_KIND_ABORT, _2PC, pb.TXN_STATE_ABORTING
-        e.reason = rec.reason
-    elif isinstance(rec, pb.WalEnd):
-        e.kind, e.protocol, e.state = K.FEED_EVENT_KIND_ENDED, _2PC, rec.state
-        e.reason = rec.reason
-        e.branches.extend(rec.branches)
-    elif isinstance(rec, pb.WalSagaStart):
-        e.kind, e.protocol, e.state = K.FEED_EVENT_KIND_SAGA_STARTED, _SAGA, pb.TXN_STATE_RUNNING
-        e.idempotency_key = rec.idempotency_key
-        e.created_unix_ms, e.deadline_unix_ms = rec.created_unix_ms, rec.deadline_unix_ms
-        e.trace_id = trace_id_of(rec.traceparent)
-        e.definition.CopyFrom(rec.definition)
-        e.resolved_addresses.extend(rec.resolved_addresses)
-    elif isinstance(rec, pb.WalSagaStep):
-        e.kind, e.protocol = K.FEED_EVENT_KIND_STEP, _SAGA
-        # A step record does not say the saga's state; it follows from the step's: a
-        # compensation runs only while the saga compensates, an action while it runs.
-        e.state = _STEP_SAGA_STATE.get(rec.state, pb.TXN_STATE_RUNNING)
-        e.step = rec.step
-        st = e.step_status
-        st.state, st.attempts, st.last_error, st.result = (
-            rec.state,
-            rec.attempts,
-            rec.error,
-            rec.result,
-        )
-    else:
-        assert isinstance(rec, pb.WalSagaState), kind
-        e.kind, e.protocol, e.state = K.FEED_EVENT_KIND_SAGA_STATE, _SAGA, rec.state
-        e.reason = rec.reason
-    return e
+    return convert(shard, lsn, payload)
 
 
 def events_of(shard: str, records: Sequence[tuple[int, int, bytes]]) -> list[pb.FeedEvent]:
+    convert = _CONVERT.get
     out = []
     for lsn, rtype, payload in records:
-        event = record_event(shard, lsn, rtype, payload)
-        if event is not None:
-            out.append(event)
+        fn = convert(rtype)
+        if fn is not None:
+            out.append(fn(shard, lsn, payload))
+        elif rtype >= FIRST_USER_RTYPE:
+            log.warning("event=feed_unknown_record rtype=%d lsn=%d", rtype, lsn)
     return out
 
 
@@ -272,12 +384,14 @@ class FeedHub:
         self._subs: set[_Sub] = set()
         self._live: list[_Sub] = []
         self._closed = False
+        self._flush: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ FeedSink
 
-    def opened(self, durable_lsn: int, checkpoint_lsn: int) -> None:
+    def opened(self, durable_lsn: int, checkpoint_lsn: int, flush: Callable[[], None]) -> None:
         self.durable_lsn = durable_lsn
         self.checkpoint_lsn = checkpoint_lsn
+        self._flush = flush
 
     def durable(self, records: list[tuple[int, int, bytes]], durable_lsn: int) -> None:
         self.durable_lsn = durable_lsn
@@ -327,6 +441,8 @@ class FeedHub:
     def _to_live(self, sub: _Sub) -> None:
         sub.live = True
         self._live.append(sub)
+        if self._flush is not None:
+            self._flush()  # records written but not synced yet: make them durable soon
 
     def check(self, from_lsn: int, max_batch: int) -> int:
         """Validates a request; returns the batch size to use."""

@@ -43,6 +43,8 @@ log = logging.getLogger("accord.query.follow")
 
 #: Events per Subscribe response asked for.
 MAX_BATCH = 1024
+#: How long a connection attempt may take.
+CONNECT_TIMEOUT_S = 5.0
 #: Reconnect schedule after a feed breaks (reset once a batch arrives).
 RECONNECT = Backoff(initial_s=0.1, max_s=2.0, multiplier=2.0, jitter=0.5)
 
@@ -181,6 +183,9 @@ class Follower:
                         address,
                         self.state.last_error,
                     )
+            except TimeoutError:
+                got = False
+                self.state.last_error = f"UNAVAILABLE: no connection within {CONNECT_TIMEOUT_S}s"
             except Exception as e:  # the store failed: log, back off, try again
                 got = False
                 self.state.last_error = f"{type(e).__name__}: {e}"
@@ -208,17 +213,24 @@ class Follower:
             shard = self.state.shard
             from_lsn = await self._start_lsn(shard) if shard else 0
             self.state.applied_lsn = from_lsn
+            # The feed sends nothing (not even headers) while there is nothing new: a
+            # subscription at the live edge counts as connected once the channel is,
+            # and the durable LSN as at least where it starts (a response raises it if
+            # the shard is ahead; a refused subscription ends the stream with an error).
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await channel.channel_ready()
             call = stub.Subscribe(pb.SubscribeRequest(from_lsn=from_lsn, max_batch=self._max_batch))
             self._call = call
+            self.state.connected = True
+            self.state.durable_lsn = max(self.state.durable_lsn, from_lsn)
+            self.state.heard = time.monotonic()
+            log.info(
+                "event=feed_connected shard=%s address=%s from_lsn=%d",
+                shard or "?",
+                address,
+                from_lsn,
+            )
             async for resp in call:
-                if not self.state.connected:
-                    self.state.connected = True
-                    log.info(
-                        "event=feed_connected shard=%s address=%s from_lsn=%d",
-                        shard or "?",
-                        address,
-                        from_lsn,
-                    )
                 self.state.heard = time.monotonic()
                 self.state.durable_lsn = resp.durable_lsn
                 if not resp.events:

@@ -840,6 +840,56 @@ def txn_watch(
     _client_call(coordinator, etcd, go)
 
 
+@txn_app.command("feed")
+def txn_feed(
+    coordinator: Coordinator = "127.0.0.1:7070",
+    etcd: EtcdUrl = "",
+    shard: Annotated[
+        str, typer.Option(envvar="ACCORD_FEED_SHARD", help="the shard (with --etcd)")
+    ] = "",
+    from_lsn: Annotated[
+        int,
+        typer.Option(
+            "--from-lsn",
+            envvar="ACCORD_FROM_LSN",
+            help="events after this LSN (0: from the start of the retained log)",
+        ),
+    ] = 0,
+    limit: Annotated[
+        int, typer.Option(envvar="ACCORD_FEED_LIMIT", help="stop after this many events (0: never)")
+    ] = 0,
+    as_json: JsonOut = False,
+) -> None:
+    """Print the shard's event feed (Subscribe), one event per line, in LSN order."""
+    from google.protobuf.json_format import MessageToDict
+
+    import accord.v1 as pb
+
+    def line(ev: Any) -> str:
+        if as_json:
+            return json.dumps(MessageToDict(ev, preserving_proto_field_name=True))
+        kind = pb.FeedEventKind.Name(ev.kind).removeprefix("FEED_EVENT_KIND_")
+        state = pb.TxnState.Name(ev.state).removeprefix("TXN_STATE_") if ev.state else ""
+        extra = ""
+        if ev.kind == pb.FEED_EVENT_KIND_STEP:
+            step = pb.BranchState.Name(ev.step_status.state).removeprefix("BRANCH_STATE_")
+            extra = f"step {ev.step} {step}"
+        elif ev.reason:
+            extra = ev.reason
+        return f"{ev.lsn:>10}  {kind:<13} {ev.gid:<36} {state:<12} {extra}".rstrip()
+
+    async def go(c: Any) -> None:
+        seen = 0
+        async for batch in c.subscribe(from_lsn, shard=shard):
+            for ev in batch.events:
+                print(line(ev), flush=True)
+                seen += 1
+                if limit and seen >= limit:
+                    return
+
+    _client_call(coordinator, etcd, go)
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -935,6 +985,14 @@ def chaos(
         Path | None, typer.Option(help="keep the run here (history, databases, logs)")
     ] = None,
     as_json: JsonOut = False,
+    query: Annotated[
+        bool,
+        typer.Option(
+            "--query",
+            help="also run a query service; at quiescence its read model must equal the "
+            "coordinators' view (a difference is a violation)",
+        ),
+    ] = False,
 ) -> None:
     """Kill coordinators and participants under a bank workload, then check the history:
     exit 0 only with zero violations. `accord chaos check` checks a saved run again."""
@@ -956,6 +1014,7 @@ def chaos(
         ttl_s=ttl,
         out_dir=out,
         participant_db=participant_db.value,
+        query=query,
     )
     report = run_chaos(settings, console=None if as_json else console)
     if as_json:

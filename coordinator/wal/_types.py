@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -51,9 +52,11 @@ class FeedSink(Protocol):
     """Who hears of durable records (the event feed's hub, ``accord.coordinator._feed``).
     Called on the event loop; each call must be cheap and must not block or await."""
 
-    def opened(self, durable_lsn: int, checkpoint_lsn: int) -> None:
+    def opened(self, durable_lsn: int, checkpoint_lsn: int, flush: Callable[[], None]) -> None:
         """At open: every record up to ``durable_lsn`` is durable; the live checkpoint
-        (0: none) reflects every record up to ``checkpoint_lsn``."""
+        (0: none) reflects every record up to ``checkpoint_lsn``. ``flush()`` asks the
+        writer to make its unsynced tail durable soon (call it when a subscriber starts
+        waiting: the writer only looks at ``waiting`` when it has work)."""
 
     def durable(self, records: list[tuple[int, int, bytes]], durable_lsn: int) -> None:
         """``records`` (lsn, rtype, payload; every type, in LSN order, following the

@@ -139,7 +139,7 @@ class WAL:
         )
         if feed is not None:
             # Recovery made everything it found durable (SegmentLog fsyncs the tail).
-            feed.opened(recovery.next_lsn - 1, wal._checkpoint_lsn or 0)
+            feed.opened(recovery.next_lsn - 1, wal._checkpoint_lsn or 0, wal._writer.poke)
         wal._writer.start()
         recovered = RecoveredLog(
             checkpoint=recovery.checkpoint,

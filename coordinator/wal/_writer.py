@@ -85,6 +85,10 @@ class GroupCommitWriter:
         self._wakeup.set()
         return future
 
+    def poke(self) -> None:
+        """Look again (a feed subscriber started waiting: sync the unsynced tail)."""
+        self._wakeup.set()
+
     async def stop(self) -> None:
         """Write and sync everything queued, then end the writer task."""
         self._stopping = True
