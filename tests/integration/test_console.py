@@ -76,7 +76,7 @@ def needs_browser() -> None:
 
 async def workload(client: AccordClient, down: str) -> dict[str, Any]:
     gids: dict[str, Any] = {"committed": [], "aborted": []}
-    for i in range(3):
+    for _ in range(3):
         r = await client.execute(
             [
                 Branch(service="bank-a", operation="debit", payload={"account": "x", "amount": 1}),
