@@ -150,7 +150,7 @@ function summaryCells(t) {
     el("td", { text: t.shard }),
     el("td", { text: t.services.join(", ") }),
     el("td", { text: fmtTime(t.created_ms) }),
-    el("td", { class: "num", text: t.final ? fmtDuration(t.duration_ms) : "running" }),
+    el("td", { class: "num", text: t.ended_ms ? fmtDuration(t.duration_ms) : "running" }),
     el("td", { class: "num", text: String(t.attempts) }),
     el("td", { class: "reason", text: t.reason, title: t.reason }),
   ];
@@ -416,9 +416,11 @@ function renderGantt(lanes) {
       tip.textContent = parts.join("\n");
       rect.append(tip);
       g.append(rect);
-      if (w > 60) {
+      const text = s.phase === "state" ? s.state : `${s.phase.replace("_", " ")}: ${s.state}`;
+      const fits = Math.floor((w - 8) / 6); // about 6 px a character at 10 px
+      if (fits >= 4) {
         const label = svg("text", { x: x0 + 4, y: y + 16, class: "seg-label" });
-        label.textContent = s.phase === "state" ? s.state : `${s.phase.replace("_", " ")}: ${s.state}`;
+        label.textContent = text.length > fits ? `${text.slice(0, fits - 1)}…` : text;
         g.append(label);
       }
     }
@@ -459,7 +461,7 @@ async function transactionPage() {
     dlRow(dl, "services", s.services.join(", "));
     dlRow(dl, "started", fmtTime(s.created_ms));
     if (s.ended_ms) dlRow(dl, "ended", fmtTime(s.ended_ms));
-    dlRow(dl, "duration", s.final ? fmtDuration(s.duration_ms) : "running");
+    dlRow(dl, "duration", s.ended_ms ? fmtDuration(s.duration_ms) : "running");
     if (v.deadline_ms) dlRow(dl, "deadline", fmtTime(v.deadline_ms));
     dlRow(dl, "attempts", s.attempts);
     if (s.reason) dlRow(dl, "reason", el("span", { class: "reason-text", text: s.reason }));
