@@ -45,6 +45,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -91,6 +92,9 @@ class ConsoleOptions:
 class _Console:
     options: ConsoleOptions
     csrf: str
+    #: Set when the application shuts down: event streams end at once, so stopping the
+    #: service does not wait out aiohttp's shutdown timeout for open browsers.
+    closing: asyncio.Event
 
 
 CONSOLE: web.AppKey[_Console] = web.AppKey("accord_query_console", _Console)
@@ -215,10 +219,15 @@ async def _events(request: web.Request) -> web.StreamResponse:
     changes = backend.changes(buffer=SSE_BUFFER)
     # One pending read at a time, never cancelled by a ping: cancelling the generator's
     # __anext__ would end the subscription.
-    nxt: asyncio.Future[pb.TransactionSummary] = asyncio.ensure_future(anext(changes))
+    nxt: asyncio.Future[Any] = asyncio.ensure_future(anext(changes))
+    closing: asyncio.Future[Any] = asyncio.ensure_future(request.app[CONSOLE].closing.wait())
     try:
         while True:
-            done, _ = await asyncio.wait({nxt}, timeout=SSE_PING_S)
+            done, _ = await asyncio.wait(
+                {nxt, closing}, timeout=SSE_PING_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if closing in done:
+                break
             if not done:
                 await resp.write(b": ping\n\n")
                 continue
@@ -233,9 +242,10 @@ async def _events(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         pass  # the browser went away (or the server is stopping)
     finally:
-        nxt.cancel()
-        with contextlib.suppress(BaseException):
-            await nxt
+        for fut in (nxt, closing):
+            fut.cancel()
+            with contextlib.suppress(BaseException):
+                await fut
         await changes.aclose()  # type: ignore[attr-defined]
     return resp
 
@@ -347,7 +357,17 @@ def build_http_app(
     the backend."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY * 4)
     app[BACKEND] = backend
-    app[CONSOLE] = _Console(options=console or ConsoleOptions(), csrf=secrets.token_urlsafe(32))
+    state = _Console(
+        options=console or ConsoleOptions(),
+        csrf=secrets.token_urlsafe(32),
+        closing=asyncio.Event(),
+    )
+    app[CONSOLE] = state
+
+    async def close_streams(_: web.Application) -> None:
+        state.closing.set()
+
+    app.on_shutdown.append(close_streams)
     app.on_response_prepare.append(_security_headers)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/", _page("index.html"))

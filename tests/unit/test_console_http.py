@@ -246,6 +246,17 @@ async def test_events_stream_changes_with_whether_they_match(
     resp.close()
 
 
+async def test_shutting_down_ends_open_event_streams(http: Client) -> None:
+    resp = await http.get("/api/events")
+    assert (await resp.content.readline()).startswith(b"retry:")
+    assert http.app is not None
+    await http.app.shutdown()  # what runner.cleanup() does before waiting for handlers
+    async with asyncio.timeout(5):
+        rest = await resp.content.read()
+    assert b"event: change" not in rest
+    resp.close()
+
+
 FILTERS: list[dict[str, Any]] = [
     {},
     {"states": [pb.TXN_STATE_ABORTED]},
