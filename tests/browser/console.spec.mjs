@@ -19,7 +19,7 @@
 // Exits 0 when every check passed; otherwise prints "FAIL: <what>" and exits 1.
 
 import { chromium } from "playwright-core";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
 const spec = JSON.parse(readFileSync(process.env.CONSOLE_SPEC, "utf8"));
@@ -142,6 +142,9 @@ async function liveUpdate(page) {
   const gid = await waitFile(join(spec.out, "live-gid"), 60000);
   log(`waiting for live row ${gid}`);
   await page.waitForSelector(`#txn-table tbody tr[data-gid="${gid}"]`, { timeout: STEP_TIMEOUT_MS });
+  // The test writes the file once the commit has returned to its client.
+  const after = Date.now() - statSync(join(spec.out, "live-gid")).mtimeMs;
+  log(`live row shown ${Math.round(after)} ms after the commit returned`);
   await page.waitForSelector(`#txn-table tbody tr[data-gid="${gid}"][data-state="COMMITTED"]`, { timeout: STEP_TIMEOUT_MS });
   check(await page.evaluate(() => window.__notReloaded === true), "the page reloaded instead of updating live");
   const firstGid = await page.$eval("#txn-table tbody tr", (tr) => tr.dataset.gid);
