@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos clean prometheus postgresql nats
+.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos clean prometheus postgresql nats chromium node-deps
 
 all: test
 
@@ -74,8 +74,26 @@ nats:
 	  { systemctl disable --now nats-server >/dev/null 2>&1 || true; }; } || \
 	  { echo "nats: could not install Debian's nats-server package (needed by tests/integration/test_relay.py)"; exit 1; }
 
+# The web console's browser test drives Debian's chromium (headless) with playwright-core
+# from npm (tests/browser/package-lock.json); playwright downloads no browser of its own.
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } || \
+	  { echo "chromium: could not install Debian's chromium package (needed by tests/integration/test_console.py)"; exit 1; }
+
+BROWSER_DIR := tests/browser
+$(BROWSER_DIR)/node_modules/.installed: $(BROWSER_DIR)/package.json $(BROWSER_DIR)/package-lock.json
+	@command -v npm >/dev/null || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm; } || \
+	  { echo "node-deps: node and npm are needed by the console's browser test"; exit 1; }
+	cd $(BROWSER_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+node-deps: $(BROWSER_DIR)/node_modules/.installed
+
 # The whole suite: generated code fresh, lint, types, then every test.
-test: check-protos lint typecheck prometheus postgresql nats
+test: check-protos lint typecheck prometheus postgresql nats chromium node-deps
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The whole topology on this machine, a workload, a summary.
@@ -106,4 +124,4 @@ chaos: $(STAMP)
 		--faults kill-coordinator,kill-participant,pause,etcd,power-loss --out chaos-out
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(BROWSER_DIR)/node_modules

@@ -932,8 +932,11 @@ def txn_get(
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
     as_json: JsonOut = False,
+    query: QueryAddr = "",
 ) -> None:
     """Show one transaction."""
+    if query:
+        return _query_get(query, gid, as_json)
     _print_txn(_client_call(coordinator, etcd, lambda c: c.get(gid)), as_json)
 
 
@@ -990,13 +993,16 @@ def txn_list(
         str, typer.Option(help="continue after this page (printed after a full page)")
     ] = "",
     as_json: JsonOut = False,
+    query: QueryAddr = "",
 ) -> None:
-    """List transactions, oldest first.
+    """List transactions, oldest first (with --query: every shard's, newest first).
 
     A table on a terminal wide enough for it; otherwise (a narrow terminal, a pipe, a
     file) a header line, then one transaction a line: GID STATE BRANCHES REASON,
     separated by two spaces, ids in full. A full page ends with the next --page-token
     (on stderr)."""
+    if query:
+        return _query_list(query, [s.value for s in state or ()], stuck, limit, page_token, as_json)
     states = [*(s.value for s in state or ()), *(["STUCK"] if stuck else [])]
     txns, token = _client_call(
         coordinator, etcd, lambda c: c.list(states=states, limit=limit, page_token=page_token)
@@ -1490,6 +1496,14 @@ def chaos(
         ),
     ] = None,
     as_json: JsonOut = False,
+    query: Annotated[
+        bool,
+        typer.Option(
+            "--query",
+            help="also run a query service; at quiescence its read model must equal the "
+            "coordinators' view (a difference is a violation)",
+        ),
+    ] = False,
 ) -> None:
     """Kill coordinators and participants under a bank workload, then check the history:
     exit 0 only with zero violations. `accord chaos check` checks a saved run again."""
@@ -1511,6 +1525,7 @@ def chaos(
         ttl_s=ttl,
         out_dir=out,
         participant_db=participant_db.value,
+        query=query,
     )
     report = run_chaos(settings, console=None if as_json else console)
     if as_json:
@@ -1598,6 +1613,320 @@ def chaos_check(
         render_report(report, Console())
     if not report.valid:
         raise typer.Exit(ExitCode.FAILURE)
+
+
+# ---------------------------------------------------------------- query (read side)
+
+QueryAddr = Annotated[
+    str,
+    typer.Option(
+        "--query",
+        envvar="ACCORD_QUERY",
+        help="read from the query service at HOST:PORT (accord query) instead of the "
+        "coordinator: every shard at once, slightly behind",
+    ),
+]
+query_app = typer.Typer(invoke_without_command=True)
+app.add_typer(query_app, name="query")
+
+
+@query_app.callback()
+def query(
+    ctx: typer.Context,
+    listen: Annotated[
+        str, typer.Option(envvar="ACCORD_LISTEN", help="gRPC host:port (port 0 picks one)")
+    ] = "127.0.0.1:7300",
+    db: Annotated[
+        str,
+        typer.Option(
+            envvar="ACCORD_QUERY_DB", help="the read model: a SQLite file, or postgresql://..."
+        ),
+    ] = "accord-query.db",
+    coordinator: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--coordinator",
+            "-c",
+            envvar="ACCORD_COORDINATORS",
+            help="a coordinator to follow, ADDR or SHARD=ADDR (repeatable; instead of --etcd)",
+        ),
+    ] = None,
+    etcd: Annotated[
+        str,
+        typer.Option(
+            "--etcd",
+            envvar="ACCORD_ETCD",
+            help="follow every shard's owner registered in etcd, and register there",
+        ),
+    ] = "",
+    http: Annotated[
+        str,
+        typer.Option(
+            envvar="ACCORD_QUERY_HTTP", help="HTTP host:port for /healthz and the console"
+        ),
+    ] = "",
+    instance_id: Annotated[
+        str, typer.Option("--id", envvar="ACCORD_ID", help="instance id in etcd")
+    ] = "query-1",
+    advertise: Advertise = "",
+    ttl: LeaseTtl = 5,
+    max_lag_events: Annotated[
+        int,
+        typer.Option(
+            envvar="ACCORD_QUERY_MAX_LAG_EVENTS",
+            help="/healthz says 503 when a shard is further behind than this",
+        ),
+    ] = 1000,
+    trace_url: Annotated[
+        str,
+        typer.Option(
+            envvar="ACCORD_TRACE_URL",
+            help="the console links trace ids to this URL, {trace_id} replaced "
+            "(e.g. 'http://jaeger:16686/trace/{trace_id}'); no link when unset",
+        ),
+    ] = "",
+    console_actions: Annotated[
+        bool,
+        typer.Option(
+            envvar="ACCORD_CONSOLE_ACTIONS",
+            help="enable the console's retry/cancel saga buttons (no admin tokens yet)",
+        ),
+    ] = False,
+    log_level: LogLevelOpt = LogLevel.INFO,
+    log_format: LogFormatOpt = LogFormat.TEXT,
+    metrics_listen: MetricsListen = "",
+    trace_console: TraceConsole = False,
+) -> None:
+    """The read side: follow every shard's event feed into a store of its own and serve
+    accord.v1.Query (and /healthz). `accord query rebuild` rebuilds the store."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from accord.query import QuerySettings, StoreLockedError, serve
+
+    setup_logging(log_level, log_format)
+    settings = QuerySettings(
+        listen=listen,
+        db=db,
+        coordinators=tuple(coordinator or ()),
+        etcd=etcd,
+        http=http,
+        instance_id=instance_id,
+        advertise=advertise,
+        ttl_s=ttl,
+        max_lag_events=max_lag_events,
+        trace_url=trace_url,
+        console_actions=console_actions,
+    )
+    try:
+        settings.check()
+        from accord.query._console import check_trace_url
+
+        check_trace_url(trace_url)
+        from accord.query import parse_coordinator
+
+        for c in settings.coordinators:
+            parse_coordinator(c)
+    except ValueError as e:
+        raise fail(str(e), code=ExitCode.USAGE) from None
+    telemetry = setup_telemetry("accord-query", trace_console, metrics_listen)
+    try:
+        runner.run(serve(settings, telemetry=telemetry))
+    except StoreLockedError as e:
+        raise fail(str(e)) from None
+    except Exception as e:
+        log.exception("event=query_failed")
+        raise fail(f"query: {e}") from None
+    finally:
+        telemetry.shutdown()
+
+
+@query_app.command("rebuild")
+def query_rebuild(
+    http: Annotated[
+        str,
+        typer.Option(
+            envvar="ACCORD_QUERY_HTTP",
+            help="a running query service's HTTP host:port: it rebuilds while it serves",
+        ),
+    ] = "",
+    db: Annotated[
+        str,
+        typer.Option(
+            envvar="ACCORD_QUERY_DB",
+            help="with no service running: the store to rebuild (SQLite file or postgresql://)",
+        ),
+    ] = "",
+    coordinator: Annotated[
+        list[str] | None,
+        typer.Option("--coordinator", "-c", help="ADDR or SHARD=ADDR (repeatable)"),
+    ] = None,
+    etcd: Annotated[str, typer.Option("--etcd", envvar="ACCORD_ETCD")] = "",
+    timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 600.0,
+    as_json: JsonOut = False,
+) -> None:
+    """Rebuild the read model from scratch (from LSN 0 of every shard, or a snapshot
+    where the log was checkpointed) into a new store, then swap it in. With --http, a
+    running service does it and keeps serving the old store until the swap; with --db,
+    no service may be running on that store."""
+    from accord.query import StoreLockedError, parse_coordinator, rebuild_offline
+
+    if bool(http) == bool(db):
+        raise fail("give --http (a running service) or --db (no service running)", ExitCode.USAGE)
+    if http:
+        from urllib.error import HTTPError, URLError
+        from urllib.request import Request, urlopen
+
+        try:
+            with urlopen(
+                Request(f"http://{http}/rebuild", method="POST", data=b""), timeout=timeout
+            ) as resp:
+                out = json.loads(resp.read())
+        except HTTPError as e:
+            raise fail(f"rebuild: {e.read().decode(errors='replace')}") from None
+        except (URLError, OSError) as e:
+            raise fail(f"rebuild: {http}: {e}") from None
+    else:
+        if bool(coordinator) == bool(etcd):
+            raise fail("give --etcd URL or --coordinator ADDR (repeatable)", ExitCode.USAGE)
+
+        async def go() -> dict[str, Any]:
+            targets: list[tuple[str, str]]
+            if etcd:
+                from accord.registry import find_shards
+
+                shards = await find_shards(etcd)
+                targets = [(s, c.address) for s, c in sorted(shards.owners.items())]
+            else:
+                targets = [parse_coordinator(c) for c in coordinator or ()]
+            return await rebuild_offline(db, targets, timeout_s=timeout)
+
+        try:
+            out = runner.run(go())
+        except (StoreLockedError, ValueError, ConnectionError, TimeoutError) as e:
+            raise fail(f"rebuild: {e or type(e).__name__}") from None
+    if as_json:
+        print(json.dumps(out))
+    else:
+        console.print(
+            f"rebuilt {out['transactions']} transactions in {out['seconds']} s "
+            f"({', '.join(f'{s}@{n}' for s, n in sorted(out['shards'].items()))})"
+        )
+
+
+def _query_stub(address: str, fn: Any) -> Any:
+    import grpc
+
+    import accord.v1 as pb
+    from accord.common.transport import make_channel
+
+    async def go() -> Any:
+        channel = make_channel(address)
+        try:
+            return await fn(pb.QueryStub(channel))
+        finally:
+            await channel.close()
+
+    try:
+        return runner.run(go())
+    except grpc.aio.AioRpcError as e:
+        raise fail(f"query service {address}: {e.code().name}: {e.details()}") from None
+    except ValueError as e:
+        raise fail(str(e)) from None
+
+
+def _state_value(name: str) -> int:
+    import accord.v1 as pb
+
+    key = name.strip().upper().replace("-", "_")
+    key = key if key.startswith("TXN_STATE_") else f"TXN_STATE_{key}"
+    try:
+        return int(pb.TxnState.Value(key))
+    except ValueError:
+        raise fail(f"unknown state {name!r}", ExitCode.USAGE) from None
+
+
+def _query_get(address: str, gid: str, as_json: bool) -> None:
+    """``accord txn get --query``: the transaction and its timeline from the read model."""
+    from google.protobuf.json_format import MessageToDict
+
+    import accord.v1 as pb
+
+    view = _query_stub(address, lambda stub: stub.GetTransaction(pb.QueryGetRequest(gid=gid)))
+    if as_json:
+        print(json.dumps(MessageToDict(view, preserving_proto_field_name=True)))
+        return
+    s = view.summary
+    console.print(
+        f"state: [bold]{pb.TxnState.Name(s.state).removeprefix('TXN_STATE_')}[/bold]"
+        + (f"  reason: {s.reason}" if s.reason else "")
+        + f"  shard: {s.shard}  lsn: {s.last_lsn}",
+        highlight=False,
+    )
+    table = Table(title=f"timeline of {s.gid}", show_header=True)
+    for col in ("lsn", "kind", "state", "branch", "branch state", "attempts", "error"):
+        table.add_column(col)
+    for e in view.timeline:
+        table.add_row(
+            str(e.lsn),
+            pb.FeedEventKind.Name(e.kind).removeprefix("FEED_EVENT_KIND_"),
+            pb.TxnState.Name(e.state).removeprefix("TXN_STATE_"),
+            e.branch,
+            pb.BranchState.Name(e.branch_state).removeprefix("BRANCH_STATE_")
+            if e.branch_state
+            else "",
+            f"{e.attempts}+{e.compensation_attempts}" if e.branch else "",
+            e.error,
+        )
+    console.print(table)
+
+
+def _query_list(
+    address: str,
+    states: Sequence[str],
+    stuck: bool,
+    limit: int,
+    page_token: str,
+    as_json: bool,
+) -> None:
+    """``accord txn list --query``: every shard's transactions from the read model,
+    newest first."""
+    from google.protobuf.json_format import MessageToDict
+
+    import accord.v1 as pb
+
+    req = pb.QueryListRequest(
+        filter=pb.TransactionFilter(states=[_state_value(s) for s in states], stuck=stuck),  # type: ignore[misc]
+        page_size=limit,
+        page_token=page_token,
+    )
+    resp = _query_stub(address, lambda stub: stub.ListTransactions(req))
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "transactions": [
+                        MessageToDict(t, preserving_proto_field_name=True)
+                        for t in resp.transactions
+                    ],
+                    "next_page_token": resp.next_page_token,
+                }
+            )
+        )
+        return
+    table = Table(show_header=True)
+    for col in ("gid", "state", "services", "ms", "reason"):
+        table.add_column(col)
+    for t in resp.transactions:
+        table.add_row(
+            t.gid,
+            pb.TxnState.Name(t.state).removeprefix("TXN_STATE_"),
+            ",".join(t.services),
+            str(t.duration_ms) if t.ended_unix_ms else "",
+            t.reason,
+        )
+    console.print(table)
+    if resp.next_page_token:
+        console.print(f"next page: --page-token {resp.next_page_token}")
 
 
 # ---------------------------------------------------------------- load

@@ -72,6 +72,9 @@ class ChaosSettings:
     #: ``sqlite`` (a file per bank) or ``postgres`` (one PostgreSQL server, a database
     #: per bank).
     participant_db: str = "sqlite"
+    #: Also run a query service and compare its read model with the coordinators' view
+    #: at quiescence (a difference is a ``read-model`` violation).
+    query: bool = False
 
 
 @dataclass

@@ -21,6 +21,8 @@ from accord.tools.chaos._harness import (
     save_json,
     settings_dict,
 )
+from accord.tools.chaos._query import compare as compare_read_model
+from accord.tools.chaos._query import start_query
 from accord.tools.topology import PostgresServer, workdir
 
 
@@ -62,9 +64,14 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
         )
 
     chaos = Chaos(s, root, on_progress)
+    read_model: dict[str, Any] | None = None
     t_start = time.monotonic()
     try:
         await asyncio.to_thread(chaos.start_topology)
+        query_proc = None
+        if s.query:
+            assert chaos.etcd is not None
+            query_proc = await asyncio.to_thread(start_query, chaos.topology, chaos.etcd.url, root)
         chaos.started = time.monotonic()
         with progress:
             ticker = asyncio.create_task(_tick(progress, task, chaos, s.duration_s))
@@ -75,6 +82,8 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
             await chaos.heal()
             quiesce_s = await chaos.quiesce()
             coordinators = await chaos.coordinator_state()
+            if query_proc is not None:
+                read_model = await compare_read_model(query_proc.address, coordinators)
         save_json(root / "coordinators.json", coordinators)
     finally:
         await asyncio.to_thread(chaos.stop_all)
@@ -124,11 +133,14 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
         "violations": [
             {"name": v["name"], "message": v["message"], "gid": v["gid"]}
             for v in check["violations"]
-        ],
+        ]
+        + (read_model["violations"] if read_model is not None else []),
         "checks": check["checks"],
         "examples": check["examples"],
         "stuck": check.get("stuck", []),
     }
+    if read_model is not None:
+        report["read_model"] = {k: v for k, v in read_model.items() if k != "violations"}
     save_json(root / "report.json", report)
     return report
 
