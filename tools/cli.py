@@ -1500,6 +1500,7 @@ def chaos(
         bool,
         typer.Option(
             "--query",
+            envvar="ACCORD_CHAOS_QUERY",
             help="also run a query service; at quiescence its read model must equal the "
             "coordinators' view (a difference is a violation)",
         ),
@@ -1758,10 +1759,20 @@ def query_rebuild(
     ] = "",
     coordinator: Annotated[
         list[str] | None,
-        typer.Option("--coordinator", "-c", help="ADDR or SHARD=ADDR (repeatable)"),
+        typer.Option(
+            "--coordinator",
+            "-c",
+            envvar="ACCORD_COORDINATORS",
+            help="ADDR or SHARD=ADDR (repeatable)",
+        ),
     ] = None,
     etcd: Annotated[str, typer.Option("--etcd", envvar="ACCORD_ETCD")] = "",
-    timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 600.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="ACCORD_QUERY_REBUILD_TIMEOUT_S", help="give up after this many seconds"
+        ),
+    ] = 600.0,
     as_json: JsonOut = False,
 ) -> None:
     """Rebuild the read model from scratch (from LSN 0 of every shard, or a snapshot
