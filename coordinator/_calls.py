@@ -138,6 +138,9 @@ class ParticipantCalls:
         self._on_fallback = on_fallback
         self._on_stream_open = on_stream_open
         self._stubs: dict[str, pb.ParticipantStub] = {}
+        #: The service an address was resolved for (from the registry): with TLS, the
+        #: certificate there must carry that name (the handshake checks it).
+        self._service_at: dict[str, str] = {}
         self._channel_of: dict[str, aio.Channel] = {}
         self._channels: list[aio.Channel] = []
         self._streams: dict[str, ParticipantStream] = {}
@@ -195,6 +198,10 @@ class ParticipantCalls:
             return CallResult(
                 Verdict.RETRY, detail=detail, code=grpc.StatusCode.UNAVAILABLE, sent=False
             ), ""
+        if not address and service:
+            # Resolved by service name: over TLS, the participant's certificate must name
+            # the service (its channel is opened so, see _stub).
+            self._service_at.setdefault(target, service)
         result = await self.call(method, target, request, attempt_s, metadata=metadata)
         if result.code == grpc.StatusCode.UNAVAILABLE and not address:
             other = self._pick(service, target, target)
@@ -213,7 +220,9 @@ class ParticipantCalls:
     def _stub(self, address: str) -> pb.ParticipantStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = make_channel(address, self._transport)
+            channel = make_channel(
+                address, self._transport, server_name=self._service_at.get(address, "")
+            )
             self._channels.append(channel)
             self._channel_of[address] = channel
             stub = self._stubs[address] = pb.ParticipantStub(channel)
@@ -300,6 +309,11 @@ class ParticipantCalls:
         if code == grpc.StatusCode.ABORTED:
             return CallResult(Verdict.NO, detail=details or "aborted", code=code)
         detail = f"{method} {request.branch_id}@{address}: {code.name}: {details}"
+        if not sent and code == grpc.StatusCode.UNAVAILABLE and self._transport.tls:
+            name = self._service_at.get(address)
+            detail += " (TLS: the participant must present a certificate from our CA" + (
+                f" naming service {name!r})" if name else ")"
+            )
         if (
             code == grpc.StatusCode.FAILED_PRECONDITION
             and details.startswith("fenced:")

@@ -23,7 +23,13 @@ from grpc_reflection.v1alpha import reflection
 import accord.v1 as pb
 from accord.common.runner import stop_on_signals
 from accord.common.telemetry import Telemetry
-from accord.common.transport import TransportSettings, bind, make_server
+from accord.common.transport import (
+    CallerAllowList,
+    TlsFileError,
+    TransportSettings,
+    bind,
+    make_server,
+)
 from accord.participants._app import Participant, ParticipantApp
 from accord.participants._backend import (
     Backend,
@@ -137,6 +143,8 @@ class ParticipantServer:
         self._installers = tuple(services)
         self._server_options = tuple(server_options)
         self._server: aio.Server | None = None
+        #: With an allow-list of coordinators (TLS settings): what refuses the others.
+        self.allow_list: CallerAllowList | None = None
         self._health: Any = None
         self._port = 0
         self._state = "new"
@@ -176,7 +184,23 @@ class ParticipantServer:
                 raise BackendStartError(f"database {self.backend.location}: {reason}") from None
             raise
         try:
-            server, settings = make_server(self._transport, options=self._server_options)
+            settings = self._transport or TransportSettings.from_env()
+            interceptors = []
+            if settings.allow_coordinators:
+                if not settings.mutual:
+                    raise TlsFileError(
+                        "--allow-coordinator needs mutual TLS (--tls-cert, --tls-key and "
+                        "--tls-ca): coordinators are identified by their certificates"
+                    )
+                # Branch calls only from the coordinators named; the admin API, health
+                # and reflection are not branch calls.
+                self.allow_list = CallerAllowList(
+                    settings.allow_coordinators, [PARTICIPANT_SERVICE_NAME], role="coordinator"
+                )
+                interceptors.append(self.allow_list)
+            server, settings = make_server(
+                settings, options=self._server_options, interceptors=interceptors
+            )
             pb.add_ParticipantServicer_to_server(self._servicer, server)
             names = [PARTICIPANT_SERVICE_NAME]
             names += [install(server, self.service) for install in self._installers]

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 import accord.v1 as pb
 from accord.common.telemetry import Telemetry
-from accord.common.transport import TransportSettings, bind, make_server
+from accord.common.transport import TransportSettings, bind, https_context, make_server
 from accord.query._app import DEFAULT_MAX_LAG_EVENTS, QueryApp
 from accord.query._http import ConsoleOptions, build_http_app
 from accord.query._service import QueryServicer
@@ -147,7 +147,14 @@ class QueryServer:
             self._runner = web.AppRunner(self.http_app, access_log=None)
             await self._runner.setup()
             hhost, _, hport = s.http.rpartition(":")
-            site = web.TCPSite(self._runner, hhost.strip("[]"), int(hport))
+            # With TLS, the console is HTTPS with the same certificate (no client
+            # certificate asked: browsers reach it).
+            site = web.TCPSite(
+                self._runner,
+                hhost.strip("[]"),
+                int(hport),
+                ssl_context=https_context(self._transport) if self._transport.tls else None,
+            )
             await site.start()
             self.http_port = int(self._runner.addresses[0][1])
             http_addr = f"{hhost}:{self.http_port}"

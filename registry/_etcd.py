@@ -33,9 +33,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,6 +45,7 @@ import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
 
 from accord.common.exits import StartupError
+from accord.common.transport import TransportSettings
 from accord.registry._base import Instance
 
 log = logging.getLogger("accord.registry")
@@ -101,10 +104,16 @@ class Throttle:
 
 
 def parse_endpoints(url: str) -> list[str]:
-    """``http://127.0.0.1:2379[,http://host:port...]`` (or bare ``host:port``) → the
-    ``host:port`` list etcd3aio wants. Only plain-text endpoints on loopback or a
-    trusted network: TLS to etcd is not wired yet, and https URLs are refused."""
+    """``http://127.0.0.1:2379[,http://host:port...]`` (or bare ``host:port``, or
+    ``https://`` URLs for TLS: every endpoint the same scheme) → the ``host:port`` list
+    etcd3aio wants."""
+    return _parse(url)[0]
+
+
+def _parse(url: str) -> tuple[list[str], bool]:
+    """The endpoints and whether they are ``https://``."""
     endpoints = []
+    schemes = set()
     for part in url.split(","):
         part = part.strip()
         if not part:
@@ -112,22 +121,99 @@ def parse_endpoints(url: str) -> list[str]:
         if "://" not in part:
             part = "http://" + part
         u = urlsplit(part)
-        if u.scheme != "http":
-            raise ValueError(f"etcd endpoint {part!r}: only http:// endpoints are supported")
+        if u.scheme not in ("http", "https"):
+            raise ValueError(
+                f"etcd endpoint {part!r}: only http:// and https:// endpoints are supported"
+            )
         if not u.hostname or not u.port:
-            raise ValueError(f"etcd endpoint {part!r}: expected http://host:port")
+            raise ValueError(f"etcd endpoint {part!r}: expected {u.scheme}://host:port")
+        schemes.add(u.scheme)
         endpoints.append(f"{u.hostname}:{u.port}")
     if not endpoints:
         raise ValueError("etcd: no endpoint given")
-    return endpoints
+    if len(schemes) > 1:
+        raise ValueError(f"etcd {url!r}: mixes http:// and https:// endpoints")
+    return endpoints, schemes == {"https"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EtcdTls:
+    """TLS towards etcd (``https://`` URLs): the CA that signed etcd's certificate and,
+    for etcd's ``--client-cert-auth``, a client certificate and key. Each one not given
+    is taken from Accord's own TLS settings (``--tls-ca``, ``--tls-cert``,
+    ``--tls-key``), so one development CA can serve both."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> EtcdTls:
+        """Those given to :func:`configure_etcd_tls` (the CLI's options), else
+        ``ACCORD_ETCD_CA``, ``ACCORD_ETCD_CERT``, ``ACCORD_ETCD_KEY``; each one missing
+        falls back to Accord's transport settings."""
+        if _etcd_tls is not None:
+            own = _etcd_tls
+        else:
+
+            def p(name: str) -> Path | None:
+                v = os.environ.get(name)
+                return Path(v) if v else None
+
+            own = cls(ca=p("ACCORD_ETCD_CA"), cert=p("ACCORD_ETCD_CERT"), key=p("ACCORD_ETCD_KEY"))
+        t = TransportSettings.from_env()
+        if own.cert is None and own.key is None:
+            return cls(ca=own.ca or t.ca, cert=t.cert, key=t.key)
+        return cls(ca=own.ca or t.ca, cert=own.cert, key=own.key)
+
+    def client_args(self, url: str) -> dict[str, Any]:
+        """etcd3aio's TLS arguments for ``url`` (none for ``http://``)."""
+        if not _parse(url)[1]:
+            return {}
+        if self.ca is None:
+            raise StartupError(
+                f"etcd {url}: an https:// URL needs the CA of etcd's certificate "
+                "(--etcd-ca or --tls-ca)"
+            )
+        if (self.cert is None) != (self.key is None):
+            raise StartupError("etcd TLS: give both --etcd-cert and --etcd-key, or neither")
+
+        def read(f: Path) -> bytes:
+            try:
+                return f.read_bytes()
+            except OSError as e:
+                raise StartupError(f"etcd TLS: cannot read {f}: {e.strerror or e}") from None
+
+        host = urlsplit(url.split(",")[0].strip()).hostname or ""
+        return {
+            "ca_cert": read(self.ca),
+            "cert_key": read(self.key) if self.key else None,
+            "cert_chain": read(self.cert) if self.cert else None,
+            # etcd3aio dials "ipv4:..." targets: the certificate is checked against the
+            # first URL's host name.
+            "tls_server_name": host,
+        }
+
+
+_etcd_tls: EtcdTls | None = None
+
+
+def configure_etcd_tls(tls: EtcdTls | None) -> None:
+    """Makes ``tls`` (the CLI's ``--etcd-ca``/``--etcd-cert``/``--etcd-key``) this
+    process's default for every etcd client; None goes back to the environment."""
+    global _etcd_tls
+    _etcd_tls = tls
 
 
 class Etcd:
     """The process's one etcd client; registrations and caches share its channel."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, tls: EtcdTls | None = None) -> None:
         self.url = url
-        self._client = Etcd3Client(parse_endpoints(url), watch_max_reconnect_backoff_seconds=1.0)
+        args = (tls or EtcdTls.from_env()).client_args(url)
+        self._client = Etcd3Client(
+            parse_endpoints(url), watch_max_reconnect_backoff_seconds=1.0, **args
+        )
         # etcd3aio builds its channel from these options; without a short reconnect
         # backoff, gRPC waits up to two minutes before trying a restarted etcd again.
         self._client._manager.grpc_options += [

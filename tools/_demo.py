@@ -28,6 +28,8 @@ from rich.table import Table
 from accord.client._client import AccordClient, Branch, SagaStep
 from accord.client._errors import AccordClientError
 from accord.common import runner
+from accord.common.transport import configured
+from accord.tools._certs import CertDir
 from accord.tools.topology import Topology, balances, numbered_accounts, open_accounts, workdir
 
 BANKS = ("bank-a", "bank-b")
@@ -48,6 +50,10 @@ class DemoSettings:
     #: The banks on PostgreSQL (a server started under the data directory, one database
     #: per bank) instead of SQLite files.
     postgres: bool = False
+    #: Every link over mutual TLS: a development CA and a certificate per process made
+    #: (as ``accord certs`` does) in ``DATA/certs``; etcd over https with client
+    #: certificates; the banks accept branch calls only from ``coordinator``.
+    tls: bool = False
 
 
 #: Trips booked by ``accord demo --saga``; the car service refuses Paris, so those
@@ -216,9 +222,23 @@ async def _settled(addresses: dict[str, str], timeout_s: float = 30.0) -> dict[s
         await asyncio.sleep(0.1)
 
 
+def _certs(data: Path) -> CertDir:
+    """The demo's CA and certificates, in ``DATA/certs`` (the CA kept if there)."""
+    from accord.tools._certs import DEFAULT_NAMES, make_certs
+
+    make_certs(data / "certs", [*DEFAULT_NAMES, "etcd", "flight", "hotel", "car"])
+    return CertDir(data / "certs")
+
+
 def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, Any]:
     say = console.print if console else (lambda *a, **k: None)
-    with workdir(settings.data_dir, prefix="accord-demo-") as data, Topology(data) as topo:
+    with (
+        workdir(settings.data_dir, prefix="accord-demo-") as data,
+        Topology(data, certs=_certs(data) if settings.tls else None) as topo,
+        configured(topo.transport() if settings.tls else None),
+    ):
+        if settings.tls:
+            say(f"[green]made[/green] a development CA and certificates in {data / 'certs'}")
         etcd_url = ""
         if settings.etcd:
             etcd = topo.etcd()
@@ -267,6 +287,7 @@ def run_demo(settings: DemoSettings, *, console: Console | None) -> dict[str, An
             sagas = await _book_trips(coord.address, etcd_url, data) if settings.saga else []
             return {
                 "registry": f"etcd at {etcd_url}" if etcd_url else "static service map",
+                "tls": settings.tls,
                 "backend": "postgresql" if settings.postgres else "sqlite",
                 "databases": {k: str(v) for k, v in databases.items()},
                 "sagas": sagas,

@@ -132,6 +132,197 @@ TraceConsole = Annotated[
 ]
 
 
+# ---------------------------------------------------------------- transport security
+# One set of options, the same on every command that serves or calls: the decorator
+# :func:`secured` adds them to a command's signature and turns them into the process's
+# TransportSettings (and etcd's TLS) in one place, :func:`use_tls`, before the command
+# runs. Each option has its ACCORD_* variable (the ones common/transport.py and
+# registry/_etcd.py read), so the environment route works too, also for processes this
+# one starts (`accord load --processes N`).
+
+_TLS_OPTIONS: dict[str, Any] = {
+    "tls_cert": (
+        Annotated[
+            Path | None,
+            typer.Option(
+                "--tls-cert",
+                envvar="ACCORD_TLS_CERT",
+                help="this process's certificate (PEM): TLS on every link",
+                rich_help_panel="Transport security",
+            ),
+        ],
+        None,
+    ),
+    "tls_key": (
+        Annotated[
+            Path | None,
+            typer.Option(
+                "--tls-key",
+                envvar="ACCORD_TLS_KEY",
+                help="its private key (PEM)",
+                rich_help_panel="Transport security",
+            ),
+        ],
+        None,
+    ),
+    "tls_ca": (
+        Annotated[
+            Path | None,
+            typer.Option(
+                "--tls-ca",
+                envvar="ACCORD_TLS_CA",
+                help="the CA (PEM) the peers' certificates must chain to: mutual TLS",
+                rich_help_panel="Transport security",
+            ),
+        ],
+        None,
+    ),
+    "insecure": (
+        Annotated[
+            bool,
+            typer.Option(
+                "--insecure",
+                envvar="ACCORD_INSECURE",
+                help="allow plain text on and to non-loopback addresses (refused otherwise)",
+                rich_help_panel="Transport security",
+            ),
+        ],
+        False,
+    ),
+    "etcd_ca": (
+        Annotated[
+            Path | None,
+            typer.Option(
+                "--etcd-ca",
+                envvar="ACCORD_ETCD_CA",
+                help="https:// etcd: the CA of etcd's certificate (default: --tls-ca)",
+                rich_help_panel="Transport security",
+            ),
+        ],
+        None,
+    ),
+    "etcd_cert": (
+        Annotated[
+            Path | None,
+            typer.Option(
+                "--etcd-cert",
+                envvar="ACCORD_ETCD_CERT",
+                help="https:// etcd: client certificate (default: --tls-cert)",
+                rich_help_panel="Transport security",
+            ),
+        ],
+        None,
+    ),
+    "etcd_key": (
+        Annotated[
+            Path | None,
+            typer.Option(
+                "--etcd-key",
+                envvar="ACCORD_ETCD_KEY",
+                help="https:// etcd: its key (default: --tls-key)",
+                rich_help_panel="Transport security",
+            ),
+        ],
+        None,
+    ),
+}
+_ALLOW_OPTION: dict[str, Any] = {
+    "allow_coordinator": (
+        Annotated[
+            list[str] | None,
+            typer.Option(
+                "--allow-coordinator",
+                envvar="ACCORD_ALLOW_COORDINATORS",
+                metavar="NAME",
+                help="accept branch calls only from coordinators whose certificate names "
+                "NAME (SAN DNS or URI accord:NAME; repeatable, or comma-separated in the "
+                "variable); none: any certificate of the CA",
+                rich_help_panel="Transport security",
+            ),
+        ],
+        None,
+    ),
+}
+
+
+def use_tls(
+    *,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_ca: Path | None = None,
+    insecure: bool = False,
+    etcd_ca: Path | None = None,
+    etcd_cert: Path | None = None,
+    etcd_key: Path | None = None,
+    allow_coordinator: Sequence[str] | None = None,
+) -> Any:
+    """The options → this process's TransportSettings (and etcd's TLS), made its default
+    and exported to the processes it starts; one line and exit 2 when they do not make
+    sense or a file cannot be read."""
+    from accord.common.exits import StartupError
+    from accord.common.transport import TransportSettings, configure, split_names
+    from accord.registry import EtcdTls, configure_etcd_tls
+
+    settings = TransportSettings(
+        cert=tls_cert,
+        key=tls_key,
+        ca=tls_ca,
+        insecure=insecure,
+        allow_coordinators=split_names(allow_coordinator or ()),
+    )
+    try:
+        settings.check()
+    except StartupError as e:
+        raise fail(str(e), ExitCode.USAGE) from None
+    configure(settings)
+    configure_etcd_tls(EtcdTls(ca=etcd_ca, cert=etcd_cert, key=etcd_key))
+    import os
+
+    os.environ.update(settings.env())
+    for name, f in (
+        ("ACCORD_ETCD_CA", etcd_ca),
+        ("ACCORD_ETCD_CERT", etcd_cert),
+        ("ACCORD_ETCD_KEY", etcd_key),
+    ):
+        if f is not None:
+            os.environ[name] = str(f)
+    return settings
+
+
+def secured(*, allow: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Adds the transport security options (``allow``: and ``--allow-coordinator``, for
+    participants) to a command; they are applied (:func:`use_tls`) before it runs."""
+    import functools
+    import inspect
+    import typing
+
+    extra = {**_TLS_OPTIONS, **(_ALLOW_OPTION if allow else {})}
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn, eval_str=True)
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            use_tls(**{name: kwargs.pop(name) for name in extra})
+            return fn(*args, **kwargs)
+
+        params = [
+            *sig.parameters.values(),
+            *(
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
+                for name, (a, d) in extra.items()
+            ),
+        ]
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {
+            **typing.get_type_hints(fn, include_extras=True),
+            **{name: a for name, (a, _) in extra.items()},
+        }
+        return command
+
+    return wrap
+
+
 def setup_telemetry(service_name: str, trace_console: bool, metrics_listen: str) -> Any:
     """Traces (OTEL_* / --trace-console) and metrics (--metrics-listen) for a server
     process; the caller shuts it down on exit (flushing pending spans)."""
@@ -149,6 +340,7 @@ def setup_telemetry(service_name: str, trace_console: bool, metrics_listen: str)
 
 
 @app.command()
+@secured()
 def coordinator(
     listen: Annotated[
         str, typer.Option(envvar="ACCORD_LISTEN", help="host:port (port 0 picks one)")
@@ -307,6 +499,7 @@ def _announce(etcd: str, instance_id: str, ttl: int, advertise: str, etcd_wait_s
 
 
 @participant_app.command("bank")
+@secured(allow=True)
 def participant_bank(
     listen: Annotated[
         str, typer.Option(envvar="ACCORD_LISTEN", help="host:port (port 0 picks one)")
@@ -493,7 +686,7 @@ def _trip_command(kind: str) -> None:
             telemetry.shutdown()
 
     command.__doc__ = f"Run the trip example's {kind} booking service (saga steps book/cancel)."
-    participant_app.command(kind)(command)
+    participant_app.command(kind)(secured(allow=True)(command))
 
 
 for _kind in ("flight", "hotel", "car"):
@@ -504,6 +697,7 @@ for _kind in ("flight", "hotel", "car"):
 
 
 @app.command()
+@secured()
 def sidecar(
     service: Annotated[str, typer.Option(envvar="ACCORD_SERVICE", help="service name to register")],
     target: Annotated[
@@ -574,6 +768,16 @@ def sidecar(
 
 
 # ---------------------------------------------------------------- txn
+
+QueryAddr = Annotated[
+    str,
+    typer.Option(
+        "--query",
+        envvar="ACCORD_QUERY",
+        help="read from the query service at HOST:PORT (accord query) instead of the "
+        "coordinator: every shard at once, slightly behind",
+    ),
+]
 
 Coordinator = Annotated[
     str, typer.Option("--coordinator", "-c", envvar="ACCORD_COORDINATOR", help="host:port")
@@ -706,6 +910,7 @@ def _branch(spec: str) -> Any:
 
 
 @txn_app.command("begin")
+@secured()
 def txn_begin(
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
@@ -721,6 +926,7 @@ def txn_begin(
 
 
 @txn_app.command("enlist")
+@secured()
 def txn_enlist(
     gid: str,
     branch: Annotated[
@@ -741,6 +947,7 @@ def txn_enlist(
 
 
 @txn_app.command("commit")
+@secured()
 def txn_commit(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
@@ -756,6 +963,7 @@ def txn_commit(
 
 
 @txn_app.command("abort")
+@secured()
 def txn_abort(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
@@ -768,6 +976,7 @@ def txn_abort(
 
 
 @txn_app.command("execute")
+@secured()
 def txn_execute(
     branches: Annotated[list[str], typer.Argument(help="SERVICE/OPERATION[:PAYLOAD] ...")],
     coordinator: Coordinator = "127.0.0.1:7070",
@@ -830,6 +1039,7 @@ def _saga_steps(file: Path) -> tuple[list[Any], int]:
 
 
 @txn_app.command("saga")
+@secured()
 def txn_saga(
     file: Annotated[
         Path,
@@ -884,6 +1094,7 @@ def txn_saga(
 
 
 @txn_app.command("cancel")
+@secured()
 def txn_cancel(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
@@ -902,6 +1113,7 @@ def txn_cancel(
 
 
 @txn_app.command("retry")
+@secured()
 def txn_retry(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
@@ -927,6 +1139,7 @@ def _not_compensated(result: Any, what: str) -> typer.Exit:
 
 
 @txn_app.command("get")
+@secured()
 def txn_get(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
@@ -970,6 +1183,7 @@ def render_txn_list(txns: Sequence[Any], out: Console) -> None:
 
 
 @txn_app.command("list")
+@secured()
 def txn_list(
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
@@ -1016,6 +1230,7 @@ def txn_list(
 
 
 @txn_app.command("watch")
+@secured()
 def txn_watch(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
@@ -1038,6 +1253,7 @@ def txn_watch(
 
 
 @txn_app.command("feed")
+@secured()
 def txn_feed(
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
@@ -1180,6 +1396,7 @@ def _bank_call(address: str, call: Callable[[Any], Any]) -> Any:
 
 
 @bank_app.command("open-accounts")
+@secured()
 def bank_open_accounts(
     address: BankAddress,
     accounts: Annotated[
@@ -1219,6 +1436,7 @@ def bank_open_accounts(
 
 
 @bank_app.command("balances")
+@secured()
 def bank_balances(
     address: BankAddress,
     names: Annotated[
@@ -1265,6 +1483,7 @@ def bank_balances(
 
 
 @app.command()
+@secured()
 def relay(
     nats: Annotated[
         str,
@@ -1406,6 +1625,15 @@ def demo(
             "postgresql package), one database per bank",
         ),
     ] = False,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            envvar="ACCORD_DEMO_TLS",
+            help="every link over mutual TLS: a development CA and a certificate per "
+            "process (accord certs) in the data directory, etcd over https",
+        ),
+    ] = False,
     as_json: JsonOut = False,
 ) -> None:
     """The whole topology on this machine (etcd, a coordinator, two bank participants),
@@ -1422,6 +1650,7 @@ def demo(
         saga=saga,
         etcd=not static,
         postgres=postgres,
+        tls=tls,
     )
     try:
         summary = run_demo(settings, console=None if as_json else console)
@@ -1433,6 +1662,58 @@ def demo(
         raise typer.Exit(ExitCode.FAILURE)
     if saga and not all(s["consistent"] for s in summary["sagas"]):
         raise typer.Exit(ExitCode.FAILURE)
+
+
+@app.command()
+def certs(
+    out: Annotated[
+        Path,
+        typer.Option(envvar="ACCORD_CERTS_OUT", help="directory for the CA and certificates"),
+    ] = Path("accord-certs"),
+    name: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="ACCORD_CERTS_NAMES",
+            help="a certificate for this name (repeatable; default: coordinator, bank-a, "
+            "bank-b, client, query, relay)",
+        ),
+    ] = None,
+    days: Annotated[
+        int, typer.Option(envvar="ACCORD_CERTS_DAYS", min=1, help="validity of each certificate")
+    ] = 30,
+    expired: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="ACCORD_CERTS_EXPIRED",
+            help="also an already expired certificate for this name (tests; repeatable)",
+        ),
+    ] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Make a development CA (OUT/ca.pem, kept if there) and a certificate and key per
+    name (OUT/NAME.pem, OUT/NAME-key.pem).
+
+    Each certificate names NAME (SAN DNS NAME and URI accord:NAME, CN NAME), localhost,
+    127.0.0.1 and ::1, for serving and calling. For development and tests: the CA's key
+    lies beside it."""
+    from accord.common.transport import split_names
+    from accord.tools._certs import DEFAULT_NAMES, make_certs
+
+    names = split_names(name or ()) or DEFAULT_NAMES
+    try:
+        issued = make_certs(out, names, days=days, expired=split_names(expired or ()))
+    except (OSError, ValueError) as e:
+        raise fail(f"certs: {e}") from None
+    if as_json:
+        rows = [
+            {"name": i.name, "cert": str(i.cert), "key": str(i.key), "serial": f"{i.serial:x}"}
+            for i in issued
+        ]
+        print(json.dumps({"ca": str(out / "ca.pem"), "certificates": rows}))
+        return
+    print(f"CA: {out / 'ca.pem'}")
+    for i in issued:
+        print(f"{i.name}: {i.cert} {i.key}")
 
 
 # `accord chaos [OPTIONS]` runs a test (the group's callback); `accord chaos check` checks
@@ -1505,6 +1786,15 @@ def chaos(
             "coordinators' view (a difference is a violation)",
         ),
     ] = False,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            envvar="ACCORD_CHAOS_TLS",
+            help="every link over mutual TLS: a development CA and a certificate per "
+            "process in the run's directory, etcd over https, allow-lists on the banks",
+        ),
+    ] = False,
 ) -> None:
     """Kill coordinators and participants under a bank workload, then check the history:
     exit 0 only with zero violations. `accord chaos check` checks a saved run again."""
@@ -1527,6 +1817,7 @@ def chaos(
         out_dir=out,
         participant_db=participant_db.value,
         query=query,
+        tls=tls,
     )
     report = run_chaos(settings, console=None if as_json else console)
     if as_json:
@@ -1618,20 +1909,12 @@ def chaos_check(
 
 # ---------------------------------------------------------------- query (read side)
 
-QueryAddr = Annotated[
-    str,
-    typer.Option(
-        "--query",
-        envvar="ACCORD_QUERY",
-        help="read from the query service at HOST:PORT (accord query) instead of the "
-        "coordinator: every shard at once, slightly behind",
-    ),
-]
 query_app = typer.Typer(invoke_without_command=True)
 app.add_typer(query_app, name="query")
 
 
 @query_app.callback()
+@secured()
 def query(
     ctx: typer.Context,
     listen: Annotated[
@@ -1742,6 +2025,7 @@ def query(
 
 
 @query_app.command("rebuild")
+@secured()
 def query_rebuild(
     http: Annotated[
         str,
@@ -1787,9 +2071,16 @@ def query_rebuild(
         from urllib.error import HTTPError, URLError
         from urllib.request import Request, urlopen
 
+        from accord.common.transport import TransportSettings, https_client_context
+
+        transport = TransportSettings.from_env()
+        scheme = "https" if transport.tls or transport.ca else "http"
+        context = https_client_context(transport) if scheme == "https" else None
         try:
             with urlopen(
-                Request(f"http://{http}/rebuild", method="POST", data=b""), timeout=timeout
+                Request(f"{scheme}://{http}/rebuild", method="POST", data=b""),
+                timeout=timeout,
+                context=context,
             ) as resp:
                 out = json.loads(resp.read())
         except HTTPError as e:
@@ -1944,6 +2235,7 @@ def _query_list(
 
 
 @app.command()
+@secured()
 def load(
     coordinator: Annotated[
         str, typer.Option("--coordinator", "-c", envvar="ACCORD_COORDINATOR", help="host:port")
@@ -2101,6 +2393,7 @@ ShardEtcd = Annotated[
 
 
 @shard_app.command("list")
+@secured()
 def shard_list(etcd: ShardEtcd, as_json: JsonOut = False) -> None:
     """Every shard etcd knows: its owner (or last owner), epoch, live, retired.
 
@@ -2128,6 +2421,7 @@ def shard_list(etcd: ShardEtcd, as_json: JsonOut = False) -> None:
 
 
 @shard_app.command("retire")
+@secured()
 def shard_retire(
     shard: Annotated[str, typer.Argument(help="the shard to retire")],
     etcd: ShardEtcd,

@@ -30,6 +30,7 @@ from accord.client._client import AccordClient, Branch, SagaStep, TxnResult
 from accord.client._errors import AccordClientError, UnavailableError
 from accord.coordinator.wal import drop_unsynced
 from accord.participants import copy_database
+from accord.tools._certs import CertDir
 from accord.tools._choices import Fault, ParticipantDb
 from accord.tools.chaos._history import HistoryWriter
 from accord.tools.topology import (
@@ -75,6 +76,14 @@ class ChaosSettings:
     #: Also run a query service and compare its read model with the coordinators' view
     #: at quiescence (a difference is a ``read-model`` violation).
     query: bool = False
+    #: Every link over mutual TLS: a development CA in ``ROOT/certs`` and a certificate
+    #: per process (see :class:`accord.tools.topology.Topology`).
+    tls: bool = False
+
+
+def tls_certs(root: Path) -> CertDir:
+    """The CA and certificates of a run over TLS (``ROOT/certs``)."""
+    return CertDir(root / "certs")
 
 
 @dataclass
@@ -101,7 +110,7 @@ class Chaos:
         self.rng = random.Random(s.seed)
         self.history = HistoryWriter(root / "history.jsonl")
         self.stats = Stats()
-        self.topology = Topology(root)
+        self.topology = Topology(root, certs=tls_certs(root) if s.tls else None)
         self.nodes: dict[str, Node] = {}
         self.etcd: EtcdServer | None = None
         #: With ``participant_db="postgres"``: the server and each bank's database URL.

@@ -35,7 +35,7 @@ def start_query(topology: Topology, etcd_url: str, root: Path) -> ManagedProcess
         *("--http", "127.0.0.1:0"),
         *("--id", "chaos-query"),
     ]
-    proc = topology.process("query", accord_argv(args))
+    proc = topology.process("query", accord_argv(args), cert="query")
     return topology.start(proc)
 
 

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from accord.common import runner
+from accord.common.transport import configured
 from accord.tools.chaos._harness import (
     Chaos,
     ChaosSettings,
@@ -20,10 +21,11 @@ from accord.tools.chaos._harness import (
     percentile,
     save_json,
     settings_dict,
+    tls_certs,
 )
 from accord.tools.chaos._query import compare as compare_read_model
 from accord.tools.chaos._query import start_query
-from accord.tools.topology import PostgresServer, workdir
+from accord.tools.topology import PostgresServer, Topology, workdir
 
 
 def run_chaos(s: ChaosSettings, *, console: Console | None) -> dict[str, Any]:
@@ -31,7 +33,10 @@ def run_chaos(s: ChaosSettings, *, console: Console | None) -> dict[str, Any]:
     directory, with the history, the databases and every process's log)."""
     # A run printed to a console keeps its directory: the report names it.
     with workdir(s.out_dir, prefix="accord-chaos-", keep=console is not None) as root:
-        report = runner.run(_run(s, root, console))
+        # With TLS, this process talks to the topology as "client" (tls_certs: its CA).
+        client = Topology(root, certs=tls_certs(root)).transport() if s.tls else None
+        with configured(client):
+            report = runner.run(_run(s, root, console))
     if console is not None:
         print_report(console, report)
     return report

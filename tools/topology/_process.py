@@ -16,6 +16,7 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -267,12 +268,26 @@ class EtcdServer(ManagedProcess):
         peer_port: int = 0,
         log_path: Path | None = None,
         name: str = "etcd",
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
+        """``tls``: (certificate, key, CA): clients over https only, each with a
+        certificate signed by the CA (``--client-cert-auth``)."""
         self.data_dir = Path(data_dir)
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
-        client = f"http://127.0.0.1:{self.client_port}"
+        self.tls = tls
+        scheme = "https" if tls else "http"
+        client = f"{scheme}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
+        tls_args: list[str] = []
+        if tls is not None:
+            cert, key, ca = tls
+            tls_args = [
+                *("--cert-file", str(cert)),
+                *("--key-file", str(key)),
+                *("--trusted-ca-file", str(ca)),
+                "--client-cert-auth",
+            ]
         super().__init__(
             name,
             [
@@ -301,6 +316,7 @@ class EtcdServer(ManagedProcess):
                 "50",
                 "--election-timeout",
                 "500",
+                *tls_args,
             ],
             log_path=log_path,
         )
@@ -309,8 +325,13 @@ class EtcdServer(ManagedProcess):
 
     def _ready(self) -> bool:
         time.sleep(0.05)
+        context = None
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            context = ssl.create_default_context(cafile=str(ca))
+            context.load_cert_chain(cert, key)
         try:
-            with urlopen(f"{self.url}/health", timeout=1) as resp:
+            with urlopen(f"{self.url}/health", timeout=1, context=context) as resp:
                 return bool(json.loads(resp.read()).get("health") == "true")
         except (URLError, OSError, ValueError):
             return False

@@ -17,10 +17,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Literal, TypedDict, TypeVar, Unpack
 
+from accord.common.transport import TransportSettings
 from accord.tools.topology._postgres import PostgresServer
 from accord.tools.topology._process import EtcdServer, ManagedProcess, accord_argv, stop_all
+
+if TYPE_CHECKING:
+    from accord.tools._certs import CertDir
 
 P = TypeVar("P", bound=ManagedProcess)
 
@@ -89,7 +93,14 @@ class Topology:
     or kept across restarts.
 
     ``env`` goes to every process it builds but etcd (a process's own ``env`` is laid
-    over it); ``start_timeout_s`` bounds each start."""
+    over it); ``start_timeout_s`` bounds each start.
+
+    ``certs`` (a directory of ``accord certs``): every link over mutual TLS. Each process
+    gets its own certificate (issued on first use, by the directory's CA): a participant
+    its service's name, a coordinator ``coordinator``, etcd ``etcd``, anything else the
+    name it is given (default ``client``); participants accept branch calls only from
+    ``coordinator`` (``ACCORD_ALLOW_COORDINATORS``). :meth:`transport` gives this
+    process's own settings (the ``client`` certificate)."""
 
     def __init__(
         self,
@@ -97,10 +108,12 @@ class Topology:
         *,
         env: Mapping[str, str] | None = None,
         start_timeout_s: float = 30.0,
+        certs: CertDir | None = None,
     ) -> None:
         self.root = Path(root)
         self.env = dict(env or {})
         self.start_timeout_s = start_timeout_s
+        self.certs = certs
         #: Every process registered, in order of registration.
         self.procs: list[ManagedProcess] = []
 
@@ -147,6 +160,31 @@ class Topology:
             self.add(p)
         await asyncio.gather(*(p.start_async(self.start_timeout_s) for p in procs))
 
+    # ------------------------------------------------------------ TLS
+
+    def cert(self, name: str) -> tuple[Path, Path, Path]:
+        """(certificate, key, CA) of ``name``, issued now if missing (with ``certs``)."""
+        assert self.certs is not None, "a topology without certs"
+        if not self.certs.cert(name).exists():
+            from accord.tools._certs import issue
+
+            issue(self.certs, name)
+        return self.certs.cert(name), self.certs.key(name), self.certs.ca
+
+    def tls_env(self, name: str) -> dict[str, str]:
+        """``ACCORD_TLS_*`` of a process holding ``name``'s certificate ({} without TLS)."""
+        if self.certs is None:
+            return {}
+        self.cert(name)
+        return self.certs.env(name)
+
+    def transport(self, name: str = "client") -> TransportSettings:
+        """This process's settings towards the topology (plain text without certs)."""
+        if self.certs is None:
+            return TransportSettings()
+        cert, key, ca = self.cert(name)
+        return TransportSettings(cert=cert, key=key, ca=ca)
+
     # ------------------------------------------------------------ building blocks
 
     def process(
@@ -157,13 +195,15 @@ class Topology:
         env: Mapping[str, str] | None = None,
         ready: str | tuple[str, ...] = "listening on ",
         cwd: Path | None = None,
+        cert: str = "client",
     ) -> ManagedProcess:
-        """Any process, logging to ``ROOT/NAME.log``; registered, not started."""
+        """Any process, logging to ``ROOT/NAME.log``; registered, not started. With
+        ``certs``, it holds ``cert``'s certificate."""
         return self.add(
             ManagedProcess(
                 name,
                 argv,
-                env={**self.env, **(env or {})},
+                env={**self.tls_env(cert), **self.env, **(env or {})},
                 log_path=self.root / f"{name}.log",
                 ready_prefix=ready,
                 cwd=cwd,
@@ -178,7 +218,12 @@ class Topology:
     def etcd(self, name: str = "etcd", *, start: bool = True) -> EtcdServer:
         """A single-member etcd on reserved loopback ports (kept across its restarts),
         data in ``ROOT/NAME``."""
-        server = EtcdServer(self.root / name, log_path=self.root / f"{name}.log", name=name)
+        server = EtcdServer(
+            self.root / name,
+            log_path=self.root / f"{name}.log",
+            name=name,
+            tls=self.cert("etcd") if self.certs is not None else None,
+        )
         return self._started(self.add(server), start)
 
     # ------------------------------------------------------------ PostgreSQL
@@ -211,7 +256,12 @@ class Topology:
         ``name`` (default: the kind); see :class:`ParticipantOptions`."""
         name = name or kind
         args = ["participant", kind, *self._participant_flags(name, options)]
-        proc = self.process(name, accord_argv(args), env=options.get("env"))
+        proc = self.process(
+            name,
+            accord_argv(args),
+            env=self._participant_env(options),
+            cert=options.get("service") or kind,
+        )
         return self._started(proc, options.get("start", True))
 
     def bank(
@@ -238,8 +288,14 @@ class Topology:
             raise ValueError("the standalone bank does not register in etcd")
         argv = [sys.executable, "-m", "accord.participants.bank"]
         argv += self._participant_flags(name, options)
-        proc = self.process(name, argv, env=options.get("env"), cwd=cwd)
+        proc = self.process(
+            name, argv, env=self._participant_env(options), cwd=cwd, cert=options["service"]
+        )
         return self._started(proc, options.get("start", True))
+
+    def _participant_env(self, o: ParticipantOptions) -> dict[str, str]:
+        allow = {"ACCORD_ALLOW_COORDINATORS": "coordinator"} if self.certs is not None else {}
+        return {**allow, **(o.get("env") or {})}
 
     def _participant_flags(self, name: str, o: ParticipantOptions) -> list[str]:
         return [
@@ -296,5 +352,7 @@ class Topology:
             *_opt("--log-level", log_level),
             *extra,
         ]
-        proc = self.process(name, accord_argv(args), env=env, ready=_READY[role])
+        proc = self.process(
+            name, accord_argv(args), env=env, ready=_READY[role], cert="coordinator"
+        )
         return self._started(proc, start)
