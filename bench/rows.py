@@ -32,7 +32,9 @@ from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.trace import TracerProvider
 
 from accord.client._client import AccordClient, Branch, SagaStep
+from accord.common.transport import configured
 from accord.registry import EtcdRegistry, find_coordinators
+from accord.tools._certs import CertDir
 from accord.tools.topology import (
     EtcdServer,
     ManagedProcess,
@@ -502,6 +504,20 @@ async def baseline_2pc(env: RowEnv) -> AsyncIterator[Target]:
 async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
     async with static_2pc(env, transport="unary") as target:
         yield target
+
+
+@row(
+    "2pc-tls",
+    "Accord 2PC as 2pc, every link over mutual TLS (a development CA, a certificate per "
+    "process; the banks accept branch calls only from the coordinator's certificate name)",
+    baseline="2pc",
+)
+@asynccontextmanager
+async def accord_2pc_tls(env: RowEnv) -> AsyncIterator[Target]:
+    env.topology.certs = CertDir(env.data_dir / "certs")
+    with configured(env.topology.transport("client")):
+        async with static_2pc(env, transport="unary") as target:
+            yield target
 
 
 @row(

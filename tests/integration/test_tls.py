@@ -25,7 +25,15 @@ from accord.client import AccordClient, Branch
 from accord.common.transport import TransportSettings, configured, make_channel
 from accord.registry import Etcd, EtcdTls
 from accord.tools._certs import CertDir, issue, make_certs
-from accord.tools.topology import EtcdServer, ManagedProcess, Topology, accord_argv, balances
+from accord.tools.topology import (
+    EtcdServer,
+    ManagedProcess,
+    PostgresServer,
+    ProcessFailed,
+    Topology,
+    accord_argv,
+    balances,
+)
 from tests.integration._bank_helpers import branch
 
 pytestmark = pytest.mark.integration
@@ -294,3 +302,36 @@ def test_a_short_chaos_run_over_mutual_tls_has_no_violations(tmp_path: Path) -> 
     assert report["violations"] == [] or report["violations"] == 0
     assert report["ok"] > 0
     assert report["settings"]["tls"] is True
+
+
+def test_a_participant_on_postgresql_over_verified_tls(tmp_path: Path) -> None:
+    """The postgresql:// URL goes to psycopg as given: with sslmode=verify-full and the
+    CA, the bank's connections are TLS (pg_stat_ssl says so); with another CA, it does
+    not start (one line)."""
+    import psycopg
+
+    certs = CertDir(tmp_path / "certs")
+    make_certs(certs.path, ["postgres"])
+    with Topology(tmp_path) as topo:
+        pg = PostgresServer(tmp_path, tls=(certs.cert("postgres"), certs.key("postgres"), certs.ca))
+        topo.start(pg)
+        url = pg.create_database("bank_a")
+        tls_url = f"{url}?sslmode=verify-full&sslrootcert={certs.ca}"
+        bank = topo.bank("bank-a", db=tls_url, accounts=2, initial_balance=5)
+        with psycopg.connect(tls_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_activity a "
+                "JOIN pg_stat_ssl s USING (pid) WHERE a.datname = 'bank_a' AND a.pid <> "
+                "pg_backend_pid()"
+            ).fetchone()
+        assert row is not None and row[1] > 0 and row[0] == row[1], row
+        bank.stop(10)
+        other = CertDir(tmp_path / "other-ca")
+        make_certs(other.path, ["x"])
+        wrong = topo.bank(
+            "bank-wrong",
+            db=f"{url}?sslmode=verify-full&sslrootcert={other.ca}",
+            start=False,
+        )
+        with pytest.raises(ProcessFailed, match="certificate verify failed"):
+            wrong.start(30)

@@ -58,6 +58,16 @@ def postgres_bindir() -> Path:
     )
 
 
+#: File names of the TLS certificate, key and CA in the data directory.
+_TLS_FILES = ("accord-server.crt", "accord-server.key", "accord-ca.crt")
+_TLS_SETTINGS = {
+    "ssl": "on",
+    "ssl_cert_file": _TLS_FILES[0],
+    "ssl_key_file": _TLS_FILES[1],
+    "ssl_ca_file": _TLS_FILES[2],
+}
+
+
 class PostgresServer(ManagedProcess):
     """One PostgreSQL server on 127.0.0.1:``port`` (reserved when 0, kept across
     restarts), superuser ``postgres``, trust authentication. ``settings`` are more
@@ -72,8 +82,13 @@ class PostgresServer(ManagedProcess):
         max_prepared_transactions: int = 100,
         settings: Mapping[str, str] | None = None,
         log_path: Path | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
+        """``tls``: (certificate, key, CA): the server accepts TLS connections with that
+        certificate (copied into its data directory, owned by its user, at start);
+        clients choose TLS in their URL (``?sslmode=verify-full&sslrootcert=CA``)."""
         self.root_dir = Path(root_dir)
+        self.tls = tls
         self.root_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.bindir = postgres_bindir()
@@ -95,6 +110,7 @@ class PostgresServer(ManagedProcess):
             "max_prepared_transactions": str(max_prepared_transactions),
             "max_connections": "300",
             "unix_socket_permissions": "0777",
+            **(_TLS_SETTINGS if tls else {}),
             **(settings or {}),
         }
         argv = [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
@@ -130,8 +146,21 @@ class PostgresServer(ManagedProcess):
     def start(self, timeout_s: float = 60.0) -> PostgresServer:
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
+        if self.tls is not None:
+            self._install_tls(self.tls)
         super().start(timeout_s)
         return self
+
+    def _install_tls(self, tls: tuple[Path, Path, Path]) -> None:
+        """The certificate, key and CA into the data directory, owned by the server's
+        user, the key readable by it only (PostgreSQL refuses it otherwise)."""
+        for src, dst in zip(tls, _TLS_FILES, strict=True):
+            target = self.data_dir / dst
+            shutil.copyfile(src, target)
+            os.chmod(target, 0o600)
+            if self.user is not None:
+                ids = _as_user(self.user)
+                os.chown(target, ids["user"], ids["group"])
 
     def _initdb(self) -> None:
         argv = [str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", "postgres"]
