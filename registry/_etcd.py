@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,6 +196,17 @@ class EtcdTls:
 
 
 _etcd_tls: EtcdTls | None = None
+
+
+@contextlib.contextmanager
+def configured_etcd_tls(tls: EtcdTls | None) -> Iterator[None]:
+    """:func:`configure_etcd_tls` for a ``with`` block (then the previous one)."""
+    previous = _etcd_tls
+    configure_etcd_tls(tls)
+    try:
+        yield
+    finally:
+        configure_etcd_tls(previous)
 
 
 def configure_etcd_tls(tls: EtcdTls | None) -> None:

@@ -4,10 +4,11 @@ packages. Every option can also be set through an ``ACCORD_*`` environment varia
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -245,6 +246,7 @@ _ALLOW_OPTION: dict[str, Any] = {
 }
 
 
+@contextlib.contextmanager
 def use_tls(
     *,
     tls_cert: Path | None = None,
@@ -255,13 +257,17 @@ def use_tls(
     etcd_cert: Path | None = None,
     etcd_key: Path | None = None,
     allow_coordinator: Sequence[str] | None = None,
-) -> Any:
-    """The options → this process's TransportSettings (and etcd's TLS), made its default
-    and exported to the processes it starts; one line and exit 2 when they do not make
-    sense or a file cannot be read."""
+) -> Iterator[Any]:
+    """The options → this process's TransportSettings (and etcd's TLS), its default and
+    exported to the processes it starts for as long as the command runs (then the
+    previous ones: a command run in-process leaves nothing behind); one line and exit 2
+    when they do not make sense or a file cannot be read."""
+    import os
+
     from accord.common.exits import StartupError
-    from accord.common.transport import TransportSettings, configure, split_names
-    from accord.registry import EtcdTls, configure_etcd_tls
+    from accord.common.transport import TransportSettings, configured, split_names
+    from accord.registry import EtcdTls
+    from accord.registry._etcd import configured_etcd_tls
 
     settings = TransportSettings(
         cert=tls_cert,
@@ -274,19 +280,28 @@ def use_tls(
         settings.check()
     except StartupError as e:
         raise fail(str(e), ExitCode.USAGE) from None
-    configure(settings)
-    configure_etcd_tls(EtcdTls(ca=etcd_ca, cert=etcd_cert, key=etcd_key))
-    import os
-
-    os.environ.update(settings.env())
+    env = settings.env()
     for name, f in (
         ("ACCORD_ETCD_CA", etcd_ca),
         ("ACCORD_ETCD_CERT", etcd_cert),
         ("ACCORD_ETCD_KEY", etcd_key),
     ):
         if f is not None:
-            os.environ[name] = str(f)
-    return settings
+            env[name] = str(f)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with (
+            configured(settings),
+            configured_etcd_tls(EtcdTls(ca=etcd_ca, cert=etcd_cert, key=etcd_key)),
+        ):
+            yield settings
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def secured(*, allow: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -303,8 +318,8 @@ def secured(*, allow: bool = False) -> Callable[[Callable[..., Any]], Callable[.
 
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
-            use_tls(**{name: kwargs.pop(name) for name in extra})
-            return fn(*args, **kwargs)
+            with use_tls(**{name: kwargs.pop(name) for name in extra}):
+                return fn(*args, **kwargs)
 
         params = [
             *sig.parameters.values(),

@@ -25,7 +25,8 @@ def test_parse_endpoints() -> None:
     assert parse_endpoints("http://127.0.0.1:2379") == ["127.0.0.1:2379"]
     assert parse_endpoints("http://a:1, http://b:2") == ["a:1", "b:2"]
     assert parse_endpoints("127.0.0.1:2379") == ["127.0.0.1:2379"]
-    for bad in ("", "https://a:1", "http://nohost", ","):
+    assert parse_endpoints("https://a:1") == ["a:1"]  # TLS: see test_transport_tls.py
+    for bad in ("", "grpc://a:1", "http://nohost", ",", "http://a:1,https://b:2"):
         with pytest.raises(ValueError):
             parse_endpoints(bad)
 
