@@ -301,7 +301,7 @@ def test_plain_text_off_loopback_is_one_line(mistakes: StartUpErrors) -> None:
     assert_one_error_line(
         mistakes.results["off-loopback"],
         "refusing to serve plain text on non-loopback address 192.0.2.1:7070: "
-        "set ACCORD_TLS_CERT and ACCORD_TLS_KEY",
+        "give --tls-cert and --tls-key (ACCORD_TLS_CERT, ACCORD_TLS_KEY), or --insecure",
     )
 
 
