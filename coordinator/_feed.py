@@ -217,7 +217,11 @@ def _step(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
         unix_ms=r.unix_ms,
         step=r.step,
         step_status=pb.StepStatus(
-            state=r.state, attempts=r.attempts, last_error=r.error, result=r.result
+            state=r.state,
+            attempts=r.attempts,
+            compensation_attempts=r.compensation_attempts,
+            last_error=r.error,
+            result=r.result,
         ),
     )
 

@@ -331,6 +331,10 @@ async def test_saga_steps_and_compensations(tmp_path: Path) -> None:
     # b (step 1) is undone before a (step 0): reverse dependency order.
     undone = [s for s, st, _ in steps if st == pb.BRANCH_STATE_COMPENSATED]
     assert undone == [1, 0]
+    # A compensated step says how many compensation calls it took (its action's
+    # attempts stay in attempts).
+    comp = [ev.step_status for ev in mine if ev.step_status.state == pb.BRANCH_STATE_COMPENSATED]
+    assert [(st.attempts, st.compensation_attempts) for st in comp] == [(1, 1), (1, 1)]
     assert all(
         saga == pb.TXN_STATE_COMPENSATING
         for _, st, saga in steps

@@ -292,6 +292,7 @@ class WalSagaStep(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     UNIX_MS_FIELD_NUMBER: _builtins.int
     SAGA_STATE_FIELD_NUMBER: _builtins.int
+    COMPENSATION_ATTEMPTS_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     step: _builtins.int
     """index in the definition"""
@@ -305,6 +306,8 @@ class WalSagaStep(_message.Message):
     """The saga's state when the record was made (the feed's FeedEvent.state: a step can
     change while the saga runs or compensates); UNSPECIFIED in logs older than the field.
     """
+    compensation_attempts: _builtins.int
+    """Compensation calls made for the step so far (0 in logs older than the field)."""
     def __init__(
         self,
         *,
@@ -316,10 +319,11 @@ class WalSagaStep(_message.Message):
         result: _builtins.bytes = ...,
         unix_ms: _builtins.int = ...,
         saga_state: _types_pb2.TxnState.ValueType = ...,
+        compensation_attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "gid", b"gid", "result", b"result", "saga_state", b"saga_state", "state", b"state", "step", b"step", "unix_ms", b"unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "compensation_attempts", b"compensation_attempts", "error", b"error", "gid", b"gid", "result", b"result", "saga_state", b"saga_state", "state", b"state", "step", b"step", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
