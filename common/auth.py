@@ -34,7 +34,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -58,6 +58,8 @@ __all__ = [
     "Unauthenticated",
     "bearer_metadata",
     "check_token_destination",
+    "env_token_metadata",
+    "http_authorization",
 ]
 
 #: A token longer than this is refused before any work is done on it.
@@ -408,6 +410,23 @@ class Authenticator:
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     """The metadata that carries ``token`` (empty for no token)."""
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def env_token_metadata() -> tuple[tuple[str, str], ...]:
+    """The metadata of the process's own token (``ACCORD_TOKEN``; ``--token`` of
+    ``accord query`` and ``accord relay`` sets it): how the services that follow a
+    coordinator's feed (Subscribe, a reader's call) authenticate."""
+    return bearer_metadata(os.environ.get("ACCORD_TOKEN", ""))
+
+
+def http_authorization(headers: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
+    """An HTTP request's ``Authorization`` value, or ``Bearer <cookie accord_token>``
+    (a browser's EventSource cannot send headers)."""
+    value = headers.get("Authorization")
+    if value:
+        return value
+    cookie = cookies.get("accord_token")
+    return f"Bearer {cookie}" if cookie else None
 
 
 def check_token_destination(address: str, *, secure: bool) -> None:

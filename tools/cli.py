@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from enum import StrEnum
@@ -1407,6 +1408,15 @@ def relay(
             envvar="ACCORD_CONNECT_WAIT_S", help="give up if NATS is unreachable this long at start"
         ),
     ] = 30.0,
+    token: Annotated[
+        str,
+        typer.Option(
+            "--token",
+            envvar="ACCORD_TOKEN",
+            help="the relay's token (reader role) for coordinators with auth on",
+            show_default=False,
+        ),
+    ] = "",
     log_level: LogLevelOpt = LogLevel.INFO,
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
@@ -1418,6 +1428,8 @@ def relay(
     from accord.relay import Format, Relay, RelaySettings
 
     setup_logging(log_level, log_format)
+    if token:
+        os.environ["ACCORD_TOKEN"] = token  # read where the feeds are followed
     try:
         settings = RelaySettings(
             nats_url=nats,
@@ -1778,9 +1790,22 @@ def query(
         bool,
         typer.Option(
             envvar="ACCORD_CONSOLE_ACTIONS",
-            help="enable the console's retry/cancel saga buttons (no admin tokens yet)",
+            help="enable the console's retry/cancel saga buttons (with auth on: for admins)",
         ),
     ] = False,
+    auth_tokens: AuthTokens = None,
+    auth_jwt_key: AuthJwtKey = None,
+    auth_jwt_issuer: AuthJwtIssuer = "",
+    auth_jwt_audience: AuthJwtAudience = "",
+    token: Annotated[
+        str,
+        typer.Option(
+            "--token",
+            envvar="ACCORD_TOKEN",
+            help="this service's own token (reader role) for the coordinators' feeds",
+            show_default=False,
+        ),
+    ] = "",
     log_level: LogLevelOpt = LogLevel.INFO,
     log_format: LogFormatOpt = LogFormat.TEXT,
     metrics_listen: MetricsListen = "",
@@ -1805,7 +1830,10 @@ def query(
         max_lag_events=max_lag_events,
         trace_url=trace_url,
         console_actions=console_actions,
+        auth=_auth_settings(auth_tokens, auth_jwt_key, auth_jwt_issuer, auth_jwt_audience),
     )
+    if token:
+        os.environ["ACCORD_TOKEN"] = token  # read where the feeds are followed
     try:
         settings.check()
         from accord.query._console import check_trace_url

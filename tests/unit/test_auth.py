@@ -368,3 +368,47 @@ async def test_idempotency_keys_ownership_and_limits_per_caller() -> None:
         e2.get(a.gid, caller="shop-b")
     await e2.close()
     await e.close()
+
+
+# ---------------------------------------------------------------- the query service
+
+
+async def test_the_console_api_needs_a_reader_and_its_actions_an_admin(
+    tokens_file: Path, tmp_path: Path
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from accord.query._app import QueryApp
+    from accord.query._http import ConsoleOptions, build_http_app
+    from accord.query._store import SqliteStore
+
+    backend = QueryApp(SqliteStore(tmp_path / "q.db"))
+    await backend.start()
+    verifier = AuthSettings(tokens_file=tokens_file).build()
+    app = build_http_app(backend, console=ConsoleOptions(actions=True, auth=verifier))
+    client: TestClient = TestClient(TestServer(app))  # type: ignore[type-arg]
+    await client.start_server()
+    try:
+        assert (await client.get("/healthz")).status in (200, 503)  # open
+        assert (await client.get("/")).status == 200  # a page holds no data: open
+        resp = await client.get("/api/transactions")
+        assert resp.status == 401 and (await resp.json())["code"] == "UNAUTHENTICATED"
+        hdr = {"Authorization": bearer(CLIENT_A)}
+        assert (await client.get("/api/transactions", headers=hdr)).status == 403
+        hdr = {"Authorization": bearer(READER)}
+        assert (await client.get("/api/transactions", headers=hdr)).status == 200
+        # The cookie (a browser's EventSource sends no headers).
+        client.session.cookie_jar.update_cookies({"accord_token": ADMIN})
+        cfg = await client.get("/api/config")
+        assert cfg.status == 200
+        csrf = (await cfg.json())["csrf_token"]
+        client.session.cookie_jar.clear()
+        post = {"json": {"gid": "0-x"}, "headers": {"X-CSRF-Token": csrf, **hdr}}
+        resp = await client.post("/api/actions/retry", **post)  # type: ignore[arg-type]
+        assert resp.status == 403 and "admin" in (await resp.json())["error"]
+        post["headers"] = {"X-CSRF-Token": csrf, "Authorization": bearer(ADMIN)}
+        resp = await client.post("/api/actions/retry", **post)  # type: ignore[arg-type]
+        assert resp.status == 404  # authorised: the gid is unknown to the read model
+    finally:
+        await client.close()
+        await backend.stop()
