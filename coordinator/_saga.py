@@ -98,6 +98,7 @@ class SagaMode:
             gid=rec.gid,
             protocol=pb.PROTOCOL_SAGA,
             key=rec.idempotency_key,
+            caller=rec.caller,
             digest=rec.request_digest,
             created_ms=rec.created_unix_ms,
             deadline_ms=rec.deadline_unix_ms,
