@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from accord.participants.trip._service import bookings
-from tests.integration.conftest import Cluster, balances, free_port, open_accounts
+from tests.integration.conftest import Cluster, balances, open_accounts
 
 ROOT = Path(__file__).resolve().parents[2]
 
