@@ -24,8 +24,10 @@ from accord.client._errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     TransactionAborted,
+    UnauthenticatedError,
     UnavailableError,
 )
 from accord.client._states import FINAL_STATES, TxnState
@@ -42,6 +44,7 @@ __all__ = [
     "FailedPreconditionError",
     "InvalidArgumentError",
     "NotFoundError",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
     "SagaStep",
     "StepResult",
@@ -50,5 +53,6 @@ __all__ = [
     "TransactionAborted",
     "TxnResult",
     "TxnState",
+    "UnauthenticatedError",
     "UnavailableError",
 ]

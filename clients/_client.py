@@ -39,6 +39,7 @@ from accord.client._errors import (
 )
 from accord.client._states import FINAL_STATES, TxnState
 from accord.client._tracing import TracedStub, recording
+from accord.common.auth import bearer_metadata, check_token_destination
 from accord.common.gid import KeyPlacement, place_key, shard_of
 from accord.common.transport import TransportSettings, make_channel
 
@@ -353,6 +354,25 @@ class _TransactionScope:
             raise TransactionAborted(f"transaction {self.tx.gid} aborted: {self.result.reason}")
 
 
+class _TokenStub:
+    """Wraps a ``CoordinatorStub``: every call (unary and streaming) carries the bearer
+    token in its ``authorization`` metadata, beside any metadata the caller gives."""
+
+    def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._stub = stub
+        self._metadata = metadata
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+        extra = self._metadata
+
+        def call(request: Any, **kw: Any) -> Any:
+            kw["metadata"] = (*(kw.get("metadata") or ()), *extra)
+            return method(request, **kw)
+
+        return call
+
+
 @dataclass(frozen=True)
 class _Conn:
     address: str
@@ -376,11 +396,15 @@ class AccordClient:
         timeout_s: float = 60.0,
         connect: bool = True,
         tracer_provider: TracerProvider | None = None,
+        token: str = "",
     ) -> None:
         """``tracer_provider``: where client spans go (default: the global provider);
-        each call then carries its span's W3C context to the coordinator."""
+        each call then carries its span's W3C context to the coordinator. ``token``: a
+        bearer token sent with every call (coordinators with auth on require one); it is
+        sent only over TLS or to a loopback address (:class:`TokenRefused` otherwise)."""
         self.address = address
         self._transport = transport
+        self._token = token
         self._tracer_provider = tracer_provider
         self._timeout = timeout_s
         self._etcd = ""
@@ -408,8 +432,13 @@ class AccordClient:
             self._connect(address)
 
     def _open(self, address: str) -> _Conn:
+        if self._token:
+            t = self._transport or TransportSettings.from_env()
+            check_token_destination(address, secure=t.tls or t.ca is not None)
         channel = make_channel(address, self._transport)
         stub = pb.CoordinatorStub(channel)
+        if self._token:
+            stub = cast(pb.CoordinatorStub, _TokenStub(stub, bearer_metadata(self._token)))
         if recording(self._tracer_provider):
             tracer = trace.get_tracer("accord.client", tracer_provider=self._tracer_provider)
             stub = cast(pb.CoordinatorStub, TracedStub(stub, tracer))
@@ -429,8 +458,10 @@ class AccordClient:
         transport: TransportSettings | None = None,
         timeout_s: float = 60.0,
         tracer_provider: TracerProvider | None = None,
+        token: str = "",
     ) -> AccordClient:
-        """A client of the coordinators registered in etcd.
+        """A client of the coordinators registered in etcd (``token``: as in the
+        constructor, sent to every coordinator).
 
         With ``coordinator_id`` or ``shard``: a client of that one coordinator (or of
         the shard's current owner); :meth:`reconnect` finds it again after a failover.
@@ -465,6 +496,7 @@ class AccordClient:
             timeout_s=timeout_s,
             connect=False,
             tracer_provider=tracer_provider,
+            token=token,
         )
         client._etcd, client._coordinator_id, client._shard = etcd, coordinator_id, shard
         client._sharded = not coordinator_id and not shard

@@ -41,6 +41,18 @@ class DeadlineExceededError(AccordClientError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class UnauthenticatedError(AccordClientError):
+    """No bearer token, or one the coordinator does not accept."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(AccordClientError):
+    """The token is valid but its roles do not allow the call."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class TransactionAborted(AccordClientError):
     """Raised by ``async with client.transaction()`` when the commit ends ABORTED."""
 
@@ -57,6 +69,8 @@ _BY_CODE: dict[grpc.StatusCode, type[AccordClientError]] = {
         ResourceExhaustedError,
         UnavailableError,
         DeadlineExceededError,
+        UnauthenticatedError,
+        PermissionDeniedError,
     )
 }
 

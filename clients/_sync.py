@@ -16,7 +16,12 @@ T = TypeVar("T")
 
 class SyncAccordClient:
     def __init__(
-        self, address: str, *, transport: TransportSettings | None = None, timeout_s: float = 60.0
+        self,
+        address: str,
+        *,
+        transport: TransportSettings | None = None,
+        timeout_s: float = 60.0,
+        token: str = "",
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -25,7 +30,7 @@ class SyncAccordClient:
         self._thread.start()
 
         async def make() -> AccordClient:
-            return AccordClient(address, transport=transport, timeout_s=timeout_s)
+            return AccordClient(address, transport=transport, timeout_s=timeout_s, token=token)
 
         self._client = self._run(make())
 

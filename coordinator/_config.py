@@ -16,6 +16,11 @@ class Limits:
     max_branches: int = 64
     max_payload_bytes: int = 256 * 1024
     max_inflight: int = 10_000
+    #: Unfinished transactions one caller may have (auth on only: with auth off every
+    #: call is the caller "", and only ``max_inflight`` applies).
+    max_inflight_per_caller: int = 1000
+    #: WatchTransaction and Subscribe streams one caller may hold open (auth on only).
+    max_watchers_per_caller: int = 64
     max_timeout_ms: int = 10 * 60 * 1000
     max_key_chars: int = 128
     max_name_chars: int = 128

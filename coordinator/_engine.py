@@ -139,7 +139,9 @@ class Engine:
         self._rand = rand
         limits = self._config.limits
         self.table = TxnTable(
-            retain_finished=self._config.retain_finished, max_inflight=limits.max_inflight
+            retain_finished=self._config.retain_finished,
+            max_inflight=limits.max_inflight,
+            max_inflight_per_caller=limits.max_inflight_per_caller,
         )
         self._tel = telemetry or CoordinatorTelemetry()
         self._tel.bind(self.table)
@@ -180,9 +182,12 @@ class Engine:
 
     # ------------------------------------------------------------------ queries
 
-    def get(self, gid: str) -> Txn:
+    def get(self, gid: str, *, caller: str | None = None) -> Txn:
+        """The transaction; with ``caller``, only when that caller started it (or the
+        caller "", anyone's): another caller's is NOT_FOUND, exactly as an unknown gid,
+        so gids cannot be probed."""
         txn = self.table.find(_checked_gid(gid))
-        if txn is None:
+        if txn is None or (caller is not None and txn.caller not in ("", caller)):
             self._check_shard(gid)
             raise NotFound(f"unknown transaction {gid!r}")
         return txn
@@ -211,9 +216,15 @@ class Engine:
         return self.table.inflight
 
     def list(
-        self, states: Sequence[TxnState], limit: int, page_token: str
+        self,
+        states: Sequence[TxnState],
+        limit: int,
+        page_token: str,
+        *,
+        caller: str | None = None,
     ) -> tuple[list[Txn], str]:
-        return self.table.page(states, limit, page_token)
+        """A page of transactions (``caller``: only that caller's, see :meth:`get`)."""
+        return self.table.page(states, limit, page_token, caller=caller)
 
     def query_outcome(self, gid: str) -> Outcome:
         txn = self.table.find(_checked_gid(gid))
@@ -230,24 +241,24 @@ class Engine:
             return Outcome.ABORTED
         return Outcome.IN_PROGRESS
 
-    def watch(self, gid: str) -> AsyncIterator[pb.TransactionEvent]:
+    def watch(self, gid: str, *, caller: str | None = None) -> AsyncIterator[pb.TransactionEvent]:
         """The transaction's state now, then every durable change (NOT_FOUND at once for
-        an unknown gid)."""
-        return self._watchers.watch(self.get(gid))
+        an unknown gid, or another caller's)."""
+        return self._watchers.watch(self.get(gid, caller=caller))
 
     # ------------------------------------------------------------------ 2PC API
 
-    async def begin(self, *, key: str, timeout_ms: int) -> Txn:
+    async def begin(self, *, key: str, timeout_ms: int, caller: str = "") -> Txn:
         v.check_key(key, self._config.limits)
         timeout_ms = v.check_timeout(timeout_ms, self._config)
         digest = _digest(b"begin", str(timeout_ms).encode())
         if key:
-            existing = self.table.by_key(key, digest)
+            existing = self.table.by_key(key, digest, caller)
             if existing is not None:
                 return existing
-        self.table.check_capacity()
+        self.table.check_capacity(caller)
         now = self._clock.now_ms()
-        txn = Txn(gid=self._new_gid(now), key=key, digest=digest, created_ms=now)
+        txn = Txn(gid=self._new_gid(now), key=key, digest=digest, caller=caller, created_ms=now)
         txn.deadline_ms = now + timeout_ms
         self._tel.started(txn)
         rec = pb.WalBegin(
@@ -257,6 +268,7 @@ class Engine:
             created_unix_ms=now,
             deadline_unix_ms=txn.deadline_ms,
             traceparent=txn.traceparent,
+            caller=caller,
         )
         self.table.admit(txn)
         txn.rec_begin = rec
@@ -319,7 +331,9 @@ class Engine:
             raise FailedPrecondition(f"transaction {gid} is already committed")
         return await self._outcome(txn)
 
-    async def execute(self, *, key: str, timeout_ms: int, branches: Sequence[BranchSpec]) -> Txn:
+    async def execute(
+        self, *, key: str, timeout_ms: int, branches: Sequence[BranchSpec], caller: str = ""
+    ) -> Txn:
         limits = self._config.limits
         v.check_key(key, limits)
         timeout_ms = v.check_timeout(timeout_ms, self._config)
@@ -342,12 +356,12 @@ class Engine:
                 str(timeout_ms).encode(),
                 *(branch_to_pb(b).SerializeToString(deterministic=True) for b in branches),
             )
-            existing = self.table.by_key(key, digest)
+            existing = self.table.by_key(key, digest, caller)
             if existing is not None:
                 return await self._outcome(existing)
-        self.table.check_capacity()
+        self.table.check_capacity(caller)
         now = self._clock.now_ms()
-        txn = Txn(gid=self._new_gid(now), key=key, digest=digest, created_ms=now)
+        txn = Txn(gid=self._new_gid(now), key=key, digest=digest, caller=caller, created_ms=now)
         txn.deadline_ms = now + timeout_ms
         txn.branches = rts
         self.table.admit(txn)
@@ -364,7 +378,7 @@ class Engine:
     # ------------------------------------------------------------------ saga API
 
     async def start_saga(
-        self, *, key: str, timeout_ms: int, definition: SagaSpec, wait: bool
+        self, *, key: str, timeout_ms: int, definition: SagaSpec, wait: bool, caller: str = ""
     ) -> Txn:
         v.check_key(key, self._config.limits)
         timeout_ms = v.check_timeout(timeout_ms, self._config)
@@ -377,10 +391,10 @@ class Engine:
             digest = _digest(
                 b"saga", str(timeout_ms).encode(), wire.SerializeToString(deterministic=True)
             )
-            existing = self.table.by_key(key, digest)
+            existing = self.table.by_key(key, digest, caller)
             if existing is not None:
                 return await self._settled(existing) if wait else existing
-        self.table.check_capacity()
+        self.table.check_capacity(caller)
         now = self._clock.now_ms()
         rec = pb.WalSagaStart(
             gid=self._new_gid(now),
@@ -392,6 +406,7 @@ class Engine:
             resolved_addresses=[
                 self._calls.resolve(st.service, st.address) for st in definition.steps
             ],
+            caller=caller,
         )
         txn = self._saga.build(rec, definition, after)
         self.table.admit(txn)

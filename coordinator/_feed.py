@@ -217,7 +217,11 @@ def _step(shard: str, lsn: int, payload: bytes) -> pb.FeedEvent:
         unix_ms=r.unix_ms,
         step=r.step,
         step_status=pb.StepStatus(
-            state=r.state, attempts=r.attempts, last_error=r.error, result=r.result
+            state=r.state,
+            attempts=r.attempts,
+            compensation_attempts=r.compensation_attempts,
+            last_error=r.error,
+            result=r.result,
         ),
     )
 
@@ -516,6 +520,9 @@ class FeedHub:
             ]
 
         try:
+            # A handshake: the subscriber knows at once that it is connected and how far
+            # the log is (its lag), before any event.
+            yield pb.SubscribeResponse(durable_lsn=self.durable_lsn, shard=shard)
             if last < self.durable_lsn:
                 self._tel.feed_catch_up("start")
             while not self._closed:
@@ -547,6 +554,8 @@ class FeedHub:
                         last = batch.last
                     for resp in live:
                         yield resp
+                    if not live:  # records that make no event (a checkpoint): the position
+                        yield pb.SubscribeResponse(durable_lsn=batch.last)
                     continue
                 target = self.durable_lsn
                 if last >= target:

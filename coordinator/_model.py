@@ -119,6 +119,9 @@ class Txn:
     protocol: int = pb.PROTOCOL_TWO_PHASE_COMMIT
     key: str = ""
     digest: bytes = b""
+    #: Who started it (a token's caller id; "" when auth is off or in older logs:
+    #: anyone's). Its idempotency key is this caller's own.
+    caller: str = ""
     created_ms: int = 0
     deadline_ms: int = 0
     state: TxnState = TxnState.ACTIVE

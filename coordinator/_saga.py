@@ -98,6 +98,7 @@ class SagaMode:
             gid=rec.gid,
             protocol=pb.PROTOCOL_SAGA,
             key=rec.idempotency_key,
+            caller=rec.caller,
             digest=rec.request_digest,
             created_ms=rec.created_unix_ms,
             deadline_ms=rec.deadline_unix_ms,
@@ -117,6 +118,8 @@ class SagaMode:
             pb.BRANCH_STATE_UNDELIVERED,
         ):
             step.attempts = max(step.attempts, rec.attempts)
+        if rec.state in (pb.BRANCH_STATE_COMPENSATING, pb.BRANCH_STATE_COMPENSATED):
+            step.compensation_attempts = rec.compensation_attempts
         if rec.error:
             step.last_error = rec.error
         if rec.result:
@@ -177,6 +180,7 @@ class SagaMode:
             error=error,
             result=result,
             saga_state=int(txn.state),  # type: ignore[arg-type]
+            compensation_attempts=step.compensation_attempts,
         )
         txn.rec_steps[step.index] = rec
         lsn = await self._host.append(RecordType.SAGA_STEP, rec, sync=sync, parent=step.span)

@@ -3,6 +3,13 @@ engine's plain values (``_specs``, the ``Txn`` model), and one table maps domain
 to status codes. Also the server's lifecycle:
 open the WAL, replay it, serve, resume unfinished transactions, stop gracefully.
 
+Who may call what (``accord.common.auth``): with auth configured, every client RPC checks
+the caller's bearer token first, before anything is read, logged or kept (UNAUTHENTICATED
+or PERMISSION_DENIED change nothing); a ``client`` sees and drives only the transactions
+it started (another caller's gid is NOT_FOUND), a ``reader`` reads everything, an
+``admin`` does everything. QueryOutcome takes no token: participants ask it (see the
+README's "Callers and roles"). Health and reflection are open.
+
 SIGTERM/SIGINT stop it in every state (:func:`serve`): waiting for etcd, waiting as a
 standby for its shard, waiting for the WAL directory's lock, replaying, serving. The
 start-up is cancelled where it waits, and what it holds is given back (the shard's
@@ -15,6 +22,7 @@ import gc
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +36,15 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 
 import accord.v1 as pb
+from accord.common.auth import (
+    ANONYMOUS,
+    Authenticator,
+    AuthSettings,
+    PermissionDenied,
+    Principal,
+    Role,
+    Unauthenticated,
+)
 from accord.common.exits import ExitCode, StartupError
 from accord.common.runner import stop_on_signals
 from accord.common.telemetry import Telemetry, incoming_context
@@ -110,47 +127,107 @@ async def _guard(
 
 class CoordinatorServicer(pb.CoordinatorServicer):
     def __init__(
-        self, engine: Engine, *, tracing: bool = False, feed: FeedHub | None = None
+        self,
+        engine: Engine,
+        *,
+        tracing: bool = False,
+        feed: FeedHub | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self._e = engine
         self._traced = tracing
         self._feed = feed
+        self._auth = auth
+        #: Open WatchTransaction/Subscribe streams per caller (auth on only).
+        self._watching: Counter[str] = Counter()
+
+    async def _caller(self, context: Any, *roles: Role) -> Principal:
+        """The caller, when its token is valid and it holds one of ``roles``; otherwise
+        the call ends here (UNAUTHENTICATED / PERMISSION_DENIED), having touched
+        nothing. Nothing is logged: a flood of bad tokens must not flood the log."""
+        if self._auth is None:
+            return ANONYMOUS
+        try:
+            p = self._auth.from_metadata(context.invocation_metadata())
+            p.require(*roles)
+        except Unauthenticated as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except PermissionDenied as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        return p
+
+    async def _guard_own(
+        self,
+        context: Any,
+        gid: str,
+        p: Principal,
+        work: Callable[[], Awaitable[T]],
+        *,
+        traced: bool = False,
+    ) -> T:
+        """:func:`_guard` of ``work``, after checking that ``p`` may drive ``gid``: its
+        own (or the caller ""'s), any for an admin; NOT_FOUND otherwise."""
+
+        async def run() -> T:
+            if not p.has(Role.ADMIN):
+                self._e.get(gid, caller=p.caller)
+            return await work()
+
+        return await _guard(context, run(), traced=traced)
 
     async def Begin(self, request: pb.BeginRequest, context: Any) -> pb.BeginResponse:
+        p = await self._caller(context, Role.CLIENT)
         txn = await _guard(
             context,
-            self._e.begin(key=request.idempotency_key, timeout_ms=request.timeout_ms),
+            self._e.begin(
+                key=request.idempotency_key, timeout_ms=request.timeout_ms, caller=p.caller
+            ),
             traced=self._traced,
         )
         return pb.BeginResponse(gid=txn.gid, deadline_unix_ms=txn.deadline_ms)
 
     async def Enlist(self, request: pb.EnlistRequest, context: Any) -> pb.EnlistResponse:
+        p = await self._caller(context, Role.CLIENT)
         if not request.HasField("branch"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "branch is required")
-        bid = await _guard(context, self._e.enlist(request.gid, branch_from_pb(request.branch)))
+        bid = await self._guard_own(
+            context,
+            request.gid,
+            p,
+            lambda: self._e.enlist(request.gid, branch_from_pb(request.branch)),
+        )
         return pb.EnlistResponse(branch_id=bid)
 
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.TransactionResponse:
-        txn = await _guard(context, self._e.commit(request.gid), traced=self._traced)
+        p = await self._caller(context, Role.CLIENT)
+        txn = await self._guard_own(
+            context, request.gid, p, lambda: self._e.commit(request.gid), traced=self._traced
+        )
         return pb.TransactionResponse(transaction=txn.to_pb())
 
     async def Abort(self, request: pb.AbortRequest, context: Any) -> pb.TransactionResponse:
-        txn = await _guard(context, self._e.abort(request.gid, request.reason))
+        p = await self._caller(context, Role.CLIENT)
+        txn = await self._guard_own(
+            context, request.gid, p, lambda: self._e.abort(request.gid, request.reason)
+        )
         return pb.TransactionResponse(transaction=txn.to_pb())
 
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.TransactionResponse:
+        p = await self._caller(context, Role.CLIENT)
         txn = await _guard(
             context,
             self._e.execute(
                 key=request.idempotency_key,
                 timeout_ms=request.timeout_ms,
                 branches=[branch_from_pb(b) for b in request.branches],
+                caller=p.caller,
             ),
             traced=self._traced,
         )
         return pb.TransactionResponse(transaction=txn.to_pb())
 
     async def StartSaga(self, request: pb.StartSagaRequest, context: Any) -> pb.TransactionResponse:
+        p = await self._caller(context, Role.CLIENT)
         txn = await _guard(
             context,
             self._e.start_saga(
@@ -158,6 +235,7 @@ class CoordinatorServicer(pb.CoordinatorServicer):
                 timeout_ms=request.timeout_ms,
                 definition=saga_from_pb(request.definition),
                 wait=request.wait,
+                caller=p.caller,
             ),
             traced=self._traced,
         )
@@ -166,26 +244,34 @@ class CoordinatorServicer(pb.CoordinatorServicer):
     async def CancelSaga(
         self, request: pb.CancelSagaRequest, context: Any
     ) -> pb.TransactionResponse:
-        txn = await _guard(context, self._e.cancel_saga(request.gid, request.reason))
+        p = await self._caller(context, Role.CLIENT)
+        txn = await self._guard_own(
+            context, request.gid, p, lambda: self._e.cancel_saga(request.gid, request.reason)
+        )
         return pb.TransactionResponse(transaction=txn.to_pb())
 
     async def RetryTransaction(
         self, request: pb.RetryTransactionRequest, context: Any
     ) -> pb.TransactionResponse:
+        await self._caller(context, Role.ADMIN)
         txn = await _guard(context, self._e.retry(request.gid))
         return pb.TransactionResponse(transaction=txn.to_pb())
 
     async def GetTransaction(
         self, request: pb.GetTransactionRequest, context: Any
     ) -> pb.Transaction:
+        p = await self._caller(context, Role.CLIENT, Role.READER)
+
         async def run() -> pb.Transaction:
-            return self._e.get(request.gid).to_pb()
+            return self._e.get(request.gid, caller=p.scope).to_pb()
 
         return await _guard(context, run())
 
     async def ListTransactions(
         self, request: pb.ListTransactionsRequest, context: Any
     ) -> pb.ListTransactionsResponse:
+        p = await self._caller(context, Role.CLIENT, Role.READER)
+
         async def run() -> pb.ListTransactionsResponse:
             limits = self._e.config.limits
             if request.limit > limits.max_list:
@@ -194,25 +280,54 @@ class CoordinatorServicer(pb.CoordinatorServicer):
                 states = [TxnState(s) for s in request.states]
             except ValueError as e:
                 raise InvalidArgument(f"states: {e}") from None
-            txns, token = self._e.list(states, request.limit or 100, request.page_token)
+            txns, token = self._e.list(
+                states, request.limit or 100, request.page_token, caller=p.scope
+            )
             return pb.ListTransactionsResponse(
                 transactions=[t.to_pb() for t in txns], next_page_token=token
             )
 
         return await _guard(context, run())
 
+    def _watch_slot(self, p: Principal) -> str | None:
+        """Takes one of the caller's watcher slots; why not, when it has none left."""
+        if not p.caller:
+            return None
+        limit = self._e.config.limits.max_watchers_per_caller
+        if limit and self._watching[p.caller] >= limit:
+            return (
+                f"caller {p.caller!r} has {self._watching[p.caller]} watch/subscribe streams "
+                f"open (limit {limit} per caller: --max-watchers-per-caller)"
+            )
+        self._watching[p.caller] += 1
+        return None
+
+    def _watch_done(self, p: Principal) -> None:
+        if p.caller:
+            self._watching[p.caller] -= 1
+            if self._watching[p.caller] <= 0:
+                del self._watching[p.caller]
+
     async def WatchTransaction(
         self, request: pb.WatchTransactionRequest, context: Any
     ) -> AsyncIterator[pb.TransactionEvent]:
-        try:
-            stream = self._e.watch(request.gid)
-            first = await anext(stream)
-        except AccordError as e:
-            await context.abort(status_for(e), str(e))
+        p = await self._caller(context, Role.CLIENT, Role.READER)
+        full = self._watch_slot(p)
+        if full is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, full)
             return
-        yield first
-        async for event in stream:
-            yield event
+        try:
+            try:
+                stream = self._e.watch(request.gid, caller=p.scope)
+                first = await anext(stream)
+            except AccordError as e:
+                await context.abort(status_for(e), str(e))
+                return
+            yield first
+            async for event in stream:
+                yield event
+        finally:
+            self._watch_done(p)
 
     async def QueryOutcome(
         self, request: pb.QueryOutcomeRequest, context: Any
@@ -225,9 +340,14 @@ class CoordinatorServicer(pb.CoordinatorServicer):
     async def Subscribe(
         self, request: pb.SubscribeRequest, context: Any
     ) -> AsyncIterator[pb.SubscribeResponse]:
+        p = await self._caller(context, Role.READER)
         feed = self._feed
         if feed is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server has no event feed")
+            return
+        full = self._watch_slot(p)
+        if full is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, full)
             return
         stream = feed.stream(request.from_lsn, request.max_batch)
         try:
@@ -238,6 +358,7 @@ class CoordinatorServicer(pb.CoordinatorServicer):
         except AccordError as e:
             await context.abort(status_for(e), str(e))
         finally:
+            self._watch_done(p)
             await stream.aclose()
         # The hub closed: the coordinator is stopping (resubscribe from the last LSN).
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is stopping")
@@ -260,6 +381,8 @@ class ServerSettings:
     #: How participant calls travel: one stream per participant address (``stream``),
     #: one RPC per call (``unary``), or streams where supported (``auto``).
     participant_transport: Transport = Transport.AUTO
+    #: Bearer tokens (``accord.common.auth``): off unless a token file or JWT key is given.
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
 
 #: Exit status of a coordinator that stopped because another one owns its shard now.
@@ -324,6 +447,7 @@ class CoordinatorServer:
 
     async def start(self) -> None:
         s = self.settings
+        auth = s.auth.build()  # a bad token file or key stops start-up (one line)
         server, _ = make_server(self._transport)
         self._server = server
         self.port = bind(server, s.listen, self._transport)
@@ -372,7 +496,8 @@ class CoordinatorServer:
         )
         self.engine = engine
         pb.add_CoordinatorServicer_to_server(
-            CoordinatorServicer(engine, tracing=self.telemetry.tracing, feed=self.feed), server
+            CoordinatorServicer(engine, tracing=self.telemetry.tracing, feed=self.feed, auth=auth),
+            server,
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -83,6 +83,7 @@ class TwoPhaseCommit:
                 resolved_addresses=[b.resolved for b in txn.branches],
                 one_phase=txn.one_phase,
                 traceparent=txn.traceparent,
+                caller=txn.caller,
             )
             txn.rec_prepare = rec_p
             # Rides the group commit: written before the first Prepare, not forced.
@@ -130,6 +131,7 @@ class TwoPhaseCommit:
             if txn is None:
                 txn = Txn(gid=rec.gid)
             txn.key = rec.idempotency_key
+            txn.caller = rec.caller
             txn.digest = rec.request_digest
             txn.created_ms = rec.created_unix_ms
             txn.deadline_ms = rec.deadline_unix_ms

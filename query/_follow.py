@@ -36,6 +36,7 @@ import grpc
 from grpc import aio
 
 import accord.v1 as pb
+from accord.common.auth import env_token_metadata
 from accord.common.retry import Backoff, pause
 from accord.common.transport import TransportSettings, make_channel
 
@@ -219,7 +220,10 @@ class Follower:
             # the shard is ahead; a refused subscription ends the stream with an error).
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 await channel.channel_ready()
-            call = stub.Subscribe(pb.SubscribeRequest(from_lsn=from_lsn, max_batch=self._max_batch))
+            call = stub.Subscribe(
+                pb.SubscribeRequest(from_lsn=from_lsn, max_batch=self._max_batch),
+                metadata=env_token_metadata(),
+            )
             self._call = call
             self.state.connected = True
             self.state.durable_lsn = max(self.state.durable_lsn, from_lsn)

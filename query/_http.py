@@ -23,8 +23,14 @@ The console (pages and script under ``static/``, no CDN, no framework):
   header ``X-CSRF-Token``: RetryTransaction of a STUCK saga, CancelSaga of a running one,
   sent to the coordinator owning the saga's shard; the coordinator answers once the saga
   has settled, and after ``action_timeout_s`` the console answers 202 (still settling).
-  Off (403) unless the service runs with ``--console-actions``: there are no admin
-  tokens yet (issue 15).
+  Off (403) unless the service runs with ``--console-actions``.
+
+With auth on (``--auth-tokens``/``--auth-jwt-key``, ``accord.common.auth``), every
+``/api/`` request (and ``/rebuild``) needs a bearer token, in an ``Authorization:
+Bearer`` header or an ``accord_token`` cookie (a browser's EventSource sends no headers):
+reads need the reader (or admin) role, the operator actions admin, and the action is
+sent to the coordinator with the same token. 401 without a valid token, 403 for a role
+that does not allow it. The pages and static files hold no data and stay open.
 
 Bad input (an unknown parameter or value, a page size over 1000, a bad cursor) is 400
 with ``{"error": ..., "code": "INVALID_ARGUMENT"}``, as gRPC would say INVALID_ARGUMENT;
@@ -51,6 +57,14 @@ import grpc
 from aiohttp import web
 
 import accord.v1 as pb
+from accord.common.auth import (
+    Authenticator,
+    PermissionDenied,
+    Role,
+    Unauthenticated,
+    bearer_metadata,
+    http_authorization,
+)
 from accord.common.transport import TransportSettings, make_channel
 from accord.query import _console
 from accord.query._backend import QueryBackend
@@ -71,7 +85,7 @@ SSE_PING_S = 15.0
 SSE_BUFFER = 1024
 MAX_BODY = 4096
 #: Why the operator actions are disabled, as the console's tooltip says it.
-_OFF = "needs admin tokens: issue 15 (start accord query with --console-actions)"
+_OFF = "off: start accord query with --console-actions (and, with auth on, use an admin token)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +97,8 @@ class ConsoleOptions:
     actions: bool = False
     transport: TransportSettings | None = None
     action_timeout_s: float = 10.0
+    #: Auth on: the verifier of the callers' tokens (None: open, as without auth).
+    auth: Authenticator | None = None
 
     def __post_init__(self) -> None:
         _console.check_trace_url(self.trace_url)
@@ -130,6 +146,31 @@ async def _errors(
     except Exception:
         log.exception("event=console_error path=%s", request.path)
         return _error(500, "INTERNAL", "internal error (see the query service's log)")
+
+
+#: The paths that need a token when auth is on, and the roles that may use them.
+_ADMIN_PATHS = ("/api/actions/", "/rebuild")
+
+
+@web.middleware
+async def _authorize(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """With auth on: ``/api/`` needs a reader's token, the actions and ``/rebuild`` an
+    admin's (the pages, static files and /healthz are open). Nothing is logged."""
+    auth = request.app[CONSOLE].options.auth
+    path = request.path
+    admin = path.startswith(_ADMIN_PATHS)
+    if auth is None or not (admin or path.startswith("/api/")):
+        return await handler(request)
+    try:
+        principal = auth.authenticate(http_authorization(request.headers, request.cookies))
+        principal.require(Role.ADMIN if admin else Role.READER)
+    except Unauthenticated as e:
+        return _error(401, "UNAUTHENTICATED", str(e))
+    except PermissionDenied as e:
+        return _error(403, "PERMISSION_DENIED", str(e))
+    return await handler(request)
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -308,15 +349,24 @@ async def _action(request: web.Request) -> web.Response:
         return _error(503, "UNAVAILABLE", f"no coordinator known for shard {s.shard!r} now")
     log.info("event=console_action action=%s gid=%s coordinator=%s", kind, gid, address)
     channel = make_channel(address, c.options.transport)
+    # The operator's own token goes on to the coordinator (auth on: an admin's, checked
+    # by the middleware and again by the coordinator).
+    md: tuple[tuple[str, str], ...] = ()
+    if c.options.auth is not None:
+        value = http_authorization(request.headers, request.cookies) or ""
+        md = bearer_metadata(value.partition(" ")[2].strip())
     try:
         stub = pb.CoordinatorStub(channel)
         timeout = c.options.action_timeout_s
         if kind == "retry":
-            resp = await stub.RetryTransaction(pb.RetryTransactionRequest(gid=gid), timeout=timeout)
+            resp = await stub.RetryTransaction(
+                pb.RetryTransactionRequest(gid=gid), timeout=timeout, metadata=md
+            )
         else:
             resp = await stub.CancelSaga(
                 pb.CancelSagaRequest(gid=gid, reason=reason or "cancelled from the console"),
                 timeout=timeout,
+                metadata=md,
             )
     except grpc.aio.AioRpcError as e:
         if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -355,7 +405,7 @@ def build_http_app(
 ) -> web.Application:
     """The aiohttp application with ``/healthz`` and the console; ``app[BACKEND]`` is
     the backend."""
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY * 4)
+    app = web.Application(middlewares=[_authorize, _errors], client_max_size=MAX_BODY * 4)
     app[BACKEND] = backend
     state = _Console(
         options=console or ConsoleOptions(),

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import accord.v1 as pb
+from accord.common.auth import AuthSettings
 from accord.common.telemetry import Telemetry
 from accord.common.transport import TransportSettings, bind, https_context, make_server
 from accord.query._app import DEFAULT_MAX_LAG_EVENTS, QueryApp
@@ -77,6 +78,9 @@ class QuerySettings:
     #: ``--console-actions`` (retry/cancel a saga from the console).
     trace_url: str = ""
     console_actions: bool = False
+    #: Callers' tokens (gRPC Query API and the console's /api/): off when neither file
+    #: is given.
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     def check(self) -> None:
         if bool(self.coordinators) == bool(self.etcd):
@@ -118,13 +122,14 @@ class QueryServer:
 
     async def start(self) -> None:
         s = self.settings
+        auth = s.auth.build()  # a bad token file or key stops start-up (one line)
         await self.app.start()
         if s.etcd:
             await self._follow_etcd()
         server, _ = make_server(self._transport)
         self._server = server
         self.port = bind(server, s.listen, self._transport)
-        pb.add_QueryServicer_to_server(QueryServicer(self.app), server)
+        pb.add_QueryServicer_to_server(QueryServicer(self.app, auth=auth), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = (
@@ -140,7 +145,10 @@ class QueryServer:
         http_addr = ""
         if s.http:
             console = ConsoleOptions(
-                trace_url=s.trace_url, actions=s.console_actions, transport=self._transport
+                trace_url=s.trace_url,
+                actions=s.console_actions,
+                transport=self._transport,
+                auth=auth,
             )
             self.http_app = build_http_app(self.app, console=console)
             self.http_app.router.add_post("/rebuild", self._rebuild)

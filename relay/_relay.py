@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import grpc
 
 import accord.v1 as pb
+from accord.common.auth import env_token_metadata
 from accord.common.retry import Backoff, pause
 from accord.common.transport import make_channel
 from accord.relay._positions import StreamPositions, js_last_message_id
@@ -199,7 +200,7 @@ class ShardFollower:
         """The shard of a static coordinator: that of the first event of its feed."""
         async with make_channel(self.address) as channel:
             call = pb.CoordinatorStub(channel).Subscribe(
-                pb.SubscribeRequest(from_lsn=0, max_batch=1)
+                pb.SubscribeRequest(from_lsn=0, max_batch=1), metadata=env_token_metadata()
             )
             try:
                 async for resp in call:
@@ -215,7 +216,8 @@ class ShardFollower:
         assert self.position is not None
         async with make_channel(self.address) as channel:
             call = pb.CoordinatorStub(channel).Subscribe(
-                pb.SubscribeRequest(from_lsn=self.position, max_batch=self.settings.max_batch)
+                pb.SubscribeRequest(from_lsn=self.position, max_batch=self.settings.max_batch),
+                metadata=env_token_metadata(),
             )
             try:
                 async for resp in call:

@@ -44,7 +44,7 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
@@ -97,6 +97,9 @@ class LoadSettings:
     seed: int = 1
     #: Client-side deadline of one transaction (it then counts as DEADLINE_EXCEEDED).
     timeout_s: float = 30.0
+    #: Bearer token for a coordinator with auth on. Never in a report or on a command
+    #: line: workers get it in their environment (ACCORD_TOKEN).
+    token: str = field(default="", repr=False)
 
     def validate(self) -> None:
         """Raises ValueError with a one-line reason for the first bad setting."""
@@ -154,6 +157,7 @@ class LoadSettings:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["services"] = list(self.services)
+        del d["token"]
         return d
 
     @classmethod
@@ -571,7 +575,11 @@ async def connect(s: LoadSettings) -> AccordClient:
     """A client of the coordinator (or, with etcd, a sharded client of every shard's
     owner: the load is spread over them all), ready; LoadError if not."""
     try:
-        client = await AccordClient.from_etcd(s.etcd) if s.etcd else AccordClient(s.coordinator)
+        client = (
+            await AccordClient.from_etcd(s.etcd, token=s.token)
+            if s.etcd
+            else AccordClient(s.coordinator, token=s.token)
+        )
     except AccordClientError as e:
         raise LoadError(str(e)) from None
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ async def run_processes(
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 limit=64 * 1024 * 1024,
+                env={**os.environ, "ACCORD_TOKEN": s.token} if s.token else None,
                 # Out of the terminal's process group: Ctrl-C reaches the parent only,
                 # which forwards a "stop" and still collects every worker's result.
                 start_new_session=True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -79,7 +80,9 @@ async def _main(settings: LoadSettings, index: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    settings = LoadSettings.from_dict(json.loads(args[0]))
+    settings = LoadSettings.from_dict(
+        {**json.loads(args[0]), "token": os.environ.get("ACCORD_TOKEN", "")}
+    )
     return runner.run(_main(settings, int(args[1])))
 
 

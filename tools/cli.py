@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import StrEnum
@@ -354,6 +355,51 @@ def setup_telemetry(service_name: str, trace_console: bool, metrics_listen: str)
 # ---------------------------------------------------------------- coordinator
 
 
+AuthTokens = Annotated[
+    Path | None,
+    typer.Option(
+        "--auth-tokens",
+        envvar="ACCORD_AUTH_TOKENS",
+        help="turn auth on: static bearer tokens from this file (JSON, or lines 'TOKEN "
+        "ROLE[,ROLE] CALLER-ID'; roles client, reader, admin); re-read when it changes",
+        show_default=False,
+    ),
+]
+AuthJwtKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--auth-jwt-key",
+        envvar="ACCORD_AUTH_JWT_KEY",
+        help="turn auth on: accept JWTs signed with this key (a PEM public key, or a file "
+        "holding an HMAC secret); sub is the caller, roles/role its roles",
+        show_default=False,
+    ),
+]
+AuthJwtIssuer = Annotated[
+    str, typer.Option(envvar="ACCORD_AUTH_JWT_ISSUER", help="the JWTs' required iss")
+]
+AuthJwtAudience = Annotated[
+    str, typer.Option(envvar="ACCORD_AUTH_JWT_AUDIENCE", help="the JWTs' required aud")
+]
+Token = Annotated[
+    str,
+    typer.Option(
+        "--token",
+        envvar="ACCORD_TOKEN",
+        help="bearer token for coordinators with auth on (sent only over TLS or to loopback)",
+        show_default=False,
+    ),
+]
+
+
+def _auth_settings(tokens: Path | None, jwt_key: Path | None, issuer: str, audience: str) -> Any:
+    from accord.common.auth import AuthSettings
+
+    return AuthSettings(
+        tokens_file=tokens, jwt_key=jwt_key, jwt_issuer=issuer, jwt_audience=audience
+    )
+
+
 @app.command()
 @secured()
 def coordinator(
@@ -383,6 +429,24 @@ def coordinator(
     ] = None,
     default_timeout_ms: Annotated[int, typer.Option(envvar="ACCORD_DEFAULT_TIMEOUT_MS")] = 30_000,
     max_inflight: Annotated[int, typer.Option(envvar="ACCORD_MAX_INFLIGHT")] = 10_000,
+    max_inflight_per_caller: Annotated[
+        int,
+        typer.Option(
+            envvar="ACCORD_MAX_INFLIGHT_PER_CALLER",
+            help="unfinished transactions one caller may have (auth on; 0: no limit)",
+        ),
+    ] = 1000,
+    max_watchers_per_caller: Annotated[
+        int,
+        typer.Option(
+            envvar="ACCORD_MAX_WATCHERS_PER_CALLER",
+            help="watch and subscribe streams one caller may hold open (auth on; 0: no limit)",
+        ),
+    ] = 64,
+    auth_tokens: AuthTokens = None,
+    auth_jwt_key: AuthJwtKey = None,
+    auth_jwt_issuer: AuthJwtIssuer = "",
+    auth_jwt_audience: AuthJwtAudience = "",
     max_branches: Annotated[int, typer.Option(envvar="ACCORD_MAX_BRANCHES")] = 64,
     max_payload_bytes: Annotated[int, typer.Option(envvar="ACCORD_MAX_PAYLOAD_BYTES")] = 256 * 1024,
     call_timeout_s: Annotated[float, typer.Option(envvar="ACCORD_CALL_TIMEOUT_S")] = 5.0,
@@ -457,6 +521,8 @@ def coordinator(
         retry=RetryPolicy(initial_s=retry_initial_s, max_s=retry_max_s),
         limits=Limits(
             max_inflight=max_inflight,
+            max_inflight_per_caller=max_inflight_per_caller,
+            max_watchers_per_caller=max_watchers_per_caller,
             max_branches=max_branches,
             max_payload_bytes=max_payload_bytes,
         ),
@@ -473,6 +539,7 @@ def coordinator(
         etcd_wait_s=etcd_wait_s,
         wal_sync_marker=wal_sync_marker,
         participant_transport=Transport(participant_transport.value),
+        auth=_auth_settings(auth_tokens, auth_jwt_key, auth_jwt_issuer, auth_jwt_audience),
     )
     telemetry = setup_telemetry("accord-coordinator", trace_console, metrics_listen)
     try:
@@ -827,7 +894,7 @@ TimeoutMs = Annotated[
 Reason = Annotated[str, typer.Option(help="why (kept with the transaction)")]
 
 
-def _client_call(address: str, etcd: str, fn: Any) -> Any:
+def _client_call(address: str, etcd: str, fn: Any, token: str = "") -> Any:
     from accord.client import AccordClient, AccordClientError
     from accord.common.telemetry import Telemetry
 
@@ -837,9 +904,9 @@ def _client_call(address: str, etcd: str, fn: Any) -> Any:
     async def go() -> Any:
         tracer = telemetry.tracer_provider()
         client = (
-            await AccordClient.from_etcd(etcd, tracer_provider=tracer)
+            await AccordClient.from_etcd(etcd, tracer_provider=tracer, token=token)
             if etcd
-            else AccordClient(address, tracer_provider=tracer)
+            else AccordClient(address, tracer_provider=tracer, token=token)
         )
         async with client:
             return await fn(client)
@@ -929,13 +996,17 @@ def _branch(spec: str) -> Any:
 def txn_begin(
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
+    token: Token = "",
     timeout_ms: TimeoutMs = 0,
     idempotency_key: IdempotencyKey = "",
     as_json: JsonOut = False,
 ) -> None:
     """Begin an interactive 2PC transaction; prints its gid (one line, nothing else)."""
     tx = _client_call(
-        coordinator, etcd, lambda c: c.begin(timeout_ms=timeout_ms, idempotency_key=idempotency_key)
+        coordinator,
+        etcd,
+        lambda c: c.begin(timeout_ms=timeout_ms, idempotency_key=idempotency_key),
+        token=token,
     )
     print(json.dumps({"gid": tx.gid}) if as_json else tx.gid)
 
@@ -949,6 +1020,7 @@ def txn_enlist(
     ],
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
+    token: Token = "",
     # No environment variable: a branch id belongs to one branch of one transaction.
     branch_id: Annotated[str, typer.Option(help="the branch's id (default: b1, b2, ...)")] = "",
     as_json: JsonOut = False,
@@ -957,7 +1029,7 @@ def txn_enlist(
     from dataclasses import replace
 
     b = replace(_branch(branch), branch_id=branch_id)
-    bid = _client_call(coordinator, etcd, lambda c: c.enlist(gid, b))
+    bid = _client_call(coordinator, etcd, lambda c: c.enlist(gid, b), token=token)
     print(json.dumps({"gid": gid, "branch_id": bid}) if as_json else bid)
 
 
@@ -967,10 +1039,11 @@ def txn_commit(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
+    token: Token = "",
     as_json: JsonOut = False,
 ) -> None:
     """Commit: prepare every branch, decide, commit. Exit 1 if it aborted."""
-    result = _client_call(coordinator, etcd, lambda c: c.commit(gid))
+    result = _client_call(coordinator, etcd, lambda c: c.commit(gid), token=token)
     _print_txn(result, as_json)
     if not result.committed:
         _note_spent_key(result, "")
@@ -983,11 +1056,14 @@ def txn_abort(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
+    token: Token = "",
     reason: Reason = "",
     as_json: JsonOut = False,
 ) -> None:
     """Abort a transaction that is not decided yet."""
-    _print_txn(_client_call(coordinator, etcd, lambda c: c.abort(gid, reason)), as_json)
+    _print_txn(
+        _client_call(coordinator, etcd, lambda c: c.abort(gid, reason), token=token), as_json
+    )
 
 
 @txn_app.command("execute")
@@ -996,6 +1072,7 @@ def txn_execute(
     branches: Annotated[list[str], typer.Argument(help="SERVICE/OPERATION[:PAYLOAD] ...")],
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
+    token: Token = "",
     idempotency_key: IdempotencyKey = "",
     timeout_ms: TimeoutMs = 0,
     as_json: JsonOut = False,
@@ -1006,6 +1083,7 @@ def txn_execute(
         coordinator,
         etcd,
         lambda c: c.execute(bs, idempotency_key=idempotency_key, timeout_ms=timeout_ms),
+        token=token,
     )
     _print_txn(result, as_json)
     if not result.committed:
@@ -1062,6 +1140,7 @@ def txn_saga(
     ],
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
+    token: Token = "",
     idempotency_key: IdempotencyKey = "",
     timeout_ms: Annotated[
         int,
@@ -1098,6 +1177,7 @@ def txn_saga(
             timeout_ms=timeout_ms or file_timeout_ms,
             wait=wait,
         ),
+        token=token,
     )
     if not wait and not as_json:
         print(result.gid)  # only the gid: gid=$(accord txn saga --file F --no-wait)
@@ -1114,6 +1194,7 @@ def txn_cancel(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
+    token: Token = "",
     reason: Reason = "",
     as_json: JsonOut = False,
 ) -> None:
@@ -1121,7 +1202,7 @@ def txn_cancel(
 
     Exit 1 unless it ends COMPENSATED (STUCK: a compensation keeps failing; fix the
     cause, then accord txn retry GID)."""
-    result = _client_call(coordinator, etcd, lambda c: c.cancel_saga(gid, reason))
+    result = _client_call(coordinator, etcd, lambda c: c.cancel_saga(gid, reason), token=token)
     _print_txn(result, as_json)
     if not result.compensated:
         raise _not_compensated(result, "cancelled")
@@ -1133,12 +1214,13 @@ def txn_retry(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
+    token: Token = "",
     as_json: JsonOut = False,
 ) -> None:
     """Operator action: try a STUCK saga's compensations again.
 
     Exit 1 unless it ends COMPENSATED."""
-    result = _client_call(coordinator, etcd, lambda c: c.retry(gid))
+    result = _client_call(coordinator, etcd, lambda c: c.retry(gid), token=token)
     _print_txn(result, as_json)
     if not result.compensated:
         raise _not_compensated(result, "retried")
@@ -1159,13 +1241,14 @@ def txn_get(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
+    token: Token = "",
     as_json: JsonOut = False,
     query: QueryAddr = "",
 ) -> None:
     """Show one transaction."""
     if query:
         return _query_get(query, gid, as_json)
-    _print_txn(_client_call(coordinator, etcd, lambda c: c.get(gid)), as_json)
+    _print_txn(_client_call(coordinator, etcd, lambda c: c.get(gid), token=token), as_json)
 
 
 def render_txn_list(txns: Sequence[Any], out: Console) -> None:
@@ -1202,6 +1285,7 @@ def render_txn_list(txns: Sequence[Any], out: Console) -> None:
 def txn_list(
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
+    token: Token = "",
     state: Annotated[
         list[TxnStateChoice] | None,
         typer.Option(
@@ -1234,7 +1318,10 @@ def txn_list(
         return _query_list(query, [s.value for s in state or ()], stuck, limit, page_token, as_json)
     states = [*(s.value for s in state or ()), *(["STUCK"] if stuck else [])]
     txns, token = _client_call(
-        coordinator, etcd, lambda c: c.list(states=states, limit=limit, page_token=page_token)
+        coordinator,
+        etcd,
+        lambda c: c.list(states=states, limit=limit, page_token=page_token),
+        token=token,
     )
     if as_json:
         print(json.dumps({"transactions": [t.to_dict() for t in txns], "next_page_token": token}))
@@ -1250,6 +1337,7 @@ def txn_watch(
     gid: str,
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
+    token: Token = "",
     as_json: JsonOut = False,
 ) -> None:
     """Stream a transaction's state changes until it ends."""
@@ -1264,7 +1352,7 @@ def txn_watch(
                     soft_wrap=True,
                 )
 
-    _client_call(coordinator, etcd, go)
+    _client_call(coordinator, etcd, go, token=token)
 
 
 @txn_app.command("feed")
@@ -1272,6 +1360,7 @@ def txn_watch(
 def txn_feed(
     coordinator: Coordinator = "127.0.0.1:7070",
     etcd: EtcdUrl = "",
+    token: Token = "",
     shard: Annotated[
         str, typer.Option(envvar="ACCORD_FEED_SHARD", help="the shard (with --etcd)")
     ] = "",
@@ -1315,7 +1404,7 @@ def txn_feed(
                 if limit and seen >= limit:
                     return
 
-    _client_call(coordinator, etcd, go)
+    _client_call(coordinator, etcd, go, token=token)
 
 
 # ---------------------------------------------------------------- bank
@@ -1553,6 +1642,15 @@ def relay(
             envvar="ACCORD_CONNECT_WAIT_S", help="give up if NATS is unreachable this long at start"
         ),
     ] = 30.0,
+    token: Annotated[
+        str,
+        typer.Option(
+            "--token",
+            envvar="ACCORD_TOKEN",
+            help="the relay's token (reader role) for coordinators with auth on",
+            show_default=False,
+        ),
+    ] = "",
     log_level: LogLevelOpt = LogLevel.INFO,
     log_format: LogFormatOpt = LogFormat.TEXT,
 ) -> None:
@@ -1564,6 +1662,8 @@ def relay(
     from accord.relay import Format, Relay, RelaySettings
 
     setup_logging(log_level, log_format)
+    if token:
+        os.environ["ACCORD_TOKEN"] = token  # read where the feeds are followed
     try:
         settings = RelaySettings(
             nats_url=nats,
@@ -1988,9 +2088,22 @@ def query(
         bool,
         typer.Option(
             envvar="ACCORD_CONSOLE_ACTIONS",
-            help="enable the console's retry/cancel saga buttons (no admin tokens yet)",
+            help="enable the console's retry/cancel saga buttons (with auth on: for admins)",
         ),
     ] = False,
+    auth_tokens: AuthTokens = None,
+    auth_jwt_key: AuthJwtKey = None,
+    auth_jwt_issuer: AuthJwtIssuer = "",
+    auth_jwt_audience: AuthJwtAudience = "",
+    token: Annotated[
+        str,
+        typer.Option(
+            "--token",
+            envvar="ACCORD_TOKEN",
+            help="this service's own token (reader role) for the coordinators' feeds",
+            show_default=False,
+        ),
+    ] = "",
     log_level: LogLevelOpt = LogLevel.INFO,
     log_format: LogFormatOpt = LogFormat.TEXT,
     metrics_listen: MetricsListen = "",
@@ -2015,7 +2128,10 @@ def query(
         max_lag_events=max_lag_events,
         trace_url=trace_url,
         console_actions=console_actions,
+        auth=_auth_settings(auth_tokens, auth_jwt_key, auth_jwt_issuer, auth_jwt_audience),
     )
+    if token:
+        os.environ["ACCORD_TOKEN"] = token  # read where the feeds are followed
     try:
         settings.check()
         from accord.query._console import check_trace_url
@@ -2256,6 +2372,7 @@ def load(
         str, typer.Option("--coordinator", "-c", envvar="ACCORD_COORDINATOR", help="host:port")
     ] = "",
     etcd: EtcdUrl = "",
+    token: Token = "",
     mode: Annotated[
         LoadMode, typer.Option(envvar="ACCORD_LOAD_MODE", help="2PC transfers, sagas, or both")
     ] = LoadMode.TWO_PC,
@@ -2336,6 +2453,7 @@ def load(
         accounts=accounts,
         seed=seed,
         timeout_s=timeout,
+        token=token,
     )
     try:
         settings.validate()

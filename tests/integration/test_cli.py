@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from accord.participants.trip._service import bookings
-from tests.integration.conftest import Cluster, balances, free_port, open_accounts
+from tests.integration.conftest import Cluster, balances, open_accounts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -273,38 +273,48 @@ async def test_saga_no_wait_prints_only_the_gid(cluster: Cluster) -> None:
 
 
 async def test_cancel_that_ends_stuck_exits_1_with_the_reason(cluster: Cluster) -> None:
-    # The step's service is down from the start: its action never gets an answer, so it
-    # may have run and must be compensated, and that compensation cannot run either.
-    dead = f"127.0.0.1:{free_port()}"
-    coord = cluster.coordinator({"hotel": dead})
+    # The bank stops answering (SIGSTOP) once the coordinator is connected to it: the
+    # step's action is sent and never answered, so it may have run and must be
+    # compensated, and that compensation gets no answer either. (A service that was
+    # never reachable would not do: a step none of whose attempts was sent is
+    # UNDELIVERED and needs no compensation.)
+    bank = cluster.bank("bank-a")
+    await open_accounts(bank.address, {"x": 10})
+    coord = cluster.coordinator({"bank-a": bank.address})
     c = ["--coordinator", coord.address]
-    saga = cluster.root / "stuck.json"
-    saga.write_text(
-        json.dumps(
-            {
-                "steps": [
-                    {
-                        "name": "hotel",
-                        "service": "hotel",
-                        "action": "book",
-                        "compensation": "cancel",
-                        "payload": {"trip": "t-1"},
-                        "retry": {"max_attempts": 3, "initial_interval_ms": 1000},
-                    }
-                ]
-            }
-        )
-    )
-    gid = accord("txn", "saga", "--file", str(saga), "--no-wait", *c).stdout.strip()
-    cancelled = accord("txn", "cancel", gid, *c, "--reason", "changed my mind", check=False)
-    assert cancelled.returncode == 1, cancelled.stdout + cancelled.stderr
-    assert len(cancelled.stderr.strip().splitlines()) == 1
-    assert f"error: saga {gid} cancelled but STUCK, not COMPENSATED" in cancelled.stderr
-    assert "accord txn retry" in cancelled.stderr
-    assert "STUCK" in cancelled.stdout
-    # Still stuck: retry says so the same way.
-    retried = accord("txn", "retry", gid, *c, check=False)
-    assert retried.returncode == 1 and "retried but STUCK" in retried.stderr
+
+    def saga_file(name: str, timeout_ms: int) -> str:
+        step = {
+            "name": "pay",
+            "service": "bank-a",
+            "action": "credit",
+            "compensation": "uncredit",
+            "payload": {"account": "x", "amount": 1},
+            "timeout_ms": timeout_ms,
+            "retry": {"max_attempts": 2, "initial_interval_ms": 100},
+        }
+        path = cluster.root / name
+        path.write_text(json.dumps({"steps": [step]}))
+        return str(path)
+
+    warm = accord("txn", "saga", "--file", saga_file("warm.json", 5000), "--wait", *c)
+    assert "COMPLETED" in warm.stdout  # the coordinator is connected to the bank now
+    bank.pause()
+    try:
+        gid = accord(
+            "txn", "saga", "--file", saga_file("stuck.json", 300), "--no-wait", *c
+        ).stdout.strip()
+        cancelled = accord("txn", "cancel", gid, *c, "--reason", "changed my mind", check=False)
+        assert cancelled.returncode == 1, cancelled.stdout + cancelled.stderr
+        assert len(cancelled.stderr.strip().splitlines()) == 1
+        assert f"error: saga {gid} cancelled but STUCK, not COMPENSATED" in cancelled.stderr
+        assert "accord txn retry" in cancelled.stderr
+        assert "STUCK" in cancelled.stdout
+        # Still stuck: retry says so the same way.
+        retried = accord("txn", "retry", gid, *c, check=False)
+        assert retried.returncode == 1 and "retried but STUCK" in retried.stderr
+    finally:
+        bank.resume()
 
 
 async def test_an_aborted_idempotency_key_is_noted(cluster: Cluster) -> None:

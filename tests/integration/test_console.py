@@ -74,7 +74,7 @@ def needs_browser() -> None:
         pytest.fail("tests/browser/node_modules is missing: run `make node-deps` (npm ci)")
 
 
-async def workload(client: AccordClient, down: str) -> dict[str, Any]:
+async def workload(client: AccordClient, down: str, silent: ManagedProcess) -> dict[str, Any]:
     gids: dict[str, Any] = {"committed": [], "aborted": []}
     for _ in range(3):
         r = await client.execute(
@@ -132,27 +132,35 @@ async def workload(client: AccordClient, down: str) -> dict[str, Any]:
     )
     assert r.state == "COMPENSATED", r
     gids["compensated"] = r.gid
-    # STUCK: the second step's participant is down, so neither its action nor its
-    # compensation gets an answer.
-    r = await client.start_saga(
-        [
-            step(
-                "debit",
-                service="bank-a",
-                action="debit",
-                compensation="refund",
-                payload={"account": "x", "amount": 1},
-            ),
-            step(
-                "lost",
-                address=down,
-                action="credit",
-                compensation="uncredit",
-                payload={"account": "z", "amount": 1},
-                depends_on=("debit",),
-            ),
-        ]
-    )
+    # STUCK: the second step's participant stops answering (SIGSTOP) once the
+    # coordinator is connected to it, so its action is sent and never answered (it may
+    # have run) and its compensation gets no answer either. (A participant that was never
+    # reachable would not do: a step none of whose attempts was sent is UNDELIVERED and
+    # needs no compensation.)
+    lost: dict[str, Any] = {
+        "address": silent.address,
+        "action": "credit",
+        "compensation": "uncredit",
+        "payload": {"account": "z", "amount": 1},
+    }
+    warm = await client.start_saga([step("warm", **lost)])
+    assert warm.state == "COMPLETED", warm
+    silent.pause()
+    try:
+        r = await client.start_saga(
+            [
+                step(
+                    "debit",
+                    service="bank-a",
+                    action="debit",
+                    compensation="refund",
+                    payload={"account": "x", "amount": 1},
+                ),
+                step("lost", depends_on=("debit",), timeout_ms=300, **lost),
+            ]
+        )
+    finally:
+        silent.resume()
     assert r.state == "STUCK", r
     gids["stuck"] = r.gid
     # Running: a step retried for a long while (cancelled from the console).
@@ -190,13 +198,15 @@ async def test_console_in_chromium(cluster: Cluster, tmp_path: Path) -> None:
         extra=["--trace-console"],
     )
     down = f"127.0.0.1:{free_port()}"  # nothing listens there
+    silent = cluster.bank("bank-c")  # answers, then is paused (see workload)
+    await open_accounts(silent.address, {"z": 0})
     _, url = start_query(
         cluster, "query", ["--etcd", etcd.url, "--trace-url", TRACE_URL, "--console-actions"]
     )
     _, plain_url = start_query(cluster, "query-plain", ["--coordinator", f"s1={coord.address}"])
 
     async with await AccordClient.from_etcd(etcd.url, timeout_s=20) as client:
-        gids = await workload(client, down)
+        gids = await workload(client, down, silent)
         every = [*gids["committed"], *gids["aborted"], gids["compensated"], gids["stuck"]]
         await caught_up(url, [*every, gids["running"]])
         await caught_up(plain_url, [gids["stuck"]])

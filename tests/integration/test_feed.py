@@ -299,8 +299,10 @@ async def test_a_slow_subscriber_does_not_slow_commits_and_catches_up(cluster: C
             pb.SubscribeRequest(from_lsn=edge, max_batch=16)
         )
         async with contextlib.aclosing(aiter(stream)) as slow:
-            # At the live edge it waits for events, takes the first batch, then reads
-            # nothing while the load runs.
+            # The handshake first; then, at the live edge, it waits for events, takes the
+            # first batch, then reads nothing while the load runs.
+            hello = await asyncio.wait_for(anext(slow), 10)
+            assert hello.shard and not hello.events and hello.durable_lsn >= edge
             pending = asyncio.ensure_future(anext(slow))
             await asyncio.sleep(0.3)
             # Commits go on while it does not read (each within a bounded wait).

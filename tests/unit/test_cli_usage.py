@@ -144,7 +144,7 @@ def _txn(state: str, *, gid: str = GID, reason: str = "", key: str = "", saga: b
 
 
 def fake_call(monkeypatch: pytest.MonkeyPatch, result: Any) -> None:
-    monkeypatch.setattr(cli, "_client_call", lambda address, etcd, fn: result)
+    monkeypatch.setattr(cli, "_client_call", lambda address, etcd, fn, token="": result)
 
 
 def saga_file(tmp_path: Path) -> str:

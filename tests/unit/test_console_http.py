@@ -289,13 +289,13 @@ async def test_actions_are_off_by_default(backend: QueryApp) -> None:
     client = await _client(backend)
     try:
         cfg = await _json(client, "/api/config")
-        assert cfg["actions"] is False and "issue 15" in cfg["actions_off_reason"]
+        assert cfg["actions"] is False and "--console-actions" in cfg["actions_off_reason"]
         resp = await client.post(
             "/api/actions/retry",
             json={"gid": "s2:stuck"},
             headers={"X-CSRF-Token": cfg["csrf_token"]},
         )
-        assert resp.status == 403 and "issue 15" in (await resp.json())["error"]
+        assert resp.status == 403 and "--console-actions" in (await resp.json())["error"]
     finally:
         await client.close()
 

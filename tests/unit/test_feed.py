@@ -81,9 +81,15 @@ async def take(
     out: list[pb.FeedEvent] = []
     async with asyncio.timeout(timeout_s):
         async with contextlib.aclosing(hub.stream(from_lsn, max_batch)) as stream:
+            first = True
             async for resp in stream:
+                if first:  # the handshake: the shard, no events
+                    assert resp.shard == hub.shard and not resp.events, resp
+                    first = False
+                    continue
+                assert not resp.shard
                 assert max_batch == 0 or len(resp.events) <= max_batch
-                assert resp.durable_lsn >= resp.events[-1].lsn
+                assert not resp.events or resp.durable_lsn >= resp.events[-1].lsn
                 out.extend(resp.events)
                 if count is not None and len(out) >= count:
                     return out[:count]
@@ -331,6 +337,10 @@ async def test_saga_steps_and_compensations(tmp_path: Path) -> None:
     # b (step 1) is undone before a (step 0): reverse dependency order.
     undone = [s for s, st, _ in steps if st == pb.BRANCH_STATE_COMPENSATED]
     assert undone == [1, 0]
+    # A compensated step says how many compensation calls it took (its action's
+    # attempts stay in attempts).
+    comp = [ev.step_status for ev in mine if ev.step_status.state == pb.BRANCH_STATE_COMPENSATED]
+    assert [(st.attempts, st.compensation_attempts) for st in comp] == [(1, 1), (1, 1)]
     assert all(
         saga == pb.TXN_STATE_COMPENSATING
         for _, st, saga in steps
@@ -362,6 +372,8 @@ async def test_a_slow_subscriber_catches_up_from_disk(tmp_path: Path) -> None:
     hub = FeedHub("s1", tmp_path, telemetry=tally, max_batches=2, max_events=8)
     wal = await open_wal(tmp_path, hub, segment=4096)  # many segments
     stream = hub.stream(0, 3)
+    hello = await anext(stream)  # the handshake
+    assert hello.shard == "s1" and not hello.events and hello.durable_lsn == 0
     pending = asyncio.ensure_future(anext(stream))  # at the live edge: joins the live path
     await asyncio.sleep(0.02)
     await wal.append(RecordType.BEGIN, begin(0), sync=True)
@@ -394,6 +406,7 @@ async def test_waiting_live_batches_go_out_as_one_response(tmp_path: Path) -> No
     hub = FeedHub("s1", tmp_path)
     wal = await open_wal(tmp_path, hub)
     stream = hub.stream(0, 4)
+    assert (await anext(stream)).shard == "s1"  # the handshake
     pending = asyncio.ensure_future(anext(stream))  # live, at the edge
     await asyncio.sleep(0.02)
     await wal.append(RecordType.BEGIN, begin(1), sync=True)

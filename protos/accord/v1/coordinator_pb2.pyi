@@ -461,10 +461,17 @@ class SubscribeResponse(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     DURABLE_LSN_FIELD_NUMBER: _builtins.int
+    SHARD_FIELD_NUMBER: _builtins.int
     durable_lsn: _builtins.int
     """The shard's durable LSN when this batch was sent, or for a batch sent from the live
     path, when it became durable (a subscriber's lag is durable_lsn - the last event's
     lsn; a catching-up subscriber sees it shrink).
+    """
+    shard: _builtins.str
+    """The first response of every stream is a handshake with no events: the shard's name
+    (set only there) and its durable LSN, sent at once, so a subscriber knows it is
+    connected, which shard it follows and how far behind it starts. Later responses
+    with no events only move durable_lsn (records that make no event, e.g. checkpoints).
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.FeedEvent]: ...
@@ -473,10 +480,11 @@ class SubscribeResponse(_message.Message):
         *,
         events: _abc.Iterable[_types_pb2.FeedEvent] | None = ...,
         durable_lsn: _builtins.int = ...,
+        shard: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable_lsn", b"durable_lsn", "events", b"events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable_lsn", b"durable_lsn", "events", b"events", "shard", b"shard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,6 +38,7 @@ class WalBegin(_message.Message):
     DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     UNIX_MS_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     idempotency_key: _builtins.str
     request_digest: _builtins.bytes
@@ -51,6 +52,11 @@ class WalBegin(_message.Message):
     """When the record was made (Unix ms; 0 in logs older than the field): the feed's
     FeedEvent.unix_ms.
     """
+    caller: _builtins.str
+    """The caller's identity (a token's caller id or JWT subject) when auth is on: only
+    that caller (and readers and admins) may see or drive the transaction, and its
+    idempotency key is that caller's. "" (auth off, or logs older than the field): anyone's.
+    """
     def __init__(
         self,
         *,
@@ -61,10 +67,11 @@ class WalBegin(_message.Message):
         deadline_unix_ms: _builtins.int = ...,
         traceparent: _builtins.str = ...,
         unix_ms: _builtins.int = ...,
+        caller: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest", "traceparent", b"traceparent", "unix_ms", b"unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest", "traceparent", b"traceparent", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -88,6 +95,7 @@ class WalPrepare(_message.Message):
     ONE_PHASE_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     UNIX_MS_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     idempotency_key: _builtins.str
     request_digest: _builtins.bytes
@@ -98,6 +106,8 @@ class WalPrepare(_message.Message):
     """as in WalBegin (Execute writes no WalBegin)"""
     unix_ms: _builtins.int
     """when the record was made, as in WalBegin"""
+    caller: _builtins.str
+    """as in WalBegin"""
     @_builtins.property
     def branches(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Branch]: ...
     @_builtins.property
@@ -115,10 +125,11 @@ class WalPrepare(_message.Message):
         one_phase: _builtins.bool = ...,
         traceparent: _builtins.str = ...,
         unix_ms: _builtins.int = ...,
+        caller: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branches", b"branches", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "one_phase", b"one_phase", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses", "traceparent", b"traceparent", "unix_ms", b"unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branches", b"branches", "caller", b"caller", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "gid", b"gid", "idempotency_key", b"idempotency_key", "one_phase", b"one_phase", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses", "traceparent", b"traceparent", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -240,6 +251,7 @@ class WalSagaStart(_message.Message):
     RESOLVED_ADDRESSES_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     UNIX_MS_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     idempotency_key: _builtins.str
     request_digest: _builtins.bytes
@@ -249,6 +261,8 @@ class WalSagaStart(_message.Message):
     """as in WalBegin"""
     unix_ms: _builtins.int
     """when the record was made, as in WalBegin"""
+    caller: _builtins.str
+    """as in WalBegin"""
     @_builtins.property
     def definition(self) -> _types_pb2.SagaDefinition: ...
     @_builtins.property
@@ -265,10 +279,11 @@ class WalSagaStart(_message.Message):
         resolved_addresses: _abc.Iterable[_builtins.str] | None = ...,
         traceparent: _builtins.str = ...,
         unix_ms: _builtins.int = ...,
+        caller: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "definition", b"definition", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses", "traceparent", b"traceparent", "unix_ms", b"unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "definition", b"definition", "gid", b"gid", "idempotency_key", b"idempotency_key", "request_digest", b"request_digest", "resolved_addresses", b"resolved_addresses", "traceparent", b"traceparent", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -292,6 +307,7 @@ class WalSagaStep(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     UNIX_MS_FIELD_NUMBER: _builtins.int
     SAGA_STATE_FIELD_NUMBER: _builtins.int
+    COMPENSATION_ATTEMPTS_FIELD_NUMBER: _builtins.int
     gid: _builtins.str
     step: _builtins.int
     """index in the definition"""
@@ -305,6 +321,8 @@ class WalSagaStep(_message.Message):
     """The saga's state when the record was made (the feed's FeedEvent.state: a step can
     change while the saga runs or compensates); UNSPECIFIED in logs older than the field.
     """
+    compensation_attempts: _builtins.int
+    """Compensation calls made for the step so far (0 in logs older than the field)."""
     def __init__(
         self,
         *,
@@ -316,10 +334,11 @@ class WalSagaStep(_message.Message):
         result: _builtins.bytes = ...,
         unix_ms: _builtins.int = ...,
         saga_state: _types_pb2.TxnState.ValueType = ...,
+        compensation_attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "gid", b"gid", "result", b"result", "saga_state", b"saga_state", "state", b"state", "step", b"step", "unix_ms", b"unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "compensation_attempts", b"compensation_attempts", "error", b"error", "gid", b"gid", "result", b"result", "saga_state", b"saga_state", "state", b"state", "step", b"step", "unix_ms", b"unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
