@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -335,3 +336,32 @@ def test_a_participant_on_postgresql_over_verified_tls(tmp_path: Path) -> None:
         )
         with pytest.raises(ProcessFailed, match="certificate verify failed"):
             wrong.start(30)
+
+
+def test_the_cli_takes_the_tls_options(secured: Secured) -> None:
+    """`accord txn` with --tls-cert/--tls-key/--tls-ca reaches the coordinator; without
+    them it cannot (the server wants TLS and a client certificate)."""
+    cert, key, ca = secured.topology.cert("client")
+    address = secured.coordinator.address
+    tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCORD_")}
+    ok = subprocess.run(
+        [*accord_argv(["txn", "list", "--coordinator", address, "--json", *tls])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "transactions" in json.loads(ok.stdout)
+    plain = subprocess.run(
+        [*accord_argv(["txn", "list", "--coordinator", address, "--json"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert plain.returncode != 0
+    assert plain.stderr.startswith("error:") and len(plain.stderr.strip().splitlines()) == 1
