@@ -6,6 +6,7 @@ debit is held by its row lock, and its amount is still in the committed balance)
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from typing import Any
 
@@ -13,6 +14,7 @@ import grpc
 from grpc import aio
 
 import accord.bank.v1 as bankpb
+from accord.common.grpc_safe import UndecodableLog, add_servicer
 from accord.participants import ParticipantService
 
 BANK_SERVICE_NAME: str = bankpb.bank_pb2.DESCRIPTOR.services_by_name["Bank"].full_name
@@ -117,5 +119,10 @@ async def _balances_pg(
 
 def install_admin(server: aio.Server, service: ParticipantService) -> str:
     """A :data:`participants.ServiceInstaller` for the bank's admin API."""
-    bankpb.add_BankServicer_to_server(BankAdmin(service), server)
+    add_servicer(
+        bankpb.add_BankServicer_to_server,
+        BankAdmin(service),
+        server,
+        refusals=UndecodableLog(logging.getLogger("accord.participant")),
+    )
     return BANK_SERVICE_NAME
