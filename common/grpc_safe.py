@@ -31,6 +31,7 @@ __all__ = [
     "add_health",
     "add_reflection",
     "add_servicer",
+    "refusals_for",
 ]
 
 #: One log line per this many seconds at most, however many requests do not decode.
@@ -219,21 +220,33 @@ class _Capture:
         pass  # the same handlers as add_registered_method_handlers gives
 
 
+#: Where a server keeps its refusal log (shared by every service added to it).
+_SERVER_ATTR = "_accord_undecodable_log"
+
+
+def refusals_for(server: Any, logger: logging.Logger | None = None) -> UndecodableLog:
+    """The refusal log of ``server``, made at first use (logging to ``logger``, or
+    ``accord.grpc``): every service on one server shares one rate limit."""
+    refusals: UndecodableLog | None = getattr(server, _SERVER_ATTR, None)
+    if refusals is None:
+        refusals = UndecodableLog(logger or logging.getLogger("accord.grpc"))
+        setattr(server, _SERVER_ATTR, refusals)
+    return refusals
+
+
 def add_servicer(
     add: Callable[[Any, Any], None],
     servicer: Any,
     server: Any,
     *,
-    refusals: UndecodableLog | None = None,
-) -> UndecodableLog:
+    logger: logging.Logger | None = None,
+) -> None:
     """Registers ``servicer`` on ``server`` (a ``grpc.aio.Server``) as
     ``add(servicer, server)`` would, ``add`` being a generated
     ``add_*Servicer_to_server``, with every request that does not decode answered
-    INVALID_ARGUMENT (see the module's docstring). Returns the refusal log (``refusals``,
-    or a new one logging to ``accord.grpc``): pass it to the other services of the same
-    server so they share one rate limit."""
-    if refusals is None:
-        refusals = UndecodableLog(logging.getLogger("accord.grpc"))
+    INVALID_ARGUMENT and counted in the server's :func:`refusals_for` log (``logger``
+    names the log for the first service added to a server)."""
+    refusals = refusals_for(server, logger)
     capture = _Capture()
     add(servicer, capture)
     if not capture.services:
@@ -242,22 +255,19 @@ def add_servicer(
         wrapped = {name: _wrap(f"/{service}/{name}", h, refusals) for name, h in handlers.items()}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
         server.add_registered_method_handlers(service, wrapped)
-    return refusals
 
 
-def add_health(server: Any, *, refusals: UndecodableLog | None = None) -> Any:
+def add_health(server: Any) -> Any:
     """The standard health service (``grpc.health.v1.Health``) on ``server``, through
     :func:`add_servicer`; returns the servicer (to set the statuses)."""
     from grpc_health.v1 import health, health_pb2_grpc
 
     servicer = health.aio.HealthServicer()
-    add_servicer(health_pb2_grpc.add_HealthServicer_to_server, servicer, server, refusals=refusals)
+    add_servicer(health_pb2_grpc.add_HealthServicer_to_server, servicer, server)
     return servicer
 
 
-def add_reflection(
-    names: Sequence[str], server: Any, *, refusals: UndecodableLog | None = None
-) -> None:
+def add_reflection(names: Sequence[str], server: Any) -> None:
     """Server reflection for ``names`` on ``server`` (what
     ``reflection.enable_server_reflection`` does for a grpc.aio server), through
     :func:`add_servicer`."""
@@ -267,5 +277,4 @@ def add_reflection(
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
         reflection.aio.ReflectionServicer(names),
         server,
-        refusals=refusals,
     )

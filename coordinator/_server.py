@@ -29,7 +29,7 @@ from opentelemetry import context as otel_context
 
 import accord.v1 as pb
 from accord.common.exits import ExitCode, StartupError
-from accord.common.grpc_safe import UndecodableLog, add_health, add_reflection, add_servicer
+from accord.common.grpc_safe import add_health, add_reflection, add_servicer
 from accord.common.runner import stop_on_signals
 from accord.common.telemetry import Telemetry, incoming_context
 from accord.common.transport import TransportSettings, bind, make_server
@@ -348,7 +348,12 @@ class CoordinatorServer:
             epoch = await self.shard.acquire(on_wait=self._on_standby)
             config = replace(config, epoch=epoch)
             self._watchers.append(asyncio.get_running_loop().create_task(self._watch_shard()))
-        self.feed = FeedHub(config.shard, s.wal_dir, telemetry=self.telemetry)
+        self.feed = FeedHub(
+            config.shard,
+            s.wal_dir,
+            telemetry=self.telemetry,
+            max_subscribers=config.limits.max_subscribers,
+        )
         wal, recovered = await self._open_wal()
         self._wal = wal
         for note in recovered.repaired:
@@ -373,19 +378,19 @@ class CoordinatorServer:
         )
         self.engine = engine
         # Requests that do not decode: INVALID_ARGUMENT, one log line per 10 s at most.
-        refusals = add_servicer(
+        add_servicer(
             pb.add_CoordinatorServicer_to_server,
             CoordinatorServicer(engine, tracing=self.telemetry.tracing, feed=self.feed),
             server,
-            refusals=UndecodableLog(log),
+            logger=log,
         )
-        health_servicer = add_health(server, refusals=refusals)
+        health_servicer = add_health(server)
         names = (
             pb.coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
-        add_reflection(names, server, refusals=refusals)
+        add_reflection(names, server)
         await server.start()
         pending = await engine.resume()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

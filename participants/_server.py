@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 import accord.v1 as pb
-from accord.common.grpc_safe import UndecodableLog, add_health, add_reflection, add_servicer
+from accord.common.grpc_safe import add_health, add_reflection, add_servicer
 from accord.common.runner import stop_on_signals
 from accord.common.telemetry import Telemetry
 from accord.common.transport import TransportSettings, bind, make_server
@@ -180,18 +180,11 @@ class ParticipantServer:
             server, settings = make_server(self._transport, options=self._server_options)
             # Requests that do not decode: INVALID_ARGUMENT, one log line per 10 s at
             # most (extra services installed below do the same: add_servicer).
-            refusals = add_servicer(
-                pb.add_ParticipantServicer_to_server,
-                self._servicer,
-                server,
-                refusals=UndecodableLog(log),
-            )
+            add_servicer(pb.add_ParticipantServicer_to_server, self._servicer, server, logger=log)
             names = [PARTICIPANT_SERVICE_NAME]
             names += [install(server, self.service) for install in self._installers]
-            self._health = add_health(server, refusals=refusals)
-            add_reflection(
-                [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server, refusals=refusals
-            )
+            self._health = add_health(server)
+            add_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
             self._port = bind(server, self.listen, settings)
             await server.start()
             self._server = server

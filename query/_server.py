@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 import accord.v1 as pb
-from accord.common.grpc_safe import UndecodableLog, add_health, add_reflection, add_servicer
+from accord.common.grpc_safe import add_health, add_reflection, add_servicer
 from accord.common.telemetry import Telemetry
 from accord.common.transport import TransportSettings, bind, make_server
 from accord.query._app import DEFAULT_MAX_LAG_EVENTS, QueryApp
@@ -126,19 +126,14 @@ class QueryServer:
         self._server = server
         self.port = bind(server, s.listen, self._transport)
         # Requests that do not decode: INVALID_ARGUMENT, one log line per 10 s at most.
-        refusals = add_servicer(
-            pb.add_QueryServicer_to_server,
-            QueryServicer(self.app),
-            server,
-            refusals=UndecodableLog(log),
-        )
-        health_servicer = add_health(server, refusals=refusals)
+        add_servicer(pb.add_QueryServicer_to_server, QueryServicer(self.app), server, logger=log)
+        health_servicer = add_health(server)
         names = (
             pb.query_pb2.DESCRIPTOR.services_by_name["Query"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
-        add_reflection(names, server, refusals=refusals)
+        add_reflection(names, server)
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set(names[0], health_pb2.HealthCheckResponse.SERVING)

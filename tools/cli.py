@@ -177,6 +177,16 @@ def coordinator(
     default_timeout_ms: Annotated[int, typer.Option(envvar="ACCORD_DEFAULT_TIMEOUT_MS")] = 30_000,
     max_inflight: Annotated[int, typer.Option(envvar="ACCORD_MAX_INFLIGHT")] = 10_000,
     max_branches: Annotated[int, typer.Option(envvar="ACCORD_MAX_BRANCHES")] = 64,
+    max_steps: Annotated[
+        int, typer.Option(envvar="ACCORD_MAX_STEPS", help="steps per saga definition")
+    ] = 64,
+    max_watchers: Annotated[
+        int,
+        typer.Option(envvar="ACCORD_MAX_WATCHERS", help="WatchTransaction streams at once"),
+    ] = 1000,
+    max_subscribers: Annotated[
+        int, typer.Option(envvar="ACCORD_MAX_SUBSCRIBERS", help="Subscribe streams at once")
+    ] = 64,
     max_payload_bytes: Annotated[int, typer.Option(envvar="ACCORD_MAX_PAYLOAD_BYTES")] = 256 * 1024,
     call_timeout_s: Annotated[float, typer.Option(envvar="ACCORD_CALL_TIMEOUT_S")] = 5.0,
     participant_transport: Annotated[
@@ -251,7 +261,10 @@ def coordinator(
         limits=Limits(
             max_inflight=max_inflight,
             max_branches=max_branches,
+            max_steps=max_steps,
             max_payload_bytes=max_payload_bytes,
+            max_watchers=max_watchers,
+            max_subscribers=max_subscribers,
         ),
         checkpoint_every=checkpoint_every,
         segment_size=segment_bytes,

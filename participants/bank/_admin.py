@@ -6,7 +6,6 @@ debit is held by its row lock, and its amount is still in the committed balance)
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 from typing import Any
 
@@ -14,7 +13,7 @@ import grpc
 from grpc import aio
 
 import accord.bank.v1 as bankpb
-from accord.common.grpc_safe import UndecodableLog, add_servicer
+from accord.common.grpc_safe import add_servicer
 from accord.participants import ParticipantService
 
 BANK_SERVICE_NAME: str = bankpb.bank_pb2.DESCRIPTOR.services_by_name["Bank"].full_name
@@ -119,10 +118,6 @@ async def _balances_pg(
 
 def install_admin(server: aio.Server, service: ParticipantService) -> str:
     """A :data:`participants.ServiceInstaller` for the bank's admin API."""
-    add_servicer(
-        bankpb.add_BankServicer_to_server,
-        BankAdmin(service),
-        server,
-        refusals=UndecodableLog(logging.getLogger("accord.participant")),
-    )
+    # Shares the participant's rate-limited log of requests that do not decode.
+    add_servicer(bankpb.add_BankServicer_to_server, BankAdmin(service), server)
     return BANK_SERVICE_NAME
