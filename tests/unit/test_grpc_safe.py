@@ -46,8 +46,9 @@ class _Participant(pb.ParticipantServicer):
 
 async def _serve(logger: logging.Logger) -> tuple[aio.Server, int, _Participant]:
     server = aio.server()
-    add_servicer(pb.add_CoordinatorServicer_to_server, _Coordinator(), server, logger=logger)
-    participant = _Participant()
+    coordinator = _Coordinator()  # type: ignore[abstract]  # the others: UNIMPLEMENTED
+    add_servicer(pb.add_CoordinatorServicer_to_server, coordinator, server, logger=logger)
+    participant = _Participant()  # type: ignore[abstract]
     add_servicer(pb.add_ParticipantServicer_to_server, participant, server)
     add_health(server)
     port = server.add_insecure_port("127.0.0.1:0")
