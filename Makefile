@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos clean prometheus postgresql nats chromium node-deps
+.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos fuzz clean prometheus postgresql nats chromium node-deps
 
 all: test
 
@@ -122,6 +122,15 @@ chaos: $(STAMP)
 	rm -rf chaos-out
 	$(VENV)/bin/accord chaos --duration $(CHAOS_S) --seed $(CHAOS_SEED) \
 		--faults kill-coordinator,kill-participant,pause,etcd,power-loss --out chaos-out
+
+# Long fuzzing runs: hypothesis against a live coordinator and participant (FUZZ_N
+# examples per test; `make test` runs 200), and WAL_FUZZ_N random bit flips,
+# truncations and zeroed ranges opened by the WAL's recovery (`make test` runs 2 000).
+FUZZ_N ?= 3000
+WAL_FUZZ_N ?= 100000
+fuzz: $(STAMP)
+	ACCORD_WAL_FUZZ_N=$(WAL_FUZZ_N) $(PY) -m pytest -s -p no:cacheprovider --timeout 0 tests/unit/test_wal_fuzz.py $(PYTEST_ARGS)
+	ACCORD_FUZZ_N=$(FUZZ_N) $(PY) -m pytest -s -p no:cacheprovider --timeout 0 tests/integration/test_fuzz.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(BROWSER_DIR)/node_modules

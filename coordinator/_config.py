@@ -13,19 +13,38 @@ RetryPolicy = Backoff
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
+    """What one request may ask for (INVALID_ARGUMENT beyond, nothing logged or kept),
+    and what the coordinator holds at once (RESOURCE_EXHAUSTED beyond). The README's
+    "Limits and hostile input" lists each with its status code."""
+
+    #: Branches of a 2PC transaction.
     max_branches: int = 64
+    #: Steps of a saga definition.
+    max_steps: int = 64
+    #: A branch's or step's payload, and a step's compensation payload.
     max_payload_bytes: int = 256 * 1024
+    #: Unfinished transactions.
     max_inflight: int = 10_000
     #: Unfinished transactions one caller may have (auth on only: with auth off every
     #: call is the caller "", and only ``max_inflight`` applies).
     max_inflight_per_caller: int = 1000
     #: WatchTransaction and Subscribe streams one caller may hold open (auth on only).
     max_watchers_per_caller: int = 64
+    #: A transaction's timeout_ms, a step's timeout_ms and retry intervals.
     max_timeout_ms: int = 10 * 60 * 1000
     max_key_chars: int = 128
+    #: Service, operation and compensation names.
     max_name_chars: int = 128
+    #: An Abort's or CancelSaga's reason (it is logged in the WAL).
+    max_reason_chars: int = 1024
+    #: Status names in a step's retry policy's final_codes.
+    max_final_codes: int = 16
     max_list: int = 1000
     watch_queue: int = 1024
+    #: WatchTransaction streams open at once, over all callers.
+    max_watchers: int = 1000
+    #: Subscribe streams open at once, over all callers.
+    max_subscribers: int = 64
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -145,7 +145,9 @@ class Engine:
         )
         self._tel = telemetry or CoordinatorTelemetry()
         self._tel.bind(self.table)
-        self._watchers = Watchers(clock=self._clock, queue_size=limits.watch_queue)
+        self._watchers = Watchers(
+            clock=self._clock, queue_size=limits.watch_queue, max_watchers=limits.max_watchers
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._records_since_checkpoint = 0
         self._checkpointing = False
@@ -314,6 +316,7 @@ class Engine:
         return await self._outcome(txn)
 
     async def abort(self, gid: str, reason: str) -> Txn:
+        v.check_reason(reason, self._config.limits)
         txn = self._get_for(gid, self._twopc)
         reason = reason or "aborted by the client"
         if txn.claimed == TxnState.ACTIVE:
@@ -423,6 +426,7 @@ class Engine:
         return await self._settled(txn) if wait else txn
 
     async def cancel_saga(self, gid: str, reason: str) -> Txn:
+        v.check_reason(reason, self._config.limits)
         txn = self._get_for(gid, self._saga)
         self._saga.cancel(txn, reason)
         return await self._settled(txn)

@@ -35,7 +35,12 @@ from typing import Final
 
 import accord.v1 as pb
 from accord.coordinator._config import CoordinatorConfig
-from accord.coordinator._errors import AccordError, InvalidArgument, Unavailable
+from accord.coordinator._errors import (
+    AccordError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from accord.coordinator._records import RecordType
 from accord.coordinator._telemetry import CoordinatorTelemetry
 from accord.coordinator.wal import (
@@ -418,8 +423,11 @@ class FeedHub:
         telemetry: CoordinatorTelemetry | None = None,
         max_batches: int = SUB_MAX_BATCHES,
         max_events: int = SUB_MAX_EVENTS,
+        max_subscribers: int = 64,
     ) -> None:
         self.shard = shard
+        #: Subscribe streams at once, over all callers (RESOURCE_EXHAUSTED beyond).
+        self.max_subscribers = max_subscribers
         self.directory = Path(directory)
         self._tel = telemetry or CoordinatorTelemetry()
         self._max_batches = max_batches
@@ -493,6 +501,10 @@ class FeedHub:
         """Validates a request; returns the batch size to use."""
         if max_batch > MAX_MAX_BATCH:
             raise InvalidArgument(f"max_batch {max_batch} is over {MAX_MAX_BATCH}")
+        if len(self._subs) >= self.max_subscribers:
+            raise ResourceExhausted(
+                f"{len(self._subs)} Subscribe streams are open (limit {self.max_subscribers})"
+            )
         if from_lsn > self.durable_lsn:
             raise OutOfRange(
                 f"from_lsn {from_lsn} is past the shard's durable lsn {self.durable_lsn}"

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 
@@ -46,6 +46,7 @@ from accord.common.auth import (
     Unauthenticated,
 )
 from accord.common.exits import ExitCode, StartupError
+from accord.common.grpc_safe import add_health, add_reflection, add_servicer
 from accord.common.runner import stop_on_signals
 from accord.common.telemetry import Telemetry, incoming_context
 from accord.common.transport import TransportSettings, bind, make_server
@@ -471,7 +472,12 @@ class CoordinatorServer:
             epoch = await self.shard.acquire(on_wait=self._on_standby)
             config = replace(config, epoch=epoch)
             self._watchers.append(asyncio.get_running_loop().create_task(self._watch_shard()))
-        self.feed = FeedHub(config.shard, s.wal_dir, telemetry=self.telemetry)
+        self.feed = FeedHub(
+            config.shard,
+            s.wal_dir,
+            telemetry=self.telemetry,
+            max_subscribers=config.limits.max_subscribers,
+        )
         wal, recovered = await self._open_wal()
         self._wal = wal
         for note in recovered.repaired:
@@ -495,18 +501,20 @@ class CoordinatorServer:
             recovered.checkpoint, [(r.lsn, r.rtype, r.payload) for r in recovered.records]
         )
         self.engine = engine
-        pb.add_CoordinatorServicer_to_server(
+        # Requests that do not decode: INVALID_ARGUMENT, one log line per 10 s at most.
+        add_servicer(
+            pb.add_CoordinatorServicer_to_server,
             CoordinatorServicer(engine, tracing=self.telemetry.tracing, feed=self.feed, auth=auth),
             server,
+            logger=log,
         )
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health_servicer = add_health(server)
         names = (
             pb.coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
-        reflection.enable_server_reflection(names, server)
+        add_reflection(names, server)
         await server.start()
         pending = await engine.resume()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

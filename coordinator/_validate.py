@@ -18,6 +18,7 @@ __all__ = [
     "check_branch",
     "check_branch_count",
     "check_key",
+    "check_reason",
     "check_saga",
     "check_timeout",
 ]
@@ -28,6 +29,11 @@ def check_key(key: str, limits: Limits) -> None:
         raise InvalidArgument(f"idempotency_key is longer than {limits.max_key_chars} characters")
     if key and not key.isprintable():
         raise InvalidArgument("idempotency_key must be printable text")
+
+
+def check_reason(reason: str, limits: Limits) -> None:
+    if len(reason) > limits.max_reason_chars:
+        raise InvalidArgument(f"reason is longer than {limits.max_reason_chars} characters")
 
 
 def check_timeout(timeout_ms: int, config: CoordinatorConfig) -> int:
@@ -100,7 +106,10 @@ def check_saga(definition: SagaSpec, config: CoordinatorConfig) -> list[bool]:
     be undone (every step that is not the pivot or after it)."""
     limits = config.limits
     steps = definition.steps
-    check_branch_count(len(steps), limits)
+    if not steps:
+        raise InvalidArgument("steps: at least one step is needed")
+    if len(steps) > limits.max_steps:
+        raise InvalidArgument(f"steps: {len(steps)} steps, the limit is {limits.max_steps}")
     names: dict[str, int] = {}
     pivots = 0
     for i, st in enumerate(steps):
@@ -140,6 +149,10 @@ def check_saga(definition: SagaSpec, config: CoordinatorConfig) -> list[bool]:
             )
         if r.multiplier and not 1.0 <= r.multiplier <= 10.0:
             raise InvalidArgument(f"{where}: retry multiplier must be between 1 and 10")
+        if len(r.final_codes) > limits.max_final_codes:
+            raise InvalidArgument(
+                f"{where}: {len(r.final_codes)} final_codes, the limit is {limits.max_final_codes}"
+            )
         for code in r.final_codes:
             if code not in _STATUS_NAMES:
                 raise InvalidArgument(f"{where}: {code!r} is not a gRPC status code name")
@@ -147,6 +160,8 @@ def check_saga(definition: SagaSpec, config: CoordinatorConfig) -> list[bool]:
     if pivots > 1:
         raise InvalidArgument("a saga has at most one pivot step")
     for i, st in enumerate(steps):
+        if len(set(st.depends_on)) != len(st.depends_on):
+            raise InvalidArgument(f"steps[{i}] ({st.name}): depends_on names a step twice")
         for dep in st.depends_on:
             if dep not in names:
                 raise InvalidArgument(f"steps[{i}] ({st.name}): depends on unknown step {dep!r}")

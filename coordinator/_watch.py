@@ -9,15 +9,21 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import accord.v1 as pb
+from accord.coordinator._errors import ResourceExhausted
 from accord.coordinator._host import Clock
 from accord.coordinator._model import Txn
 from accord.coordinator._states import TxnState
 
 
 class Watchers:
-    def __init__(self, *, clock: Clock, queue_size: int) -> None:
+    """``max_watchers``: watchers at once, over every transaction and caller; one more
+    is refused with RESOURCE_EXHAUSTED before its first event."""
+
+    def __init__(self, *, clock: Clock, queue_size: int, max_watchers: int = 1000) -> None:
         self._clock = clock
         self._queue_size = queue_size
+        self._max_watchers = max_watchers
+        self.active = 0
 
     def event(self, txn: Txn) -> pb.TransactionEvent:
         """A snapshot of ``txn`` now (its state, LSN and the transaction)."""
@@ -30,8 +36,13 @@ class Watchers:
         )
 
     async def watch(self, txn: Txn) -> AsyncIterator[pb.TransactionEvent]:
+        if self.active >= self._max_watchers:
+            raise ResourceExhausted(
+                f"{self.active} WatchTransaction streams are open (limit {self._max_watchers})"
+            )
         queue: asyncio.Queue[pb.TransactionEvent | None] = asyncio.Queue(self._queue_size)
         txn.watchers.append(queue)
+        self.active += 1
         try:
             yield self.event(txn)
             if txn.state.final:
@@ -44,6 +55,7 @@ class Watchers:
                 if TxnState(event.state).final:
                     return
         finally:
+            self.active -= 1
             if queue in txn.watchers:
                 txn.watchers.remove(queue)
 

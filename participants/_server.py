@@ -17,10 +17,11 @@ from types import TracebackType
 from typing import Any
 
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 import accord.v1 as pb
+from accord.common.grpc_safe import add_health, add_reflection, add_servicer
 from accord.common.runner import stop_on_signals
 from accord.common.telemetry import Telemetry
 from accord.common.transport import (
@@ -201,14 +202,13 @@ class ParticipantServer:
             server, settings = make_server(
                 settings, options=self._server_options, interceptors=interceptors
             )
-            pb.add_ParticipantServicer_to_server(self._servicer, server)
+            # Requests that do not decode: INVALID_ARGUMENT, one log line per 10 s at
+            # most (extra services installed below do the same: add_servicer).
+            add_servicer(pb.add_ParticipantServicer_to_server, self._servicer, server, logger=log)
             names = [PARTICIPANT_SERVICE_NAME]
             names += [install(server, self.service) for install in self._installers]
-            self._health = health.aio.HealthServicer()
-            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-            reflection.enable_server_reflection(
-                [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-            )
+            self._health = add_health(server)
+            add_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
             self._port = bind(server, self.listen, settings)
             await server.start()
             self._server = server

@@ -86,11 +86,19 @@ class ParticipantService:
         return await self.backend.pending()
 
 
+#: The fencing epoch is kept in a signed 64-bit column (SQLite INTEGER, PostgreSQL
+#: BIGINT); the proto field is uint64. (Found by tests/integration/test_fuzz.py: a
+#: larger one was an INTERNAL error with a traceback.)
+_MAX_EPOCH = 2**63 - 1
+
+
 def _validate(call: BranchCall) -> str | None:
     if not call.gid:
         return "gid must not be empty"
     if not call.branch_id:
         return "branch_id must not be empty"
+    if call.epoch > _MAX_EPOCH:
+        return f"epoch {call.epoch} is over {_MAX_EPOCH}"
     return None
 
 

@@ -448,6 +448,16 @@ def coordinator(
     auth_jwt_issuer: AuthJwtIssuer = "",
     auth_jwt_audience: AuthJwtAudience = "",
     max_branches: Annotated[int, typer.Option(envvar="ACCORD_MAX_BRANCHES")] = 64,
+    max_steps: Annotated[
+        int, typer.Option(envvar="ACCORD_MAX_STEPS", help="steps per saga definition")
+    ] = 64,
+    max_watchers: Annotated[
+        int,
+        typer.Option(envvar="ACCORD_MAX_WATCHERS", help="WatchTransaction streams at once"),
+    ] = 1000,
+    max_subscribers: Annotated[
+        int, typer.Option(envvar="ACCORD_MAX_SUBSCRIBERS", help="Subscribe streams at once")
+    ] = 64,
     max_payload_bytes: Annotated[int, typer.Option(envvar="ACCORD_MAX_PAYLOAD_BYTES")] = 256 * 1024,
     call_timeout_s: Annotated[float, typer.Option(envvar="ACCORD_CALL_TIMEOUT_S")] = 5.0,
     participant_transport: Annotated[
@@ -524,7 +534,10 @@ def coordinator(
             max_inflight_per_caller=max_inflight_per_caller,
             max_watchers_per_caller=max_watchers_per_caller,
             max_branches=max_branches,
+            max_steps=max_steps,
             max_payload_bytes=max_payload_bytes,
+            max_watchers=max_watchers,
+            max_subscribers=max_subscribers,
         ),
         checkpoint_every=checkpoint_every,
         segment_size=segment_bytes,

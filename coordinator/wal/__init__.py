@@ -86,8 +86,9 @@ have a torn tail. Damage there at offset X is corruption if a later record heade
 by its magic at an aligned offset, header CRC verified, plausible LSN) has a
 ``synced_lsn`` at or past the damaged record's LSN, which proves the damaged bytes had
 been durable; or if any valid record follows and the damage does not look like an
-interrupted write (cut by the end of the file, or a zeroed sector). Otherwise it is a
-torn tail and is repaired.
+interrupted write (cut by the end of the file, or a zeroed sector); or if nothing
+follows and the damaged record is complete (bytes up to its end, a flipped bit), which
+no interrupted write leaves. Otherwise it is a torn tail and is repaired.
 
 LSNs are never reused for records that were acknowledged: after a crash the next LSN
 follows the last record that survived (an LSN handed out for a record that was lost

@@ -21,13 +21,19 @@ space after the last record (preallocation) is the normal end, not damage.
      not look like an interrupted write: a crash leaves whole 512-byte sectors either
      new or old (and old is zero: files are preallocated and repaired tails re-zeroed),
      so a torn record is cut short by the end of the file or has a piece that lies
-     within one sector and is all zero. A flipped bit (in a length word too) is not.
+     within one sector and is all zero. A flipped bit (in a length word too) is not; or
+  3. nothing valid follows, and the damaged record is complete: the file holds bytes
+     up to its end (its header's end if the header is bad, its payload's end otherwise),
+     and no sector rule of 2 applies. A write that stopped part way, even at a byte
+     rather than a sector, leaves zeros after the point where it stopped; a whole
+     record that does not verify (a flipped bit) was written whole, may have been
+     acknowledged, and is not dropped. (Issue 15's WAL fuzzing found that such a last
+     record used to be taken for a torn write and dropped.)
 
-  Otherwise the damage is a **torn tail**: nothing after it proves it was ever
-  durable. (A bad record with nothing valid after it cannot be told from a torn write;
-  it is treated as one.) The damaged bytes (X up to the last non-zero byte) are copied
-  to ``damaged/<segment>.<X>.bin``, the file is truncated at X and preallocated again,
-  and appends continue at X.
+  Otherwise the damage is a **torn tail**: it looks like an interrupted write and
+  nothing after it proves it was ever durable. The damaged bytes (X up to the last
+  non-zero byte) are copied to ``damaged/<segment>.<X>.bin``, the file is truncated at
+  X and preallocated again, and appends continue at X.
 
 Rule 2 keeps an ordinary power loss from stopping start-up: the page cache may write a
 later page of an unsynced batch before an earlier one, leaving valid records after a
@@ -342,10 +348,19 @@ def _check_torn(scan: _Scan, fault: _Fault) -> None:
             f"wal: {where}: not a torn tail, the record at offset {proving.offset} "
             f"(lsn {proving.lsn}) was written after lsn {expect} had been synced"
         )
-    if first is not None and not _looks_torn(scan.data, fault):
+    if _looks_torn(scan.data, fault):
+        return
+    if first is not None:
         raise WalCorruptionError(
             f"wal: {where}: not a torn tail, a valid record follows at offset "
             f"{first.offset} (lsn {first.lsn}) and the damage is not an interrupted write"
+        )
+    if not _stops_short(scan.data, fault, scan.nonzero_end):
+        # The last record, whole but wrong (a flipped bit): no write stopping part way
+        # leaves it so, and it may have been acknowledged, so it is not dropped.
+        raise WalCorruptionError(
+            f"wal: {where}: not a torn tail, the record is complete (nothing after it is "
+            "written, nothing of it is missing) but does not verify"
         )
 
 
@@ -397,6 +412,18 @@ def _looks_torn(data: bytes, fault: _Fault) -> bool:
             return True
         lo = sector_end
     return False
+
+
+def _stops_short(data: bytes, fault: _Fault, nonzero_end: int) -> bool:
+    """Could a write that stopped part way, at any byte, have left the last record so?
+    Only if the file holds nothing after some point inside the record: its header when
+    the header is bad, else its payload (padding is zero anyway). A record whose last
+    payload byte is a real zero cannot be told from one cut there; it is taken as cut."""
+    if not fault.header_ok:
+        return nonzero_end < fault.offset + RECORD_HEADER_SIZE
+    rec = decode_record_header(data, fault.offset)
+    assert rec is not None  # header_ok
+    return nonzero_end < fault.offset + RECORD_HEADER_SIZE + rec.length
 
 
 # --- repair ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import grpc
 from grpc import aio
 
 import accord.bank.v1 as bankpb
+from accord.common.grpc_safe import add_servicer
 from accord.participants import ParticipantService
 
 BANK_SERVICE_NAME: str = bankpb.bank_pb2.DESCRIPTOR.services_by_name["Bank"].full_name
@@ -117,5 +118,6 @@ async def _balances_pg(
 
 def install_admin(server: aio.Server, service: ParticipantService) -> str:
     """A :data:`participants.ServiceInstaller` for the bank's admin API."""
-    bankpb.add_BankServicer_to_server(BankAdmin(service), server)
+    # Shares the participant's rate-limited log of requests that do not decode.
+    add_servicer(bankpb.add_BankServicer_to_server, BankAdmin(service), server)
     return BANK_SERVICE_NAME
