@@ -203,7 +203,7 @@ async function transactionPage(page) {
   await page.waitForSelector("#summary .badge", { timeout: STEP_TIMEOUT_MS });
   check(await page.isDisabled("#retry-btn"), "retry enabled without --console-actions");
   const tip = await page.getAttribute("#retry-btn", "title");
-  check(tip && tip.includes("needs admin tokens: issue 15"), `tooltip ${tip}`);
+  check(tip && tip.includes("start accord query with --console-actions"), `tooltip ${tip}`);
   check(!(await page.$("#trace-link:not([hidden])")), "a trace link without --trace-url");
   await shot(page, "transaction-actions-off");
 

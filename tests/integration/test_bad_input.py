@@ -435,6 +435,8 @@ async def test_resource_limits(cluster: Cluster) -> None:
         for w in watchers:
             assert (await w.read()).gid == gid
         subscriber = stub.Subscribe(pb.SubscribeRequest(from_lsn=0), timeout=30)
+        hello = await subscriber.read()  # the handshake: the shard, no events
+        assert hello.shard and not hello.events
         assert (await subscriber.read()).events  # the BEGIN record
         before = wal_bytes(cluster.root)
         refusals: list[tuple[str, Any]] = [

@@ -25,7 +25,7 @@ def test_chaos_run_finds_no_violation(tmp_path: Path) -> None:
             "accord.tools.cli",
             "chaos",
             "--duration",
-            "75",
+            "60",
             "--seed",
             "11",
             "--coordinators",

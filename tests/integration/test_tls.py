@@ -283,7 +283,7 @@ def test_a_short_chaos_run_over_mutual_tls_has_no_violations(tmp_path: Path) -> 
         [
             *accord_argv(["chaos"]),
             "--duration",
-            "15",
+            "10",
             "--tls",
             "--coordinators",
             "1",
