@@ -151,7 +151,11 @@ async def test_mixed_saga_compensates_the_first_step(cluster: Cluster) -> None:
     py = cluster.bank("py-bank")
     await open_accounts(py.address, {"p": 100})
     nd = node_participant(cluster, "node-bank", {"n": 20})
-    coord = cluster.coordinator({"py-bank": py.address, "node-bank": nd.address})
+    # Unary RPCs here (the other tests use the default, Stream to both participants).
+    coord = cluster.coordinator(
+        {"py-bank": py.address, "node-bank": nd.address},
+        extra=["--participant-transport", "unary"],
+    )
     steps = [
         # Node takes 50 from n (which has 20): refused, nothing to undo; Python's credit
         # ran first and is compensated (uncredit).
@@ -252,3 +256,46 @@ async def test_node_participant_keeps_a_prepared_branch_across_sigkill(cluster: 
             assert (await stub.Commit(req("debit", 40, shard="s", epoch=3))).message == "committed"
     assert node_state(cluster, "node-bank") == ({"a": (60, 0)}, 0)
     assert nd3.stop() == 0  # SIGTERM: a clean stop
+
+
+async def test_node_stream_answers_each_call_by_id(cluster: Cluster) -> None:
+    nd = node_participant(cluster, "node-bank", {"a": 100})
+
+    def req(gid: str, op: str, amount: int) -> pb.BranchRequest:
+        payload = json.dumps({"account": "a", "amount": amount}).encode()
+        return pb.BranchRequest(gid=gid, branch_id="b1", operation=op, payload=payload)
+
+    calls = [
+        pb.BatchedCall(id=1, method=pb.BRANCH_METHOD_PREPARE, request=req("g1", "debit", 30)),
+        pb.BatchedCall(id=2, method=pb.BRANCH_METHOD_PREPARE, request=req("g1", "debit", 30)),
+        pb.BatchedCall(
+            id=3,
+            method=99,  # type: ignore[arg-type]
+            request=req("g2", "debit", 1),
+        ),  # unknown method
+        pb.BatchedCall(id=4, method=pb.BRANCH_METHOD_PREPARE, request=req("", "debit", 1)),
+        pb.BatchedCall(id=5, method=pb.BRANCH_METHOD_PREPARE, request=req("g3", "debit", 500)),
+        pb.BatchedCall(id=6, method=pb.BRANCH_METHOD_COMMIT, request=req("g1", "debit", 30)),
+        pb.BatchedCall(id=7, method=pb.BRANCH_METHOD_ABORT, request=req("g4", "debit", 5)),
+        pb.BatchedCall(id=8, method=pb.BRANCH_METHOD_PREPARE, request=req("g4", "debit", 5)),
+    ]
+    async with aio.insecure_channel(nd.address) as channel:
+        stream = pb.ParticipantStub(channel).Stream()
+        await stream.write(pb.BranchBatch(calls=calls[:4]))
+        await stream.write(pb.BranchBatch(calls=calls[4:]))
+        await stream.done_writing()
+        got = {
+            r.id: (r.code, r.response.message or r.message) async for b in stream for r in b.results
+        }
+    ok, invalid, aborted = (
+        grpc.StatusCode.OK.value[0],
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        grpc.StatusCode.ABORTED.value[0],
+    )
+    assert got[1] == got[2] == (ok, "prepared")  # the duplicate: the recorded answer
+    assert got[3][0] == got[4][0] == invalid  # malformed calls, the stream goes on
+    assert got[5][0] == aborted and "insufficient funds" in got[5][1]
+    assert got[6] == (ok, "committed")
+    assert got[7] == (ok, "no-op: aborted before prepare")
+    assert got[8][0] == aborted  # the late prepare is refused
+    assert node_state(cluster, "node-bank") == ({"a": (70, 0)}, 0)
