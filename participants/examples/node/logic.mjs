@@ -10,7 +10,8 @@
 //   saga  Execute debit takes N at once / Compensate refund gives it back.
 //         Execute credit adds N / Compensate uncredit takes it back ("not yet" when it
 //         has been spent meanwhile).
-// Conformance, payload {"key": K, "amount": N, "vote": "yes"|"no"|"read-only"}:
+// Conformance, payload {"key": K, "amount": N, "vote": "yes"|"no"|"read-only"} (vote
+// default "yes"; a payload that does not decode is refused, ABORTED):
 //   conformance.add: Prepare stages +N (kept in the prepared branch's row; "no" refuses,
 //   "read-only" votes read-only and changes nothing), Commit applies, Abort drops; a
 //   one-phase Commit applies at once; Execute applies +N ("no" refuses), Compensate -N.
@@ -78,9 +79,12 @@ function counterArgs(call, { amount = true } = {}) {
     throw new Refuse(`bad payload for ${call.operation}: 'key' must be a non-empty string`);
   }
   if (!amount) return { key };
-  const value = data.amount === undefined ? 0 : data.amount;
-  if (!Number.isSafeInteger(value)) {
-    throw new Refuse(`bad payload for ${call.operation}: 'amount' must be an integer`);
+  const value = data.amount;
+  if (!Number.isSafeInteger(value) || Math.abs(value) > MAX_AMOUNT) {
+    throw new Refuse(
+      `bad payload for ${call.operation}: 'amount' must be an integer in` +
+        ` -${MAX_AMOUNT}..${MAX_AMOUNT}`,
+    );
   }
   const vote = data.vote === undefined ? "yes" : data.vote;
   if (!["yes", "no", "read-only"].includes(vote)) {
