@@ -19,7 +19,7 @@ from grpc import aio
 
 import accord.v1 as pb
 from accord.client import AccordClient, AccordClientError, Branch, SagaStep
-from accord.tools.topology import ManagedProcess
+from accord.tools.topology import ManagedProcess, accord_argv
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, open_accounts
 
@@ -299,3 +299,21 @@ async def test_node_stream_answers_each_call_by_id(cluster: Cluster) -> None:
     assert got[7] == (ok, "no-op: aborted before prepare")
     assert got[8][0] == aborted  # the late prepare is refused
     assert node_state(cluster, "node-bank") == ({"a": (70, 0)}, 0)
+
+
+def test_node_participant_passes_the_conformance_kit(cluster: Cluster) -> None:
+    pytest.importorskip("accord.tools.conformance", reason="the conformance kit is not here yet")
+    nd = node_participant(cluster, "node-bank", {})
+    out = subprocess.run(
+        [*accord_argv(["conformance", "--participant", nd.address, "--json"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    report = json.loads(out.stdout)
+    failed = [r["name"] for r in report["rules"] if not r["passed"] and not r["skipped"]]
+    assert out.returncode == 0 and report["passed"], f"rules failed: {failed}\n{out.stderr}"
+    stream = next(r for r in report["rules"] if r["name"] == "stream")
+    assert stream["passed"] and not stream["required"]  # Stream: optional, and passed
+    assert report["required"]["passed"] == report["required"]["total"] >= 12
