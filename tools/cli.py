@@ -1615,7 +1615,7 @@ def conformance(
         str,
         typer.Option(
             "--service",
-            envvar="ACCORD_SERVICE",
+            envvar="ACCORD_HEALTH_SERVICE",
             help='the name to ask the standard health service about (default "": the server)',
         ),
     ] = "",
