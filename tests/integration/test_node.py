@@ -302,7 +302,6 @@ async def test_node_stream_answers_each_call_by_id(cluster: Cluster) -> None:
 
 
 def test_node_participant_passes_the_conformance_kit(cluster: Cluster) -> None:
-    pytest.importorskip("accord.tools.conformance", reason="the conformance kit is not here yet")
     nd = node_participant(cluster, "node-bank", {})
     out = subprocess.run(
         [*accord_argv(["conformance", "--participant", nd.address, "--json"])],
