@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos fuzz clean prometheus postgresql nats chromium node-deps
+.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos fuzz clean prometheus postgresql nats chromium node-deps node-examples
 
 all: test
 
@@ -92,8 +92,21 @@ $(BROWSER_DIR)/node_modules/.installed: $(BROWSER_DIR)/package.json $(BROWSER_DI
 
 node-deps: $(BROWSER_DIR)/node_modules/.installed
 
+# The Node.js participant and client (tests/integration/test_node.py): @grpc/grpc-js,
+# better-sqlite3 12 (built from source by npm when no prebuilt binary can be fetched:
+# a few minutes, once) and grpc-health-check, from their committed lock files.
+NODE_EXAMPLES := participants/examples/node clients/examples/node
+%/node_modules/.installed: %/package.json %/package-lock.json
+	@command -v npm >/dev/null || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm; } || \
+	  { echo "node-examples: node and npm are needed by the Node.js participant and client"; exit 1; }
+	cd $* && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+node-examples: $(NODE_EXAMPLES:%=%/node_modules/.installed)
+
 # The whole suite: generated code fresh, lint, types, then every test.
-test: check-protos lint typecheck prometheus postgresql nats chromium node-deps
+test: check-protos lint typecheck prometheus postgresql nats chromium node-deps node-examples
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The whole topology on this machine, a workload, a summary.
@@ -133,4 +146,5 @@ fuzz: $(STAMP)
 	ACCORD_FUZZ_N=$(FUZZ_N) $(PY) -m pytest -s -p no:cacheprovider --timeout 0 tests/integration/test_fuzz.py $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(BROWSER_DIR)/node_modules
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(BROWSER_DIR)/node_modules \
+		$(NODE_EXAMPLES:%=%/node_modules)

@@ -1596,6 +1596,72 @@ def bank_balances(
     )
 
 
+# ---------------------------------------------------------------- conformance
+
+
+@app.command()
+@secured()
+def conformance(
+    participant: Annotated[
+        str,
+        typer.Option(
+            "--participant",
+            envvar="ACCORD_PARTICIPANT",
+            help="HOST:PORT of the participant to check (any language)",
+            show_default=False,
+        ),
+    ],
+    service: Annotated[
+        str,
+        typer.Option(
+            "--service",
+            envvar="ACCORD_HEALTH_SERVICE",
+            help='the name to ask the standard health service about (default "": the server)',
+        ),
+    ] = "",
+    connect_timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--connect-timeout-s",
+            envvar="ACCORD_CONNECT_TIMEOUT_S",
+            min=0.1,
+            help="give up (exit 1) when the participant is not reachable within this long",
+        ),
+    ] = 10.0,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="print one JSON object: rules[] with name, required, passed, evidence"
+        ),
+    ] = False,
+) -> None:
+    """Check that a participant keeps Accord's participant contract, rule by rule.
+
+    Drives it as a coordinator would (2PC votes, one-phase commit, saga steps,
+    duplicates, an Abort before its Prepare, fencing, malformed calls, Stream, health)
+    through its operations conformance.add and conformance.get, and prints each rule's
+    result with the calls made and the answers got. Exit 0 only when every required rule
+    passes (Stream is optional)."""
+    from accord.common.transport import PlainTextRefused, parse_address
+    from accord.tools.conformance import render, run_conformance
+
+    try:
+        parse_address(participant)
+    except ValueError as e:
+        raise fail(f"--participant: {e}", ExitCode.USAGE) from None
+    try:
+        report = runner.run(
+            run_conformance(participant, service=service, connect_timeout_s=connect_timeout_s)
+        )
+    except (ConnectionError, PlainTextRefused) as e:
+        raise fail(f"conformance: {e}") from None
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    else:
+        render(report, console)
+    raise typer.Exit(report.exit_code)
+
+
 # ---------------------------------------------------------------- relay
 
 

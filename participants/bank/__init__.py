@@ -16,6 +16,10 @@ Saga operations (Execute / its Compensate, same payload; each writes a ledger en
 - ``credit`` / ``uncredit``: adds the amount; ``uncredit`` takes it back, or answers
   "not yet" ("funds already spent") while ``balance - held < amount``.
 
+The conformance kit's operations (``accord conformance``), in a table of their own
+(``conformance``), apart from the money: ``conformance.add`` and ``conformance.get``
+(:mod:`accord.participants.bank._conformance`).
+
 Seeded accounts are named ``<service>-<index>`` (:func:`account_id`). The admin API
 (``accord.bank.v1.Bank``: OpenAccounts, GetBalances) is served on the same port.
 

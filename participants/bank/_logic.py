@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from accord.participants import BranchCall, NotYet, ParticipantApp, Refuse, Vote
+from accord.participants.bank._conformance import install as install_conformance
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -214,4 +215,6 @@ def bank_app(service: str = "bank", *, seed: Sequence[tuple[str, int]] = ()) -> 
         _account(conn, parse(call, amount=False).account)
         return Vote.READ_ONLY
 
+    # The conformance kit's operations (accord conformance), in a table of their own.
+    install_conformance(app)
     return app

@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 
 from accord.participants import BranchCall, NotYet, ParticipantApp, Refuse, Vote
+from accord.participants.bank._conformance import install_pg as install_conformance_pg
 from accord.participants.bank._logic import parse
 
 Conn = psycopg.AsyncConnection[Any]
@@ -158,4 +159,6 @@ def bank_app_pg(service: str = "bank", *, seed: Sequence[tuple[str, int]] = ()) 
             )
         await _ledger(conn, call, m.account, -m.amount, int(row[0]), undo=True)
 
+    # The conformance kit's operations (accord conformance), in a table of their own.
+    install_conformance_pg(app)
     return app
