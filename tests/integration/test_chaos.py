@@ -25,7 +25,7 @@ def test_chaos_run_finds_no_violation(tmp_path: Path) -> None:
             "accord.tools.cli",
             "chaos",
             "--duration",
-            "60",
+            "45",
             "--seed",
             "11",
             "--coordinators",
@@ -73,7 +73,7 @@ def test_chaos_catches_a_coordinator_that_ignores_no_votes(tmp_path: Path) -> No
     one transfer in ten asks for more than its account holds)."""
     report = run_chaos(
         ChaosSettings(
-            duration_s=12,
+            duration_s=8,
             coordinators=1,
             participants=2,
             seed=5,

@@ -9,7 +9,7 @@ Properties:
   no transaction was in flight before it: an accepted one writes, later too);
 * afterwards both processes are healthy (SERVING) and a good transaction commits.
 
-``make test`` runs ``ACCORD_FUZZ_N`` (default 200) examples per test, derandomized (the
+``make test`` runs ``ACCORD_FUZZ_N`` (default 100) examples per test, derandomized (the
 same examples every run); ``make fuzz FUZZ_N=...`` runs more. Strategies keep accepted
 transactions short (timeouts of at most 300 ms, or beyond the limit; no pivot) so the WAL check
 runs often; the exact limits themselves are in test_bad_input.py."""
@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 import accord.v1 as pb
 from accord.tools.topology import ManagedProcess, Topology, open_accounts
 
-N = int(os.environ.get("ACCORD_FUZZ_N", "200"))
+N = int(os.environ.get("ACCORD_FUZZ_N", "100"))
 FUZZ = settings(
     max_examples=N,
     derandomize=True,

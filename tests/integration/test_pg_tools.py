@@ -56,7 +56,7 @@ def test_chaos_on_postgres_finds_no_violation(tmp_path: Path) -> None:
         "chaos",
         "--participant-db",
         "postgres",
-        *("--duration", "15", "--seed", "3", "--fault-every", "3"),
+        *("--duration", "10", "--seed", "3", "--fault-every", "3"),
         *("--coordinators", "1", "--participants", "3"),
         *("--faults", "kill-coordinator,kill-participant"),
         *("--out", str(out)),

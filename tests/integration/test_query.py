@@ -466,7 +466,7 @@ async def test_chaos_with_query_finds_no_difference(tmp_path: Path) -> None:
             [
                 "chaos",
                 "--query",
-                *("--duration", "15"),
+                *("--duration", "8"),
                 *("--seed", "14"),
                 *("--coordinators", "2"),
                 *("--participants", "2"),
