@@ -30,14 +30,12 @@ NODE_PARTICIPANT = ROOT / "participants" / "examples" / "node"
 NODE_CLIENT = ROOT / "clients" / "examples" / "node"
 NODE = shutil.which("node")
 
-if NODE is None:
-    pytest.skip(
-        "node is not installed (the Node.js examples need Node 20)", allow_module_level=True
-    )
-
 
 @pytest.fixture(autouse=True)
 def node_modules() -> None:
+    # `make test` installs node and npm (make node-examples): their absence is a failure.
+    if NODE is None:
+        pytest.fail("node is not installed: run make node-examples (the examples need Node 20)")
     for folder in (NODE_PARTICIPANT, NODE_CLIENT):
         if not (folder / "node_modules").is_dir():
             pytest.fail(

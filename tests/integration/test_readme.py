@@ -122,15 +122,6 @@ def test_example_blocks_are_the_files_verbatim() -> None:
         assert (ROOT / b.args).read_text() == b.text, f"README.md:{b.line} is not {b.args}"
 
 
-@pytest.mark.parametrize(
-    "block",
-    [b for b in BLOCKS if b.kind == "skip"],
-    ids=lambda b: f"line{b.line}",
-)
-def test_skipped_block(block: Block) -> None:
-    pytest.skip(f"README.md:{block.line} ({block.section}): {block.args}")
-
-
 def _servers_in_background(script: str, logs: Path, counter: list[int]) -> str:
     """Each line ending in ``&`` (continuations joined) sends its output to a log and
     waits for the server's ready line; ``$!`` is still the server's PID afterwards."""
