@@ -237,12 +237,10 @@ class Follower:
             async for resp in call:
                 self.state.heard = time.monotonic()
                 self.state.durable_lsn = resp.durable_lsn
-                if not resp.events:
-                    continue
-                got = True
-                if not shard:
-                    # Learn the shard from the feed, then resume from its stored LSN.
-                    shard = resp.events[0].shard
+                if not shard and (resp.shard or resp.events):
+                    # Learn the shard from the feed's handshake (or, from an older
+                    # coordinator, its first event), then resume from its stored LSN.
+                    shard = resp.shard or resp.events[0].shard
                     if not shard:
                         raise RuntimeError(f"the feed of {address} names no shard")
                     self.state.shard = shard
@@ -254,6 +252,9 @@ class Follower:
                         self.state.applied_lsn = stored
                         self._moved.set()  # resubscribe at once, from the stored LSN
                         return True
+                if not resp.events:
+                    continue
+                got = True
                 events = list(resp.events)
                 self.state.pending_since_ms = next(
                     (e.unix_ms for e in events if e.lsn > self.state.applied_lsn and e.unix_ms),

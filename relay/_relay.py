@@ -204,8 +204,9 @@ class ShardFollower:
             )
             try:
                 async for resp in call:
-                    if resp.events:
-                        shard: str = resp.events[0].shard
+                    # The handshake names the shard (an older coordinator's first event).
+                    if resp.shard or resp.events:
+                        shard: str = resp.shard or resp.events[0].shard
                         log.info("event=relay_shard address=%s shard=%s", self.address, shard)
                         return shard
             finally:
