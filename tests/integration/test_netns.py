@@ -4,6 +4,7 @@ exactly what they say and heal, and a lab removes everything it made, a stale on
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import subprocess
@@ -13,7 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from accord.tools.topology import ManagedProcess, NetLab, cleanup_stale_labs, netns_available
+from accord.client import AccordClient, Branch
+from accord.common.transport import TransportSettings, configured
+from accord.tools.topology import (
+    ManagedProcess,
+    NetLab,
+    Topology,
+    balances,
+    cleanup_stale_labs,
+    etcd_url,
+    netns_available,
+    open_accounts,
+)
 
 _REASON = netns_available()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"netns unavailable: {_REASON}")
@@ -136,3 +148,68 @@ def test_a_stale_lab_of_a_killed_owner_is_removed_by_the_next_one() -> None:
     assert state in ("gone", "Z")  # killed with its namespace (a zombie until reaped)
     with NetLab() as lab:  # and the next lab works
         assert lab.host("h").ip
+
+
+async def _transfer(etcd: str, key: str) -> str:
+    async with await AccordClient.from_etcd(etcd, shard="s1", timeout_s=30) as client:
+        result = await client.execute(
+            [
+                Branch(service="bank-a", operation="debit", payload={"account": "a", "amount": 1}),
+                Branch(service="bank-b", operation="credit", payload={"account": "b", "amount": 1}),
+            ],
+            idempotency_key=key,
+        )
+        return result.state
+
+
+async def test_each_process_on_its_own_host_with_a_three_member_etcd(tmp_path: Path) -> None:
+    """etcd members, a coordinator and two banks each in its own namespace: a transfer
+    goes through; with one etcd member killed, then one cut off, transfers still do;
+    a coordinator cut off from a bank cannot finish one until the partition heals."""
+    # The lab's addresses are not loopback: plain text there only when told.
+    with NetLab() as lab, Topology(tmp_path) as topo, configured(TransportSettings(insecure=True)):
+        hosts = [lab.host(f"etcd-{i}") for i in (1, 2, 3)]
+        members = topo.etcd_cluster(hosts=hosts)
+        assert [m.address for m in members] == [h.addr(2379) for h in hosts]
+        url = etcd_url(members)
+        banks = {
+            name: topo.bank(
+                name, host=lab.host(name), etcd=url, instance_id=name, ttl_s=2,
+                accounts=1, initial_balance=100,
+            )
+            for name in ("bank-a", "bank-b")
+        }  # fmt: skip
+        # The seeded accounts are "<service>-0"; these two are opened by name.
+        await open_accounts(banks["bank-a"].address, {"a": 100})
+        await open_accounts(banks["bank-b"].address, {"b": 0})
+        coordinator = topo.coordinator(
+            host=lab.host("coord"), etcd=url, cid="c1", shard="s1", ttl_s=2
+        )
+        assert coordinator.address.startswith(lab.hosts["coord"].ip + ":")
+        assert banks["bank-a"].address.startswith(lab.hosts["bank-a"].ip + ":")
+        assert await _transfer(url, "t1") == "COMMITTED"
+
+        members[0].kill()
+        assert await _transfer(url, "t2") == "COMMITTED"
+        members[0].start(60)
+        cut = lab.isolate("etcd-2")
+        assert await _transfer(url, "t3") == "COMMITTED"
+        cut.heal()
+
+        part = lab.partition("coord", "bank-b")
+        pending = asyncio.ensure_future(_transfer(url, "t4"))
+        done, _ = await asyncio.wait({pending}, timeout=3)
+        assert not done  # bank-b does not answer across the partition
+        part.heal()
+        assert await asyncio.wait_for(pending, 60) == "COMMITTED"
+        b = await balances(banks["bank-b"].address)
+        assert {a.id: a.balance for a in b.accounts}["b"] == 4
+
+
+def test_a_three_member_etcd_on_loopback(tmp_path: Path) -> None:
+    with Topology(tmp_path) as topo:
+        members = topo.etcd_cluster()
+        assert len({m.client_port for m in members}) == 3
+        assert all(m.address.startswith("127.0.0.1:") for m in members)
+        members[1].kill()
+        members[1].start(60)  # rejoins from its data directory

@@ -37,7 +37,7 @@ from accord.tools.topology._process import (
     free_port,
     stop_all,
 )
-from accord.tools.topology._topology import Role, Topology, workdir
+from accord.tools.topology._topology import Role, Topology, etcd_url, workdir
 
 __all__ = [
     "EtcdServer",
@@ -55,6 +55,7 @@ __all__ = [
     "balances",
     "cleanup_stale_labs",
     "etcd_binary",
+    "etcd_url",
     "free_port",
     "nats_server_binary",
     "netns_available",
