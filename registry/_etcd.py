@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -108,6 +110,45 @@ def parse_endpoints(url: str) -> list[str]:
     ``https://`` URLs for TLS: every endpoint the same scheme) → the ``host:port`` list
     etcd3aio wants."""
     return _parse(url)[0]
+
+
+def channel_target(endpoints: Sequence[str]) -> str:
+    """The gRPC target for ``host:port`` endpoints. etcd3aio dials ``ipv4:A,B,...``,
+    which takes only IPv4 literals; a single endpoint named by host (compose's
+    ``etcd:2379``, a Kubernetes Service) is dialled as ``dns:///host:port`` instead,
+    so gRPC resolves it, and resolves it again when it reconnects. Several endpoints
+    with host names are resolved here, once (gRPC has no multi-name target): give a
+    cluster as one name (a DNS name with every member's address, or a load-balanced
+    Service) to follow members whose addresses change."""
+    hosts = [e.rsplit(":", 1) for e in endpoints]
+    if all(_is_ipv4(h) or h == "localhost" for h, _ in hosts):
+        return "ipv4:" + ",".join(e.replace("localhost", "127.0.0.1") for e in endpoints)
+    if len(hosts) == 1:
+        return f"dns:///{endpoints[0]}"
+    resolved: list[str] = []
+    for host, port in hosts:
+        if _is_ipv4(host):
+            resolved.append(f"{host}:{port}")
+            continue
+        try:
+            infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as e:
+            raise StartupError(
+                f"etcd endpoint {host}:{port}: cannot resolve {host!r}: {e}"
+            ) from None
+        for info in infos:
+            addr = f"{info[4][0]}:{port}"
+            if addr not in resolved:
+                resolved.append(addr)
+    return "ipv4:" + ",".join(resolved)
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse(url: str) -> tuple[list[str], bool]:
@@ -222,9 +263,11 @@ class Etcd:
     def __init__(self, url: str, *, tls: EtcdTls | None = None) -> None:
         self.url = url
         args = (tls or EtcdTls.from_env()).client_args(url)
-        self._client = Etcd3Client(
-            parse_endpoints(url), watch_max_reconnect_backoff_seconds=1.0, **args
-        )
+        endpoints = parse_endpoints(url)
+        self._client = Etcd3Client(endpoints, watch_max_reconnect_backoff_seconds=1.0, **args)
+        # etcd3aio would dial every endpoint as an IPv4 literal ("ipv4:etcd:2379" does
+        # not connect): host names go through gRPC's DNS resolver (channel_target).
+        self._client._manager.target = channel_target(endpoints)
         # etcd3aio builds its channel from these options; without a short reconnect
         # backoff, gRPC waits up to two minutes before trying a restarted etcd again.
         self._client._manager.grpc_options += [

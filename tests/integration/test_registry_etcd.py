@@ -9,6 +9,7 @@ import json
 import random
 import shutil
 import signal
+import socket
 import time
 from collections import Counter
 
@@ -429,3 +430,26 @@ async def test_sidecar_registers_a_plain_health_checked_service(cluster: Cluster
     assert car.proc is not None
     car.proc.send_signal(signal.SIGKILL)
     await assert_eventually(registered, lambda r: not r, timeout_s=ttl + 3, what="lease expired")
+
+
+async def test_an_etcd_url_with_a_host_name_connects(cluster: Cluster) -> None:
+    """A host name, not an address (compose's http://etcd:2379, a Kubernetes Service):
+    etcd3aio alone dials "ipv4:etcd:2379", which never connects. This machine's own name
+    (not "localhost", which has an IPv4 shortcut) goes through gRPC's DNS resolver; a
+    two-endpoint list with it is resolved at start."""
+    name = socket.gethostname()
+    try:
+        addrs = {i[4][0] for i in socket.getaddrinfo(name, 1, socket.AF_INET)}
+    except OSError:
+        addrs = set()
+    if "127.0.0.1" not in addrs:
+        pytest.skip(f"this machine's name {name!r} does not resolve to 127.0.0.1 ({addrs})")
+    etcd_proc = cluster.etcd()
+    port = etcd_proc.url.rsplit(":", 1)[1]
+    for url in (f"http://{name}:{port}", f"http://{name}:{port},http://127.0.0.1:{port}"):
+        async with Etcd(url) as etcd:
+            await etcd.wait_reachable(10)
+            kv = etcd.client.kv
+            assert kv is not None
+            await kv.put(f"/test/hostname/{len(url)}", b"1", timeout=5)
+    assert len(await keys(etcd_proc.url, "/test/hostname/")) == 2
