@@ -275,13 +275,6 @@ def _balance(run: ComposeRun, bank: str, account: str) -> int:
     return int(m.group(1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="registry/_etcd.py hands etcd3aio host:port endpoints, which it dials as "
-    "'ipv4:HOST:PORT': an --etcd URL with a host name (compose's https://etcd:2379, any "
-    "DNS name) never connects ('invalid ipv4 address: etcd'). Fix there (resolve the "
-    "names, keep the first as the TLS server name), then drop this mark.",
-)
 def test_the_compose_topology_runs_and_fails_over(compose_run: ComposeRun) -> None:
     run = compose_run
     services = run.services
