@@ -862,6 +862,70 @@ def sidecar(
         raise fail(f"sidecar: {e}") from None
 
 
+@app.command()
+@secured()
+def health(
+    address: Annotated[
+        str,
+        typer.Argument(
+            envvar="ACCORD_HEALTH_ADDRESS",
+            help="HOST:PORT of the gRPC server to ask",
+            show_default=False,
+        ),
+    ],
+    service: Annotated[
+        str,
+        typer.Option(
+            envvar="ACCORD_HEALTH_SERVICE",
+            help='the health-checked service name ("" = the whole server)',
+        ),
+    ] = "",
+    server_name: Annotated[
+        str,
+        typer.Option(
+            envvar="ACCORD_HEALTH_SERVER_NAME",
+            help="with TLS: the name the server's certificate must carry (default: the "
+            "host dialled)",
+        ),
+    ] = "",
+    timeout_s: Annotated[
+        float,
+        typer.Option(envvar="ACCORD_HEALTH_TIMEOUT_S", min=0.1, help="give up after (s)"),
+    ] = 3.0,
+) -> None:
+    """Ask a server's standard gRPC health service (grpc.health.v1.Health/Check): exit 0
+    and print SERVING when it serves, else exit 1 with one line saying why (a container
+    HEALTHCHECK or a Kubernetes exec probe)."""
+    from grpc import StatusCode, aio
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from accord.common.exits import StartupError
+    from accord.common.transport import make_channel, parse_address
+
+    async def check() -> str:
+        channel = make_channel(address, server_name=server_name)
+        async with channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                resp = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+                )
+            except aio.AioRpcError as e:
+                if e.code() == StatusCode.NOT_FOUND:
+                    return f"NOT_FOUND: no health status for service {service!r}"
+                return f"{e.code().name}: {e.details()}"
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+    try:
+        parse_address(address)
+        status = runner.run(check())
+    except StartupError as e:  # a malformed address, plain text refused, a TLS file
+        raise fail(str(e), e.code) from None
+    print(f"{address}: {status}", flush=True)
+    if status != "SERVING":
+        raise typer.Exit(ExitCode.FAILURE)
+
+
 # ---------------------------------------------------------------- txn
 
 QueryAddr = Annotated[
