@@ -1,0 +1,171 @@
+"""The latency half of a link impairment where the kernel has no netem: a process run
+inside the impaired network namespace that takes the packets an iptables ``NFQUEUE``
+rule hands it (queue ``--queue N``), holds each one for its delay and then accepts it.
+
+    python -m accord.tools.topology._delayer --queue N --delay-ms D [--jitter-ms J] [--seed S]
+
+Each packet's delay is drawn uniformly from [D-J, D+J] (netem's default distribution),
+from a ``random.Random(seed)``. A packet is never released before the one queued ahead
+of it: its release time is the later of its own (arrival + delay) and the previous
+packet's, so a flow is never reordered (netem reorders when it jitters) and every delay
+stays within [D-J, D+J]: the previous packet's release is at most its own arrival +
+D+J, which is before this packet's arrival + D+J.
+
+Packets are queued in copy-meta mode (only the verdict matters, the payload is never
+read), at most :data:`MAX_QUEUED` at a time like netem's default ``limit 1000``; the
+kernel drops what comes beyond that.
+
+It prints ``delaying queue N`` once bound and exits with :data:`EXIT_QUEUE_BUSY` if
+another listener holds queue N (the caller picks another number). On SIGTERM or SIGINT
+it accepts every packet it still holds at once and exits 0; it also exits when the
+process that started it goes away, so a crashed test leaves no delayer behind (a
+delayer's netlink socket would keep a deleted namespace alive). If it is killed, the
+kernel drops the packets it held, and the rule's ``--queue-bypass`` lets later packets
+through undelayed: a dead delayer never black-holes a link.
+
+Uses the NetfilterQueue package (libnetfilter_queue) with verdicts given after its
+callback returned, read without blocking from a ``poll`` loop that also waits for the
+next release time."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import select
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+#: The kernel holds at most this many packets for us (netem's default limit).
+MAX_QUEUED = 1000
+#: Exit status when the queue number is taken by another listener.
+EXIT_QUEUE_BUSY = 3
+#: How often (s) an idle delayer checks that the process that started it is alive.
+_PARENT_CHECK_S = 1.0
+
+
+class _Packet(Protocol):
+    def accept(self) -> None: ...
+
+
+class Delays:
+    """Release times for packets, in arrival order, never earlier than the previous
+    packet's (see the module's docstring)."""
+
+    def __init__(self, delay_ms: float, jitter_ms: float, seed: int | None) -> None:
+        if delay_ms < 0 or jitter_ms < 0:
+            raise ValueError("delay and jitter must be >= 0")
+        self.low_s = max(0.0, delay_ms - jitter_ms) / 1000
+        self.high_s = (delay_ms + jitter_ms) / 1000
+        self._rng = random.Random(seed)
+        self._last = -math.inf
+
+    def release_at(self, arrival: float) -> float:
+        release = max(arrival + self._rng.uniform(self.low_s, self.high_s), self._last)
+        self._last = release
+        return release
+
+
+class Holder:
+    """Packets held until their release time, oldest first."""
+
+    def __init__(self, delays: Delays, clock: Callable[[], float] = time.monotonic) -> None:
+        self.delays = delays
+        self.clock = clock
+        self._held: deque[tuple[float, _Packet]] = deque()
+        #: Packets taken and released so far.
+        self.taken = 0
+        self.released = 0
+
+    def take(self, packet: _Packet) -> None:
+        self._held.append((self.delays.release_at(self.clock()), packet))
+        self.taken += 1
+
+    def release_due(self) -> float | None:
+        """Accepts every packet whose time has come; returns the seconds until the next
+        one is due (None: nothing held)."""
+        now = self.clock()
+        while self._held and self._held[0][0] <= now:
+            self._held.popleft()[1].accept()
+            self.released += 1
+        return self._held[0][0] - now if self._held else None
+
+    def release_all(self) -> None:
+        while self._held:
+            self._held.popleft()[1].accept()
+            self.released += 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m accord.tools.topology._delayer")
+    parser.add_argument("--queue", type=int, required=True, help="NFQUEUE number")
+    parser.add_argument("--delay-ms", type=float, required=True)
+    parser.add_argument("--jitter-ms", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        delays = Delays(args.delay_ms, args.jitter_ms, args.seed)
+    except ValueError as e:
+        parser.error(str(e))
+
+    # Imported here: the module's docstring and Delays stay usable (tests, --help)
+    # where the C extension is not built.
+    import netfilterqueue
+
+    parent = os.getppid()
+    holder = Holder(delays)
+    nfq = netfilterqueue.NetfilterQueue()
+    try:
+        nfq.bind(args.queue, holder.take, max_len=MAX_QUEUED, mode=netfilterqueue.COPY_META)
+    except OSError as e:
+        print(f"delayer: queue {args.queue} busy: {e}", file=sys.stderr, flush=True)
+        return EXIT_QUEUE_BUSY
+
+    # A signal only wakes poll() through this pipe (the handler itself must not raise
+    # inside the library's callback machinery).
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    poller = select.poll()
+    poller.register(nfq.get_fd(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    print(f"delaying queue {args.queue}", flush=True)
+    try:
+        next_in: float | None = None
+        checked = time.monotonic()
+        while not stopping:
+            wait_s = _PARENT_CHECK_S if next_in is None else min(next_in, _PARENT_CHECK_S)
+            for fd, _ in poller.poll(math.ceil(wait_s * 1000)):
+                if fd == wake_r:
+                    os.read(wake_r, 512)
+                else:
+                    nfq.run(block=False)
+            next_in = holder.release_due()
+            now = time.monotonic()
+            if now - checked >= _PARENT_CHECK_S:
+                checked = now
+                if os.getppid() != parent:
+                    break
+    finally:
+        holder.release_all()
+        nfq.unbind()
+    print(f"delayer: released {holder.released} packets", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
