@@ -146,3 +146,15 @@ def test_holder_releases_each_packet_at_its_time() -> None:
     assert accepted == [1, 2, 3]
     assert holder.release_due() is None
     assert (holder.taken, holder.released) == (3, 3)
+
+
+def test_holder_summary_reports_lateness() -> None:
+    now = [0.0]
+    holder = Holder(Delays(10, 0, seed=None), clock=lambda: now[0])
+    assert holder.summary() == "released 0 packets"
+    holder.take(_Packet([], 1))
+    now[0] = 0.0125
+    holder.release_due()
+    assert holder.summary() == (
+        "released 1 packets, late by median 2.500 ms, p99 2.500 ms, max 2.500 ms"
+    )
