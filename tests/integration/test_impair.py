@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,11 +19,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import median
 
 import pytest
 
-from accord.tools.topology._impair import Impairment, impair
+from accord.tools.topology._impair import Impairment, LinkImpairment, delayer_argv, impair
 
 pytestmark = pytest.mark.integration
 
@@ -263,22 +265,29 @@ def test_a_killed_delayer_does_not_cut_the_link(link: Link, healing: list[Impair
     assert _ours(link.rules()) == []
 
 
-def test_delayer_exits_when_its_parent_goes(link: Link) -> None:
+def test_delayer_exits_when_its_parent_goes(link: Link, tmp_path: Path) -> None:
     """A crashed harness leaves no delayer holding the namespace (bounded wait)."""
-    code = (
-        "from accord.tools.topology._impair import impair;"
-        f"i = impair({link.a!r}, {link.dev!r}, delay_ms=20);"
-        "print(i.delayer.pid if i.delayer else -1, flush=True)"
-    )
+    delayer = delayer_argv(4242, LinkImpairment(delay_ms=20))[:-2]  # its own --parent
+    # The shell is the delayer's parent and exits at once (maybe before the delayer
+    # starts: --parent $$ covers that).
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    pid = int(done.stdout.split()[-1])
-    if pid < 0:
-        pytest.skip("netem here: no delayer process")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        ["sh", "-c", f"ip netns exec {link.a} {shlex.join(delayer)} --parent $$ "
+         f">{tmp_path}/out 2>&1 & echo $!"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    pid = int(done.stdout)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _running(pid):
         time.sleep(0.1)
-    assert not os.path.exists(f"/proc/{pid}"), "the orphaned delayer is still running"
-    # Its rules stay (nobody healed them), but bypass keeps the link working.
-    assert link.probe("udp-burst", 50) == 50
+    assert not _running(pid), "the orphaned delayer is still running"
+    # It ran, and left through its exit path (packets released, queue unbound).
+    out = (tmp_path / "out").read_text()
+    assert "delaying queue 4242" in out and "delayer: released" in out, out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

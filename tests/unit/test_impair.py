@@ -3,6 +3,7 @@ delayer's release schedule (tests/integration/test_impair.py runs them for real)
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -69,8 +70,9 @@ def test_jump_rule_selects_the_device_and_peer() -> None:
 
 def test_delayer_argv() -> None:
     argv = delayer_argv(77, LinkImpairment(delay_ms=50, jitter_ms=20, seed=9))
-    assert argv[1:] == _w(
-        "-m accord.tools.topology._delayer --queue 77 --delay-ms 50 --jitter-ms 20 --seed 9"
+    assert argv[1].endswith("tools/topology/_delayer.py")
+    assert argv[2:] == _w(
+        f"--queue 77 --delay-ms 50 --jitter-ms 20 --seed 9 --parent {os.getpid()}"
     )
     assert "--seed" not in delayer_argv(77, LinkImpairment(delay_ms=1))
 

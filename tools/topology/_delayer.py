@@ -2,7 +2,11 @@
 inside the impaired network namespace that takes the packets an iptables ``NFQUEUE``
 rule hands it (queue ``--queue N``), holds each one for its delay and then accepts it.
 
-    python -m accord.tools.topology._delayer --queue N --delay-ms D [--jitter-ms J] [--seed S]
+    python -m accord.tools.topology._delayer --queue N --delay-ms D [--jitter-ms J]
+        [--seed S] [--parent PID]
+
+(:func:`~accord.tools.topology._impair.impair` runs it by its file path, which skips
+importing the package: it needs nothing but the standard library and NetfilterQueue.)
 
 Each packet's delay is drawn uniformly from [D-J, D+J] (netem's default distribution),
 from a ``random.Random(seed)``. A packet is never released before the one queued ahead
@@ -125,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, required=True)
     parser.add_argument("--jitter-ms", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--parent",
+        type=int,
+        default=None,
+        help="exit when this process is no longer our parent (default: our parent now)",
+    )
     args = parser.parse_args(argv)
     try:
         delays = Delays(args.delay_ms, args.jitter_ms, args.seed)
@@ -142,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
 
-    parent = os.getppid()
+    # Given explicitly, a parent that died before we got here is noticed too.
+    parent = args.parent if args.parent is not None else os.getppid()
     holder = Holder(delays)
     nfq = netfilterqueue.NetfilterQueue()
     try:
