@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos fuzz clean prometheus postgresql nats chromium node-deps node-examples nfqueue
+.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos fuzz clean prometheus postgresql nats iptables chaos-net chromium node-deps node-examples nfqueue
 
 all: test
 
@@ -20,14 +20,14 @@ $(STAMP): pyproject.toml | nfqueue
 venv: $(STAMP)
 
 # Link impairment without netem (tools/topology/_impair.py): iptables rules in a network
-# namespace and a delayer on an NFQUEUE, through the NetfilterQueue package, which pip
-# builds against Debian's libnetfilter-queue-dev (hence before the venv is made).
+# namespace (`make iptables`) and a delayer on an NFQUEUE, through the NetfilterQueue
+# package, which pip builds against Debian's libnetfilter-queue-dev (hence before the
+# venv is made).
 nfqueue:
-	@{ command -v iptables >/dev/null && command -v gcc >/dev/null && \
-	  test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h; } || { \
+	@{ command -v gcc >/dev/null && test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h; } || { \
 	  apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends iptables libnetfilter-queue-dev gcc libc6-dev; } || \
-	  { echo "nfqueue: could not install Debian's iptables, libnetfilter-queue-dev and gcc (needed by the NetfilterQueue package and tests/integration/test_impair.py)"; exit 1; }
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libnetfilter-queue-dev gcc libc6-dev; } || \
+	  { echo "nfqueue: could not install Debian's libnetfilter-queue-dev and gcc (needed to build the NetfilterQueue package, used by tools/topology/_delayer.py)"; exit 1; }
 
 # Generated code comes only from here.
 protos: $(STAMP)
@@ -84,6 +84,15 @@ nats:
 	  { systemctl disable --now nats-server >/dev/null 2>&1 || true; }; } || \
 	  { echo "nats: could not install Debian's nats-server package (needed by tests/integration/test_relay.py)"; exit 1; }
 
+# Network namespaces' partitions (tools/topology/_netns.py, tests/integration/test_netns.py,
+# test_chaos_net.py, make chaos-net) are iptables rules inside the namespaces (Debian's
+# iptables package).
+iptables:
+	@command -v iptables >/dev/null || test -x /usr/sbin/iptables || { \
+	  apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends iptables; } || \
+	  { echo "iptables: could not install Debian's iptables package (needed by the network-namespace tests)"; exit 1; }
+
 # The web console's browser test drives Debian's chromium (headless) with playwright-core
 # from npm (tests/browser/package-lock.json); playwright downloads no browser of its own.
 chromium:
@@ -116,7 +125,7 @@ NODE_EXAMPLES := participants/examples/node clients/examples/node
 node-examples: $(NODE_EXAMPLES:%=%/node_modules/.installed)
 
 # The whole suite: generated code fresh, lint, types, then every test.
-test: check-protos lint typecheck prometheus postgresql nats chromium node-deps node-examples nfqueue
+test: check-protos lint typecheck prometheus postgresql nats iptables chromium node-deps node-examples nfqueue
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The whole topology on this machine, a workload, a summary.

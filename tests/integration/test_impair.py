@@ -111,7 +111,7 @@ def _netns_missing() -> str | None:
         return "needs root (ip netns, iptables)"
     for tool in ("ip", "iptables"):
         if shutil.which(tool) is None:
-            return f"no `{tool}` command (make nfqueue installs iptables)"
+            return f"no `{tool}` command (make iptables)"
     return None
 
 

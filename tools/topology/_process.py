@@ -24,9 +24,12 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.error import URLError
 from urllib.request import urlopen
+
+if TYPE_CHECKING:
+    from accord.tools.topology._netns import NetHost
 
 
 class ProcessFailed(RuntimeError):
@@ -44,13 +47,18 @@ class ManagedProcess:
         ready_prefix: str | tuple[str, ...] = "listening on ",
         cwd: Path | None = None,
         user: str | None = None,
+        host: NetHost | None = None,
     ) -> None:
+        """``host``: run in that network namespace (``argv`` is wrapped by
+        :meth:`NetHost.argv`; ``ip netns exec`` execs, so :attr:`pid` is the command's
+        own and kill/pause by PID work as without a host)."""
         self.name = name
         self.cwd = cwd
         #: Run as this OS user (needs root); None: as we run.
         self.user = user
         self.ready_prefix = ready_prefix
-        self.argv = list(argv)
+        self.host = host
+        self.argv = host.argv(argv) if host is not None else list(argv)
         self.env = dict(env) if env is not None else None
         self.log_path = log_path
         self.address = ""
@@ -257,8 +265,11 @@ def etcd_binary() -> str:
 
 
 class EtcdServer(ManagedProcess):
-    """A single-member etcd on loopback ports with its own data directory. The ports are
-    kept across restarts, so clients reconnect to the same URL."""
+    """An etcd member with its own data directory: alone (the default), or one of a
+    cluster (``cluster``: every member's name and peer URL, this one's included; start
+    them together, since each waits for a quorum before it serves). On 127.0.0.1 on
+    reserved ports, or on ``host`` (its own network namespace) on 2379/2380. The ports
+    are kept across restarts, so clients reconnect to the same URL."""
 
     def __init__(
         self,
@@ -269,16 +280,25 @@ class EtcdServer(ManagedProcess):
         log_path: Path | None = None,
         name: str = "etcd",
         tls: tuple[Path, Path, Path] | None = None,
+        host: NetHost | None = None,
+        member: str = "accord",
+        cluster: Mapping[str, str] | None = None,
+        cluster_token: str = "accord",
     ) -> None:
         """``tls``: (certificate, key, CA): clients over https only, each with a
-        certificate signed by the CA (``--client-cert-auth``)."""
+        certificate signed by the CA (``--client-cert-auth``). ``member``: this
+        member's name in the cluster."""
         self.data_dir = Path(data_dir)
-        self.client_port = client_port or free_port()
-        self.peer_port = peer_port or free_port()
+        ip = host.ip if host is not None else "127.0.0.1"
+        # A namespace of its own has every port free.
+        self.client_port = client_port or (2379 if host is not None else free_port())
+        self.peer_port = peer_port or (2380 if host is not None else free_port())
         self.tls = tls
+        self.member = member
         scheme = "https" if tls else "http"
-        client = f"{scheme}://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"{scheme}://{ip}:{self.client_port}"
+        self.peer_url = f"http://{ip}:{self.peer_port}"
+        initial = dict(cluster) if cluster else {member: self.peer_url}
         tls_args: list[str] = []
         if tls is not None:
             cert, key, ca = tls
@@ -292,36 +312,32 @@ class EtcdServer(ManagedProcess):
             name,
             [
                 etcd_binary(),
-                "--name",
-                "accord",
-                "--data-dir",
-                str(self.data_dir),
-                "--listen-client-urls",
-                client,
-                "--advertise-client-urls",
-                client,
-                "--listen-peer-urls",
-                peer,
-                "--initial-advertise-peer-urls",
-                peer,
-                "--initial-cluster",
-                f"accord={peer}",
-                "--initial-cluster-state",
-                "new",
-                "--log-level",
-                "warn",
-                # Single-node development settings: small heartbeat so leases are
-                # renewed promptly after a restart.
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
+                *("--name", member),
+                *("--data-dir", str(self.data_dir)),
+                *("--listen-client-urls", client),
+                *("--advertise-client-urls", client),
+                *("--listen-peer-urls", self.peer_url),
+                *("--initial-advertise-peer-urls", self.peer_url),
+                *("--initial-cluster", ",".join(f"{n}={u}" for n, u in initial.items())),
+                *("--initial-cluster-state", "new"),
+                *("--initial-cluster-token", cluster_token),
+                *("--log-level", "warn"),
+                # Development settings: small heartbeat so leases are renewed promptly
+                # after a restart (and a cluster elects a new leader within a second).
+                *("--heartbeat-interval", "50"),
+                *("--election-timeout", "500"),
                 *tls_args,
             ],
             log_path=log_path,
+            host=host,
         )
         self.url = client
-        self.address = f"127.0.0.1:{self.client_port}"
+        self.address = f"{ip}:{self.client_port}"
+
+    @staticmethod
+    def peer_url_of(host: NetHost | None, peer_port: int) -> str:
+        """A member's peer URL (what ``cluster`` maps its name to)."""
+        return f"http://{host.ip if host is not None else '127.0.0.1'}:{peer_port}"
 
     def _ready(self) -> bool:
         time.sleep(0.05)

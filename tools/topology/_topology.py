@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -21,10 +22,17 @@ from typing import TYPE_CHECKING, Literal, TypedDict, TypeVar, Unpack
 
 from accord.common.transport import TransportSettings
 from accord.tools.topology._postgres import PostgresServer
-from accord.tools.topology._process import EtcdServer, ManagedProcess, accord_argv, stop_all
+from accord.tools.topology._process import (
+    EtcdServer,
+    ManagedProcess,
+    accord_argv,
+    free_port,
+    stop_all,
+)
 
 if TYPE_CHECKING:
     from accord.tools._certs import CertDir
+    from accord.tools.topology._netns import NetHost
 
 P = TypeVar("P", bound=ManagedProcess)
 
@@ -59,6 +67,8 @@ class ParticipantOptions(TypedDict, total=False):
     extra: Sequence[str]
     #: Default True: start it now and wait until it serves (False: only register it).
     start: bool
+    #: Run on this host (its own network namespace), listening on its address.
+    host: NetHost | None
 
 
 @contextmanager
@@ -77,8 +87,8 @@ def workdir(path: Path | None, *, prefix: str, keep: bool = False) -> Iterator[P
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _listen(port: int) -> str:
-    return f"127.0.0.1:{port}"
+def _listen(port: int, host: NetHost | None = None) -> str:
+    return host.addr(port) if host is not None else f"127.0.0.1:{port}"
 
 
 def _opt(flag: str, value: object | None) -> list[str]:
@@ -91,6 +101,11 @@ class Topology:
     every one of them. A process on port 0 picks its port and reports it (its
     ``address``); give a port (:func:`free_port`) only where one must be known in advance
     or kept across restarts.
+
+    Every method that builds a process takes ``host``: a :class:`NetHost` of a
+    :class:`~accord.tools.topology.NetLab` to run it on (its own network namespace),
+    listening and advertising on the host's address (port 0 still works there: the
+    process reports its port).
 
     ``env`` goes to every process it builds but etcd (a process's own ``env`` is laid
     over it); ``start_timeout_s`` bounds each start.
@@ -196,17 +211,22 @@ class Topology:
         ready: str | tuple[str, ...] = "listening on ",
         cwd: Path | None = None,
         cert: str = "client",
+        host: NetHost | None = None,
     ) -> ManagedProcess:
         """Any process, logging to ``ROOT/NAME.log``; registered, not started. With
-        ``certs``, it holds ``cert``'s certificate."""
+        ``certs``, it holds ``cert``'s certificate; with ``host``, it runs there."""
+        # A lab's hosts are not loopback, and Accord serves plain text off loopback only
+        # when told: the lab's subnet is reachable from this machine only.
+        insecure = {"ACCORD_INSECURE": "1"} if host is not None and self.certs is None else {}
         return self.add(
             ManagedProcess(
                 name,
                 argv,
-                env={**self.tls_env(cert), **self.env, **(env or {})},
+                env={**insecure, **self.tls_env(cert), **self.env, **(env or {})},
                 log_path=self.root / f"{name}.log",
                 ready_prefix=ready,
                 cwd=cwd,
+                host=host,
             )
         )
 
@@ -215,16 +235,64 @@ class Topology:
 
     # ------------------------------------------------------------ etcd
 
-    def etcd(self, name: str = "etcd", *, start: bool = True) -> EtcdServer:
+    def etcd(
+        self, name: str = "etcd", *, start: bool = True, host: NetHost | None = None
+    ) -> EtcdServer:
         """A single-member etcd on reserved loopback ports (kept across its restarts),
-        data in ``ROOT/NAME``."""
+        or on ``host``'s address (ports 2379/2380); data in ``ROOT/NAME``."""
         server = EtcdServer(
             self.root / name,
             log_path=self.root / f"{name}.log",
             name=name,
             tls=self.cert("etcd") if self.certs is not None else None,
+            host=host,
         )
         return self._started(self.add(server), start)
+
+    def etcd_cluster(
+        self,
+        names: Sequence[str] = ("etcd-1", "etcd-2", "etcd-3"),
+        *,
+        hosts: Sequence[NetHost] | None = None,
+        start: bool = True,
+    ) -> list[EtcdServer]:
+        """An etcd cluster, one member per name (data in ``ROOT/NAME``): on 127.0.0.1
+        with reserved ports each, or each on its host of ``hosts``. Members are started
+        together (each waits for a quorum before it serves); :func:`etcd_url` gives
+        the clients' URL (every member)."""
+        if hosts is not None and len(hosts) != len(names):
+            raise ValueError("one host per etcd member")
+        placed = list(hosts) if hosts is not None else [None] * len(names)
+        peers = [2380 if h is not None else free_port() for h in placed]
+        cluster = {
+            n: EtcdServer.peer_url_of(h, p) for n, h, p in zip(names, placed, peers, strict=True)
+        }
+        token = f"accord-{self.root.name}"
+        members = [
+            self.add(
+                EtcdServer(
+                    self.root / name,
+                    log_path=self.root / f"{name}.log",
+                    name=name,
+                    tls=self.cert("etcd") if self.certs is not None else None,
+                    host=h,
+                    peer_port=port,
+                    member=name,
+                    cluster=cluster,
+                    cluster_token=token,
+                )
+            )
+            for name, h, port in zip(names, placed, peers, strict=True)
+        ]
+        if start:
+            self.start_parallel(*members)
+        return members
+
+    def start_parallel(self, *procs: ManagedProcess) -> None:
+        """:meth:`start_together` without an event loop (a thread per process)."""
+        with ThreadPoolExecutor(max(1, len(procs))) as pool:
+            for future in [pool.submit(self.start, p) for p in procs]:
+                future.result()
 
     # ------------------------------------------------------------ PostgreSQL
 
@@ -261,6 +329,7 @@ class Topology:
             accord_argv(args),
             env=self._participant_env(options),
             cert=options.get("service") or kind,
+            host=options.get("host"),
         )
         return self._started(proc, options.get("start", True))
 
@@ -289,7 +358,12 @@ class Topology:
         argv = [sys.executable, "-m", "accord.participants.bank"]
         argv += self._participant_flags(name, options)
         proc = self.process(
-            name, argv, env=self._participant_env(options), cwd=cwd, cert=options["service"]
+            name,
+            argv,
+            env=self._participant_env(options),
+            cwd=cwd,
+            cert=options["service"],
+            host=options.get("host"),
         )
         return self._started(proc, options.get("start", True))
 
@@ -299,7 +373,7 @@ class Topology:
 
     def _participant_flags(self, name: str, o: ParticipantOptions) -> list[str]:
         return [
-            *("--listen", _listen(o.get("port", 0))),
+            *("--listen", _listen(o.get("port", 0), o.get("host"))),
             *("--db", str(o.get("db") or self.root / f"{name}.db")),
             *_opt("--service", o.get("service")),
             *_opt("--etcd", o.get("etcd")),
@@ -331,6 +405,7 @@ class Topology:
         env: Mapping[str, str] | None = None,
         extra: Sequence[str] = (),
         start: bool = True,
+        host: NetHost | None = None,
     ) -> ManagedProcess:
         """``accord coordinator`` with its WAL in ``ROOT/WAL`` (a shard's owner and
         standbys share one directory: a shared volume's stand-in), resolving services
@@ -339,7 +414,7 @@ class Topology:
         given are left out, so the coordinator's defaults apply."""
         args = [
             "coordinator",
-            *("--listen", _listen(port)),
+            *("--listen", _listen(port, host)),
             *("--wal-dir", str(self.root / wal)),
             *(f"--service={n}={a}" for n, a in (services or {}).items()),
             *_opt("--etcd", etcd),
@@ -353,6 +428,12 @@ class Topology:
             *extra,
         ]
         proc = self.process(
-            name, accord_argv(args), env=env, ready=_READY[role], cert="coordinator"
+            name, accord_argv(args), env=env, ready=_READY[role], cert="coordinator", host=host
         )
         return self._started(proc, start)
+
+
+def etcd_url(members: Sequence[EtcdServer]) -> str:
+    """The clients' URL of an etcd cluster: every member's, comma-separated (what
+    ``--etcd`` takes)."""
+    return ",".join(m.url for m in members)
