@@ -8,6 +8,7 @@ NFQUEUE delayer path; where netem exists they exercise netem through the same AP
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -24,6 +25,7 @@ from statistics import median
 
 import pytest
 
+from accord.tools.topology import NetLab, netns_available
 from accord.tools.topology._impair import Impairment, LinkImpairment, delayer_argv, impair
 
 pytestmark = pytest.mark.integration
@@ -122,16 +124,7 @@ class Link:
     dev: str  # the veth end in a
 
     def probe(self, mode: str, count: int, host: str = _B_IP) -> object:
-        port = _TCP_PORT if mode == "tcp" else _UDP_PORT
-        argv = [sys.executable, "-c", _PROBE, mode, host, str(port), str(count)]
-        done = subprocess.run(
-            ["ip", "netns", "exec", self.a, *argv],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        return json.loads(done.stdout)
+        return _probe(self.a, mode, count, host)
 
     def rules(self) -> str:
         return subprocess.run(
@@ -140,6 +133,30 @@ class Link:
             text=True,
             check=True,
         ).stdout
+
+
+def _probe(ns: str, mode: str, count: int, host: str) -> object:
+    port = _TCP_PORT if mode == "tcp" else _UDP_PORT
+    argv = [sys.executable, "-c", _PROBE, mode, host, str(port), str(count)]
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
+def _echo_server(ns: str) -> subprocess.Popen[str]:
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", _SERVER],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    assert server.stdout.readline().strip() == "ready"
+    return server
 
 
 def _ip(*args: str) -> None:
@@ -164,13 +181,7 @@ def link() -> Iterator[Link]:
         for ns, d in ((a, dev), (b, "eth0")):
             _ip("-n", ns, "link", "set", d, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", b, sys.executable, "-c", _SERVER],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == "ready"
+        server = _echo_server(b)
         yield Link(a, b, dev)
     finally:
         if server is not None:
@@ -291,3 +302,45 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _delayers_in(ns: str) -> list[int]:
+    pids = subprocess.run(
+        ["ip", "netns", "pids", ns], capture_output=True, text=True, check=True
+    ).stdout.split()
+    found = []
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            if "_delayer.py" in Path(f"/proc/{pid}/cmdline").read_text():
+                found.append(int(pid))
+    return found
+
+
+def test_through_a_netlab() -> None:
+    """NetLab.impair is this impair on the host's eth0; closing the lab without healing
+    stops the delayer."""
+    reason = netns_available()
+    if reason is not None:
+        pytest.skip(f"netns unavailable: {reason}")
+    with NetLab() as lab:
+        a, b, c = lab.host("a"), lab.host("b"), lab.host("c")
+        servers = [_echo_server(b.ns), _echo_server(c.ns)]
+        delayers: list[int] = []
+        try:
+            fault = lab.impair("a", delay_ms=40, loss_pct=100, peer="c")
+            assert fault.kind == "impair"
+            assert _probe(a.ns, "udp-burst", 50, b.ip) == 50  # only a -> c is impaired
+            assert _probe(a.ns, "udp-burst", 50, c.ip) == 0
+            fault.heal()
+            assert _probe(a.ns, "udp-burst", 50, c.ip) == 50
+            lab.impair("a", delay_ms=40, peer="b")
+            rtts = _probe(a.ns, "tcp", 5, b.ip)
+            assert isinstance(rtts, list) and min(rtts) >= 39, rtts
+            delayers = _delayers_in(a.ns)
+            assert len(delayers) == 1
+        finally:
+            for server in servers:
+                os.kill(server.pid, signal.SIGKILL)
+                server.wait(10)
+    # Closed without healing: the lab healed it, and the delayer is gone.
+    assert delayers and not any(_running(pid) for pid in delayers)
