@@ -53,6 +53,8 @@ from typing import Protocol
 MAX_QUEUED = 1000
 #: Exit status when the queue number is taken by another listener.
 EXIT_QUEUE_BUSY = 3
+#: Exit status when the NetfilterQueue package is not installed.
+EXIT_NO_LIBRARY = 4
 #: How often (s) an idle delayer checks that the process that started it is alive.
 _PARENT_CHECK_S = 1.0
 
@@ -143,7 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Imported here: the module's docstring and Delays stay usable (tests, --help)
     # where the C extension is not built.
-    import netfilterqueue
+    try:
+        import netfilterqueue
+    except ImportError as e:
+        print(
+            f"delayer: {e}: link latency without netem needs the NetfilterQueue package "
+            "(pip install 'accord[netlab]'; it builds against libnetfilter-queue-dev)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_NO_LIBRARY
 
     # Release times are only as good as our wake-ups: on a loaded machine an ordinary
     # process wakes tens of ms late (measured: p99 56 ms at load 13 on 2 cores), so take

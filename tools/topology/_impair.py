@@ -26,7 +26,8 @@ releases the packets it holds at once), and is idempotent; a namespace already d
 has no rules left to remove. Only IPv4 is impaired on the iptables path.
 
 Needs root, ``ip`` (iproute2), ``iptables`` and, for latency without netem, the
-NetfilterQueue package (built against Debian's libnetfilter-queue-dev: ``make nfqueue``)."""
+NetfilterQueue package (the ``netlab`` extra, built against Debian's
+libnetfilter-queue-dev: ``make nfqueue``)."""
 
 from __future__ import annotations
 
