@@ -7,17 +7,27 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos fuzz clean prometheus postgresql nats iptables chaos-net chromium node-deps node-examples
+.PHONY: all venv protos check-protos lint typecheck unit integration test demo try bench profile chaos fuzz clean prometheus postgresql nats iptables chaos-net chromium node-deps node-examples nfqueue
 
 all: test
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | nfqueue
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Link impairment without netem (tools/topology/_impair.py): iptables rules in a network
+# namespace (`make iptables`) and a delayer on an NFQUEUE, through the NetfilterQueue
+# package, which pip builds against Debian's libnetfilter-queue-dev (hence before the
+# venv is made).
+nfqueue:
+	@{ command -v gcc >/dev/null && test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h; } || { \
+	  apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libnetfilter-queue-dev gcc libc6-dev; } || \
+	  { echo "nfqueue: could not install Debian's libnetfilter-queue-dev and gcc (needed to build the NetfilterQueue package, used by tools/topology/_delayer.py)"; exit 1; }
 
 # Generated code comes only from here.
 protos: $(STAMP)
@@ -115,7 +125,7 @@ NODE_EXAMPLES := participants/examples/node clients/examples/node
 node-examples: $(NODE_EXAMPLES:%=%/node_modules/.installed)
 
 # The whole suite: generated code fresh, lint, types, then every test.
-test: check-protos lint typecheck prometheus postgresql nats iptables chromium node-deps node-examples
+test: check-protos lint typecheck prometheus postgresql nats iptables chromium node-deps node-examples nfqueue
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The whole topology on this machine, a workload, a summary.
