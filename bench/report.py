@@ -37,6 +37,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from importlib import metadata
@@ -351,6 +352,20 @@ def _cpu_table(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _idle(report: Mapping[str, Any]) -> str:
+    idle = [float(w.get("idle_rows_cpu_pct", 0.0)) for w in report.get("windows", [])]
+    out = ""
+    if idle:
+        out += (
+            f"; the other rows' idle processes used {statistics.median(idle):.0f} % of a "
+            "core (median) during each window"
+        )
+    elapsed = report.get("settings", {}).get("elapsed_s")
+    if elapsed:
+        out += f"; the run took {float(elapsed) / 60:.1f} minutes"
+    return out
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     """The README performance section's figures, in markdown, from one run."""
     m = report["machine"]
@@ -369,7 +384,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"window {s.get('warmup_s', '?')} s of warm-up then {s.get('duration_s', '?')} s "
         f"measured, at {', '.join(str(c) for c in s.get('concurrency', []))} in flight; "
         f"{reruns.get('used', 0)} disturbed windows run again, {kept_disturbed} kept "
-        "disturbed.",
+        f"disturbed{_idle(report)}.",
         "",
         *headline(report),
         "",

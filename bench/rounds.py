@@ -7,7 +7,7 @@ row in the round's order. The order changes from round to round (forward, then r
 then rotated by a third and forward, reversed again ...), so two compared rows A and B run
 A B | B A | A B ...: a slow drift of the machine hits both alike, and a ratio is taken
 between the windows of one round. A window in which other processes used more than the
-threshold of CPU is *disturbed*: it is run again (at most ``per_window`` times, and at
+threshold of CPU (the run's own idle rows left out) is *disturbed*: it is run again (at most ``per_window`` times, and at
 most ``budget`` re-runs in the whole run, so the run's length stays bounded); the last
 attempt is kept, flagged if it was disturbed too.
 
@@ -97,7 +97,13 @@ class Reruns:
     used: int = 0
 
     def disturbed(self, window: Mapping[str, Any]) -> bool:
-        return float(window.get("other_cpu_pct", 0.0)) > self.threshold_pct
+        """Processes outside the run used more than the threshold: the run's own idle
+        rows (``idle_rows_cpu_pct``, part of ``other_cpu_pct``) are the same for every
+        window, so they do not count."""
+        outside = float(window.get("other_cpu_pct", 0.0)) - float(
+            window.get("idle_rows_cpu_pct", 0.0)
+        )
+        return outside > self.threshold_pct
 
 
 async def measure_window(measure: Callable[[], Awaitable[Window]], reruns: Reruns) -> list[Window]:

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -98,6 +99,10 @@ class Outcome:
     reruns: dict[str, int] = field(default_factory=dict)
     #: The rows whose processes started (the ratios are made of these).
     ran: list[str] = field(default_factory=list)
+    #: Seconds: starting every row, running the windows, the whole run.
+    startup_s: float = 0.0
+    windows_s: float = 0.0
+    elapsed_s: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -191,6 +196,7 @@ async def run_all(s: RunSettings, console: Console) -> Outcome:
     out = Outcome()
     live: dict[str, Live] = {}
     with workdir(s.data_dir, prefix="accord-bench-") as base:
+        t0 = time.monotonic()
         try:
             for spec in s.rows:
                 data = base / spec.name
@@ -201,6 +207,8 @@ async def run_all(s: RunSettings, console: Console) -> Outcome:
                 if started is not None:
                     live[spec.name] = started
                     out.ran.append(spec.name)
+            out.startup_s = round(time.monotonic() - t0, 1)
+            console.print(f"{len(live)} rows up in {out.startup_s:.0f} s")
             order = base_order(list(live), {n: ROWS[n].baseline for n in live})
             plan = schedule(order, s.concurrency, s.rounds)
             reruns = Reruns(per_window=s.max_reruns, budget=s.rerun_budget)
@@ -236,7 +244,7 @@ async def run_all(s: RunSettings, console: Console) -> Outcome:
                         f"p50 {w['p50_ms']:7.2f} ms  p99 {w['p99_ms']:7.2f} ms  "
                         f"errors {w['errors']}  CPU gen {w['client_cpu_pct']:.0f}% "
                         f"kernel {w['kernel_cpu_pct']:.0f}% other {w['other_cpu_pct']:.0f}% "
-                        f"(idle rows {w['idle_rows_cpu_pct']:.0f}%){flag}",
+                        f"(our idle rows {w['idle_rows_cpu_pct']:.0f}%){flag}",
                         highlight=False,
                     )
                     for sample in samples:
@@ -259,8 +267,10 @@ async def run_all(s: RunSettings, console: Console) -> Outcome:
                 "budget": reruns.budget,
                 "per_window": reruns.per_window,
             }
+            out.windows_s = round(time.monotonic() - t0 - out.startup_s, 1)
             for name in list(live):
                 await stop_row(live.pop(name), out, console, check=True)
+            out.elapsed_s = round(time.monotonic() - t0, 1)
         finally:
             for lv in reversed(list(live.values())):
                 with contextlib.suppress(Exception):
@@ -381,7 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs, skipped = ratio_pairs(defined, outcome.ran)
     report = build_report(
         command=shlex.join(["python", "-m", "bench.run", *argv]),
-        settings=settings.to_dict(),
+        settings={
+            **settings.to_dict(),
+            "startup_s": outcome.startup_s,
+            "windows_s": outcome.windows_s,
+            "elapsed_s": outcome.elapsed_s,
+        },
         windows=outcome.windows,
         pairs=pairs,
         skipped=skipped,

@@ -109,6 +109,9 @@ async def test_a_disturbed_window_is_run_again_until_quiet() -> None:
     assert reruns.used == 2
     # A quiet window at once: no re-run.
     assert [w["kept"] for w in await _attempts([10.0], reruns)] == [True]
+    # The run's own idle rows do not make a window disturbed; processes outside it do.
+    assert not reruns.disturbed({"other_cpu_pct": 25.0, "idle_rows_cpu_pct": 18.0})
+    assert reruns.disturbed({"other_cpu_pct": 35.0, "idle_rows_cpu_pct": 18.0})
 
 
 async def test_re_runs_are_bounded_per_window_and_per_run() -> None:
@@ -223,3 +226,4 @@ def test_markdown_has_the_readme_tables() -> None:
     )
     assert f"| `baseline-2pc` | 100 [100{D}100] | 1.0 / 2.0 |" in text
     assert "1 disturbed windows run again" in text
+    assert "idle processes used 0 % of a core (median)" in text
