@@ -121,6 +121,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _in_table_order(results: list[dict[str, Any]], rows: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows' table order (the run's order is the rounds'), then concurrency."""
+    pos = {name: i for i, name in enumerate(rows)}
+    return sorted(results, key=lambda r: (pos.get(r["name"], len(pos)), r["concurrency"]))
+
+
 def build_report(
     *,
     command: str,
@@ -138,7 +144,7 @@ def build_report(
         "machine": dict(machine if machine is not None else machine_info()),
         "command": command,
         "settings": dict(settings),
-        "results": summarize(windows),
+        "results": _in_table_order(summarize(windows), settings.get("rows", [])),
         "ratios": ratio_summaries(windows, pairs, bare),
         "skipped_ratios": [{"name": s.name, "note": s.note} for s in skipped],
         "windows": [dict(w) for w in windows],
