@@ -15,8 +15,9 @@ JSON shape (DESIGN "Benchmarks")::
                  "coordinator_cpu_ratio", ["bare", "bare_coordinator_cpu_us",
                  "coordinator_cpu_vs_bare"]}, ...],
      "skipped_ratios": [{"name", "note"}],
-     "windows": [{...a result's keys for one window..., "round", "attempt",
-                  "disturbed", "kept"}, ...],
+     "windows": [{...a result's keys for one window..., "idle_rows_cpu_pct",
+                  "cpu_us_per_txn", "round", "attempt", "disturbed", "kept",
+                  "ended_at_s"}, ...],
      "reruns": {"used", "budget", "per_window"},
      "failures": [{"name", "error"}], "warnings": [{"name", "warning"}]}
 
@@ -200,6 +201,8 @@ def render(console: Console, report: Mapping[str, Any]) -> None:
             f"{r.get('other_cpu_pct', 0.0):.0f}",
         )
     console.print(table)
+    for line in headline(report):
+        console.print(line.replace("**", "").replace("`", ""), highlight=False)
     for q in report["ratios"]:
         target = f" (target {q['target']})" if q.get("target") is not None else ""
         cpu = ""

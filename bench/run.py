@@ -34,7 +34,15 @@ from accord.tools.topology import workdir
 from bench.load import LoadSettings, run_closed_loop
 from bench.ratios import bare_of, ratio_pairs
 from bench.report import build_report, render, result_row, write_report
-from bench.rounds import DISTURBED_PCT, Reruns, Window, base_order, measure_window, schedule
+from bench.rounds import (
+    DISTURBED_PCT,
+    Reruns,
+    Window,
+    base_order,
+    cpu_us_per_txn,
+    measure_window,
+    schedule,
+)
 from bench.rows import ROWS, RowEnv, RowSpec, Target
 
 #: The defaults of ``make bench`` and of ``--quick``: rounds, concurrencies, a window's
@@ -184,6 +192,7 @@ async def one_window(live: Live, c: int, idle: Sequence[Live], s: RunSettings) -
     )
     live.target.assert_alive()
     w = result_row(live.spec.name, load)
+    w["cpu_us_per_txn"] = cpu_us_per_txn([w])
     w["error_samples"] = list(load.error_samples)
     return w
 
@@ -233,6 +242,7 @@ async def run_all(s: RunSettings, console: Console) -> Outcome:
                     continue
                 for w in attempts:
                     w["round"] = k
+                    w["ended_at_s"] = round(time.monotonic() - t0, 1)
                     samples = w.pop("error_samples", [])
                     out.windows.append(w)
                     flag = ""
@@ -244,7 +254,7 @@ async def run_all(s: RunSettings, console: Console) -> Outcome:
                         f"p50 {w['p50_ms']:7.2f} ms  p99 {w['p99_ms']:7.2f} ms  "
                         f"errors {w['errors']}  CPU gen {w['client_cpu_pct']:.0f}% "
                         f"kernel {w['kernel_cpu_pct']:.0f}% other {w['other_cpu_pct']:.0f}% "
-                        f"(our idle rows {w['idle_rows_cpu_pct']:.0f}%){flag}",
+                        f"(idle rows {w['idle_rows_cpu_pct']:.0f}%){flag}",
                         highlight=False,
                     )
                     for sample in samples:

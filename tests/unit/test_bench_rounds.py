@@ -227,3 +227,20 @@ def test_markdown_has_the_readme_tables() -> None:
     assert f"| `baseline-2pc` | 100 [100{D}100] | 1.0 / 2.0 |" in text
     assert "1 disturbed windows run again" in text
     assert "idle processes used 0 % of a core (median)" in text
+
+
+def test_quick_and_full_presets_and_explicit_options() -> None:
+    from bench.run import FULL, QUICK, parse_args
+
+    full = parse_args([])
+    assert (full.rounds, full.concurrency, full.duration) == (
+        FULL["rounds"],
+        FULL["concurrency"],
+        FULL["duration"],
+    )
+    quick = parse_args(["--quick", "--rounds", "4"])
+    assert quick.rounds == 4 and quick.concurrency == QUICK["concurrency"]
+    assert quick.warmup == QUICK["warmup"] and quick.rerun_share == QUICK["rerun_share"]
+    assert min(FULL["rounds"], QUICK["rounds"]) >= 3
+    with pytest.raises(SystemExit):
+        parse_args(["--rounds", "0"])
