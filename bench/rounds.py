@@ -173,6 +173,7 @@ def summarize(windows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 pooled[k] = pooled.get(k, 0.0) + s
         pct = {k: round(s / secs * 100, 1) if secs > 0 else 0.0 for k, s in pooled.items()}
         other = sum(float(w.get("other_cpu_pct", 0.0)) * float(w["duration_s"]) for w in ws)
+        idle = sum(float(w.get("idle_rows_cpu_pct", 0.0)) * float(w["duration_s"]) for w in ws)
         tps = [float(w["tps"]) for w in ws]
         out.append(
             {
@@ -192,6 +193,7 @@ def summarize(windows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "kernel_cpu_pct": pct.pop("kernel"),
                 "server_cpu_pct": pct,
                 "other_cpu_pct": round(other / secs, 1) if secs > 0 else 0.0,
+                "idle_rows_cpu_pct": round(idle / secs, 1) if secs > 0 else 0.0,
                 "disturbed_windows": sum(1 for w in ws if w.get("disturbed")),
                 "cpu_us_per_txn": cpu_us_per_txn(ws),
             }

@@ -176,7 +176,8 @@ async def stop_row(live: Live, out: Outcome, say: Console, *, check: bool) -> No
             live.env.topology.stop()
 
 
-async def one_window(live: Live, c: int, idle: Sequence[Live], s: RunSettings) -> Window:
+async def one_window(live: Live, c: int, idle: Sequence[Live], s: RunSettings, t0: float) -> Window:
+    """One window of ``live`` at ``c`` in flight (``t0``: when the run began)."""
     load = await run_closed_loop(
         live.target.factory,
         LoadSettings(
@@ -193,6 +194,7 @@ async def one_window(live: Live, c: int, idle: Sequence[Live], s: RunSettings) -
     live.target.assert_alive()
     w = result_row(live.spec.name, load)
     w["cpu_us_per_txn"] = cpu_us_per_txn([w])
+    w["ended_at_s"] = round(time.monotonic() - t0, 1)
     w["error_samples"] = list(load.error_samples)
     return w
 
@@ -232,7 +234,7 @@ async def run_all(s: RunSettings, console: Console) -> Outcome:
                     continue
                 idle = [o for n, o in live.items() if n != name]
                 try:
-                    attempts = await measure_window(partial(one_window, lv, c, idle, s), reruns)
+                    attempts = await measure_window(partial(one_window, lv, c, idle, s, t0), reruns)
                 except Exception as e:
                     out.failures.append({"name": name, "error": f"{type(e).__name__}: {e}"})
                     console.print(f"[red]{name} failed:[/red] {e}")
@@ -242,7 +244,6 @@ async def run_all(s: RunSettings, console: Console) -> Outcome:
                     continue
                 for w in attempts:
                     w["round"] = k
-                    w["ended_at_s"] = round(time.monotonic() - t0, 1)
                     samples = w.pop("error_samples", [])
                     out.windows.append(w)
                     flag = ""
@@ -264,12 +265,14 @@ async def run_all(s: RunSettings, console: Console) -> Outcome:
                     w for w in out.windows if w["name"] == name and w["kept"] and w["disturbed"]
                 ]
                 if flagged:
-                    worst = max(float(w["other_cpu_pct"]) for w in flagged)
+                    worst = max(
+                        float(w["other_cpu_pct"]) - float(w["idle_rows_cpu_pct"]) for w in flagged
+                    )
                     out.warnings.append(
                         {
                             "name": name,
                             "warning": f"{len(flagged)} windows kept disturbed (no re-run "
-                            f"left): other processes used up to {worst:.0f}% of a core",
+                            f"left): processes outside the run used up to {worst:.0f}% of a core",
                         }
                     )
             out.reruns = {
@@ -282,10 +285,14 @@ async def run_all(s: RunSettings, console: Console) -> Outcome:
                 await stop_row(live.pop(name), out, console, check=True)
             out.elapsed_s = round(time.monotonic() - t0, 1)
         finally:
-            for lv in reversed(list(live.values())):
-                with contextlib.suppress(Exception):
-                    await stop_row(lv, out, console, check=False)
+            # Left here only on an error or Ctrl-C: every process first (by PID, not
+            # interruptible), then what the rows hold in this process.
+            rest = list(live.values())[::-1]
+            for lv in rest:
                 lv.env.topology.stop()
+            for lv in rest:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await lv.stack.aclose()
     return out
 
 
