@@ -410,6 +410,11 @@ def markdown(report: Mapping[str, Any]) -> str:
         "",
         *_throughput_table(report),
     ]
+    failed = [
+        f"(row `{f['name']}` failed: {f['error'].splitlines()[0]})" for f in report["failures"]
+    ]
+    if failed:
+        out += ["", *failed]
     skipped = [q for q in report.get("skipped_ratios", []) if "not defined" in q["note"]]
     if skipped:
         out += ["", *(f"(ratio `{q['name']}` skipped: {q['note']})" for q in skipped)]
