@@ -47,9 +47,10 @@ from bench.rows import ROWS, RowEnv, RowSpec, Target
 
 #: The defaults of ``make bench`` and of ``--quick``: rounds, concurrencies, a window's
 #: warmup and measured seconds, re-runs of one disturbed window, and the share of the
-#: run's windows that may be re-run in all. With 15 rows: 90 windows of about 5.3 s
-#: (the last transactions in flight drain after each) plus about a minute of start-up:
-#: about 9 minutes, at most about 10 with every re-run spent (a 16th row: +0.5).
+#: run's windows that may be re-run in all. With 15 rows: 90 windows of about 5.2 s
+#: each (measured: the last transactions in flight drain after each), about a minute of
+#: start-up and one of checks and stops: about 10 minutes on a quiet 2-core machine, at
+#: most about 11 with every re-run spent; each further row adds about 40 s.
 FULL: dict[str, Any] = {
     "rounds": 3,
     "concurrency": (1, 64),
