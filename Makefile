@@ -137,9 +137,20 @@ demo: $(STAMP)
 try: $(STAMP)
 	bash examples/try.sh
 
+# Every row in interleaved rounds, ratios as median [min-max] (about 10 minutes on 2
+# cores). BENCH_QUICK=1: the short version (about 3 minutes), written under
+# bench/results/ (not committed) so it never replaces the figures the README quotes.
+# A row that failed (exit 1) still leaves a report: the figure and tables are drawn from
+# it, then make fails; an interrupted run (130) writes none.
+BENCH_OUT = $(if $(BENCH_QUICK),bench/results/quick,bench/results)
 bench: $(STAMP)
-	$(PY) -m bench.run --out bench/results.json
-	$(PY) -m bench.plot bench/results.json bench/results.png
+	status=0; $(PY) -m bench.run --out $(BENCH_OUT).json $(if $(BENCH_QUICK),--quick,) \
+		|| status=$$?; \
+	if [ $$status -le 1 ]; then \
+		$(PY) -m bench.plot $(BENCH_OUT).json $(BENCH_OUT).png && \
+		$(PY) -m bench.report $(BENCH_OUT).json --markdown > $(BENCH_OUT).md && \
+		echo "README tables: $(BENCH_OUT).md"; \
+	fi; exit $$status
 
 # Where a benchmark row's processes spend their CPU (py-spy, native stacks), by layer.
 PROFILE_ROW ?= 2pc

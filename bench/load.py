@@ -19,7 +19,7 @@ import asyncio
 import os
 import resource
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
@@ -64,6 +64,9 @@ class LoadResult:
     #: CPU of every other process on this machine, in % of one core: well above zero
     #: means something else was running and the figures are disturbed.
     other_cpu_pct: float = 0.0
+    #: The part of ``other_cpu_pct`` used by the idle processes of the run's other rows
+    #: (``idle_pids``/``idle_trees``): every row stays up for the whole run.
+    idle_rows_cpu_pct: float = 0.0
     error_samples: tuple[str, ...] = ()
 
 
@@ -207,10 +210,14 @@ async def run_closed_loop(
     *,
     server_pids: Mapping[str, int] | None = None,
     server_trees: Mapping[str, int] | None = None,
+    idle_pids: Sequence[int] = (),
+    idle_trees: Sequence[int] = (),
 ) -> LoadResult:
     """Runs ``settings.concurrency`` workers: warmup, then the measured window.
     ``server_pids``: name -> PID of a server process; ``server_trees``: name -> root PID
-    of a server measured with every process it forks (:func:`process_tree_cpu_s`)."""
+    of a server measured with every process it forks (:func:`process_tree_cpu_s`);
+    ``idle_pids``/``idle_trees``: processes (trees) that should be idle, whose CPU is
+    reported as ``idle_rows_cpu_pct`` (and counts in ``other_cpu_pct``)."""
     if settings.concurrency < 1:
         raise ValueError("concurrency must be >= 1")
     pids = dict(server_pids or {})
@@ -222,6 +229,11 @@ async def run_closed_loop(
             **{name: process_tree_cpu_s(pid) for name, pid in trees.items()},
         }
 
+    def idle_cpu() -> float:
+        return sum(process_cpu_s(p) for p in idle_pids) + sum(
+            process_tree_cpu_s(p) for p in idle_trees
+        )
+
     window = _Window(settings.max_transactions)
     tasks = [
         asyncio.create_task(_worker(window, factory(i)), name=f"bench-worker-{i}")
@@ -230,7 +242,7 @@ async def run_closed_loop(
     try:
         await asyncio.sleep(settings.warmup_s)
         cpu0, busy0, kern0 = self_cpu_s(), machine_busy_s(), kernel_threads_cpu()
-        srv0 = servers_cpu()
+        srv0, idle0 = servers_cpu(), idle_cpu()
         t0 = time.perf_counter()
         window.measuring = True
         try:
@@ -241,7 +253,7 @@ async def run_closed_loop(
         window.measuring = False
         elapsed = time.perf_counter() - t0
         cpu1, busy1, kern1 = self_cpu_s(), machine_busy_s(), kernel_threads_cpu()
-        srv1 = servers_cpu()
+        srv1, idle1 = servers_cpu(), idle_cpu()
         window.stopping = True
         await asyncio.wait(tasks, timeout=settings.drain_timeout_s)
     finally:
@@ -270,5 +282,6 @@ async def run_closed_loop(
         },
         kernel_cpu_pct=round(kernel / elapsed * 100, 1) if elapsed > 0 else 0.0,
         other_cpu_pct=round(other / elapsed * 100, 1) if elapsed > 0 else 0.0,
+        idle_rows_cpu_pct=round((idle1 - idle0) / elapsed * 100, 1) if elapsed > 0 else 0.0,
         error_samples=tuple(window.samples),
     )

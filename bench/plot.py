@@ -1,10 +1,12 @@
 """``python -m bench.plot bench/results.json bench/results.png``: the README's figure.
 
-Left: throughput of every row at the highest concurrency of the run, each bar labelled
-with its ratio to its baseline (the ratio the targets are about). Right: where the CPU
-went, in milliseconds of CPU per transaction, stacked by process (load generator,
-coordinators, participants, the rest). On a saturated machine the second panel is the
-first one's explanation: throughput is cores divided by the height of the stack.
+Top left: throughput of every row at the highest concurrency of the run (the median of
+the rounds, the whisker their min and max). Top right: where the CPU went, in
+milliseconds of CPU per transaction, stacked by process (load generator, coordinators,
+participants, the rest). On a saturated machine the second panel is the first one's
+explanation: throughput is cores divided by the height of the stack. Bottom: every
+ratio at that concurrency, the median of the rounds with its min-max range, and its
+target where it has one.
 
 Drawn with matplotlib's object API on the Agg canvas (no pyplot, no display).
 """
@@ -71,30 +73,33 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     if not rows:
         raise ValueError("the report has no results to plot")
     top = int(rows[0]["concurrency"])
-    ratio = {
-        q["name"].split("/", 1)[0]: (q["name"].split("/", 1)[1], float(q["ratio"]))
-        for q in report.get("ratios", [])
-        if int(q["concurrency"]) == top
-    }
+    qs = [q for q in report.get("ratios", []) if int(q["concurrency"]) == top]
     names = [str(r["name"]) for r in rows]
     ys = list(range(len(rows)))[::-1]
 
-    fig = Figure(figsize=(12, 0.45 * len(rows) + 1.8), layout="constrained")
+    fig = Figure(figsize=(12, 0.45 * (len(rows) + len(qs)) + 3.0), layout="constrained")
     FigureCanvasAgg(fig)
-    tput, cpu = fig.subplots(1, 2, sharey=True)
+    axes = fig.subplot_mosaic(
+        [["tput", "cpu"], ["ratio", "ratio"]],
+        height_ratios=[max(1, len(rows)), max(1, len(qs))],
+        gridspec_kw={"hspace": 0.08},
+    )
+    tput, cpu, rat = axes["tput"], axes["cpu"], axes["ratio"]
+    cpu.sharey(tput)
 
     tps = [float(r["tps"]) for r in rows]
+    lo = [t - float(r.get("tps_min", t)) for t, r in zip(tps, rows, strict=True)]
+    hi = [float(r.get("tps_max", t)) - t for t, r in zip(tps, rows, strict=True)]
     colours = ["tab:gray" if n.startswith("baseline") else "tab:blue" for n in names]
-    tput.barh(ys, tps, color=colours)
-    for y, n, t in zip(ys, names, tps, strict=True):
-        label = f"{t:.0f}"
-        if n in ratio:
-            base, q = ratio[n]
-            label += f"  ({q:.2f} of {base})"
-        tput.text(t, y, " " + label, va="center", fontsize=8)
+    tput.barh(ys, tps, color=colours, xerr=[lo, hi], error_kw={"elinewidth": 1, "capsize": 2})
+    for y, t, h in zip(ys, tps, hi, strict=True):
+        tput.text(t + h, y, f" {t:.0f}", va="center", fontsize=8)
     tput.set_yticks(ys, names)
-    tput.set_xlabel(f"transactions/s at {top} in flight (closed loop)")
-    tput.set_xlim(0, max(tps) * 1.45)
+    rounds = max((int(r.get("rounds", 1)) for r in rows), default=1)
+    tput.set_xlabel(
+        f"transactions/s at {top} in flight (closed loop; median of {rounds} rounds, min-max)"
+    )
+    tput.set_xlim(0, max(t + h for t, h in zip(tps, hi, strict=True)) * 1.25)
     tput.grid(axis="x", alpha=0.3)
 
     left = [0.0] * len(rows)
@@ -107,17 +112,51 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
         cpu.text(total, y, f" {total:.2f}", va="center", fontsize=8)
     cpu.set_xlabel("CPU ms per transaction, all processes")
     cpu.set_xlim(0, max(left) * 1.2)
-    cpu.legend(loc="lower right", fontsize=8)
+    cpu.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     cpu.grid(axis="x", alpha=0.3)
+    cpu.tick_params(labelleft=False)
+
+    plot_ratios(rat, qs, top)
 
     m = report.get("machine", {})
+    quick = " (quick run)" if report.get("settings", {}).get("quick") else ""
     fig.suptitle(
-        f"make bench, {m.get('date', '')[:10]}: {m.get('cpu', '?')}, {m.get('cores', '?')} "
-        f"cores, Python {m.get('python', '?')}, grpcio {m.get('grpcio', '?')}",
+        f"make bench{quick}, {m.get('date', '')[:10]}: {m.get('cpu', '?')}, "
+        f"{m.get('cores', '?')} cores, Python {m.get('python', '?')}, "
+        f"grpcio {m.get('grpcio', '?')}",
         fontsize=10,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def plot_ratios(ax: Any, qs: Sequence[Mapping[str, Any]], top: int) -> None:
+    """Each ratio's median (dot) and min-max range (bar), its target (red tick)."""
+    if not qs:
+        ax.text(0.5, 0.5, "no ratios in this run", ha="center", va="center")
+        ax.set_axis_off()
+        return
+    ys = list(range(len(qs)))[::-1]
+    med = [float(q["median"]) for q in qs]
+    lo = [m - float(q["min"]) for m, q in zip(med, qs, strict=True)]
+    hi = [float(q["max"]) - m for m, q in zip(med, qs, strict=True)]
+    ax.errorbar(med, ys, xerr=[lo, hi], fmt="o", color="tab:blue", capsize=3, markersize=4)
+    for y, m, h, q in zip(ys, med, hi, qs, strict=True):
+        label = f" {m:.2f} [{q['min']:.2f}-{q['max']:.2f}]"
+        if q.get("target") is not None:
+            label += f", target {q['target']}"
+            ax.plot([q["target"]], [y], marker="|", color="tab:red", markersize=12)
+        ax.text(m + h, y, label, va="center", fontsize=8)
+    ax.axvline(1.0, color="gray", linewidth=0.8, alpha=0.6)
+    ax.set_yticks(ys, [str(q["name"]) for q in qs])
+    right = max(
+        [m + h for m, h in zip(med, hi, strict=True)] + [float(q.get("target") or 0) for q in qs]
+    )
+    ax.set_xlim(0, right * 1.35)
+    ax.set_xlabel(
+        f"ratio of throughput at {top} in flight: median of the rounds, min-max; red: the target"
+    )
+    ax.grid(axis="x", alpha=0.3)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,11 @@
 A row is an async context manager factory ``(RowEnv) -> Target``: it starts its processes
 through the row's :class:`~accord.tools.topology.Topology` (so the runner stops every one
 of them by PID, whatever happens), prepares them (accounts ...), and yields a :class:`Target` whose ``factory``
-makes one transaction function per load-generator worker. The runner drives the same
-target at every concurrency, then leaves the context and stops the processes.
+makes one transaction function per load-generator worker. The runner starts every row
+first and keeps them all up, drives each target at every concurrency in rounds, then
+leaves the contexts and stops the processes; so a row must not change this process's
+global state for its lifetime (``configured(...)`` only around its own set-up calls, as
+``2pc-tls`` does). Its ratios: its ``baseline=`` and the lines of ``bench/ratios.py``.
 
 Adding a row (DESIGN also names ``2pc-2coord``) is one
 decorated function::
@@ -32,7 +35,7 @@ from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.trace import TracerProvider
 
 from accord.client._client import AccordClient, Branch, SagaStep
-from accord.common.transport import configured
+from accord.common.transport import TransportSettings, configured
 from accord.registry import EtcdRegistry, find_coordinators
 from accord.tools._certs import CertDir
 from accord.tools.topology import (
@@ -287,10 +290,19 @@ def saga_factory(
 
 @asynccontextmanager
 async def accord_client(
-    env: RowEnv, address: str, tracer_provider: TracerProvider | None = None
+    env: RowEnv,
+    address: str,
+    tracer_provider: TracerProvider | None = None,
+    *,
+    transport: TransportSettings | None = None,
 ) -> AsyncIterator[AccordClient]:
     """One client, one channel, for the whole row."""
-    client = AccordClient(address, timeout_s=env.call_timeout_s, tracer_provider=tracer_provider)
+    client = AccordClient(
+        address,
+        timeout_s=env.call_timeout_s,
+        tracer_provider=tracer_provider,
+        transport=transport,
+    )
     try:
         await client.wait_ready(timeout_s=env.start_timeout_s)
         yield client
@@ -515,9 +527,27 @@ async def accord_2pc(env: RowEnv) -> AsyncIterator[Target]:
 @asynccontextmanager
 async def accord_2pc_tls(env: RowEnv) -> AsyncIterator[Target]:
     env.topology.certs = CertDir(env.data_dir / "certs")
-    with configured(env.topology.transport("client")):
-        async with static_2pc(env, transport="unary") as target:
-            yield target
+    tls = env.topology.transport("client")
+    # The process-wide transport is TLS only around this row's own admin calls: the
+    # other rows of the run stay up beside this one and make their channels meanwhile.
+    with configured(tls):
+        banks = await bank_participants(env, BANKS)
+        addresses = {name: p.address for name, p in banks.items()}
+        coord = await accord_coordinator(env, addresses)
+        await open_bank_accounts(env, addresses)
+        before = sum(t for t, _ in (await bank_state(addresses)).values())
+    conserved = conservation_check(addresses, before)
+
+    async def check() -> list[str]:
+        with configured(tls):
+            return await conserved()
+
+    async with accord_client(env, coord.address, transport=tls) as client:
+        yield Target(
+            factory=transfer_factory(client, transfer_plan(env)),
+            processes={"coordinator": coord, **banks},
+            check=check,
+        )
 
 
 @row(

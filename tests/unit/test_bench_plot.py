@@ -44,7 +44,25 @@ def test_only_the_highest_concurrency_is_plotted(tmp_path: Path) -> None:
             _result("2pc", 1, 50.0, coordinator=30.0),
             _result("2pc", 64, 250.0, coordinator=80.0),
         ],
-        "ratios": [{"name": "2pc/baseline-2pc", "concurrency": 64, "ratio": 0.5}],
+        "ratios": [
+            {
+                "name": "2pc/baseline-2pc",
+                "concurrency": 64,
+                "median": 0.5,
+                "min": 0.45,
+                "max": 0.55,
+                "rounds": 3,
+                "target": 0.85,
+            },
+            {
+                "name": "saga/baseline-saga",
+                "concurrency": 1,
+                "median": 0.5,
+                "min": 0.5,
+                "max": 0.5,
+                "rounds": 3,
+            },
+        ],
     }
     assert [(r["name"], r["concurrency"]) for r in top_results(report)] == [
         ("baseline-2pc", 64),

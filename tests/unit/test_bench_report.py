@@ -21,7 +21,9 @@ from bench.load import (
     process_cpu_s,
     run_closed_loop,
 )
-from bench.report import RESULT_KEYS, build_report, ratios, result_row, write_report
+from bench.ratios import Ratio
+from bench.report import RESULT_KEYS, build_report, result_row, write_report
+from bench.rounds import ratio_summaries
 from bench.rows import ROWS
 from bench.run import _int_list
 
@@ -48,18 +50,21 @@ def test_result_row_has_the_contract_keys() -> None:
 
 
 def test_ratios_only_between_rows_of_the_same_run() -> None:
-    results = [
-        result_row("baseline-2pc", _load(1, 200.0)),
-        result_row("baseline-2pc", _load(64, 500.0)),
-        result_row("2pc", _load(1, 100.0)),
-        result_row("2pc", _load(64, 450.0)),
-        result_row("2pc", _load(16, 300.0)),  # no baseline at 16: no ratio
-        result_row("saga", _load(64, 300.0)),  # its baseline did not run: no ratio
+    def w(name: str, c: int, tps: float) -> dict[str, object]:
+        return {**result_row(name, _load(c, tps)), "round": 0}
+
+    windows = [
+        w("baseline-2pc", 1, 200.0),
+        w("baseline-2pc", 64, 500.0),
+        w("2pc", 1, 100.0),
+        w("2pc", 64, 450.0),
+        w("2pc", 16, 300.0),  # no baseline at 16: no ratio
+        w("saga", 64, 300.0),  # its baseline did not run: no ratio
     ]
-    out = ratios(results, {"2pc": "baseline-2pc", "saga": "baseline-saga"})
-    assert out == [
-        {"name": "2pc/baseline-2pc", "concurrency": 1, "ratio": 0.5},
-        {"name": "2pc/baseline-2pc", "concurrency": 64, "ratio": 0.9},
+    out = ratio_summaries(windows, [Ratio("2pc", "baseline-2pc"), Ratio("saga", "baseline-saga")])
+    assert [(q["name"], q["concurrency"], q["median"], q["rounds"]) for q in out] == [
+        ("2pc/baseline-2pc", 1, 0.5, 1),
+        ("2pc/baseline-2pc", 64, 0.9, 1),
     ]
 
 
@@ -67,14 +72,16 @@ def test_report_json_shape(tmp_path: Path) -> None:
     report = build_report(
         command="python -m bench.run",
         settings={"concurrency": [1]},
-        results=[result_row("baseline-2pc", _load(1, 200.0))],
-        baselines={"2pc": "baseline-2pc"},
+        windows=[{**result_row("baseline-2pc", _load(1, 200.0)), "round": 0, "kept": True}],
+        pairs=[Ratio("2pc", "baseline-2pc")],
         failures=[{"name": "2pc", "error": "boom"}],
     )
     path = tmp_path / "out" / "results.json"
     write_report(path, report)
     data = json.loads(path.read_text())
-    assert {"machine", "command", "results", "ratios", "failures"} <= set(data)
+    assert {"machine", "command", "results", "ratios", "failures", "windows"} <= set(data)
+    assert data["ratios"] == []  # 2pc did not run
+    assert set(RESULT_KEYS) <= set(data["results"][0])
     for key in ("cpu", "cores", "python", "grpcio", "protobuf", "uvloop", "platform", "date"):
         assert key in data["machine"]
     assert data["results"][0]["name"] == "baseline-2pc"

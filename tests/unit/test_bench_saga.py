@@ -14,7 +14,8 @@ import accord.v1 as pb
 from accord.client._client import AccordClient, SagaStep, TxnResult
 from accord.common.transport import TransportSettings, bind, make_server
 from bench.baseline import BareCoordinator, BareParticipant
-from bench.report import ratios
+from bench.ratios import ratio_pairs
+from bench.rounds import ratio_summaries
 from bench.rows import ROWS, SAGA_BANKS, RowEnv, SagaTally, saga_factory, saga_plan
 
 
@@ -106,14 +107,20 @@ def test_saga_rows_registered_with_their_baseline() -> None:
     assert names.index("baseline-saga") < names.index("saga")
     assert ROWS["saga"].baseline == "baseline-saga"
     assert ROWS["baseline-saga"].baseline is None
-    results = [
-        {"name": "baseline-saga", "concurrency": 64, "tps": 500.0},
-        {"name": "saga", "concurrency": 64, "tps": 400.0},
+    windows = [
+        {"name": "baseline-saga", "concurrency": 64, "tps": 500.0, "round": 0},
+        {"name": "saga", "concurrency": 64, "tps": 400.0, "round": 0},
     ]
-    baselines = {s.name: s.baseline for s in ROWS.values() if s.baseline}
-    assert ratios(results, baselines) == [
-        {"name": "saga/baseline-saga", "concurrency": 64, "ratio": 0.8}
-    ]
+    for w in windows:
+        w.update(transactions=100, duration_s=1.0)
+    pairs, _ = ratio_pairs({s.name: s.baseline for s in ROWS.values()}, ["baseline-saga", "saga"])
+    [q] = ratio_summaries(windows, pairs)
+    assert (q["name"], q["concurrency"], q["median"], q["target"]) == (
+        "saga/baseline-saga",
+        64,
+        0.8,
+        0.8,
+    )
 
 
 def test_saga_plan_is_a_conserving_chain(tmp_path: Any) -> None:
