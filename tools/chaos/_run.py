@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,6 +27,9 @@ from accord.tools.chaos._harness import (
 from accord.tools.chaos._query import compare as compare_read_model
 from accord.tools.chaos._query import start_query
 from accord.tools.topology import PostgresServer, Topology, workdir
+
+if TYPE_CHECKING:
+    from accord.participants._audit import AuditRow
 
 
 def run_chaos(s: ChaosSettings, *, console: Console | None) -> dict[str, Any]:
@@ -186,19 +190,23 @@ def owner_overlaps(dbs: dict[str, Path]) -> dict[str, Any]:
     breaks one when both owners touch the same transaction.)"""
     from accord.participants._audit import read_audit
 
+    return overlaps_in([row for path in dbs.values() for row in read_audit(path)])
+
+
+def overlaps_in(rows: Iterable[AuditRow]) -> dict[str, Any]:
+    """:func:`owner_overlaps` on audit rows (of every bank)."""
     first: dict[tuple[str, int], float] = {}
     last: dict[tuple[str, int], float] = {}
     fenced = 0
-    for path in dbs.values():
-        for row in read_audit(path):
-            if row.source != "coordinator" or not row.shard:
-                continue
-            if row.outcome.value == "FENCED":
-                fenced += 1
-                continue
-            k = (row.shard, row.epoch)
-            first[k] = min(first.get(k, row.at), row.at)
-            last[k] = max(last.get(k, row.at), row.at)
+    for row in rows:
+        if row.source != "coordinator" or not row.shard:
+            continue
+        if row.outcome.value == "FENCED":
+            fenced += 1
+            continue
+        k = (row.shard, row.epoch)
+        first[k] = min(first.get(k, row.at), row.at)
+        last[k] = max(last.get(k, row.at), row.at)
     examples = []
     for (shard, epoch), end in sorted(last.items()):
         for (other, later), start in sorted(first.items()):
