@@ -45,6 +45,7 @@ def test_chaos_with_network_faults_finds_no_violation(tmp_path: Path) -> None:
     assert report["violations"] == []
     assert report["transactions"] > 0 and report["ok"] > 0
     missing = [f for f in FAULTS if report["faults"].get(f, 0) == 0]
+    # (latency and loss are skipped while tools/topology/_impair.py is missing)
     assert not missing, (missing, report["faults"], report["network"]["skipped"])
     # Fencing under a real partition: the banks' audit shows no owner of a shard acting
     # after a newer owner began (the owner cut off from etcd stopped in time).
