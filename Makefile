@@ -166,6 +166,18 @@ chaos: $(STAMP)
 	$(VENV)/bin/accord chaos --duration $(CHAOS_S) --seed $(CHAOS_SEED) \
 		--faults kill-coordinator,kill-participant,pause,etcd,power-loss --out chaos-out
 
+# The same with each process on its own host (network namespaces: root, `ip netns` and
+# iptables) and a three-member etcd, with network faults: partitions, an owner cut off
+# from etcd, a bank holding prepared branches cut off, latency and loss on a link, an
+# etcd member killed or cut off. Without network namespaces it says why and fails.
+CHAOS_NET_FAULTS ?= partition,partition-one-way,cut-etcd,cut-prepared,latency,loss,kill-etcd-member,partition-etcd-member,kill-coordinator,kill-participant
+chaos-net: $(STAMP) iptables
+	@reason=$$($(PY) -c "from accord.tools.topology import netns_available as n; print(n() or '')"); \
+	  if [ -n "$$reason" ]; then echo "chaos-net: not run (exit 1): $$reason"; exit 1; fi
+	rm -rf chaos-net-out
+	$(VENV)/bin/accord chaos --net --etcd-members 3 --ttl 5 --duration $(CHAOS_S) \
+		--seed $(CHAOS_SEED) --fault-every 3 --faults $(CHAOS_NET_FAULTS) --out chaos-net-out
+
 # Long fuzzing runs: hypothesis against a live coordinator and participant (FUZZ_N
 # examples per test; `make test` runs 200), and WAL_FUZZ_N random bit flips,
 # truncations and zeroed ranges opened by the WAL's recovery (`make test` runs 2 000).

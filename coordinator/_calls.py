@@ -130,8 +130,13 @@ class ParticipantCalls:
         mode: Transport = Transport.AUTO,
         on_fallback: Callable[[str], None] | None = None,
         on_stream_open: Callable[[str], None] | None = None,
+        may_act: Callable[[], bool] | None = None,
     ) -> None:
+        """``may_act``: False while this coordinator is not sure to own its shard (see
+        :meth:`accord.registry.ShardLease.may_act`); every call is then answered RETRY,
+        unsent."""
         self._registry = registry
+        self._may_act = may_act
         self._on_fenced = on_fenced
         self._transport = transport or TransportSettings.from_env()
         self.mode = mode
@@ -239,6 +244,15 @@ class ParticipantCalls:
     ) -> CallResult:
         """``metadata``: the W3C trace context of the call's span (None: tracing off);
         over a stream it travels in the request's ``trace_context``."""
+        if self._may_act is not None and not self._may_act():
+            await asyncio.sleep(min(attempt_s, 0.2))  # the caller retries at once
+            return CallResult(
+                Verdict.RETRY,
+                detail="not sent: this coordinator is not sure to own its shard (its lease "
+                "was not renewed in time)",
+                code=grpc.StatusCode.UNAVAILABLE,
+                sent=False,
+            )
         if self.mode is not Transport.UNARY and not self._unary_only(address):
             stream = self._stream(address, attempt_s)
             try:

@@ -489,6 +489,7 @@ class CoordinatorServer:
             mode=s.participant_transport,
             on_fallback=self.telemetry.on_stream_fallback,
             on_stream_open=self.telemetry.on_stream_open,
+            may_act=self.shard.may_act if self.shard is not None else None,
         )
         engine = Engine(
             wal=wal,

@@ -34,9 +34,13 @@ have applied already. So the transaction is sent with one attempt, and a doubtfu
 answer is settled by reading the owner key back.
 
 Losing ownership is final. When a renewal finds the lease gone, :attr:`lost` is set
-and the coordinator stops (it may already have a successor). When etcd is merely
-unreachable, the owner keeps going: no successor can be chosen without etcd, and the
-WAL directory's file lock keeps a successor out of the files until this process exits.
+and the coordinator stops (it may already have a successor). When no renewal is answered
+(etcd down, or this process cut off from it while a standby still reaches it: the owner
+cannot tell which), the owner stops calling participants before the lease it last
+renewed can have expired (:meth:`ShardLease.may_act`), so it never acts while a standby
+may have taken the shard over; a renewal that finds the lease alive proves nobody did,
+and calls resume. The WAL directory's file lock keeps a successor out of the files until
+this process exits.
 
 Giving up the wait is safe at any point: cancelling :meth:`ShardLease.acquire` (a
 standby stopped by a signal) leaves at most a lease of ours behind, which
@@ -118,6 +122,10 @@ class ShardLease:
         self.lease = 0
         #: Set once the lease is known to be gone: ownership is lost for good.
         self.lost = asyncio.Event()
+        #: Monotonic times: the last renewal answered was sent, and this process may act
+        #: as the owner until (see :meth:`may_act`).
+        self._renewed_at = 0.0
+        self._sure_until = 0.0
         self._task: asyncio.Task[None] | None = None
 
     async def current(self) -> Owner | None:
@@ -167,6 +175,8 @@ class ShardLease:
                     )
                 # A fresh lease for each attempt: one granted before a long wait as a
                 # standby would have expired.
+                # The lease lives at least ttl_s from the grant's sending.
+                self._renewed_at = time.monotonic()
                 grant = await client.lease.grant(self.ttl_s, timeout=REQUEST_TIMEOUT_S)
                 self.lease = grant.ID
                 resp = await kv.get(epoch_key(self.shard), timeout=REQUEST_TIMEOUT_S)
@@ -213,6 +223,7 @@ class ShardLease:
 
     def _owned(self, epoch: int) -> int:
         self.epoch = epoch
+        self._sure_until = self.owned_until(self._renewed_at)
         log.info(
             "event=shard_owned shard=%s owner=%s epoch=%d lease=%x",
             self.shard,
@@ -225,26 +236,61 @@ class ShardLease:
         )
         return epoch
 
+    def owned_until(self, renewed_at: float) -> float:
+        """The monotonic time until which this process may act as the owner, after a
+        renewal sent at ``renewed_at`` was answered: etcd received it after we sent it, so
+        the lease lives at least ``ttl_s`` from then; a margin (a quarter of the TTL, at
+        least 0.2 s, at most 1 s) covers calls already on their way."""
+        margin = min(1.0, max(0.2, self.ttl_s / 4))
+        return renewed_at + self.ttl_s - margin
+
+    def may_act(self) -> bool:
+        """Whether this process is sure to own the shard now: its lease was renewed
+        recently enough that it cannot have expired (:meth:`owned_until`), and it is not
+        lost. The coordinator calls no participant while this is False."""
+        return not self.lost.is_set() and time.monotonic() < self._sure_until
+
     async def _keepalive(self) -> None:
+        """Renews the lease every TTL/3. Without an answer (etcd down, or this process
+        cut off from it while a standby still reaches it: it cannot tell which) the owner
+        stops acting (:meth:`may_act`) before the lease it last renewed can expire, so it
+        never acts while a standby may have taken the shard over. A later renewal that
+        finds the lease alive proves nobody did: it acts again. One that finds it gone
+        sets :attr:`lost` (the coordinator then stops)."""
         client = self.etcd.client
         assert client.lease is not None
-        last_ok = time.monotonic()
+        unsure_since = 0.0
         while True:
-            await asyncio.sleep(max(self.ttl_s / 3, 0.2))
+            pause = max(self.ttl_s / 3, 0.2)
+            await asyncio.sleep(max(0.0, min(pause, self._sure_until - time.monotonic())))
+            if not unsure_since and time.monotonic() >= self._sure_until:
+                unsure_since = time.monotonic()
+                log.critical(
+                    "event=shard_unsure shard=%s owner=%s epoch=%d action=stop-calls (no lease "
+                    "renewal answered in time: a standby may take the shard over)",
+                    self.shard,
+                    self.owner_id,
+                    self.epoch,
+                )
+            sent = time.monotonic()
             stream = client.lease.keep_alive(self.lease)
+            # Answered after the deadline is still worth hearing (the lease may live).
+            wait_s = REQUEST_TIMEOUT_S
+            if not unsure_since:
+                wait_s = max(0.05, min(wait_s, self._sure_until - sent))
             try:
-                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                async with asyncio.timeout(wait_s):
                     ttl = 0
                     async for response in stream:
                         ttl = int(response.TTL)
                         break
             except asyncio.CancelledError:
                 raise
-            except _ERRORS as e:
+            except Exception as e:
                 log.warning(
                     "event=shard_lease_unrenewed shard=%s for_s=%.1f error=%s",
                     self.shard,
-                    time.monotonic() - last_ok,
+                    time.monotonic() - self._renewed_at,
                     _short(e),
                 )
                 continue
@@ -259,7 +305,18 @@ class ShardLease:
                 )
                 self.lost.set()
                 return
-            last_ok = time.monotonic()
+            self._renewed_at = sent
+            self._sure_until = self.owned_until(sent)
+            if unsure_since:
+                log.warning(
+                    "event=shard_sure shard=%s owner=%s epoch=%d unsure_s=%.1f (the lease "
+                    "lived: calls resume)",
+                    self.shard,
+                    self.owner_id,
+                    self.epoch,
+                    time.monotonic() - unsure_since,
+                )
+                unsure_since = 0.0
 
     async def close(self) -> None:
         """Gives the shard up at once (revokes the lease), for a clean shutdown."""

@@ -24,6 +24,30 @@ class Fault(StrEnum):
     PAUSE = "pause"
     ETCD = "etcd"
     POWER_LOSS = "power-loss"
+    KILL_ETCD_MEMBER = "kill-etcd-member"
+    PARTITION_ETCD_MEMBER = "partition-etcd-member"
+    PARTITION = "partition"
+    PARTITION_ONE_WAY = "partition-one-way"
+    CUT_ETCD = "cut-etcd"
+    CUT_PREPARED = "cut-prepared"
+    LATENCY = "latency"
+    LOSS = "loss"
+
+
+#: The faults that need each process on its own host (``accord chaos --net``).
+NET_FAULTS = frozenset(
+    {
+        Fault.PARTITION_ETCD_MEMBER,
+        Fault.PARTITION,
+        Fault.PARTITION_ONE_WAY,
+        Fault.CUT_ETCD,
+        Fault.CUT_PREPARED,
+        Fault.LATENCY,
+        Fault.LOSS,
+    }
+)
+#: The faults that need an etcd cluster (``--etcd-members 3``).
+CLUSTER_FAULTS = frozenset({Fault.KILL_ETCD_MEMBER, Fault.PARTITION_ETCD_MEMBER})
 
 
 #: What each :class:`Fault` does, for ``accord chaos --help`` (which lists them all).
@@ -33,6 +57,15 @@ FAULT_HELP: Mapping[Fault, str] = {
     Fault.PAUSE: "SIGSTOP a participant or coordinator past its lease",
     Fault.ETCD: "stop etcd for a while",
     Fault.POWER_LOSS: "a shard's owner loses its unsynced WAL tail and is killed",
+    Fault.KILL_ETCD_MEMBER: "SIGKILL one etcd member; it comes back (--etcd-members 3)",
+    Fault.PARTITION_ETCD_MEMBER: "cut one etcd member off from every other host (--net)",
+    Fault.PARTITION: "drop packets both ways between a shard's owner and a bank (--net)",
+    Fault.PARTITION_ONE_WAY: "drop packets one way between a shard's owner and a bank (--net)",
+    Fault.CUT_ETCD: "cut a shard's owner off from every etcd member: it must stop acting "
+    "before its lease can be taken over (--net)",
+    Fault.CUT_PREPARED: "cut a bank holding prepared branches off from every coordinator (--net)",
+    Fault.LATENCY: "50 ms ± 20 ms both ways between a shard's owner and a bank (--net)",
+    Fault.LOSS: "5 % packet loss both ways between a shard's owner and a bank (--net)",
 }
 
 

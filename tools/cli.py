@@ -2053,15 +2053,42 @@ def chaos(
             "process in the run's directory, etcd over https, allow-lists on the banks",
         ),
     ] = False,
+    net: Annotated[
+        bool,
+        typer.Option(
+            "--net",
+            envvar="ACCORD_CHAOS_NET",
+            help="each process on a host of its own (a network namespace on a bridge; needs "
+            "root, `ip netns` and iptables), for the network faults",
+        ),
+    ] = False,
+    etcd_members: Annotated[
+        int,
+        typer.Option(
+            envvar="ACCORD_CHAOS_ETCD_MEMBERS",
+            help="etcd members: 1, or a cluster of 3 (or 5), each on its own host with --net",
+        ),
+    ] = 1,
+    net_fault_max: Annotated[
+        float,
+        typer.Option(
+            envvar="ACCORD_CHAOS_NET_FAULT_MAX",
+            help="a network fault heals after a seeded time of 2 s up to this many seconds",
+        ),
+    ] = 6.0,
 ) -> None:
     """Kill coordinators and participants under a bank workload, then check the history:
     exit 0 only with zero violations. `accord chaos check` checks a saved run again."""
     if ctx.invoked_subcommand is not None:
         return  # the options above are the run's, not the subcommand's
     from accord.tools.chaos import ChaosSettings, run_chaos
+    from accord.tools.chaos._harness import validate
+    from accord.tools.topology import netns_available
 
     if duration <= 0 or coordinators < 1 or participants < 2 or workers < 1:
         raise fail("need --duration > 0, --coordinators >= 1, --participants >= 2, --workers >= 1")
+    if net and (reason := netns_available()) is not None:
+        raise fail(f"--net: {reason}")
     settings = ChaosSettings(
         duration_s=duration,
         coordinators=coordinators,
@@ -2076,7 +2103,14 @@ def chaos(
         participant_db=participant_db.value,
         query=query,
         tls=tls,
+        net=net,
+        etcd_members=etcd_members,
+        net_fault_s=(min(2.0, net_fault_max), net_fault_max),
     )
+    try:
+        validate(settings)
+    except ValueError as e:
+        raise fail(str(e)) from None
     report = run_chaos(settings, console=None if as_json else console)
     if as_json:
         print(json.dumps(report))

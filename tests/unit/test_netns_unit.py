@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from accord.tools.topology import Fault, NetHost
+import os
+
+import pytest
+
+from accord.tools.topology import Fault, NetHost, netns_available
 
 
 def test_a_host_runs_commands_in_its_namespace_and_gives_its_addresses() -> None:
@@ -25,3 +29,8 @@ def test_a_fault_heals_once() -> None:
     f.heal()
     f.heal()
     assert calls == [1] and f.healed
+
+
+def test_without_root_netns_available_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert netns_available() == "network namespaces need root (this runs as uid 1000)"

@@ -1,7 +1,7 @@
 """``accord chaos``: the whole topology on this machine, a bank workload of 2PC transfers
 and sagas, faults on a seeded schedule, then healing, quiescence and the checker.
 
-Topology: one etcd; ``participants`` bank services (``bank-1`` ...) registered in etcd
+Topology: one etcd (or a cluster of ``etcd_members``); ``participants`` bank services (``bank-1`` ...) registered in etcd
 on fixed loopback ports, so a restarted one comes back at the address coordinators know
 (each on its own SQLite file, or with ``participant_db="postgres"`` on its own database of
 one PostgreSQL server the harness starts);
@@ -10,6 +10,14 @@ shard's WAL directory (the stand-in for a shared volume). Workers are bound to a
 each finds the shard's owner in etcd and, on ``UNAVAILABLE``, finds it again and retries
 with the same idempotency key. Every client operation and every fault goes to the
 history (JSONL), which the checker reads with the participants' databases afterwards.
+
+With ``net``, every process runs on a host of its own (a network namespace of a
+:class:`~accord.tools.topology.NetLab`: etcd members, coordinators, banks, the query
+service), and the network faults can be injected: partitions between a shard's owner and
+a bank (both ways or one way), an owner cut off from etcd, a bank cut off from the
+coordinators while it holds prepared branches, latency or loss on a link, an etcd member
+cut off. Each lasts a seeded, bounded time, then heals; the time from a heal to the first
+transaction that succeeds through the healed link is the recovery time reported.
 """
 
 from __future__ import annotations
@@ -31,17 +39,21 @@ from accord.client._errors import AccordClientError, UnavailableError
 from accord.coordinator.wal import drop_unsynced
 from accord.participants import copy_database
 from accord.tools._certs import CertDir
-from accord.tools._choices import Fault, ParticipantDb
+from accord.tools._choices import CLUSTER_FAULTS, NET_FAULTS, Fault, ParticipantDb
 from accord.tools.chaos._history import HistoryWriter
 from accord.tools.topology import (
     EtcdServer,
     ManagedProcess,
+    NetHost,
+    NetLab,
     PostgresServer,
     ProcessFailed,
     Topology,
     balances,
+    etcd_url,
     free_port,
 )
+from accord.tools.topology import Fault as NetFault
 
 INJECTABLE_FAULTS = tuple(f.value for f in Fault)
 #: Where the bank participants keep their data.
@@ -79,6 +91,34 @@ class ChaosSettings:
     #: Every link over mutual TLS: a development CA in ``ROOT/certs`` and a certificate
     #: per process (see :class:`accord.tools.topology.Topology`).
     tls: bool = False
+    #: Each process on a host of its own (a network namespace; needs root), so network
+    #: faults can be injected.
+    net: bool = False
+    #: etcd members: 1, or a cluster of 3 (or 5).
+    etcd_members: int = 1
+    #: A network fault lasts this long (seconds, drawn uniformly), then heals.
+    net_fault_s: tuple[float, float] = (2.0, 6.0)
+
+
+def validate(s: ChaosSettings) -> None:
+    """ValueError (one line) for settings that cannot run together."""
+    if s.participant_db not in PARTICIPANT_DBS:
+        raise ValueError(f"participant_db must be one of {PARTICIPANT_DBS}")
+    if s.etcd_members not in (1, 3, 5):
+        raise ValueError("etcd_members: 1, 3 or 5")
+    unknown = [f for f in s.faults if f not in INJECTABLE_FAULTS]
+    if unknown:
+        raise ValueError(f"unknown faults {unknown}")
+    net = sorted(f for f in s.faults if f in NET_FAULTS)
+    if net and not s.net:
+        raise ValueError(f"faults {', '.join(net)} need each process on its own host (--net)")
+    cluster = sorted(f for f in s.faults if f in CLUSTER_FAULTS)
+    if cluster and s.etcd_members < 3:
+        raise ValueError(f"faults {', '.join(cluster)} need an etcd cluster (--etcd-members 3)")
+    if s.net and s.tls:
+        raise ValueError("--net with --tls is not supported yet (certificates name 127.0.0.1)")
+    if s.net and s.participant_db != "sqlite":
+        raise ValueError("--net runs SQLite banks only (PostgreSQL runs on 127.0.0.1)")
 
 
 def tls_certs(root: Path) -> CertDir:
@@ -101,6 +141,27 @@ class Stats:
     in_doubt_at_kill: list[int] = field(default_factory=list)
     restart_to_ready_s: list[float] = field(default_factory=list)
     kill_to_commit_s: list[float] = field(default_factory=list)
+    #: Per network fault kind: seconds from its heal to the first transaction that
+    #: succeeded through the healed link.
+    recover_s: dict[str, list[float]] = field(default_factory=dict)
+    #: Heals after which no transaction went through the link before the run ended.
+    unrecovered: Counter[str] = field(default_factory=Counter)
+    #: Coordinators that stopped themselves as fenced (exit 75) and were started again.
+    fenced_exits: int = 0
+    #: Faults chosen but not injectable at that moment (no owner, impairment missing...).
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _HealWatch:
+    """A healed network fault waiting for its first transaction through the link."""
+
+    kind: str
+    #: The shard whose owner is on the link (None: any shard).
+    shard: str | None
+    #: The bank on the link (None: any transaction of the shard).
+    bank: str | None
+    healed_at: float
 
 
 class Chaos:
@@ -112,7 +173,14 @@ class Chaos:
         self.stats = Stats()
         self.topology = Topology(root, certs=tls_certs(root) if s.tls else None)
         self.nodes: dict[str, Node] = {}
+        #: The first etcd member (every one: :attr:`etcd_members`; their URL: etcd_url).
         self.etcd: EtcdServer | None = None
+        self.etcd_members: list[EtcdServer] = []
+        self.etcd_url = ""
+        #: With ``net``: the lab every process has its host in (closed by stop_all).
+        self.lab: NetLab | None = None
+        self._watches: list[_HealWatch] = []
+        self._deck: list[str] = []
         #: With ``participant_db="postgres"``: the server and each bank's database URL.
         self.postgres: PostgresServer | None = None
         self.db_urls: dict[str, str] = {}
@@ -131,14 +199,21 @@ class Chaos:
 
     # ------------------------------------------------------------ processes
 
+    def _host(self, name: str) -> NetHost | None:
+        return self.lab.host(name) if self.lab is not None else None
+
+    def _port(self, fixed: int) -> int:
+        """A port kept across restarts: on its own host any fixed one is free."""
+        return fixed if self.lab is not None else free_port()
+
     def _bank(self, name: str) -> ManagedProcess:
         """A bank registered in etcd, on a port kept across its restarts (so it comes
         back at the address the coordinators know)."""
-        assert self.etcd is not None
         return self.topology.bank(
             name,
-            port=free_port(),
-            etcd=self.etcd.url,
+            host=self._host(name),
+            port=self._port(7100),
+            etcd=self.etcd_url,
             instance_id=name,
             ttl_s=self.s.ttl_s,
             accounts=self.s.accounts,
@@ -149,26 +224,35 @@ class Chaos:
 
     def _coordinator(self, name: str, shard: str) -> ManagedProcess:
         """The owner or a standby of ``shard``, whichever it finds itself to be."""
-        assert self.etcd is not None
         return self.topology.coordinator(
             name,
-            port=free_port(),
+            host=self._host(name),
+            port=self._port(7070),
             wal=f"wal-{shard}",
             cid=name,
             shard=shard,
-            etcd=self.etcd.url,
+            etcd=self.etcd_url,
             role="any",
             ttl_s=self.s.ttl_s,
             retry_max_s=0.5,
             default_timeout_ms=15000,
+            log_level="info",
             # The SYNCED marker lets a power loss be simulated on the coordinator's WAL.
             env={"ACCORD_WAL_SYNC_MARKER": "1", **self.s.coordinator_env},
         )
 
     def start_topology(self) -> None:
-        if self.s.participant_db not in PARTICIPANT_DBS:
-            raise ValueError(f"participant_db must be one of {PARTICIPANT_DBS}")
-        self.etcd = self.topology.etcd()
+        validate(self.s)
+        if self.s.net:
+            self.lab = NetLab()
+        if self.s.etcd_members == 1:
+            self.etcd_members = [self.topology.etcd(host=self._host("etcd"))]
+        else:
+            names = [f"etcd-{i + 1}" for i in range(self.s.etcd_members)]
+            hosts = [self.lab.host(n) for n in names] if self.lab is not None else None
+            self.etcd_members = self.topology.etcd_cluster(names, hosts=hosts)
+        self.etcd = self.etcd_members[0]
+        self.etcd_url = etcd_url(self.etcd_members)
         if self.s.participant_db == "postgres":
             self.postgres = self.topology.postgres()
             for name in self.banks:
@@ -181,7 +265,11 @@ class Chaos:
                 self.nodes[name] = Node(name, self._coordinator(name, shard), "coordinator", shard)
 
     def stop_all(self) -> None:
-        self.topology.stop()
+        try:
+            self.topology.stop()
+        finally:
+            if self.lab is not None:
+                self.lab.close()
 
     # ------------------------------------------------------------ workload
 
@@ -236,14 +324,13 @@ class Chaos:
         return "saga", {"steps": steps}, saga
 
     async def _worker(self, w: int, shard: str) -> None:
-        assert self.etcd is not None
         rng = random.Random(self.s.seed * 1000 + w)
         client: AccordClient | None = None
         i = 0
         while not self._stop.is_set():
             if client is None:
                 try:
-                    client = await AccordClient.from_etcd(self.etcd.url, shard=shard, timeout_s=30)
+                    client = await AccordClient.from_etcd(self.etcd_url, shard=shard, timeout_s=30)
                 except UnavailableError:
                     await asyncio.sleep(0.3)
                     continue
@@ -257,7 +344,7 @@ class Chaos:
                 result, error = await self._run_op(client, op, work, key)
             finally:
                 self._inflight[shard] -= 1
-            self._record(w, op, key, shard, result, error)
+            self._record(w, op, key, shard, result, error, _banks(request))
         if client is not None:
             await client.close()
 
@@ -280,7 +367,14 @@ class Chaos:
                 return None, f"{e.code.name}: {e}"
 
     def _record(
-        self, w: int, op: str, key: str, shard: str, result: TxnResult | None, error: str
+        self,
+        w: int,
+        op: str,
+        key: str,
+        shard: str,
+        result: TxnResult | None,
+        error: str,
+        banks: frozenset[str] = frozenset(),
     ) -> None:
         if result is None:
             outcome = "info"
@@ -304,6 +398,12 @@ class Chaos:
         )
         if outcome == "ok" and shard in self._killed_at:
             self.stats.kill_to_commit_s.append(time.monotonic() - self._killed_at.pop(shard))
+        if outcome == "ok" and self._watches:
+            now = time.monotonic()
+            for watch in list(self._watches):
+                if watch.shard in (None, shard) and (watch.bank is None or watch.bank in banks):
+                    self._watches.remove(watch)
+                    self.stats.recover_s.setdefault(watch.kind, []).append(now - watch.healed_at)
         self._on_progress(self)
 
     # ------------------------------------------------------------ faults
@@ -346,8 +446,44 @@ class Chaos:
                 return node
         return None
 
+    def _skip(self, fault: str) -> None:
+        """A fault chosen but not injectable now (no live owner, a member already
+        down...): counted, and with ``net`` tried again later in the round (thrice)."""
+        self.stats.skipped[fault] += 1
+        if self.s.net and self.stats.skipped[fault] <= 3:
+            self._deck.insert(0, fault)
+
+    def _next_fault(self) -> str:
+        """The next fault: a seeded choice; with ``net``, a seeded deck instead (each
+        kind once per round, in a shuffled order), so a short run injects every kind."""
+        if not self.s.net:
+            return self.rng.choice(self.s.faults)
+        if not self._deck:
+            self._deck = list(self.s.faults)
+            self.rng.shuffle(self._deck)
+        return self._deck.pop()
+
+    async def _supervise(self, pending: list[asyncio.Task[None]]) -> None:
+        """Starts again every coordinator that stopped by itself as fenced (exit 75: it
+        lost its lease, say after its etcd links failed for longer than the TTL), as a
+        process supervisor would."""
+        while not self._stop.is_set():
+            for node in self.nodes.values():
+                if (
+                    node.kind == "coordinator"
+                    and node.name not in self._restarting
+                    and node.proc.returncode == 75
+                ):
+                    self.stats.fenced_exits += 1
+                    self._restarting.add(node.name)
+                    pending.append(asyncio.create_task(self._restart(node, 0.5)))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await self._stop.wait()
+
     async def _faults(self) -> None:
         pending: list[asyncio.Task[None]] = []
+        supervisor = asyncio.create_task(self._supervise(pending))
         while not self._stop.is_set():
             try:
                 wait = self.rng.expovariate(1 / self.s.fault_every_s)
@@ -356,7 +492,7 @@ class Chaos:
                 break
             except TimeoutError:
                 pass
-            fault = self.rng.choice(self.s.faults)
+            fault = self._next_fault()
             if fault == "kill-coordinator":
                 shard = self.rng.choice(self.shards)
                 node = self._owner(shard)
@@ -409,22 +545,170 @@ class Chaos:
                     if not node.proc.alive():
                         break
                     await asyncio.sleep(0.1)
-                if not node.proc.alive():
+                if not node.proc.alive() and node.name not in self._restarting:
+                    self._restarting.add(node.name)  # not the supervisor's too
                     pending.append(asyncio.create_task(self._restart(node, 1)))
             elif fault == "etcd":
-                assert self.etcd is not None
-                self.etcd.stop()
+                members = [m for m in self.etcd_members if m.alive()]
+                for m in members:
+                    m.stop()
                 self._fault("etcd-stop", "etcd")
                 await asyncio.sleep(self.rng.uniform(1, 4))
-                await self.etcd.start_async()
+                await asyncio.gather(*(m.start_async(60) for m in members))
                 self._fault("etcd-start", "etcd")
+            elif fault == "kill-etcd-member":
+                member = self.rng.choice(self.etcd_members)
+                if any(not m.alive() for m in self.etcd_members):
+                    self._skip(fault)
+                    continue  # one member down at most: the cluster keeps its quorum
+                member.kill()
+                self._fault("kill-etcd-member", member.name)
+                pending.append(
+                    asyncio.create_task(self._restart_etcd(member, self.rng.uniform(1, 4)))
+                )
+            else:
+                await self._net_fault(fault, pending)
+        await supervisor
         for task in pending:
             await task  # a process that cannot be started again fails the run
 
+    async def _restart_etcd(self, member: EtcdServer, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await member.start_async(60)
+        self._fault("restart", member.name)
+
+    # ------------------------------------------------------------ network faults
+
+    def _net_hold_s(self) -> float:
+        lo, hi = self.s.net_fault_s
+        return self.rng.uniform(lo, hi)
+
+    def _link(self) -> tuple[str, Node, str] | None:
+        """A shard, its owner and a bank (seeded), or None without a live owner."""
+        shard = self.rng.choice(self.shards)
+        bank = self.rng.choice(self.banks)
+        owner = self._owner(shard)
+        if owner is None or self.nodes[bank].proc.paused or bank in self._restarting:
+            return None
+        return shard, owner, bank
+
+    async def _net_fault(self, fault: str, pending: list[asyncio.Task[None]]) -> None:
+        """Injects one network fault, holds it for a seeded time, heals it."""
+        assert self.lab is not None
+        lab = self.lab
+        injected: list[NetFault] = []
+        # (shard, bank) of the link to time after the heal (None: any).
+        watch: tuple[str | None, str | None] | None = None
+        target = ""
+        detail: dict[str, Any] = {}
+        try:
+            if fault in ("partition", "partition-one-way", "latency", "loss"):
+                link = self._link()
+                if link is None:
+                    self._skip(fault)
+                    return
+                shard, owner, bank = link
+                target, watch = f"{owner.name}<->{bank}", (shard, bank)
+                if fault == "partition":
+                    injected.append(lab.partition(owner.name, bank))
+                elif fault == "partition-one-way":
+                    # Which way is seeded too: requests lost, or answers lost.
+                    a, b = (owner.name, bank) if self.rng.random() < 0.5 else (bank, owner.name)
+                    target = f"{a}->{b}"
+                    injected.append(lab.partition(a, b, one_way=True))
+                else:
+                    impair = (
+                        {"delay_ms": 50.0, "jitter_ms": 20.0}
+                        if fault == "latency"
+                        else {"loss_pct": 5.0}
+                    )
+                    detail = dict(impair)
+                    try:
+                        injected.append(lab.impair(owner.name, peer=bank, **impair))
+                        injected.append(lab.impair(bank, peer=owner.name, **impair))
+                    except NotImplementedError:
+                        self._skip(fault)
+                        watch = None
+                        return
+            elif fault == "cut-etcd":
+                shard = self.rng.choice(self.shards)
+                cut_off = self._owner(shard)
+                if cut_off is None:
+                    self._skip(fault)
+                    return
+                target, watch = cut_off.name, (shard, None)
+                for m in self.etcd_members:
+                    injected.append(lab.partition(cut_off.name, m.name))
+                detail = {"shard": shard}
+            elif fault == "cut-prepared":
+                found = await self._cut_prepared(injected)
+                if found is None:
+                    self._skip(fault)
+                    return
+                bank, prepared = found
+                target, detail = bank, {"prepared_branches": prepared}
+                watch = (None, bank)
+            elif fault == "partition-etcd-member":
+                if any(not m.alive() for m in self.etcd_members):
+                    self._skip(fault)
+                    return
+                member = self.rng.choice(self.etcd_members)
+                target = member.name
+                injected.append(lab.isolate(member.name))
+            else:
+                raise ValueError(f"unknown fault {fault!r}")
+            held = self._net_hold_s()
+            if fault == "cut-etcd":
+                # Long enough for the lease to expire: the standby takes the shard over.
+                held += self.s.ttl_s
+            self._fault(fault, target, held_s=round(held, 2), **detail)
+            await asyncio.sleep(held)
+        finally:
+            for f in reversed(injected):
+                f.heal()
+            if injected:
+                self.history.fault("net-heal", target, {"fault": fault})
+                if watch is not None:
+                    self._watches.append(_HealWatch(fault, watch[0], watch[1], time.monotonic()))
+        # cut-etcd: the owner stopped calling participants when its lease went
+        # unrenewed; once etcd answers it again it finds the lease gone and stops (exit
+        # 75), and the supervisor starts it again as the standby.
+
+    async def _cut_prepared(self, injected: list[NetFault]) -> tuple[str, int] | None:
+        """Cuts a bank off from every coordinator at a moment it holds prepared branches
+        (bounded tries: cut, look, heal at once if it held none); None if none did."""
+        assert self.lab is not None
+        coordinators = [n.name for n in self.nodes.values() if n.kind == "coordinator"]
+        for _ in range(20):
+            bank = self.rng.choice(self.banks)
+            node = self.nodes[bank]
+            if not node.proc.alive() or node.proc.paused or bank in self._restarting:
+                continue
+            cut = [self.lab.partition(bank, c) for c in coordinators]
+            try:
+                held = (await self._bank_state(bank)).prepared_branches
+            except (AccordClientError, OSError, TimeoutError, Exception):
+                held = 0
+            if held > 0:
+                injected.extend(cut)
+                return bank, held
+            for f in cut:
+                f.heal()
+            await asyncio.sleep(0.05)
+        return None
+
+    def pending_recoveries(self) -> None:
+        """Counts the heals no transaction went through before the end of the run."""
+        for watch in self._watches:
+            self.stats.unrecovered[watch.kind] += 1
+        self._watches.clear()
+
     async def heal(self) -> None:
-        assert self.etcd is not None
-        if not self.etcd.alive():
-            await self.etcd.start_async()
+        if self.lab is not None:
+            self.lab.heal_all()
+        for member in self.etcd_members:
+            if not member.alive():
+                await member.start_async(60)
         for node in self.nodes.values():
             if node.proc.paused:
                 node.proc.resume()
@@ -438,10 +722,9 @@ class Chaos:
         return await balances(self.nodes[name].proc.address, timeout_s=5)
 
     async def coordinator_state(self) -> list[dict[str, Any]]:
-        assert self.etcd is not None
         out: list[dict[str, Any]] = []
         for shard in self.shards:
-            async with await AccordClient.from_etcd(self.etcd.url, shard=shard) as client:
+            async with await AccordClient.from_etcd(self.etcd_url, shard=shard) as client:
                 token = ""
                 while True:
                     txns, token = await client.list(limit=1000, page_token=token)
@@ -488,6 +771,12 @@ class Chaos:
             await asyncio.gather(*workers)
 
 
+def _banks(request: dict[str, Any]) -> frozenset[str]:
+    """The banks an operation's request names."""
+    parts = request.get("branches") or request.get("steps") or []
+    return frozenset(str(p["service"]) for p in parts)
+
+
 def percentile(values: list[float], p: float) -> float | None:
     if not values:
         return None
@@ -508,4 +797,5 @@ def copy_dbs(root: Path, banks: list[str], dest: Path) -> dict[str, Path]:
 def settings_dict(s: ChaosSettings) -> dict[str, Any]:
     d = asdict(s)
     d["out_dir"] = str(s.out_dir) if s.out_dir else None
+    d["net_fault_s"] = list(s.net_fault_s)
     return d

@@ -25,8 +25,9 @@ with invocations that never completed; they count as ``info``.
 "account", "amount", "depends_on": [...], "pivot": bool}, ...]}``.
 
 Faults: ``{"type": "fault", "fault": "kill"|"restart"|"pause"|"resume"|"etcd-stop"|
-"etcd-start"|"power-loss"|"heal", "target": "coordinator-1"|"bank-2"|"etcd", "time",
-"wall", "detail": {...}}``. The end: ``{"type": "quiescent", "time", "wall",
+"etcd-start"|"power-loss"|"heal"|..., "target": "coordinator-1"|"bank-2"|"etcd", "time",
+"wall", "detail": {...}}`` (:data:`FAULTS`: the network faults of ``accord chaos --net``
+too, each ended by a ``net-heal`` of the same target). The end: ``{"type": "quiescent", "time", "wall",
 "after_heal_s"}`` once nothing was in doubt any more.
 """
 
@@ -50,6 +51,9 @@ OPS: frozenset[str] = frozenset({"transfer", "saga"})
 COMPLETIONS: frozenset[str] = frozenset({"ok", "fail", "info"})
 FAULTS: frozenset[str] = frozenset(
     {"kill", "restart", "pause", "resume", "etcd-stop", "etcd-start", "power-loss", "heal"}
+    # Network faults (accord chaos --net) and an etcd cluster's; "net-heal" ends one.
+    | {"partition", "partition-one-way", "cut-etcd", "cut-prepared", "latency", "loss"}
+    | {"kill-etcd-member", "partition-etcd-member", "net-heal"}
 )
 
 #: Transaction states a client may be told, by what they mean for the history.

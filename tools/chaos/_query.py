@@ -18,24 +18,28 @@ import grpc
 
 import accord.v1 as pb
 from accord.common.transport import make_channel
-from accord.tools.topology import ManagedProcess, Topology, accord_argv
+from accord.tools.topology import ManagedProcess, NetHost, Topology, accord_argv
 
 READ_MODEL = "read-model"
 #: How long the read model may take to catch up with the coordinators at quiescence.
 CONVERGE_S = 30.0
 
 
-def start_query(topology: Topology, etcd_url: str, root: Path) -> ManagedProcess:
-    """The query service of a chaos run (its store in ``ROOT/query.db``)."""
+def start_query(
+    topology: Topology, etcd_url: str, root: Path, host: NetHost | None = None
+) -> ManagedProcess:
+    """The query service of a chaos run (its store in ``ROOT/query.db``), on ``host``
+    if given."""
+    ip = host.ip if host is not None else "127.0.0.1"
     args = [
         "query",
-        *("--listen", "127.0.0.1:0"),
+        *("--listen", f"{ip}:0"),
         *("--db", str(root / "query.db")),
         *("--etcd", etcd_url),
-        *("--http", "127.0.0.1:0"),
+        *("--http", f"{ip}:0"),
         *("--id", "chaos-query"),
     ]
-    proc = topology.process("query", accord_argv(args), cert="query")
+    proc = topology.process("query", accord_argv(args), cert="query", host=host)
     return topology.start(proc)
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from accord.common import runner
-from accord.common.transport import configured
+from accord.common.transport import TransportSettings, configured
 from accord.tools.chaos._harness import (
     Chaos,
     ChaosSettings,
@@ -27,14 +28,20 @@ from accord.tools.chaos._query import compare as compare_read_model
 from accord.tools.chaos._query import start_query
 from accord.tools.topology import PostgresServer, Topology, workdir
 
+if TYPE_CHECKING:
+    from accord.participants._audit import AuditRow
+
 
 def run_chaos(s: ChaosSettings, *, console: Console | None) -> dict[str, Any]:
     """Runs the test; returns the report (also saved as ``report.json`` in the run's
     directory, with the history, the databases and every process's log)."""
     # A run printed to a console keeps its directory: the report names it.
     with workdir(s.out_dir, prefix="accord-chaos-", keep=console is not None) as root:
-        # With TLS, this process talks to the topology as "client" (tls_certs: its CA).
+        # With TLS, this process talks to the topology as "client" (tls_certs: its CA);
+        # with --net, in plain text to the lab's (non-loopback) addresses.
         client = Topology(root, certs=tls_certs(root)).transport() if s.tls else None
+        if s.net and client is None:
+            client = TransportSettings(insecure=True)
         with configured(client):
             report = runner.run(_run(s, root, console))
     if console is not None:
@@ -75,8 +82,10 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
         await asyncio.to_thread(chaos.start_topology)
         query_proc = None
         if s.query:
-            assert chaos.etcd is not None
-            query_proc = await asyncio.to_thread(start_query, chaos.topology, chaos.etcd.url, root)
+            host = chaos.lab.host("query") if chaos.lab is not None else None
+            query_proc = await asyncio.to_thread(
+                start_query, chaos.topology, chaos.etcd_url, root, host
+            )
         chaos.started = time.monotonic()
         with progress:
             ticker = asyncio.create_task(_tick(progress, task, chaos, s.duration_s))
@@ -84,6 +93,7 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
                 await chaos.run()
             finally:
                 ticker.cancel()
+            chaos.pending_recoveries()
             await chaos.heal()
             quiesce_s = await chaos.quiesce()
             coordinators = await chaos.coordinator_state()
@@ -102,6 +112,7 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
     initial = {f"{bank}-{i}": s.initial_balance for bank in chaos.banks for i in range(s.accounts)}
     save_json(root / "initial.json", initial)
     check = check_run(root, dbs, initial, coordinators, s.recovery_bound_s)
+    owners = owner_overlaps(dbs)
     st = chaos.stats
     faults = _faults(root)
     report = {
@@ -135,11 +146,30 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
             "p50": percentile(st.kill_to_commit_s, 50),
             "p99": percentile(st.kill_to_commit_s, 99),
         },
+        "network": {
+            "net": s.net,
+            "etcd_members": s.etcd_members,
+            # Seconds from a network fault's heal to the first transaction that
+            # succeeded through the healed link, by fault kind.
+            "recover_after_heal_s": {
+                kind: {
+                    "n": len(v),
+                    "p50": percentile(v, 50),
+                    "max": round(max(v), 3),
+                }
+                for kind, v in sorted(st.recover_s.items())
+            },
+            "unrecovered_at_end": dict(st.unrecovered),
+            "fenced_exits": st.fenced_exits,
+            "skipped": dict(st.skipped),
+        },
+        "owners": owners,
         "violations": [
             {"name": v["name"], "message": v["message"], "gid": v["gid"]}
             for v in check["violations"]
         ]
-        + (read_model["violations"] if read_model is not None else []),
+        + (read_model["violations"] if read_model is not None else [])
+        + [{"name": "owner-overlap", "message": o, "gid": ""} for o in owners["overlap_examples"]],
         "checks": check["checks"],
         "examples": check["examples"],
         "stuck": check.get("stuck", []),
@@ -148,6 +178,47 @@ async def _run(s: ChaosSettings, root: Path, console: Console | None) -> dict[st
         report["read_model"] = {k: v for k, v in read_model.items() if k != "violations"}
     save_json(root / "report.json", report)
     return report
+
+
+def owner_overlaps(dbs: dict[str, Path]) -> dict[str, Any]:
+    """Whether two owners of a shard ever acted at once, as the banks saw it: each
+    accepted coordinator call is audited with its shard, fencing epoch and wall time (one
+    clock: every process runs on this machine). An owner of epoch ``e`` acting after an
+    owner of a higher epoch first acted is an overlap (a violation ``owner-overlap``).
+    Calls refused as FENCED are counted: fencing at work, not an overlap. (The checker's
+    invariants cannot see an overlap as such: they judge outcomes, and an overlap only
+    breaks one when both owners touch the same transaction.)"""
+    from accord.participants._audit import read_audit
+
+    return overlaps_in([row for path in dbs.values() for row in read_audit(path)])
+
+
+def overlaps_in(rows: Iterable[AuditRow]) -> dict[str, Any]:
+    """:func:`owner_overlaps` on audit rows (of every bank)."""
+    first: dict[tuple[str, int], float] = {}
+    last: dict[tuple[str, int], float] = {}
+    fenced = 0
+    for row in rows:
+        if row.source != "coordinator" or not row.shard:
+            continue
+        if row.outcome.value == "FENCED":
+            fenced += 1
+            continue
+        k = (row.shard, row.epoch)
+        first[k] = min(first.get(k, row.at), row.at)
+        last[k] = max(last.get(k, row.at), row.at)
+    examples = []
+    for (shard, epoch), end in sorted(last.items()):
+        for (other, later), start in sorted(first.items()):
+            if other == shard and later > epoch and start < end:
+                examples.append(
+                    f"shard {shard}: epoch {epoch} acted until {end:.3f}, after epoch "
+                    f"{later} began at {start:.3f} ({end - start:.3f} s overlap)"
+                )
+    epochs: dict[str, int] = {}
+    for shard, _ in first:
+        epochs[shard] = epochs.get(shard, 0) + 1
+    return {"epochs_seen": epochs, "fenced_calls": fenced, "overlap_examples": examples[:20]}
 
 
 def snapshot_postgres(server: PostgresServer, urls: dict[str, str], dest: Path) -> dict[str, Path]:
@@ -217,6 +288,19 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
         ("participant kills", str(r["participant_kills"])),
         ("other faults", ", ".join(f"{k} {v}" for k, v in sorted(r["faults"].items()))),
         ("in flight at coordinator kills", str(r["in_doubt_at_kill"])),
+        (
+            "recovery after a healed network fault (first txn through the link)",
+            ", ".join(
+                f"{k} p50 {v['p50']} s max {v['max']} s (n {v['n']})"
+                for k, v in r["network"]["recover_after_heal_s"].items()
+            )
+            or "-",
+        ),
+        (
+            "owner epochs seen / calls refused as fenced / overlaps",
+            f"{sum(r['owners']['epochs_seen'].values())} / {r['owners']['fenced_calls']} / "
+            f"{len(r['owners']['overlap_examples'])}",
+        ),
         ("quiescent after healing", f"{r['quiescent_after_heal_s']} s"),
         (
             "restart to ready p50 / p99",
