@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib
 import ipaddress
 import json
 import os
@@ -384,15 +383,13 @@ class NetLab:
         jitter_ms: float = 0,
         loss_pct: float = 0,
         peer: str | None = None,
+        seed: int | None = None,
     ) -> Fault:
         """Latency and loss on the host's egress (towards ``peer`` only if given); see
-        :mod:`accord.tools.topology._impair`."""
-        try:
-            # Written by the link-impairment work (s-delay); imported late so a lab
-            # works without it.
-            _impair = importlib.import_module("accord.tools.topology._impair")
-        except ModuleNotFoundError as e:
-            raise NotImplementedError("link impairment needs tools/topology/_impair.py") from e
+        :mod:`accord.tools.topology._impair` (``seed`` draws the jitter; the kernel
+        draws the losses)."""
+        from accord.tools.topology import _impair
+
         host = self.hosts[name]
         peer_ip = self._ip_of(peer) if peer is not None else None
         with self._lock:
@@ -403,6 +400,7 @@ class NetLab:
                 jitter_ms=jitter_ms,
                 loss_pct=loss_pct,
                 peer_ip=peer_ip,
+                seed=seed,
             )
             fault = Fault("impair", (name, *((peer,) if peer else ())), impairment.heal)
             self.faults.append(fault)
