@@ -13,6 +13,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -25,6 +26,7 @@ from accord.client import (
     AccordClientError,
     Branch,
     SagaStep,
+    SyncAccordClient,
     TxnResult,
     UnavailableError,
 )
@@ -229,7 +231,21 @@ async def test_many_calls_answered_out_of_order(cluster: Cluster) -> None:
         assert r.idempotency_key == f"mix-{i}"
         assert r.committed == (amt < 10**12), (i, amt, r.state)
     moved = sum(a for a in amounts if a < 10**12) + 20
-    assert (await balances(services["bank-b"])).total == moved
+
+    # The synchronous wrapper, called from several threads at once, on the stream.
+    def sync_calls() -> list[TxnResult]:
+        with (
+            SyncAccordClient(coord.address, session="session") as sync,
+            ThreadPoolExecutor(4) as pool,
+        ):
+            got = list(
+                pool.map(lambda i: sync.execute(transfer(), idempotency_key=f"s{i}"), range(8))
+            )
+            assert sync._client._stub.session_calls == 8  # type: ignore[attr-defined]
+            return got
+
+    assert all(r.committed for r in await asyncio.to_thread(sync_calls))
+    assert (await balances(services["bank-b"])).total == moved + 8
 
 
 async def test_coordinator_killed_mid_session(cluster: Cluster) -> None:
