@@ -18,8 +18,10 @@ with its idempotency key) is the same on both paths. It chooses per call:
   the stream, failing every call on it; unary it fails alone, as it always did).
 
 :class:`Session` keeps the call-id bookkeeping: a call is a future in ``pending`` under a
-fresh id, answered by id (out of order) by the reader task; a writer task sends what was
-queued. A call's ``timeout`` is kept here (DEADLINE_EXCEEDED, as gRPC says it); a late
+fresh id, answered by id (out of order) by the reader task; a writer task sends every
+call queued since its last write as one message (a batch, cut at about
+:data:`BATCH_BYTES`: a stream message costs grpc.aio much of what a unary call costs, so
+one message per call would save little). A call's ``timeout`` is kept here (DEADLINE_EXCEEDED, as gRPC says it); a late
 answer is dropped. When the stream ends, every call still pending fails:
 
 - calls never handed to the stream (queued behind the break) are sent again, unary:
@@ -63,6 +65,9 @@ MAX_SESSION_CALLS = 1024
 #: How the coordinator's refusal for its per-session limit begins (coordinator.proto).
 SESSION_LIMIT_PREFIX = "session limit:"
 
+#: A request message is sent once it holds about this many bytes.
+BATCH_BYTES = 1024 * 1024
+
 #: The session methods: the unary method's name -> the ``SessionRequest`` field.
 FIELDS = {
     "Execute": "execute",
@@ -89,14 +94,16 @@ class Session:
         self._loop = asyncio.get_running_loop()
         self._ids = itertools.count(1)
         #: Calls awaiting their answer, by call id.
-        self.pending: dict[int, asyncio.Future[pb.SessionResponse]] = {}
-        self._queue: list[pb.SessionRequest] = []
+        self.pending: dict[int, asyncio.Future[pb.SessionResult]] = {}
+        #: Calls not yet handed to the stream (with their sizes).
+        self._queue: list[tuple[pb.SessionCall, int]] = []
         self._wake = asyncio.Event()
         #: Why the stream ended (None while it works): a broken session takes no call.
         self.broken: str | None = None
         #: The coordinator has no Session (UNIMPLEMENTED).
         self.unsupported = False
         self.calls_sent = 0
+        self.messages_sent = 0
         self._call: Any = stub.Session(metadata=tuple(metadata) or None)
         self._reader = self._loop.create_task(self._read())
         self._writer = self._loop.create_task(self._write())
@@ -109,7 +116,7 @@ class Session:
         if self.broken is not None:
             raise _NotSent(self.broken)
         call_id = next(self._ids)
-        msg = pb.SessionRequest(call_id=call_id)
+        msg = pb.SessionCall(call_id=call_id)
         getattr(msg, field).CopyFrom(request)
         if trace_md:
             for k, v in trace_md:
@@ -117,9 +124,9 @@ class Session:
                     msg.traceparent = v
                 elif k == "tracestate":
                     msg.tracestate = v
-        fut: asyncio.Future[pb.SessionResponse] = self._loop.create_future()
+        fut: asyncio.Future[pb.SessionResult] = self._loop.create_future()
         self.pending[call_id] = fut
-        self._queue.append(msg)
+        self._queue.append((msg, request.ByteSize()))
         self._wake.set()
         timer = (
             self._loop.call_later(timeout_s, self._expire, call_id)
@@ -152,18 +159,33 @@ class Session:
         try:
             while True:
                 await self._wake.wait()
+                # One more loop iteration: the callers woken by the same event (a
+                # response batch) join this message instead of the next one.
+                await asyncio.sleep(0)
                 self._wake.clear()
                 queue, self._queue = self._queue, []
-                for i, msg in enumerate(queue):
-                    if msg.call_id not in self.pending:
+                pending = self.pending
+                batches: list[list[tuple[pb.SessionCall, int]]] = [[]]
+                size = 0
+                for entry in queue:
+                    if entry[0].call_id not in pending:
                         continue  # expired before it went out
+                    if size and size + entry[1] > BATCH_BYTES:
+                        batches.append([])
+                        size = 0
+                    batches[-1].append(entry)
+                    size += entry[1]
+                for i, batch in enumerate(batches):
+                    if not batch:
+                        continue
                     try:
-                        await call.write(msg)
+                        await call.write(pb.SessionRequest(calls=[m for m, _ in batch]))
                     except BaseException:
                         # Those after it were never handed over; it may have been.
-                        self._queue[:0] = queue[i + 1 :]
+                        self._queue[:0] = [e for b in batches[i + 1 :] for e in b]
                         raise
-                    self.calls_sent += 1
+                    self.messages_sent += 1
+                    self.calls_sent += len(batch)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -180,9 +202,10 @@ class Session:
                 if msg is aio.EOF:
                     self._break(grpc.StatusCode.UNAVAILABLE, "the coordinator ended the session")
                     return
-                fut = pending.pop(msg.call_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
+                for result in msg.results:
+                    fut = pending.pop(result.call_id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(result)
         except asyncio.CancelledError:
             if self.broken is None:
                 self._break(grpc.StatusCode.UNAVAILABLE, "session cancelled")
@@ -200,7 +223,7 @@ class Session:
         self.broken = f"session broken: {code.name}: {why}"
         self.unsupported = code == grpc.StatusCode.UNIMPLEMENTED
         pending, self.pending = self.pending, {}
-        unsent = {m.call_id for m in self._queue}
+        unsent = {m.call_id for m, _ in self._queue}
         self._queue = []
         if pending:
             log.info("event=session_broken pending=%d why=%r", len(pending), self.broken)

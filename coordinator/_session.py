@@ -10,8 +10,10 @@ work on a transaction; on a stream a call is one message each way. Per stream:
   on an open session as it would on new unary calls (each later call UNAUTHENTICATED);
 - every call checks the caller's roles and runs the engine exactly as the unary RPC
   does (:class:`CallRunner`), so it ends with the same status code and message;
-- calls run concurrently, one task each, and are answered as they finish: one writer
-  sends every answer ready since its last write;
+- a request message carries a batch of calls; they run concurrently, one task each,
+  and are answered as they finish: every answer ready when the writer wakes goes out
+  in one response message (cut at about :data:`BATCH_BYTES`), since a stream message
+  costs grpc.aio a good part of what a unary call costs;
 - at most ``Limits.max_session_calls`` calls are in flight per stream: a call beyond it
   is answered RESOURCE_EXHAUSTED alone, the others go on;
 - each call may carry its W3C trace context (``traceparent``), made current for its
@@ -47,6 +49,8 @@ from accord.coordinator._specs import branch_from_pb, saga_from_pb
 
 log = logging.getLogger("accord.coordinator")
 
+#: A response message is sent once it holds about this many bytes (the limit is 4 MiB).
+BATCH_BYTES = 1024 * 1024
 #: An open session re-checks its token at most this often (seconds).
 REAUTH_EVERY_S = 1.0
 
@@ -80,7 +84,7 @@ class CallRunner:
         self._status_for = status_for
         self._traced = traced
 
-    async def run(self, request: pb.SessionRequest, p: Principal) -> pb.TransactionResponse:
+    async def run(self, request: pb.SessionCall, p: Principal) -> pb.TransactionResponse:
         try:
             p.require(Role.CLIENT)
             if self._traced and request.traceparent:
@@ -98,7 +102,7 @@ class CallRunner:
             log.exception("event=internal_error rpc=Session")
             raise CallFailed(grpc.StatusCode.INTERNAL, _INTERNAL) from None
 
-    async def _dispatch(self, request: pb.SessionRequest, p: Principal) -> Any:
+    async def _dispatch(self, request: pb.SessionCall, p: Principal) -> Any:
         e = self._e
         kind = request.WhichOneof("call")
         if kind == "execute":
@@ -181,7 +185,7 @@ class Session:
         self._max_calls = max_calls
         self._loop = asyncio.get_running_loop()
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._ready: list[pb.SessionResponse] = []
+        self._ready: list[pb.SessionResult] = []
         self._wake = asyncio.Event()
         self._reading = True
 
@@ -194,10 +198,23 @@ class Session:
         try:
             while True:
                 await self._wake.wait()
+                # One more loop iteration: calls ending on the same event (a WAL group
+                # commit, a batch of participant results) share the message.
+                await asyncio.sleep(0)
                 self._wake.clear()
                 ready, self._ready = self._ready, []
-                for response in ready:
-                    yield response
+                batch = pb.SessionResponse()
+                size = 0
+                for result in ready:
+                    n = result.ByteSize()
+                    if size and size + n > BATCH_BYTES:
+                        yield batch
+                        batch = pb.SessionResponse()
+                        size = 0
+                    batch.results.append(result)
+                    size += n
+                if batch.results:
+                    yield batch
                 if not self._reading and not self._tasks and not self._ready:
                     return
         finally:
@@ -210,12 +227,13 @@ class Session:
     async def _read(self, requests: AsyncIterator[pb.SessionRequest]) -> None:
         try:
             async for request in requests:
-                self._start(request)
+                for call in request.calls:
+                    self._start(call)
         finally:
             self._reading = False
             self._wake.set()
 
-    def _start(self, request: pb.SessionRequest) -> None:
+    def _start(self, request: pb.SessionCall) -> None:
         call_id = request.call_id
         if call_id in self._tasks:
             self._answer_error(
@@ -238,13 +256,13 @@ class Session:
             return
         self._tasks[call_id] = self._loop.create_task(self._call(call_id, request, p))
 
-    async def _call(self, call_id: int, request: pb.SessionRequest, p: Principal) -> None:
+    async def _call(self, call_id: int, request: pb.SessionCall, p: Principal) -> None:
         try:
             response = await self._runner.run(request, p)
         except CallFailed as f:
             self._answer_error(call_id, f.code, f.message)
         else:
-            self._answer(pb.SessionResponse(call_id=call_id, response=response))
+            self._answer(pb.SessionResult(call_id=call_id, response=response))
         finally:
             self._tasks.pop(call_id, None)
             if not self._tasks and not self._reading:
@@ -252,11 +270,11 @@ class Session:
 
     def _answer_error(self, call_id: int, code: grpc.StatusCode, message: str) -> None:
         self._answer(
-            pb.SessionResponse(
+            pb.SessionResult(
                 call_id=call_id, error=pb.CallStatus(code=code.value[0], message=message)
             )
         )
 
-    def _answer(self, response: pb.SessionResponse) -> None:
+    def _answer(self, response: pb.SessionResult) -> None:
         self._ready.append(response)
         self._wake.set()

@@ -197,14 +197,21 @@ async def test_many_calls_answered_out_of_order(cluster: Cluster) -> None:
     coord = cluster.coordinator(services)
     async with make_channel(coord.address) as channel:
         call = pb.CoordinatorStub(channel).Session()
-        await call.write(pb.SessionRequest(call_id=7, start_saga=slow_saga(dead, "slow")))
-        for i in range(20):
-            req = pb.ExecuteRequest(
-                idempotency_key=f"fast-{i}", branches=[b.to_pb() for b in transfer()]
-            )
-            await call.write(pb.SessionRequest(call_id=100 + i, execute=req))
+        first = pb.SessionCall(call_id=7, start_saga=slow_saga(dead, "slow"))
+        await call.write(pb.SessionRequest(calls=[first]))
+        for i in range(0, 20, 4):  # in messages of four calls
+            calls = [
+                pb.SessionCall(
+                    call_id=100 + j,
+                    execute=pb.ExecuteRequest(
+                        idempotency_key=f"fast-{j}", branches=[b.to_pb() for b in transfer()]
+                    ),
+                )
+                for j in range(i, i + 4)
+            ]
+            await call.write(pb.SessionRequest(calls=calls))
         await call.done_writing()
-        answers = [msg async for msg in call]
+        answers = [r async for msg in call for r in msg.results]
     order = [a.call_id for a in answers]
     assert sorted(order) == [7, *range(100, 120)]
     assert order[-1] == 7  # the slow one, sent first, answered last
@@ -360,11 +367,12 @@ async def test_limits_and_bad_input(cluster: Cluster) -> None:
     coord = cluster.coordinator(services, extra=["--max-session-calls", "4"])
     async with make_channel(coord.address) as channel:
         call = pb.CoordinatorStub(channel).Session()
-        await call.write(pb.SessionRequest(call_id=9))  # no call in it
-        for i in range(6):  # four in flight, then two over the limit
-            await call.write(pb.SessionRequest(call_id=i + 1, start_saga=slow_saga(dead)))
+        empty = pb.SessionCall(call_id=9)  # no call in it
+        await call.write(pb.SessionRequest(calls=[empty]))
+        slow = [pb.SessionCall(call_id=i + 1, start_saga=slow_saga(dead)) for i in range(6)]
+        await call.write(pb.SessionRequest(calls=slow))  # four in flight, two over the limit
         await call.done_writing()
-        answers = {msg.call_id: msg async for msg in call}
+        answers = {r.call_id: r async for msg in call for r in msg.results}
         assert await call.code() == grpc.StatusCode.OK
     over = [i for i, a in answers.items() if a.HasField("error") and a.error.code == 8]
     assert sorted(over) == [5, 6]
@@ -383,15 +391,19 @@ async def test_limits_and_bad_input(cluster: Cluster) -> None:
         )
         call = raw()
         good = pb.SessionRequest(
-            call_id=1, execute=pb.ExecuteRequest(branches=[b.to_pb() for b in transfer()])
+            calls=[
+                pb.SessionCall(
+                    call_id=1, execute=pb.ExecuteRequest(branches=[b.to_pb() for b in transfer()])
+                )
+            ]
         )
         await call.write(good.SerializeToString())
         await asyncio.sleep(0.5)
         await call.write(b"\xff\xff\xff\xff")
-        got: list[pb.SessionResponse] = []
+        got: list[pb.SessionResult] = []
         with pytest.raises(aio.AioRpcError) as refused:
             async for msg in call:
-                got.append(msg)
+                got.extend(msg.results)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert [m.call_id for m in got] == [1]
         assert got[0].response.transaction.state == pb.TXN_STATE_COMMITTED

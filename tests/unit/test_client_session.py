@@ -19,15 +19,22 @@ class FakeCall:
     """A ``Session`` stream: what the client wrote, and answers the test feeds it."""
 
     def __init__(self) -> None:
-        self.written: list[pb.SessionRequest] = []
+        #: Every call written, in order (from however many messages).
+        self.written: list[pb.SessionCall] = []
+        self.messages = 0
         self.inbox: asyncio.Queue[Any] = asyncio.Queue()
         self.cancelled = False
         self.write_error: BaseException | None = None
+        #: When set, a write waits for it (a stream whose flow control is closed).
+        self.gate: asyncio.Event | None = None
 
     async def write(self, msg: pb.SessionRequest) -> None:
         if self.write_error is not None:
             raise self.write_error
-        self.written.append(msg)
+        if self.gate is not None:
+            await self.gate.wait()
+        self.messages += 1
+        self.written.extend(msg.calls)
 
     async def read(self) -> Any:
         item = await self.inbox.get()
@@ -40,16 +47,14 @@ class FakeCall:
 
     def answer(self, call_id: int, gid: str) -> None:
         txn = pb.Transaction(gid=gid, state=pb.TXN_STATE_COMMITTED)
-        self.inbox.put_nowait(
-            pb.SessionResponse(call_id=call_id, response=pb.TransactionResponse(transaction=txn))
-        )
+        result = pb.SessionResult(call_id=call_id, response=pb.TransactionResponse(transaction=txn))
+        self.inbox.put_nowait(pb.SessionResponse(results=[result]))
 
     def fail(self, call_id: int, code: grpc.StatusCode, message: str) -> None:
-        self.inbox.put_nowait(
-            pb.SessionResponse(
-                call_id=call_id, error=pb.CallStatus(code=code.value[0], message=message)
-            )
+        result = pb.SessionResult(
+            call_id=call_id, error=pb.CallStatus(code=code.value[0], message=message)
         )
+        self.inbox.put_nowait(pb.SessionResponse(results=[result]))
 
 
 class FakeRaw:
@@ -94,7 +99,7 @@ def req(key: str, size: int = 0) -> pb.ExecuteRequest:
     return pb.ExecuteRequest(idempotency_key=key, branches=[branch])
 
 
-async def written(call: FakeCall, n: int) -> list[pb.SessionRequest]:
+async def written(call: FakeCall, n: int) -> list[pb.SessionCall]:
     for _ in range(200):
         if len(call.written) >= n:
             return call.written
@@ -111,6 +116,7 @@ async def test_ids_and_answers_out_of_order() -> None:
     assert len(set(ids)) == 3 and ids == sorted(ids)
     assert [m.execute.idempotency_key for m in sent] == ["k0", "k1", "k2"]
     assert raw.metadata == [(("authorization", "Bearer t"),)]
+    assert call.messages == 1  # made in one tick: one message
     for m in reversed(sent):  # answered last to first
         call.answer(m.call_id, f"gid-{m.execute.idempotency_key}")
     results = await asyncio.gather(*tasks)
@@ -138,7 +144,7 @@ async def test_an_error_answer_is_the_unary_error() -> None:
     await s.close()
 
 
-async def written_first(raw: FakeRaw, n: int = 1) -> list[pb.SessionRequest]:
+async def written_first(raw: FakeRaw, n: int = 1) -> list[pb.SessionCall]:
     for _ in range(200):
         if raw.calls:
             return await written(raw.calls[0], n)
@@ -185,13 +191,13 @@ async def test_calls_never_written_go_unary() -> None:
     s, raw, unary = stub()
     first = asyncio.create_task(s.Execute(req("k0"), timeout=5))
     await written_first(raw)
-    raw.calls[0].write_error = RuntimeError("stream gone")
-    # Queued together: the write of the first of them fails, the second is never made.
+    raw.calls[0].gate = asyncio.Event()  # the next write hangs
     second = asyncio.create_task(s.Execute(req("k1"), timeout=5))
-    third = asyncio.create_task(s.Execute(req("k2"), timeout=5))
+    await asyncio.sleep(0.01)
+    third = asyncio.create_task(s.Execute(req("k2"), timeout=5))  # queued behind it
     await asyncio.sleep(0.01)
     raw.calls[0].inbox.put_nowait(aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "x"))
-    for t in (first, second):  # written, or maybe written: their fate is unknown
+    for t in (first, second):  # written, or being written: their fate is unknown
         with pytest.raises(aio.AioRpcError):
             await t
     assert (await third).transaction.gid == "unary-k2"  # never written: sent unary

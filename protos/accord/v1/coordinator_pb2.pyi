@@ -56,6 +56,26 @@ Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 class SessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    CALLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionCall]: ...
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___SessionCall] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+
+@_typing.final
+class SessionCall(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
     CALL_ID_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     TRACESTATE_FIELD_NUMBER: _builtins.int
@@ -95,7 +115,7 @@ class SessionRequest(_message.Message):
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
 
-Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+Global___SessionCall: _TypeAlias = SessionCall  # noqa: Y015
 
 @_typing.final
 class CallStatus(_message.Message):
@@ -127,6 +147,26 @@ Global___CallStatus: _TypeAlias = CallStatus  # noqa: Y015
 class SessionResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SessionResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionResponse: _TypeAlias = SessionResponse  # noqa: Y015
+
+@_typing.final
+class SessionResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
     CALL_ID_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
@@ -150,7 +190,7 @@ class SessionResponse(_message.Message):
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
-Global___SessionResponse: _TypeAlias = SessionResponse  # noqa: Y015
+Global___SessionResult: _TypeAlias = SessionResult  # noqa: Y015
 
 @_typing.final
 class BeginRequest(_message.Message):
