@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
+from opentelemetry.sdk.trace import TracerProvider
 
 import accord.v1 as pb
 from accord.client import (
@@ -31,10 +32,15 @@ from accord.client import (
     UnavailableError,
 )
 from accord.common.transport import make_channel
+from tests.integration._otlp import OtlpReceiver, Span
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, free_port, open_accounts
+from tests.integration.test_tracing import _one, client_tracing, receiver
+from tests.integration.test_tracing import _start as tracing_banks
+from tests.integration.test_tracing import transfer as tracing_transfer
 
 pytestmark = pytest.mark.integration
+__all__ = ["client_tracing", "receiver"]  # fixtures (tracing), shared with test_tracing
 
 A = "tok-client-a-" + "a" * 20
 B = "tok-client-b-" + "b" * 20
@@ -417,3 +423,38 @@ async def test_limits_and_bad_input(cluster: Cluster) -> None:
         assert (await refusal)[0] == "ResourceExhaustedError"
         assert all(r.committed for r in rs)
         assert c._stub.session is not None and c._stub.session.broken is None  # type: ignore[attr-defined]
+
+
+async def test_each_call_is_its_own_trace(
+    cluster: Cluster, receiver: OtlpReceiver, client_tracing: TracerProvider
+) -> None:
+    services = await tracing_banks(cluster, receiver)
+    coord = cluster.coordinator(services, env=receiver.env())
+    async with AccordClient(
+        coord.address, tracer_provider=client_tracing, session="session"
+    ) as client:
+        results = await asyncio.gather(*(client.execute(tracing_transfer(i + 1)) for i in range(3)))
+        assert client._stub.session_calls == 3  # type: ignore[attr-defined]
+    assert all(r.committed for r in results)
+
+    def complete(spans: list[Span]) -> bool:
+        roots = [s for s in spans if s.name == "accord.txn 2pc"]
+        handlers = [s for s in spans if s.name.startswith("accord.participant ")]
+        return len(roots) == 3 and len(handlers) >= 12
+
+    spans = receiver.wait_for(complete, what="3 roots and 12 participant spans")
+    for r in results:
+        client_span = _one(spans, "accord.client Execute", **{"accord.gid": r.gid})
+        assert client_span.kind == "CLIENT"
+        root = _one(spans, "accord.txn 2pc", **{"accord.gid": r.gid})
+        assert root.parent_id == client_span.span_id
+        assert root.trace_id == client_span.trace_id
+        # The participants' handler spans of this transaction are in its trace.
+        handlers = [
+            s
+            for s in spans
+            if s.name.startswith("accord.participant ") and s.attributes.get("accord.gid") == r.gid
+        ]
+        assert len(handlers) == 4
+        assert {s.trace_id for s in handlers} == {client_span.trace_id}
+    assert len({s.trace_id for s in spans}) == 3
