@@ -89,6 +89,7 @@ class BareCoordinator(pb.CoordinatorServicer):
     Begin = Enlist = Commit = Abort = GetTransaction = ListTransactions = _unimplemented
     QueryOutcome = CancelSaga = RetryTransaction = _unimplemented
     WatchTransaction = Subscribe = _unimplemented_stream
+    Session = _unimplemented_stream  # type: ignore[assignment]
 
     def __init__(self, services: dict[str, str], advertise: str) -> None:
         self._channels: list[aio.Channel] = []

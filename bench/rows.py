@@ -295,13 +295,17 @@ async def accord_client(
     tracer_provider: TracerProvider | None = None,
     *,
     transport: TransportSettings | None = None,
+    session: str = "unary",
 ) -> AsyncIterator[AccordClient]:
-    """One client, one channel, for the whole row."""
+    """One client, one channel, for the whole row. ``session``: the client's
+    ``session`` mode; unary unless a row says otherwise, so the rows that measured the
+    unary client before ``Coordinator/Session`` existed still do."""
     client = AccordClient(
         address,
         timeout_s=env.call_timeout_s,
         tracer_provider=tracer_provider,
         transport=transport,
+        session=session,
     )
     try:
         await client.wait_ready(timeout_s=env.start_timeout_s)
@@ -592,14 +596,17 @@ async def accord_2pc_stream(env: RowEnv) -> AsyncIterator[Target]:
 
 
 @asynccontextmanager
-async def static_2pc(env: RowEnv, *, transport: str) -> AsyncIterator[Target]:
-    """A coordinator with a static service map and two bank participants."""
+async def static_2pc(
+    env: RowEnv, *, transport: str, session: str = "unary"
+) -> AsyncIterator[Target]:
+    """A coordinator with a static service map and two bank participants; ``session``:
+    the client's session mode."""
     banks = await bank_participants(env, BANKS)
     addresses = {name: p.address for name, p in banks.items()}
     coord = await accord_coordinator(env, addresses, transport=transport)
     await open_bank_accounts(env, addresses)
     before = sum(t for t, _ in (await bank_state(addresses)).values())
-    async with accord_client(env, coord.address) as client:
+    async with accord_client(env, coord.address, session=session) as client:
         yield Target(
             factory=transfer_factory(client, transfer_plan(env)),
             processes={"coordinator": coord, **banks},
@@ -753,7 +760,7 @@ async def two_coordinators(env: RowEnv, *, transport: str) -> AsyncIterator[Targ
     for coord in coords.values():  # each one resolves both banks before any load
         async with accord_client(env, coord.address) as one:
             await first_commit(one, plan[0], env.start_timeout_s)
-    client = await AccordClient.from_etcd(etcd.url, timeout_s=env.call_timeout_s)
+    client = await AccordClient.from_etcd(etcd.url, timeout_s=env.call_timeout_s, session="unary")
     try:
         if len(client.shards) != len(coords):
             raise RowFailed(f"the sharded client sees shards {client.shards}, expected 2")
@@ -874,3 +881,20 @@ async def accord_saga(env: RowEnv) -> AsyncIterator[Target]:
             processes={"coordinator": coord, **banks},
             check=saga_check(client, addresses, before, tally),
         )
+
+
+# --------------------------------------------------------------------- streaming client
+# (its own block: the row, and its ratio against baseline-2pc, are s-session's)
+
+
+@row(
+    "2pc-stream-client",
+    "Accord 2PC as 2pc-stream (participant calls batched on one stream per bank), and the "
+    "client's Execute calls on one Coordinator/Session stream (AccordClient's automatic "
+    "session: on from 8 calls in flight, so concurrency 1 stays unary)",
+    baseline="baseline-2pc",
+)
+@asynccontextmanager
+async def accord_2pc_stream_client(env: RowEnv) -> AsyncIterator[Target]:
+    async with static_2pc(env, transport="stream", session="auto") as target:
+        yield target

@@ -37,6 +37,7 @@ from accord.client._errors import (
     UnavailableError,
     from_rpc_error,
 )
+from accord.client._session import DEFAULT_THRESHOLD, SessionStub
 from accord.client._states import FINAL_STATES, TxnState
 from accord.client._tracing import TracedStub, recording
 from accord.common.auth import bearer_metadata, check_token_destination
@@ -377,7 +378,12 @@ class _TokenStub:
 class _Conn:
     address: str
     channel: aio.Channel
+    #: A :class:`SessionStub` (Execute/StartSaga/Commit/Abort may go on its session).
     stub: pb.CoordinatorStub
+
+    async def close(self, grace: float | None = None) -> None:
+        await cast(SessionStub, self.stub).close()
+        await self.channel.close(grace)
 
 
 class AccordClient:
@@ -397,11 +403,25 @@ class AccordClient:
         connect: bool = True,
         tracer_provider: TracerProvider | None = None,
         token: str = "",
+        session: str = "auto",
+        session_threshold: int = DEFAULT_THRESHOLD,
     ) -> None:
         """``tracer_provider``: where client spans go (default: the global provider);
         each call then carries its span's W3C context to the coordinator. ``token``: a
         bearer token sent with every call (coordinators with auth on require one); it is
-        sent only over TLS or to a loopback address (:class:`TokenRefused` otherwise)."""
+        sent only over TLS or to a loopback address (:class:`TokenRefused` otherwise).
+
+        ``session``: how Execute, StartSaga, Commit and Abort travel: ``"auto"`` (the
+        default) on one ``Coordinator/Session`` stream per coordinator while
+        ``session_threshold`` or more of them are in flight, else as unary calls;
+        ``"unary"`` never on the stream; ``"session"`` always. Results, errors and
+        retry-safety are the same either way (see ``accord.client._session``)."""
+        if session not in ("auto", "unary", "session"):
+            raise ValueError(f"session must be auto, unary or session, not {session!r}")
+        if session_threshold < 1:
+            raise ValueError(f"session_threshold must be >= 1, not {session_threshold}")
+        self._session_mode = session
+        self._session_threshold = session_threshold
         self.address = address
         self._transport = transport
         self._token = token
@@ -428,6 +448,7 @@ class AccordClient:
         self._map_at = 0.0
         self._map_task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._conn: _Conn | None = None
         if connect:
             self._connect(address)
 
@@ -436,16 +457,27 @@ class AccordClient:
             t = self._transport or TransportSettings.from_env()
             check_token_destination(address, secure=t.tls or t.ca is not None)
         channel = make_channel(address, self._transport)
-        stub = pb.CoordinatorStub(channel)
+        raw = pb.CoordinatorStub(channel)
+        stub = raw
         if self._token:
             stub = cast(pb.CoordinatorStub, _TokenStub(stub, bearer_metadata(self._token)))
+        tracer = None
         if recording(self._tracer_provider):
             tracer = trace.get_tracer("accord.client", tracer_provider=self._tracer_provider)
             stub = cast(pb.CoordinatorStub, TracedStub(stub, tracer))
-        return _Conn(address, channel, stub)
+        session = SessionStub(
+            stub,
+            raw,
+            mode=self._session_mode,
+            threshold=self._session_threshold,
+            metadata=bearer_metadata(self._token),
+            tracer=tracer,
+        )
+        return _Conn(address, channel, cast(pb.CoordinatorStub, session))
 
     def _connect(self, address: str) -> None:
         conn = self._open(address)
+        self._conn = conn
         self.address, self._channel, self._stub = address, conn.channel, conn.stub
 
     @classmethod
@@ -459,6 +491,8 @@ class AccordClient:
         timeout_s: float = 60.0,
         tracer_provider: TracerProvider | None = None,
         token: str = "",
+        session: str = "auto",
+        session_threshold: int = DEFAULT_THRESHOLD,
     ) -> AccordClient:
         """A client of the coordinators registered in etcd (``token``: as in the
         constructor, sent to every coordinator).
@@ -497,6 +531,8 @@ class AccordClient:
             connect=False,
             tracer_provider=tracer_provider,
             token=token,
+            session=session,
+            session_threshold=session_threshold,
         )
         client._etcd, client._coordinator_id, client._shard = etcd, coordinator_id, shard
         client._sharded = not coordinator_id and not shard
@@ -540,7 +576,7 @@ class AccordClient:
             )
         if self.address not in {c.address for c in live}:
             chosen = random.choice(live)
-            old = self._channel
+            old = self._conn
             self._connect(chosen.address)
             if old is not None:
                 await old.close()
@@ -584,7 +620,7 @@ class AccordClient:
         self._map_at = time.monotonic()
         for c in stale:
             # Calls still running on a former owner may finish (or fail) on their own.
-            task = asyncio.get_running_loop().create_task(c.channel.close(grace=self._timeout))
+            task = asyncio.get_running_loop().create_task(c.close(grace=self._timeout))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         if stale:
@@ -738,10 +774,10 @@ class AccordClient:
             self._map_task.cancel()
             # Its own cancellation comes back as a value; ours still propagates.
             await asyncio.gather(self._map_task, return_exceptions=True)
-        if self._channel is not None:
-            await self._channel.close()
+        if self._conn is not None:
+            await self._conn.close()
         for conn in self._conns.values():
-            await conn.channel.close()
+            await conn.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
         if self._etcd_client is not None:
             client, self._etcd_client = self._etcd_client, None

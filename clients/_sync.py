@@ -9,6 +9,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from accord.client._client import AccordClient, Branch, TxnResult
+from accord.client._session import DEFAULT_THRESHOLD
 from accord.common.transport import TransportSettings
 
 T = TypeVar("T")
@@ -22,7 +23,12 @@ class SyncAccordClient:
         transport: TransportSettings | None = None,
         timeout_s: float = 60.0,
         token: str = "",
+        session: str = "auto",
+        session_threshold: int = DEFAULT_THRESHOLD,
     ) -> None:
+        """As :class:`AccordClient` (``session``: how calls travel). One thread calls
+        one method at a time, so ``auto`` only uses the stream when several threads
+        call at once."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="accord-client", daemon=True
@@ -30,7 +36,14 @@ class SyncAccordClient:
         self._thread.start()
 
         async def make() -> AccordClient:
-            return AccordClient(address, transport=transport, timeout_s=timeout_s, token=token)
+            return AccordClient(
+                address,
+                transport=transport,
+                timeout_s=timeout_s,
+                token=token,
+                session=session,
+                session_threshold=session_threshold,
+            )
 
         self._client = self._run(make())
 

@@ -45,6 +45,8 @@ class Limits:
     max_watchers: int = 1000
     #: Subscribe streams open at once, over all callers.
     max_subscribers: int = 64
+    #: Calls in flight on one Session stream (RESOURCE_EXHAUSTED for a call beyond it).
+    max_session_calls: int = 1024
 
 
 @dataclass(frozen=True, kw_only=True)

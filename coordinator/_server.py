@@ -50,6 +50,7 @@ from accord.common.grpc_safe import add_health, add_reflection, add_servicer
 from accord.common.runner import stop_on_signals
 from accord.common.telemetry import Telemetry, incoming_context
 from accord.common.transport import TransportSettings, bind, make_server
+from accord.coordinator import _session
 from accord.coordinator._calls import ParticipantCalls, Transport
 from accord.coordinator._config import CoordinatorConfig
 from accord.coordinator._engine import Engine
@@ -141,6 +142,8 @@ class CoordinatorServicer(pb.CoordinatorServicer):
         self._auth = auth
         #: Open WatchTransaction/Subscribe streams per caller (auth on only).
         self._watching: Counter[str] = Counter()
+        #: Runs Session calls as the unary handlers run them.
+        self._runner = _session.CallRunner(engine, status_for, traced=tracing)
 
     async def _caller(self, context: Any, *roles: Role) -> Principal:
         """The caller, when its token is valid and it holds one of ``roles``; otherwise
@@ -363,6 +366,22 @@ class CoordinatorServicer(pb.CoordinatorServicer):
             await stream.aclose()
         # The hub closed: the coordinator is stopping (resubscribe from the last LSN).
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is stopping")
+
+    async def Session(
+        self, request_iterator: AsyncIterator[pb.SessionRequest], context: Any
+    ) -> AsyncIterator[pb.SessionResponse]:
+        """Execute/StartSaga/Commit/Abort calls over one stream (``_session``): each
+        answered with the unary RPC's response or status."""
+        try:
+            caller = _session.Caller(self._auth, context.invocation_metadata())
+        except Unauthenticated as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+            return
+        session = _session.Session(
+            self._runner, caller, max_calls=self._e.config.limits.max_session_calls
+        )
+        async for response in session.serve(request_iterator):
+            yield response
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -443,6 +443,14 @@ def coordinator(
             help="watch and subscribe streams one caller may hold open (auth on; 0: no limit)",
         ),
     ] = 64,
+    max_session_calls: Annotated[
+        int,
+        typer.Option(
+            envvar="ACCORD_MAX_SESSION_CALLS",
+            min=1,
+            help="calls in flight on one Session stream (RESOURCE_EXHAUSTED beyond)",
+        ),
+    ] = 1024,
     auth_tokens: AuthTokens = None,
     auth_jwt_key: AuthJwtKey = None,
     auth_jwt_issuer: AuthJwtIssuer = "",
@@ -538,6 +546,7 @@ def coordinator(
             max_payload_bytes=max_payload_bytes,
             max_watchers=max_watchers,
             max_subscribers=max_subscribers,
+            max_session_calls=max_session_calls,
         ),
         checkpoint_every=checkpoint_every,
         segment_size=segment_bytes,

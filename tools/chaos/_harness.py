@@ -623,9 +623,19 @@ class Chaos:
                         else {"loss_pct": 5.0}
                     )
                     detail = dict(impair)
+                    seed = self.rng.randrange(2**31)
                     try:
-                        injected.append(lab.impair(owner.name, peer=bank, **impair))
-                        injected.append(lab.impair(bank, peer=owner.name, **impair))
+                        for a, b in ((owner.name, bank), (bank, owner.name)):
+                            injected.append(
+                                lab.impair(
+                                    a,
+                                    peer=b,
+                                    delay_ms=impair.get("delay_ms", 0.0),
+                                    jitter_ms=impair.get("jitter_ms", 0.0),
+                                    loss_pct=impair.get("loss_pct", 0.0),
+                                    seed=seed,
+                                )
+                            )
                     except NotImplementedError:
                         self._skip(fault)
                         watch = None

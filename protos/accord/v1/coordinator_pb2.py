@@ -25,53 +25,63 @@ _sym_db = _symbol_database.Default()
 from accord.v1 import types_pb2 as accord_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61\x63\x63ord/v1/coordinator.proto\x12\taccord.v1\x1a\x15\x61\x63\x63ord/v1/types.proto\";\n\x0c\x42\x65ginRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"6\n\rBeginResponse\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x02 \x01(\x03\"?\n\rEnlistRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12!\n\x06\x62ranch\x18\x02 \x01(\x0b\x32\x11.accord.v1.Branch\"#\n\x0e\x45nlistResponse\x12\x11\n\tbranch_id\x18\x01 \x01(\t\"\x1c\n\rCommitRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"+\n\x0c\x41\x62ortRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"b\n\x0e\x45xecuteRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12#\n\x08\x62ranches\x18\x03 \x03(\x0b\x32\x11.accord.v1.Branch\"|\n\x10StartSagaRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12-\n\ndefinition\x18\x03 \x01(\x0b\x32\x19.accord.v1.SagaDefinition\x12\x0c\n\x04wait\x18\x04 \x01(\x08\"0\n\x11\x43\x61ncelSagaRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x17RetryTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"B\n\x13TransactionResponse\x12+\n\x0btransaction\x18\x01 \x01(\x0b\x32\x16.accord.v1.Transaction\"$\n\x15GetTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"a\n\x17ListTransactionsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.accord.v1.TxnState\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x18ListTransactionsResponse\x12,\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x16.accord.v1.Transaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x17WatchTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"\"\n\x13QueryOutcomeRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\";\n\x14QueryOutcomeResponse\x12#\n\x07outcome\x18\x01 \x01(\x0e\x32\x12.accord.v1.Outcome\"7\n\x10SubscribeRequest\x12\x10\n\x08\x66rom_lsn\x18\x01 \x01(\x04\x12\x11\n\tmax_batch\x18\x02 \x01(\r\"]\n\x11SubscribeResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.accord.v1.FeedEvent\x12\x13\n\x0b\x64urable_lsn\x18\x02 \x01(\x04\x12\r\n\x05shard\x18\x03 \x01(\t*g\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMMITTED\x10\x01\x12\x13\n\x0fOUTCOME_ABORTED\x10\x02\x12\x17\n\x13OUTCOME_IN_PROGRESS\x10\x03\x32\xdd\x07\n\x0b\x43oordinator\x12:\n\x05\x42\x65gin\x12\x17.accord.v1.BeginRequest\x1a\x18.accord.v1.BeginResponse\x12=\n\x06\x45nlist\x12\x18.accord.v1.EnlistRequest\x1a\x19.accord.v1.EnlistResponse\x12\x42\n\x06\x43ommit\x12\x18.accord.v1.CommitRequest\x1a\x1e.accord.v1.TransactionResponse\x12@\n\x05\x41\x62ort\x12\x17.accord.v1.AbortRequest\x1a\x1e.accord.v1.TransactionResponse\x12\x44\n\x07\x45xecute\x12\x19.accord.v1.ExecuteRequest\x1a\x1e.accord.v1.TransactionResponse\x12J\n\x0eGetTransaction\x12 .accord.v1.GetTransactionRequest\x1a\x16.accord.v1.Transaction\x12[\n\x10ListTransactions\x12\".accord.v1.ListTransactionsRequest\x1a#.accord.v1.ListTransactionsResponse\x12U\n\x10WatchTransaction\x12\".accord.v1.WatchTransactionRequest\x1a\x1b.accord.v1.TransactionEvent0\x01\x12H\n\tStartSaga\x12\x1b.accord.v1.StartSagaRequest\x1a\x1e.accord.v1.TransactionResponse\x12J\n\nCancelSaga\x12\x1c.accord.v1.CancelSagaRequest\x1a\x1e.accord.v1.TransactionResponse\x12V\n\x10RetryTransaction\x12\".accord.v1.RetryTransactionRequest\x1a\x1e.accord.v1.TransactionResponse\x12O\n\x0cQueryOutcome\x12\x1e.accord.v1.QueryOutcomeRequest\x1a\x1f.accord.v1.QueryOutcomeResponse\x12H\n\tSubscribe\x12\x1b.accord.v1.SubscribeRequest\x1a\x1c.accord.v1.SubscribeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61\x63\x63ord/v1/coordinator.proto\x12\taccord.v1\x1a\x15\x61\x63\x63ord/v1/types.proto\"7\n\x0eSessionRequest\x12%\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x16.accord.v1.SessionCall\"\x86\x02\n\x0bSessionCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12\x12\n\ntracestate\x18\x03 \x01(\t\x12,\n\x07\x65xecute\x18\n \x01(\x0b\x32\x19.accord.v1.ExecuteRequestH\x00\x12\x31\n\nstart_saga\x18\x0b \x01(\x0b\x32\x1b.accord.v1.StartSagaRequestH\x00\x12*\n\x06\x63ommit\x18\x0c \x01(\x0b\x32\x18.accord.v1.CommitRequestH\x00\x12(\n\x05\x61\x62ort\x18\r \x01(\x0b\x32\x17.accord.v1.AbortRequestH\x00\x42\x06\n\x04\x63\x61ll\"+\n\nCallStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"<\n\x0fSessionResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.accord.v1.SessionResult\"\x86\x01\n\rSessionResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32\x1e.accord.v1.TransactionResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.accord.v1.CallStatusH\x00\x42\x08\n\x06result\";\n\x0c\x42\x65ginRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"6\n\rBeginResponse\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x02 \x01(\x03\"?\n\rEnlistRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12!\n\x06\x62ranch\x18\x02 \x01(\x0b\x32\x11.accord.v1.Branch\"#\n\x0e\x45nlistResponse\x12\x11\n\tbranch_id\x18\x01 \x01(\t\"\x1c\n\rCommitRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"+\n\x0c\x41\x62ortRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"b\n\x0e\x45xecuteRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12#\n\x08\x62ranches\x18\x03 \x03(\x0b\x32\x11.accord.v1.Branch\"|\n\x10StartSagaRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12-\n\ndefinition\x18\x03 \x01(\x0b\x32\x19.accord.v1.SagaDefinition\x12\x0c\n\x04wait\x18\x04 \x01(\x08\"0\n\x11\x43\x61ncelSagaRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x17RetryTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"B\n\x13TransactionResponse\x12+\n\x0btransaction\x18\x01 \x01(\x0b\x32\x16.accord.v1.Transaction\"$\n\x15GetTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"a\n\x17ListTransactionsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.accord.v1.TxnState\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x18ListTransactionsResponse\x12,\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x16.accord.v1.Transaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x17WatchTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"\"\n\x13QueryOutcomeRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\";\n\x14QueryOutcomeResponse\x12#\n\x07outcome\x18\x01 \x01(\x0e\x32\x12.accord.v1.Outcome\"7\n\x10SubscribeRequest\x12\x10\n\x08\x66rom_lsn\x18\x01 \x01(\x04\x12\x11\n\tmax_batch\x18\x02 \x01(\r\"]\n\x11SubscribeResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.accord.v1.FeedEvent\x12\x13\n\x0b\x64urable_lsn\x18\x02 \x01(\x04\x12\r\n\x05shard\x18\x03 \x01(\t*g\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMMITTED\x10\x01\x12\x13\n\x0fOUTCOME_ABORTED\x10\x02\x12\x17\n\x13OUTCOME_IN_PROGRESS\x10\x03\x32\xa3\x08\n\x0b\x43oordinator\x12:\n\x05\x42\x65gin\x12\x17.accord.v1.BeginRequest\x1a\x18.accord.v1.BeginResponse\x12=\n\x06\x45nlist\x12\x18.accord.v1.EnlistRequest\x1a\x19.accord.v1.EnlistResponse\x12\x42\n\x06\x43ommit\x12\x18.accord.v1.CommitRequest\x1a\x1e.accord.v1.TransactionResponse\x12@\n\x05\x41\x62ort\x12\x17.accord.v1.AbortRequest\x1a\x1e.accord.v1.TransactionResponse\x12\x44\n\x07\x45xecute\x12\x19.accord.v1.ExecuteRequest\x1a\x1e.accord.v1.TransactionResponse\x12J\n\x0eGetTransaction\x12 .accord.v1.GetTransactionRequest\x1a\x16.accord.v1.Transaction\x12[\n\x10ListTransactions\x12\".accord.v1.ListTransactionsRequest\x1a#.accord.v1.ListTransactionsResponse\x12U\n\x10WatchTransaction\x12\".accord.v1.WatchTransactionRequest\x1a\x1b.accord.v1.TransactionEvent0\x01\x12H\n\tStartSaga\x12\x1b.accord.v1.StartSagaRequest\x1a\x1e.accord.v1.TransactionResponse\x12J\n\nCancelSaga\x12\x1c.accord.v1.CancelSagaRequest\x1a\x1e.accord.v1.TransactionResponse\x12V\n\x10RetryTransaction\x12\".accord.v1.RetryTransactionRequest\x1a\x1e.accord.v1.TransactionResponse\x12O\n\x0cQueryOutcome\x12\x1e.accord.v1.QueryOutcomeRequest\x1a\x1f.accord.v1.QueryOutcomeResponse\x12H\n\tSubscribe\x12\x1b.accord.v1.SubscribeRequest\x1a\x1c.accord.v1.SubscribeResponse0\x01\x12\x44\n\x07Session\x12\x19.accord.v1.SessionRequest\x1a\x1a.accord.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accord.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1268
-  _globals['_OUTCOME']._serialized_end=1371
-  _globals['_BEGINREQUEST']._serialized_start=65
-  _globals['_BEGINREQUEST']._serialized_end=124
-  _globals['_BEGINRESPONSE']._serialized_start=126
-  _globals['_BEGINRESPONSE']._serialized_end=180
-  _globals['_ENLISTREQUEST']._serialized_start=182
-  _globals['_ENLISTREQUEST']._serialized_end=245
-  _globals['_ENLISTRESPONSE']._serialized_start=247
-  _globals['_ENLISTRESPONSE']._serialized_end=282
-  _globals['_COMMITREQUEST']._serialized_start=284
-  _globals['_COMMITREQUEST']._serialized_end=312
-  _globals['_ABORTREQUEST']._serialized_start=314
-  _globals['_ABORTREQUEST']._serialized_end=357
-  _globals['_EXECUTEREQUEST']._serialized_start=359
-  _globals['_EXECUTEREQUEST']._serialized_end=457
-  _globals['_STARTSAGAREQUEST']._serialized_start=459
-  _globals['_STARTSAGAREQUEST']._serialized_end=583
-  _globals['_CANCELSAGAREQUEST']._serialized_start=585
-  _globals['_CANCELSAGAREQUEST']._serialized_end=633
-  _globals['_RETRYTRANSACTIONREQUEST']._serialized_start=635
-  _globals['_RETRYTRANSACTIONREQUEST']._serialized_end=673
-  _globals['_TRANSACTIONRESPONSE']._serialized_start=675
-  _globals['_TRANSACTIONRESPONSE']._serialized_end=741
-  _globals['_GETTRANSACTIONREQUEST']._serialized_start=743
-  _globals['_GETTRANSACTIONREQUEST']._serialized_end=779
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=781
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=878
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=880
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=977
-  _globals['_WATCHTRANSACTIONREQUEST']._serialized_start=979
-  _globals['_WATCHTRANSACTIONREQUEST']._serialized_end=1017
-  _globals['_QUERYOUTCOMEREQUEST']._serialized_start=1019
-  _globals['_QUERYOUTCOMEREQUEST']._serialized_end=1053
-  _globals['_QUERYOUTCOMERESPONSE']._serialized_start=1055
-  _globals['_QUERYOUTCOMERESPONSE']._serialized_end=1114
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1116
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1171
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1173
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1266
-  _globals['_COORDINATOR']._serialized_start=1374
-  _globals['_COORDINATOR']._serialized_end=2363
+  _globals['_OUTCOME']._serialized_start=1834
+  _globals['_OUTCOME']._serialized_end=1937
+  _globals['_SESSIONREQUEST']._serialized_start=65
+  _globals['_SESSIONREQUEST']._serialized_end=120
+  _globals['_SESSIONCALL']._serialized_start=123
+  _globals['_SESSIONCALL']._serialized_end=385
+  _globals['_CALLSTATUS']._serialized_start=387
+  _globals['_CALLSTATUS']._serialized_end=430
+  _globals['_SESSIONRESPONSE']._serialized_start=432
+  _globals['_SESSIONRESPONSE']._serialized_end=492
+  _globals['_SESSIONRESULT']._serialized_start=495
+  _globals['_SESSIONRESULT']._serialized_end=629
+  _globals['_BEGINREQUEST']._serialized_start=631
+  _globals['_BEGINREQUEST']._serialized_end=690
+  _globals['_BEGINRESPONSE']._serialized_start=692
+  _globals['_BEGINRESPONSE']._serialized_end=746
+  _globals['_ENLISTREQUEST']._serialized_start=748
+  _globals['_ENLISTREQUEST']._serialized_end=811
+  _globals['_ENLISTRESPONSE']._serialized_start=813
+  _globals['_ENLISTRESPONSE']._serialized_end=848
+  _globals['_COMMITREQUEST']._serialized_start=850
+  _globals['_COMMITREQUEST']._serialized_end=878
+  _globals['_ABORTREQUEST']._serialized_start=880
+  _globals['_ABORTREQUEST']._serialized_end=923
+  _globals['_EXECUTEREQUEST']._serialized_start=925
+  _globals['_EXECUTEREQUEST']._serialized_end=1023
+  _globals['_STARTSAGAREQUEST']._serialized_start=1025
+  _globals['_STARTSAGAREQUEST']._serialized_end=1149
+  _globals['_CANCELSAGAREQUEST']._serialized_start=1151
+  _globals['_CANCELSAGAREQUEST']._serialized_end=1199
+  _globals['_RETRYTRANSACTIONREQUEST']._serialized_start=1201
+  _globals['_RETRYTRANSACTIONREQUEST']._serialized_end=1239
+  _globals['_TRANSACTIONRESPONSE']._serialized_start=1241
+  _globals['_TRANSACTIONRESPONSE']._serialized_end=1307
+  _globals['_GETTRANSACTIONREQUEST']._serialized_start=1309
+  _globals['_GETTRANSACTIONREQUEST']._serialized_end=1345
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1347
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1444
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1446
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1543
+  _globals['_WATCHTRANSACTIONREQUEST']._serialized_start=1545
+  _globals['_WATCHTRANSACTIONREQUEST']._serialized_end=1583
+  _globals['_QUERYOUTCOMEREQUEST']._serialized_start=1585
+  _globals['_QUERYOUTCOMEREQUEST']._serialized_end=1619
+  _globals['_QUERYOUTCOMERESPONSE']._serialized_start=1621
+  _globals['_QUERYOUTCOMERESPONSE']._serialized_end=1680
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1682
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1737
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1739
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1832
+  _globals['_COORDINATOR']._serialized_start=1940
+  _globals['_COORDINATOR']._serialized_end=2999
 # @@protoc_insertion_point(module_scope)

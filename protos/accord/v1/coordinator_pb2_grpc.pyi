@@ -96,6 +96,34 @@ class CoordinatorStub:
     UNAVAILABLE when the coordinator stops (resubscribe from the last LSN). Only the
     shard's owner serves it (a standby serves nothing), once its WAL is replayed.
     """
+    Session: _grpc.StreamStreamMultiCallable[_coordinator_pb2.SessionRequest, _coordinator_pb2.SessionResponse]
+    """A client's many calls over one long-lived stream. A SessionRequest carries a batch
+    of calls, each with a call_id the client chooses and one Execute, StartSaga, Commit
+    or Abort request; a SessionResponse carries a batch of results, each with its
+    call_id and either the unary RPC's response or its error (the same status code and
+    message the unary RPC would give for that request). Calls run concurrently and are
+    answered as they finish, so out of order; the results ready at one moment travel
+    together. (Batches, not one call per message: a grpc.aio stream message costs each
+    end a good part of what a unary call costs, so only batching saves CPU.)
+    The stream's metadata authenticates the caller (checked when it opens, and again
+    at most once a second while it lasts; a token that no longer passes makes each
+    later call UNAUTHENTICATED); roles and per-caller limits apply per call, as unary.
+    At most 1024 calls in flight per session (the coordinator's
+    Limits.max_session_calls, --max-session-calls): a call beyond it is answered
+    RESOURCE_EXHAUSTED alone, with a message that begins "session limit:" (it did not
+    run: a client may send it again, e.g. unary).
+    A call_id reused while its call is still in flight is INVALID_ARGUMENT for the new
+    call. A message that does not decode ends the stream (INVALID_ARGUMENT); one over
+    the message size limit (4 MiB) ends it too (RESOURCE_EXHAUSTED): a client sends a
+    large request unary instead. Each call carries its own W3C trace context
+    (traceparent), so each transaction is still one trace. The call's client-side
+    deadline is the client's to keep (no per-call deadline travels): a transaction
+    whose caller gave up goes on, as with a unary DEADLINE_EXCEEDED. When the stream
+    breaks, its pending calls have no answer: a client retries them (with their
+    idempotency key, as after a unary UNAVAILABLE). Not part of DESIGN.md's original
+    contract (added by issue 18: a unary RPC per transaction costs each end about
+    0.35 ms of CPU).
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -152,6 +180,34 @@ class CoordinatorAsyncStub(CoordinatorStub):
     the shard's durable LSN (nothing was ever sent there; it may become valid later);
     UNAVAILABLE when the coordinator stops (resubscribe from the last LSN). Only the
     shard's owner serves it (a standby serves nothing), once its WAL is replayed.
+    """
+    Session: _aio.StreamStreamMultiCallable[_coordinator_pb2.SessionRequest, _coordinator_pb2.SessionResponse]  # type: ignore[assignment]
+    """A client's many calls over one long-lived stream. A SessionRequest carries a batch
+    of calls, each with a call_id the client chooses and one Execute, StartSaga, Commit
+    or Abort request; a SessionResponse carries a batch of results, each with its
+    call_id and either the unary RPC's response or its error (the same status code and
+    message the unary RPC would give for that request). Calls run concurrently and are
+    answered as they finish, so out of order; the results ready at one moment travel
+    together. (Batches, not one call per message: a grpc.aio stream message costs each
+    end a good part of what a unary call costs, so only batching saves CPU.)
+    The stream's metadata authenticates the caller (checked when it opens, and again
+    at most once a second while it lasts; a token that no longer passes makes each
+    later call UNAUTHENTICATED); roles and per-caller limits apply per call, as unary.
+    At most 1024 calls in flight per session (the coordinator's
+    Limits.max_session_calls, --max-session-calls): a call beyond it is answered
+    RESOURCE_EXHAUSTED alone, with a message that begins "session limit:" (it did not
+    run: a client may send it again, e.g. unary).
+    A call_id reused while its call is still in flight is INVALID_ARGUMENT for the new
+    call. A message that does not decode ends the stream (INVALID_ARGUMENT); one over
+    the message size limit (4 MiB) ends it too (RESOURCE_EXHAUSTED): a client sends a
+    large request unary instead. Each call carries its own W3C trace context
+    (traceparent), so each transaction is still one trace. The call's client-side
+    deadline is the client's to keep (no per-call deadline travels): a transaction
+    whose caller gave up goes on, as with a unary DEADLINE_EXCEEDED. When the stream
+    breaks, its pending calls have no answer: a client retries them (with their
+    idempotency key, as after a unary UNAVAILABLE). Not part of DESIGN.md's original
+    contract (added by issue 18: a unary RPC per transaction costs each end about
+    0.35 ms of CPU).
     """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
@@ -284,6 +340,40 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         the shard's durable LSN (nothing was ever sent there; it may become valid later);
         UNAVAILABLE when the coordinator stops (resubscribe from the last LSN). Only the
         shard's owner serves it (a standby serves nothing), once its WAL is replayed.
+        """
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_coordinator_pb2.SessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.SessionResponse], _abc.AsyncIterator[_coordinator_pb2.SessionResponse]]:
+        """A client's many calls over one long-lived stream. A SessionRequest carries a batch
+        of calls, each with a call_id the client chooses and one Execute, StartSaga, Commit
+        or Abort request; a SessionResponse carries a batch of results, each with its
+        call_id and either the unary RPC's response or its error (the same status code and
+        message the unary RPC would give for that request). Calls run concurrently and are
+        answered as they finish, so out of order; the results ready at one moment travel
+        together. (Batches, not one call per message: a grpc.aio stream message costs each
+        end a good part of what a unary call costs, so only batching saves CPU.)
+        The stream's metadata authenticates the caller (checked when it opens, and again
+        at most once a second while it lasts; a token that no longer passes makes each
+        later call UNAUTHENTICATED); roles and per-caller limits apply per call, as unary.
+        At most 1024 calls in flight per session (the coordinator's
+        Limits.max_session_calls, --max-session-calls): a call beyond it is answered
+        RESOURCE_EXHAUSTED alone, with a message that begins "session limit:" (it did not
+        run: a client may send it again, e.g. unary).
+        A call_id reused while its call is still in flight is INVALID_ARGUMENT for the new
+        call. A message that does not decode ends the stream (INVALID_ARGUMENT); one over
+        the message size limit (4 MiB) ends it too (RESOURCE_EXHAUSTED): a client sends a
+        large request unary instead. Each call carries its own W3C trace context
+        (traceparent), so each transaction is still one trace. The call's client-side
+        deadline is the client's to keep (no per-call deadline travels): a transaction
+        whose caller gave up goes on, as with a unary DEADLINE_EXCEEDED. When the stream
+        breaks, its pending calls have no answer: a client retries them (with their
+        idempotency key, as after a unary UNAVAILABLE). Not part of DESIGN.md's original
+        contract (added by issue 18: a unary RPC per transaction costs each end about
+        0.35 ms of CPU).
         """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
