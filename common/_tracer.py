@@ -562,9 +562,9 @@ def encode_request(resource: bytes, spans: Sequence[LeanSpan]) -> bytes:
     return _ld(0x0A, resource + scope_spans)
 
 
-def otlp_exporter() -> EncodedExporter:
-    """The SDK's ``OTLPSpanExporter`` (configured by ``OTEL_EXPORTER_OTLP_*``), sending
-    requests this module has already encoded."""
+def otlp_exporter(endpoint: str | None = None) -> EncodedExporter:
+    """The SDK's ``OTLPSpanExporter`` (configured by ``OTEL_EXPORTER_OTLP_*``; ``endpoint``
+    overrides the endpoint), sending requests this module has already encoded."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
@@ -590,7 +590,7 @@ def otlp_exporter() -> EncodedExporter:
             parsed = ExportTraceServiceRequest.FromString(request)
             self._export(Encoded(parsed, count))  # type: ignore[arg-type]
 
-    return EncodedOtlpExporter()
+    return EncodedOtlpExporter(endpoint=endpoint)
 
 
 def sampler_from(environ: Mapping[str, str]) -> Any:

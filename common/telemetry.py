@@ -280,7 +280,13 @@ class Telemetry:
 
             # The lean tracer (common/_tracer.py: the same API and OTLP output, about a
             # fifth of the SDK's CPU per span).
-            exporter = otlp_exporter()
+            # With ``env`` given, its endpoint (the exporter reads the process's own).
+            endpoint = None
+            if env is not None:
+                endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT"
+                )
+            exporter = otlp_exporter(endpoint)
             out._exporters.append(exporter)
             lean = LeanTracerProvider(
                 exporter=exporter,
