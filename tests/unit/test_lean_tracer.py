@@ -76,6 +76,7 @@ def lean() -> Iterator[tuple[LeanTracerProvider, Collected]]:
 
 def _value(v: AnyValue) -> Any:
     kind = v.WhichOneof("value")
+    assert kind is not None
     if kind == "array_value":
         return [_value(x) for x in v.array_value.values]
     return getattr(v, kind)
