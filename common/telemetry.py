@@ -5,8 +5,11 @@ Set-up (:meth:`Telemetry.setup`) follows the standard ``OTEL_*`` configuration:
 
 * traces go to OTLP over gRPC when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
   ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set, to the console with ``--trace-console``,
-  nowhere otherwise; spans are batched (``BatchSpanProcessor``, ``OTEL_BSP_*``), sampled
-  as ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` say; ``OTEL_SERVICE_NAME`` and
+  nowhere otherwise; spans are batched (``OTEL_BSP_*``), sampled as
+  ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` say; to OTLP alone they go through
+  Accord's lean tracer (:mod:`accord.common._tracer`: the OpenTelemetry API and OTLP
+  output, a fifth of the SDK's CPU per span), with the console through the SDK;
+  ``OTEL_SERVICE_NAME`` and
   ``OTEL_RESOURCE_ATTRIBUTES`` name the process (default: the name the caller gives);
 * metrics are served in Prometheus text format over HTTP on ``--metrics-listen
   HOST:PORT`` (no endpoint, no-op instruments otherwise).
