@@ -797,8 +797,15 @@ def client_telemetry(sink: str, ratio: float = 1.0) -> Telemetry:
         "accord-bench",
         env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{sink}",
-            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-            "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+            # Every transaction: the default sampler, decided inline by the lean tracer.
+            **(
+                {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+                if ratio >= 1
+                else {
+                    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                    "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+                }
+            ),
         },
     )
 
