@@ -49,7 +49,10 @@ class TracedStub:
         method = getattr(self._stub, name)
         if name not in _UNARY:
             return method
-        return self._traced(name, method)
+        # Kept on the instance: later calls find it without __getattr__ (no wrapper made
+        # per call).
+        traced = self.__dict__[name] = self._traced(name, method)
+        return traced
 
     def _traced(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
         tracer = self._tracer
