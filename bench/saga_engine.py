@@ -4,7 +4,8 @@ Like ``bench.engine`` (which runs two-branch 2PC transactions), for the ``saga``
 shape: three chained steps, started with ``start_saga(wait=True)``, on uvloop with the
 real WAL (group commit, fdatasync) in a temporary directory and participants that answer
 OK after one event-loop turn (no gRPC). It reports process CPU time (all threads, the WAL
-I/O thread included) per saga, and the WAL's fdatasyncs per saga.
+I/O thread included) per saga, the WAL's fdatasyncs per saga, and wall time per saga
+(at ``--concurrency 1``, a saga's latency without the network: its fdatasync waits).
 
     python -m bench.saga_engine [--sagas 10000] [--concurrency 64] [--rounds 3]
 """
@@ -48,14 +49,14 @@ def definition() -> SagaSpec:
     )
 
 
-async def run(sagas: int, concurrency: int, rounds: int) -> list[tuple[float, float]]:
+async def run(sagas: int, concurrency: int, rounds: int) -> list[tuple[float, float, float]]:
     spec = definition()
     per_worker = max(1, sagas // concurrency)
     with tempfile.TemporaryDirectory(prefix="accord-saga-bench-") as tmp:
         wal, _ = await WAL.open(Path(tmp) / "wal")
         engine = Engine(wal=wal, calls=InstantParticipants(), config=CoordinatorConfig())
         tune_gc()
-        out: list[tuple[float, float]] = []
+        out: list[tuple[float, float, float]] = []
         try:
 
             async def worker() -> None:
@@ -68,10 +69,13 @@ async def run(sagas: int, concurrency: int, rounds: int) -> list[tuple[float, fl
 
             for _ in range(rounds):
                 syncs = wal.stats.syncs
-                t0 = time.process_time()
+                t0, w0 = time.process_time(), time.perf_counter()
                 await asyncio.gather(*(worker() for _ in range(concurrency)))
                 n = per_worker * concurrency
-                out.append(((time.process_time() - t0) / n * 1e6, (wal.stats.syncs - syncs) / n))
+                cpu = (time.process_time() - t0) / n * 1e6
+                out.append(
+                    (cpu, (wal.stats.syncs - syncs) / n, (time.perf_counter() - w0) / n * 1e6)
+                )
         finally:
             await engine.close()
             await wal.close()
@@ -90,8 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             {
                 "sagas_per_round": args.sagas,
                 "concurrency": args.concurrency,
-                "cpu_us_per_saga": [round(us, 1) for us, _ in got],
-                "fsyncs_per_saga": [round(s, 3) for _, s in got],
+                "cpu_us_per_saga": [round(us, 1) for us, _, _ in got],
+                "fsyncs_per_saga": [round(s, 3) for _, s, _ in got],
+                "wall_us_per_saga": [round(w, 1) for _, _, w in got],
             }
         )
     )

@@ -294,62 +294,73 @@ class SagaMode:
         tasks: dict[int, asyncio.Task[bool]] = {}
         finished: list[int] = []
         failed: list[str] = []
-        # One event wakes the loop: a step ending, or CancelSaga (cheaper than
-        # asyncio.wait over a set of tasks on every step).
+        # One event wakes the loop: a step ending, CancelSaga, or the deadline (cheaper
+        # than asyncio.wait over a set of tasks, or a timeout around every wait).
         wake = txn.wake = asyncio.Event()
+        expired = False
 
         def ended(i: int, _task: object) -> None:
             finished.append(i)
             wake.set()
 
-        while True:
-            if not failed and not txn.abort_requested.is_set():
-                pivot_done = self.pivot_done(txn)
-                for st in txn.steps:
-                    again = pivot_done and st.state in _DID_NOT_RUN
-                    if again:
-                        tasks.pop(st.index, None)  # past the pivot: run it again
-                    if st.index in tasks or not (
-                        again or st.state in (BranchState.PENDING, BranchState.RUNNING)
-                    ):
-                        continue
-                    if all(txn.steps[d].state == BranchState.SUCCEEDED for d in st.deps):
-                        task = loop.create_task(self._step(txn, st))
-                        task.add_done_callback(functools.partial(ended, st.index))
-                        tasks[st.index] = task
-            running = [t for t in tasks.values() if not t.done()]
-            if not running:
-                break
-            timed_out = False
-            if not finished and not txn.abort_requested.is_set():
-                wake.clear()
-                timeout = None
-                if txn.deadline_ms and not self.pivot_done(txn):
-                    timeout = max(0.0, (txn.deadline_ms - self._host.clock.now_ms()) / 1000)
-                try:
-                    async with asyncio.timeout(timeout):
-                        await wake.wait()
-                except TimeoutError:
-                    timed_out = True
-            for i in finished:
-                t = tasks[i]
-                if not t.cancelled() and not t.result():
-                    st = txn.steps[i]
-                    failed.append(f"step {st.spec.name} failed: {st.last_error}")
-            finished.clear()
-            if self.pivot_done(txn):
-                failed.clear()  # past the pivot nothing fails: steps retry until done
-                continue
-            if failed or txn.abort_requested.is_set() or timed_out:
-                if timed_out:
-                    failed.append("deadline passed before the saga completed")
-                # Steps still in flight may or may not take effect: stop them and
-                # compensate them with the rest (their state stays RUNNING).
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            wake.set()
+
+        timer = None
+        if txn.deadline_ms and not self.pivot_done(txn):
+            delay = max(0.0, (txn.deadline_ms - self._host.clock.now_ms()) / 1000)
+            timer = loop.call_later(delay, expire)
+        try:
+            while True:
+                if not failed and not txn.abort_requested.is_set():
+                    pivot_done = self.pivot_done(txn)
+                    for st in txn.steps:
+                        again = pivot_done and st.state in _DID_NOT_RUN
+                        if again:
+                            tasks.pop(st.index, None)  # past the pivot: run it again
+                        if st.index in tasks or not (
+                            again or st.state in (BranchState.PENDING, BranchState.RUNNING)
+                        ):
+                            continue
+                        if all(txn.steps[d].state == BranchState.SUCCEEDED for d in st.deps):
+                            task = loop.create_task(self._step(txn, st))
+                            task.add_done_callback(functools.partial(ended, st.index))
+                            tasks[st.index] = task
                 running = [t for t in tasks.values() if not t.done()]
-                for t in running:
-                    t.cancel()
-                await asyncio.gather(*running, return_exceptions=True)
-                break
+                if not running:
+                    break
+                # Past the pivot the deadline no longer applies.
+                if (
+                    not finished
+                    and not txn.abort_requested.is_set()
+                    and not (expired and not self.pivot_done(txn))
+                ):
+                    wake.clear()
+                    await wake.wait()
+                for i in finished:
+                    t = tasks[i]
+                    if not t.cancelled() and not t.result():
+                        st = txn.steps[i]
+                        failed.append(f"step {st.spec.name} failed: {st.last_error}")
+                finished.clear()
+                if self.pivot_done(txn):
+                    failed.clear()  # past the pivot nothing fails: steps retry until done
+                    continue
+                if failed or txn.abort_requested.is_set() or expired:
+                    if expired:
+                        failed.append("deadline passed before the saga completed")
+                    # Steps still in flight may or may not take effect: stop them and
+                    # compensate them with the rest (their state stays RUNNING).
+                    running = [t for t in tasks.values() if not t.done()]
+                    for t in running:
+                        t.cancel()
+                    await asyncio.gather(*running, return_exceptions=True)
+                    break
+        finally:
+            if timer is not None:
+                timer.cancel()
         txn.wake = None
         if all(st.state == BranchState.SUCCEEDED for st in txn.steps):
             await self._host.transition(txn, TxnState.COMPLETED)
