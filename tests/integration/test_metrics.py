@@ -204,7 +204,7 @@ async def test_prometheus_reads_the_workload_back_exactly(
         return {q: await asyncio.to_thread(prom.query, q) for q in expected}
 
     await assert_eventually(read, lambda got: got == expected, timeout_s=20, what="metrics")
-    # The WAL forced every COMMIT decision and every saga step start.
+    # The WAL forced every COMMIT decision, every saga's definition and state changes.
     fsyncs = await asyncio.to_thread(
         prom.query, "sum(accord_wal_fsync_duration_milliseconds_count)"
     )
