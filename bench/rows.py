@@ -872,11 +872,26 @@ async def baseline_saga(env: RowEnv) -> AsyncIterator[Target]:
     "Accord saga: coordinator (WAL, fsync) + three SQLite bank participants, 3 chained steps",
     baseline="baseline-saga",
 )
+def accord_saga(env: RowEnv) -> AbstractAsyncContextManager[Target]:
+    return static_saga(env, transport="unary")
+
+
+@row(
+    "saga-stream",
+    "Accord saga as saga, but step calls travel batched over one bidirectional stream per "
+    "bank (--participant-transport stream)",
+    baseline="baseline-saga",
+)
+def accord_saga_stream(env: RowEnv) -> AbstractAsyncContextManager[Target]:
+    return static_saga(env, transport="stream")
+
+
 @asynccontextmanager
-async def accord_saga(env: RowEnv) -> AsyncIterator[Target]:
+async def static_saga(env: RowEnv, *, transport: str) -> AsyncIterator[Target]:
+    """A coordinator with a static service map and the three saga banks."""
     banks = await bank_participants(env, SAGA_BANKS)
     addresses = {name: p.address for name, p in banks.items()}
-    coord = await accord_coordinator(env, addresses)
+    coord = await accord_coordinator(env, addresses, transport=transport)
     await open_bank_accounts(env, addresses)
     before = sum(t for t, _ in (await bank_state(addresses)).values())
     tally = SagaTally()

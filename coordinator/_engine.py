@@ -109,6 +109,12 @@ def _checked_gid(gid: str) -> str:
     return gid
 
 
+def _ignore_outcome(done: asyncio.Future[None]) -> None:
+    """Retrieves a not-awaited append's failure (the WAL has already stopped on it)."""
+    if not done.cancelled():
+        done.exception()
+
+
 def _digest(*parts: bytes) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for p in parts:
@@ -416,7 +422,10 @@ class Engine:
         self._tel.started(txn)
         rec.traceparent = txn.traceparent
         try:
-            txn.lsn = await self.append(RecordType.SAGA_START, rec, sync=False)
+            # Forced: the definition is what a restart compensates from, so it is on
+            # disk before the first action is sent (and before a no-wait caller gets
+            # the gid); the step records after it only ride the group commit.
+            txn.lsn = await self.append(RecordType.SAGA_START, rec, sync=True)
         except BaseException:
             self.table.forget(txn)
             raise
@@ -518,6 +527,22 @@ class Engine:
         finally:
             if span is not None:
                 self._tel.wal_done(span, lsn)
+        return lsn
+
+    def append_later(self, rtype: RecordType, record: Record) -> int:
+        """Appends without waiting: the record joins the next group commit, behind every
+        record submitted before it (a crash keeps a prefix of the log, so a later record
+        found on disk means this one is there too). Returns its LSN. A write that fails
+        later is the WAL's fail-stop (the coordinator exits); nobody waits for it here."""
+        record.unix_ms = self._clock.now_ms()
+        try:
+            lsn, done = self._wal.submit(int(rtype), record.SerializeToString(), sync=False)
+        except Exception as e:
+            raise Unavailable(f"cannot make the change durable: {e}") from e
+        done.add_done_callback(_ignore_outcome)
+        self._records_since_checkpoint += 1
+        if self._records_since_checkpoint >= self._config.checkpoint_every:
+            self._maybe_checkpoint()
         return lsn
 
     def publish(self, txn: Txn) -> None:

@@ -117,6 +117,11 @@ class Host(Protocol):
         durable (``sync``: fdatasync'ed). Returns its LSN."""
         ...
 
+    def append_later(self, rtype: RecordType, record: Record) -> int:
+        """Appends a record of the mode's own without waiting for it: it is written with
+        the next group commit, after every record submitted before it. Returns its LSN."""
+        ...
+
     def publish(self, txn: Txn) -> None:
         """Tells ``txn``'s watchers about a change the mode made after an append."""
 

@@ -2,10 +2,30 @@
 
 Persistence, timers, retries and the transaction table are the engine's (this mode sees
 them through :class:`~accord.coordinator._host.Host`); this module sequences steps. Steps
-whose dependencies have all succeeded run in parallel. A step start is forced to the
-WAL before its action is sent (a lost start record would leave an effect nobody undoes);
-results ride the group commit (a lost result is learned again by re-sending the action,
-which the participant's barrier answers with what it already did).
+whose dependencies have all succeeded run in parallel.
+
+What is forced to the WAL, and why (a crash keeps a prefix of the log: a record on disk
+means every record before it is there too):
+
+- The definition (SAGA_START) is forced before the first action is sent: it is what a
+  restarted coordinator finishes the saga from.
+- Step records (started, succeeded, failed, undelivered, compensating, compensated) only
+  ride the group commit: appended, not waited for. A step whose start record is lost may
+  still have been sent; the participant's barrier makes that safe either way: sent again,
+  it is a duplicate answered with what was already done; compensated, an action that
+  never arrived gets a recorded no-op (null compensation) and is refused if it arrives
+  late. So after a restart, a saga found RUNNING treats every step with no record whose
+  dependencies may have run as possibly sent (``recover``): it is re-sent going forward,
+  compensated going back.
+- The pivot's success is forced before any step after it is sent: after a restart, a
+  saga whose pivot's success is not on disk may still compensate, so nothing past the
+  pivot may have run.
+- Every saga state change is forced: COMPENSATING before the first compensation is sent
+  (a CancelSaga is in no other record: without it a restart could go forward again and
+  complete a saga whose steps were already undone; forcing it also makes every step
+  start before it durable, so a compensating saga knows exactly what was sent), and
+  COMPLETED, COMPENSATED and STUCK before the client is told (a restart past the
+  deadline would otherwise compensate a saga whose client was told COMPLETED).
 
 Forward: a step's action is retried under its policy; ``ABORTED`` or a code in the
 policy's ``final_codes`` fails it for good. Once the pivot has succeeded the saga only
@@ -19,11 +39,11 @@ where the DAG allows. A step none of whose attempts can have reached the partici
 not be opened; see ``_calls``) is recorded UNDELIVERED in its result record and not
 compensated: sending its compensation to the participant that could not be reached
 would only fail again and leave the saga STUCK. That record rides the group commit; if
-it is lost in a crash the restarted coordinator finds the step RUNNING, knows nothing of
-what was sent before, and compensates it (the participant's barrier makes a
-compensation whose action never arrived a recorded no-op). A compensation that keeps failing past its policy leaves the saga
-STUCK for an operator (RetryTransaction), never silently half-done. The same ``run``
-drives live sagas and sagas found unfinished in the WAL after a restart.
+it is lost in a crash the restarted coordinator knows nothing of what was sent before,
+and compensates the step (the participant's barrier makes a compensation whose action
+never arrived a recorded no-op). A compensation that keeps failing past its policy
+leaves the saga STUCK for an operator (RetryTransaction), never silently half-done. The
+same ``run`` drives live sagas and sagas found unfinished in the WAL after a restart.
 """
 
 from __future__ import annotations
@@ -57,6 +77,15 @@ DEFAULT_MAX_MS = 10_000
 _MAY_HAVE_RUN = frozenset({BranchState.RUNNING, BranchState.SUCCEEDED, BranchState.COMPENSATING})
 #: The step ended without taking effect: run again once the saga only goes forward.
 _DID_NOT_RUN = frozenset({BranchState.FAILED, BranchState.UNDELIVERED})
+
+
+def _may_have_succeeded(step: StepRt) -> bool:
+    """Whether a restarted saga's ``step`` may have succeeded in the last life. The
+    pivot's success is forced before any step after it is sent, so a pivot with no
+    success on disk did not let anything after it run."""
+    if step.state == BranchState.SUCCEEDED:
+        return True
+    return step.state == BranchState.RUNNING and not step.spec.pivot
 
 
 class SagaMode:
@@ -136,7 +165,9 @@ class SagaMode:
     ) -> tuple[RecordType, Record, bool]:
         rec = pb.WalSagaState(gid=txn.gid, state=int(new), reason=reason)  # type: ignore[arg-type]
         txn.rec_saga_state = rec
-        return RecordType.SAGA_STATE, rec, False
+        # Forced, every one: see the module docstring (the decision to compensate, and
+        # every outcome a client is told).
+        return RecordType.SAGA_STATE, rec, True
 
     def entered(self, txn: Txn, state: TxnState) -> None:
         return None
@@ -161,17 +192,9 @@ class SagaMode:
         txn.reason = rec.reason or txn.reason
         return txn, TxnState(rec.state)
 
-    async def log_step(
-        self,
-        txn: Txn,
-        step: StepRt,
-        state: BranchState,
-        *,
-        sync: bool,
-        error: str = "",
-        result: bytes = b"",
-    ) -> None:
-        """A step's state change: logged (forced for a step start), then applied."""
+    def _step_record(
+        self, txn: Txn, step: StepRt, state: BranchState, error: str, result: bytes
+    ) -> pb.WalSagaStep:
         rec = pb.WalSagaStep(
             gid=txn.gid,
             step=step.index,
@@ -183,11 +206,30 @@ class SagaMode:
             compensation_attempts=step.compensation_attempts,
         )
         txn.rec_steps[step.index] = rec
-        lsn = await self._host.append(RecordType.SAGA_STEP, rec, sync=sync, parent=step.span)
+        return rec
+
+    def _applied(self, txn: Txn, step: StepRt, rec: pb.WalSagaStep, lsn: int) -> None:
         self.apply_step(step, rec)
         txn.lsn = lsn
         if txn.watchers:
             self._host.publish(txn)
+
+    def log_step(
+        self, txn: Txn, step: StepRt, state: BranchState, *, error: str = "", result: bytes = b""
+    ) -> None:
+        """A step's state change: appended to ride the next group commit (not waited
+        for), then applied."""
+        rec = self._step_record(txn, step, state, error, result)
+        self._applied(txn, step, rec, self._host.append_later(RecordType.SAGA_STEP, rec))
+
+    async def force_step(
+        self, txn: Txn, step: StepRt, state: BranchState, *, result: bytes = b""
+    ) -> None:
+        """A step's state change forced to disk before it is applied (the pivot's
+        success)."""
+        rec = self._step_record(txn, step, state, "", result)
+        lsn = await self._host.append(RecordType.SAGA_STEP, rec, sync=True, parent=step.span)
+        self._applied(txn, step, rec, lsn)
 
     # ------------------------------------------------------------------ client calls
 
@@ -213,8 +255,31 @@ class SagaMode:
     async def recover(self, txn: Txn) -> bool:
         if txn.state == TxnState.STUCK:
             return False  # waits for an operator
+        if txn.state == TxnState.RUNNING:
+            self.maybe_sent(txn)
         self._tel.recovering(txn)
         return True
+
+    @staticmethod
+    def maybe_sent(txn: Txn) -> None:
+        """A saga found RUNNING after a restart: a step with no record may have been
+        started, and sent, by the last life (its start record rode the group commit and
+        was lost), unless a dependency of it ended without running. Such a step counts
+        as RUNNING with an unknown past, like a step whose start record is there: going
+        forward it is sent again (a duplicate for the participant's barrier), going back
+        it is compensated (a null compensation if its action never arrived). Memory
+        only: nothing is logged for it until it is driven. A step after the pivot is
+        never marked unless the pivot's success is on disk."""
+        marked = True
+        while marked:  # bounded: a pass that marks nothing ends it
+            marked = False
+            for st in txn.steps:
+                if st.state == BranchState.PENDING and all(
+                    _may_have_succeeded(txn.steps[d]) for d in st.deps
+                ):
+                    st.state = BranchState.RUNNING
+                    st.reached = 1
+                    marked = True
 
     # ------------------------------------------------------------------ driving
 
@@ -229,62 +294,73 @@ class SagaMode:
         tasks: dict[int, asyncio.Task[bool]] = {}
         finished: list[int] = []
         failed: list[str] = []
-        # One event wakes the loop: a step ending, or CancelSaga (cheaper than
-        # asyncio.wait over a set of tasks on every step).
+        # One event wakes the loop: a step ending, CancelSaga, or the deadline (cheaper
+        # than asyncio.wait over a set of tasks, or a timeout around every wait).
         wake = txn.wake = asyncio.Event()
+        expired = False
 
         def ended(i: int, _task: object) -> None:
             finished.append(i)
             wake.set()
 
-        while True:
-            if not failed and not txn.abort_requested.is_set():
-                pivot_done = self.pivot_done(txn)
-                for st in txn.steps:
-                    again = pivot_done and st.state in _DID_NOT_RUN
-                    if again:
-                        tasks.pop(st.index, None)  # past the pivot: run it again
-                    if st.index in tasks or not (
-                        again or st.state in (BranchState.PENDING, BranchState.RUNNING)
-                    ):
-                        continue
-                    if all(txn.steps[d].state == BranchState.SUCCEEDED for d in st.deps):
-                        task = loop.create_task(self._step(txn, st))
-                        task.add_done_callback(functools.partial(ended, st.index))
-                        tasks[st.index] = task
-            running = [t for t in tasks.values() if not t.done()]
-            if not running:
-                break
-            timed_out = False
-            if not finished and not txn.abort_requested.is_set():
-                wake.clear()
-                timeout = None
-                if txn.deadline_ms and not self.pivot_done(txn):
-                    timeout = max(0.0, (txn.deadline_ms - self._host.clock.now_ms()) / 1000)
-                try:
-                    async with asyncio.timeout(timeout):
-                        await wake.wait()
-                except TimeoutError:
-                    timed_out = True
-            for i in finished:
-                t = tasks[i]
-                if not t.cancelled() and not t.result():
-                    st = txn.steps[i]
-                    failed.append(f"step {st.spec.name} failed: {st.last_error}")
-            finished.clear()
-            if self.pivot_done(txn):
-                failed.clear()  # past the pivot nothing fails: steps retry until done
-                continue
-            if failed or txn.abort_requested.is_set() or timed_out:
-                if timed_out:
-                    failed.append("deadline passed before the saga completed")
-                # Steps still in flight may or may not take effect: stop them and
-                # compensate them with the rest (their state stays RUNNING).
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            wake.set()
+
+        timer = None
+        if txn.deadline_ms and not self.pivot_done(txn):
+            delay = max(0.0, (txn.deadline_ms - self._host.clock.now_ms()) / 1000)
+            timer = loop.call_later(delay, expire)
+        try:
+            while True:
+                if not failed and not txn.abort_requested.is_set():
+                    pivot_done = self.pivot_done(txn)
+                    for st in txn.steps:
+                        again = pivot_done and st.state in _DID_NOT_RUN
+                        if again:
+                            tasks.pop(st.index, None)  # past the pivot: run it again
+                        if st.index in tasks or not (
+                            again or st.state in (BranchState.PENDING, BranchState.RUNNING)
+                        ):
+                            continue
+                        if all(txn.steps[d].state == BranchState.SUCCEEDED for d in st.deps):
+                            task = loop.create_task(self._step(txn, st))
+                            task.add_done_callback(functools.partial(ended, st.index))
+                            tasks[st.index] = task
                 running = [t for t in tasks.values() if not t.done()]
-                for t in running:
-                    t.cancel()
-                await asyncio.gather(*running, return_exceptions=True)
-                break
+                if not running:
+                    break
+                # Past the pivot the deadline no longer applies.
+                if (
+                    not finished
+                    and not txn.abort_requested.is_set()
+                    and not (expired and not self.pivot_done(txn))
+                ):
+                    wake.clear()
+                    await wake.wait()
+                for i in finished:
+                    t = tasks[i]
+                    if not t.cancelled() and not t.result():
+                        st = txn.steps[i]
+                        failed.append(f"step {st.spec.name} failed: {st.last_error}")
+                finished.clear()
+                if self.pivot_done(txn):
+                    failed.clear()  # past the pivot nothing fails: steps retry until done
+                    continue
+                if failed or txn.abort_requested.is_set() or expired:
+                    if expired:
+                        failed.append("deadline passed before the saga completed")
+                    # Steps still in flight may or may not take effect: stop them and
+                    # compensate them with the rest (their state stays RUNNING).
+                    running = [t for t in tasks.values() if not t.done()]
+                    for t in running:
+                        t.cancel()
+                    await asyncio.gather(*running, return_exceptions=True)
+                    break
+        finally:
+            if timer is not None:
+                timer.cancel()
         txn.wake = None
         if all(st.state == BranchState.SUCCEEDED for st in txn.steps):
             await self._host.transition(txn, TxnState.COMPLETED)
@@ -308,7 +384,9 @@ class SagaMode:
     async def _step_traced(self, txn: Txn, st: StepRt) -> bool:
         # A step RUNNING here was started before a restart: it may have been sent then.
         st.reached = 1 if st.state == BranchState.RUNNING else 0
-        await self.log_step(txn, st, BranchState.RUNNING, sync=True)
+        # Not waited for: the definition is on disk, and the barrier makes a step whose
+        # start is lost safe to send again or to compensate (module docstring).
+        self.log_step(txn, st, BranchState.RUNNING)
         await self._fp.acheck(Failpoint.BEFORE_STEP_SEND)
         # The pivot, and everything after it, must reach a definite answer.
         forever = st.after_pivot
@@ -318,18 +396,22 @@ class SagaMode:
         await self._fp.acheck(Failpoint.AFTER_STEP_RESULT)
         if result is None:
             if st.reached == 0:
-                await self._undelivered(txn, st, "attempts ran out")
+                self._undelivered(txn, st, "attempts ran out")
             # else: outcome unknown, the state stays RUNNING (compensated if need be)
             return False
         if result.verdict == Verdict.OK:
-            await self.log_step(txn, st, BranchState.SUCCEEDED, sync=False, result=result.result)
+            if st.spec.pivot:
+                # Nothing past the pivot is sent before its success is on disk.
+                await self.force_step(txn, st, BranchState.SUCCEEDED, result=result.result)
+            else:
+                self.log_step(txn, st, BranchState.SUCCEEDED, result=result.result)
             return True
         if forever:
             raise AssertionError("a step after the pivot cannot fail")  # pragma: no cover
-        await self.log_step(txn, st, BranchState.FAILED, sync=False, error=result.detail)
+        self.log_step(txn, st, BranchState.FAILED, error=result.detail)
         return False
 
-    async def _undelivered(self, txn: Txn, st: StepRt, why: str) -> None:
+    def _undelivered(self, txn: Txn, st: StepRt, why: str) -> None:
         """Records that no attempt of ``st``'s action can have reached the participant."""
         error = f"not delivered ({why}; no attempt reached the participant): {st.last_error}"
         log.info(
@@ -339,13 +421,13 @@ class SagaMode:
             st.attempts,
             st.last_error,
         )
-        await self.log_step(txn, st, BranchState.UNDELIVERED, sync=False, error=error)
+        self.log_step(txn, st, BranchState.UNDELIVERED, error=error)
 
     async def _backward(self, txn: Txn) -> None:
         for st in txn.steps:
             # Stopped (cancel, deadline) between attempts none of which was sent.
             if st.state == BranchState.RUNNING and st.reached == 0:
-                await self._undelivered(txn, st, "stopped")
+                self._undelivered(txn, st, "stopped")
         todo = {
             st.index
             for st in txn.steps
@@ -399,7 +481,7 @@ class SagaMode:
             return await self._compensate_traced(txn, st)
 
     async def _compensate_traced(self, txn: Txn, st: StepRt) -> bool:
-        await self.log_step(txn, st, BranchState.COMPENSATING, sync=False)
+        self.log_step(txn, st, BranchState.COMPENSATING)
         payload = st.spec.compensation_payload or st.spec.payload
         result = await self._attempts(
             txn, st, st.spec.compensation, payload, forever=False, compensation=True
@@ -408,7 +490,7 @@ class SagaMode:
             if result is not None:
                 st.last_error = result.detail
             return False
-        await self.log_step(txn, st, BranchState.COMPENSATED, sync=False)
+        self.log_step(txn, st, BranchState.COMPENSATED)
         return True
 
     async def _attempts(

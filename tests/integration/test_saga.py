@@ -9,7 +9,7 @@ import asyncio
 import json
 import sqlite3
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -17,6 +17,7 @@ import pytest
 
 import accord.v1 as pb
 from accord.client import AccordClient, AccordClientError, SagaStep
+from accord.coordinator.wal import drop_unsynced
 from tests.integration._util import assert_eventually
 from tests.integration.conftest import Cluster, balances, free_port, open_accounts
 
@@ -69,36 +70,125 @@ async def totals(services: dict[str, str]) -> tuple[int, int, int]:
     return out[0], out[1], out[2]
 
 
+@dataclass(frozen=True)
+class Crash:
+    """The coordinator SIGKILLs itself at ``failpoint``; with ``power_loss`` the WAL's
+    unsynced tail is dropped as well (a machine's power cut: the step records, which
+    only ride the group commit, are gone, while the banks keep what they did); with
+    ``late`` the coordinator comes back after the saga's deadline (it then compensates
+    whatever has no outcome on disk)."""
+
+    failpoint: str
+    fail_last: bool
+    expected: str
+    power_loss: bool = False
+    late: bool = False
+    #: Compensations of actions that never arrived, (service, step), that the restart
+    #: must send (recorded as no-ops by the banks' barriers).
+    null: tuple[tuple[str, str], ...] = ()
+
+
 CRASHES = [
-    ("before_step_send=crash", False, "COMPLETED"),
-    ("before_step_send=crash-after:1", False, "COMPLETED"),
-    ("after_step_result=crash", False, "COMPLETED"),
-    ("after_step_result=crash-after:2", False, "COMPLETED"),
-    ("after_step_result=crash-after:2", True, "COMPENSATED"),
-    ("mid_compensation=crash", True, "COMPENSATED"),
+    # Before step a is sent: its start record was appended, never written.
+    Crash("before_step_send=crash", False, "COMPLETED"),
+    # Before b is sent: a's records written (a SIGKILL keeps the page cache), b's not.
+    Crash("before_step_send=crash-after:1", False, "COMPLETED"),
+    # ... and a's records lost too, while bank-a applied a: a is sent again (a duplicate).
+    Crash("before_step_send=crash-after:1", False, "COMPLETED", power_loss=True),
+    # ... and back after the deadline: a compensated though its start is lost; b and c,
+    # never sent, get null compensations.
+    Crash(
+        "before_step_send=crash-after:1",
+        False,
+        "COMPENSATED",
+        power_loss=True,
+        late=True,
+        null=(("bank-b", "b"), ("bank-c", "c")),
+    ),
+    # a sent and applied, its answer not logged; its start record present, then lost.
+    Crash("after_step_result=crash", False, "COMPLETED"),
+    Crash("after_step_result=crash", False, "COMPLETED", power_loss=True),
+    # a and b applied, every step record lost, back after the deadline: both undone.
+    Crash(
+        "after_step_result=crash-after:1",
+        False,
+        "COMPENSATED",
+        power_loss=True,
+        late=True,
+        null=(("bank-c", "c"),),
+    ),
+    Crash("after_step_result=crash-after:2", False, "COMPLETED"),
+    Crash("after_step_result=crash-after:2", True, "COMPENSATED"),
+    # c refused, nothing but the definition on disk: a and b sent again, c refused again
+    # (the barrier kept its answer), a and b undone.
+    Crash("after_step_result=crash-after:2", True, "COMPENSATED", power_loss=True),
+    # The decision to compensate is forced: the compensations' records may be lost.
+    Crash("mid_compensation=crash", True, "COMPENSATED"),
+    Crash("mid_compensation=crash", True, "COMPENSATED", power_loss=True),
 ]
 
+#: The saga's deadline in the ``late`` cases (long enough for the first life's crash).
+LATE_TIMEOUT_MS = 3_000
 
-@pytest.mark.parametrize(("failpoint", "fail_last", "expected"), CRASHES)
-async def test_coordinator_crash_at_each_saga_step(
-    cluster: Cluster, failpoint: str, fail_last: bool, expected: str
-) -> None:
+
+def null_compensations(db: Path) -> list[str]:
+    """Steps whose compensation the bank's barrier recorded as a no-op (the action had
+    not arrived)."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute(
+            "SELECT branch_id FROM accord_barrier WHERE op = 'compensate' AND message LIKE ?",
+            ("no-op: compensated before%",),
+        )
+        return sorted(str(r[0]) for r in rows)
+
+
+@pytest.mark.parametrize(
+    "crash",
+    CRASHES,
+    ids=[
+        f"{c.failpoint}-{'refused' if c.fail_last else 'ok'}"
+        + ("-powerloss" if c.power_loss else "")
+        + ("-late" if c.late else "")
+        for c in CRASHES
+    ],
+)
+async def test_coordinator_crash_at_each_saga_step(cluster: Cluster, crash: Crash) -> None:
     services = await banks(cluster)
-    coord = cluster.coordinator(services, env={"ACCORD_FAILPOINTS": failpoint})
+    extra = ["--wal-sync-marker"] if crash.power_loss else []
+    env = {"ACCORD_FAILPOINTS": crash.failpoint}
+    coord = cluster.coordinator(services, env=env, extra=extra)
     port = int(coord.address.rsplit(":", 1)[1])
+    timeout_ms = LATE_TIMEOUT_MS if crash.late else 0
+    saga = transfer_saga(crash.fail_last)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     async with AccordClient(coord.address, timeout_s=20) as client:
         with pytest.raises(AccordClientError):
-            await client.start_saga(transfer_saga(fail_last), idempotency_key="s1")
+            await client.start_saga(saga, idempotency_key="s1", timeout_ms=timeout_ms)
     assert coord.wait(15) != 0
-    coord2 = cluster.coordinator(services, port=port)
+    if crash.power_loss:
+        drop_unsynced(cluster.root / "wal")
+    if crash.late:
+        await asyncio.sleep(max(0.0, started + LATE_TIMEOUT_MS / 1000 + 0.5 - loop.time()))
+    coord2 = cluster.coordinator(services, port=port, extra=extra)
     async with AccordClient(coord2.address, timeout_s=20) as client:
-        result = await client.start_saga(transfer_saga(fail_last), idempotency_key="s1")
-        assert result.state == expected, result
-    moved = (70, 15, 15) if expected == "COMPLETED" else (100, 0, 0)
+        result = await client.start_saga(saga, idempotency_key="s1", timeout_ms=timeout_ms)
+        assert result.state == crash.expected, result
+    moved = (70, 15, 15) if crash.expected == "COMPLETED" else (100, 0, 0)
     got = await assert_eventually(
         lambda: totals(services), lambda t: t == moved, timeout_s=10, what="balances"
     )
     assert sum(got) == 100
+    nulls = [
+        (service, step)
+        for service in ("bank-a", "bank-b", "bank-c")
+        for step in null_compensations(cluster.root / f"{service}.db")
+    ]
+    if not crash.late:
+        # In time, a restart never compensates a step that did not run.
+        assert nulls == [], nulls
+    else:
+        assert sorted(nulls) == sorted(crash.null), nulls
 
 
 async def test_stuck_saga_is_listed_and_an_operator_retry_finishes_it(cluster: Cluster) -> None:

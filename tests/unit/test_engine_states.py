@@ -78,8 +78,9 @@ async def test_transition(old: TxnState, new: TxnState) -> None:
         assert txn.state == new and txn.claimed == new and txn.lsn == lsn
         (_, rtype, payload, sync) = wal.records[-1]
         if old in SAGA_STATES:
-            # A saga's own state changes ride the group commit (step starts are forced).
-            assert (RecordType(rtype), sync) == (RecordType.SAGA_STATE, False)
+            # A saga's state changes are forced: the decision to compensate, and every
+            # outcome a client is told (its step records ride the group commit).
+            assert (RecordType(rtype), sync) == (RecordType.SAGA_STATE, True)
         else:
             assert (RecordType(rtype), sync) == EXPECTED_RECORD[new]
         decoded = RecordType(rtype).decode(payload)
