@@ -40,6 +40,7 @@ RATIOS: tuple[Ratio, ...] = (
     Ratio("2pc-nodb", "baseline-2pc"),
     Ratio("2pc-static", "baseline-2pc"),
     Ratio("saga", "baseline-saga", target=0.8, headline=True),
+    Ratio("saga-stream", "baseline-saga", target=0.8, headline=True),
     Ratio("2pc-etcd", "2pc-static", target=0.95),
     Ratio("2pc-traced", "2pc", target=0.85),
     Ratio("2pc-traced-sampled", "2pc"),  # s-trace
