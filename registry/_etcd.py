@@ -16,8 +16,11 @@ How the pieces behave when etcd misbehaves:
 - :class:`Registration` grants a lease, puts its key on it, and renews the lease every
   TTL/3. If a renewal says the lease is gone (etcd lost it, an operator revoked it, the
   process was paused past its TTL) it grants a new one and puts the key again; while
-  etcd is unreachable it keeps trying every second. ``close()`` revokes the lease, so a
-  clean shutdown removes the key at once.
+  etcd is unreachable it keeps trying every second. A put that fails gives up its lease
+  (nothing renews it meanwhile, so it may be gone by the next try): the next try takes a
+  new one. After any failed round, and once a TTL anyway, it reads the key back and puts
+  it again if it is not on the lease (a live lease alone does not prove the key is
+  there). ``close()`` revokes the lease, so a clean shutdown removes the key at once.
 - :class:`PrefixCache` reads a prefix once, then follows a watch from the next
   revision. A resync (one ``Range``) every ``resync_s`` seconds is the safety net the
   watch cannot be: it notices that etcd is unreachable (the watch retries silently),
@@ -416,7 +419,23 @@ class Registration:
         if not self._lease:
             grant = await client.lease.grant(self.ttl_s, timeout=REQUEST_TIMEOUT_S)
             self._lease = grant.ID
-        await client.kv.put(self.key, self._value, lease=self._lease, timeout=REQUEST_TIMEOUT_S)
+        try:
+            await client.kv.put(self.key, self._value, lease=self._lease, timeout=REQUEST_TIMEOUT_S)
+        except _ERRORS:
+            # Nothing renews a lease while its key is not known to be on it: by the next
+            # try it may have expired, and every put on it would then fail ("requested
+            # lease not found") for as long as the process lives. Start again on a new
+            # lease; this one expires on its own.
+            self._lease = 0
+            self._registered.clear()
+            raise
+
+    async def _holds_key(self) -> bool:
+        """Whether etcd has the key on our lease now (one read of the key alone)."""
+        kv = self._etcd.client.kv
+        assert kv is not None
+        resp = await kv.get(self.key, keys_only=True, timeout=REQUEST_TIMEOUT_S, max_attempts=1)
+        return any(int(item.lease) == self._lease for item in resp.kvs)
 
     async def _renew(self) -> int:
         """One keepalive round trip; the TTL left (<= 0: the lease is gone)."""
@@ -433,11 +452,13 @@ class Registration:
 
     async def _run(self) -> None:
         down_since: float | None = None
+        check_at = 0.0
         while True:
             try:
                 if not self._registered.is_set() or self._changed.is_set():
                     self._changed.clear()
                     await self._put()
+                    check_at = time.monotonic() + self.ttl_s
                     if not self._registered.is_set():
                         self._registered.set()
                         log.info(
@@ -457,6 +478,18 @@ class Registration:
                         self._lease = 0
                         self._registered.clear()
                         continue
+                    # A live lease does not prove the key is on it (a put lost in an
+                    # outage, a delete): look after any error, and once a TTL anyway.
+                    if down_since is not None or time.monotonic() >= check_at:
+                        if not await self._holds_key():
+                            log.warning(
+                                "event=key_missing key=%s lease=%x action=re-put",
+                                self.key,
+                                self._lease,
+                            )
+                            self._registered.clear()
+                            continue
+                        check_at = time.monotonic() + self.ttl_s
                 if down_since is not None:
                     log.info(
                         "event=etcd_reachable key=%s after_s=%.1f",
