@@ -249,9 +249,11 @@ def _park(port: int) -> int:
     """Binds ``port`` (0: any) on 127.0.0.1 and leaves it in TIME_WAIT; raises OSError
     if it cannot be bound."""
     with socket.socket() as listener:
-        if port == 0:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Bound without SO_REUSEADDR, so that a port another free_port parked is refused;
+        # set afterwards, so that the TIME_WAIT it leaves lets a server with SO_REUSEADDR
+        # bind the port.
         listener.bind(("127.0.0.1", port))
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.listen(1)
         address = listener.getsockname()
         with socket.create_connection(address, timeout=5):
