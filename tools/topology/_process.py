@@ -10,9 +10,11 @@ SIGSTOP/SIGCONT as a pause."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -222,23 +224,51 @@ def free_port() -> int:
     """A TCP port on 127.0.0.1 for a process that must be told its port (etcd, a process
     restarted at the same address), reserved for about a minute.
 
-    Binding port 0 and closing the socket leaves a free port that the next ``bind(0)``
-    of a parallel start, or an outgoing connection, may take before our process binds
-    it. So the port is parked in TIME_WAIT instead: a connection to it is accepted and
-    closed from the listening side first. The kernel then hands the port to no
-    ``bind(0)`` and no ``connect`` until TIME_WAIT ends (60 s on Linux), while a server
-    binding it explicitly (gRPC and etcd set SO_REUSEADDR) gets it at once. Processes
-    that can pick their own port are better started on port 0: they report it."""
+    The port is drawn at random from below the kernel's ephemeral range
+    (``net.ipv4.ip_local_port_range``), where no ``bind(0)`` and no outgoing connection
+    ever lands: a process of this or a parallel test run (pytest-xdist workers, other
+    checkouts) started on port 0 cannot take it, not even while a test restarts its
+    process at the same address. Only another ``free_port`` could, and it finds the port
+    taken: the port is parked in TIME_WAIT (a connection to it is accepted and closed from
+    the listening side first), which makes a plain ``bind`` of it fail until TIME_WAIT ends
+    (60 s on Linux), while a server binding it explicitly (gRPC and etcd set SO_REUSEADDR)
+    gets it at once. Processes that can pick their own port are better started on port 0:
+    they report it."""
+    low = _ephemeral_low()
+    if low - _FIXED_PORTS_FROM >= 1000:
+        for _ in range(100):
+            with contextlib.suppress(OSError):  # in use, or parked by another free_port
+                return _park(random.randrange(_FIXED_PORTS_FROM, low))
+    return _park(0)  # no room below the ephemeral range: the kernel's pick, parked
+
+
+#: The low end of :func:`free_port`'s range (up to the start of the ephemeral range).
+_FIXED_PORTS_FROM = 20000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _park(port: int) -> int:
+    """Binds ``port`` (0: any) on 127.0.0.1 and leaves it in TIME_WAIT; raises OSError
+    if it cannot be bound."""
     with socket.socket() as listener:
+        # Bound without SO_REUSEADDR, so that a port another free_port parked is refused;
+        # set afterwards, so that the TIME_WAIT it leaves lets a server with SO_REUSEADDR
+        # bind the port.
+        listener.bind(("127.0.0.1", port))
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         address = listener.getsockname()
         with socket.create_connection(address, timeout=5):
             accepted, _ = listener.accept()
             accepted.close()  # the accepting side closes first: it holds the TIME_WAIT
-        port: int = address[1]
-        return port
+        bound: int = address[1]
+        return bound
 
 
 def etcd_binary() -> str:
