@@ -511,14 +511,7 @@ class Engine:
     ) -> int:
         """Appends; returns once the record is written (``sync``: fdatasync'ed). A forced
         append gets an ``accord.wal.sync`` span under ``parent`` when tracing."""
-        record.unix_ms = self._clock.now_ms()  # the feed's event time (FeedEvent.unix_ms)
-        try:
-            lsn, done = self._wal.submit(int(rtype), record.SerializeToString(), sync=sync)
-        except Exception as e:  # WalFatalError and friends: the log cannot take it
-            raise Unavailable(f"cannot make the change durable: {e}") from e
-        self._records_since_checkpoint += 1
-        if self._records_since_checkpoint >= self._config.checkpoint_every:
-            self._maybe_checkpoint()
+        lsn, done = self._submit(rtype, record, sync=sync)
         span = self._tel.wal_span(parent) if sync else None
         try:
             await done
@@ -534,16 +527,24 @@ class Engine:
         record submitted before it (a crash keeps a prefix of the log, so a later record
         found on disk means this one is there too). Returns its LSN. A write that fails
         later is the WAL's fail-stop (the coordinator exits); nobody waits for it here."""
+        lsn, done = self._submit(rtype, record, sync=False)
+        done.add_done_callback(_ignore_outcome)
+        return lsn
+
+    def _submit(
+        self, rtype: RecordType, record: Record, *, sync: bool
+    ) -> tuple[int, asyncio.Future[None]]:
+        """Hands the record to the WAL (stamped with the feed's event time,
+        FeedEvent.unix_ms) and counts it towards the next checkpoint."""
         record.unix_ms = self._clock.now_ms()
         try:
-            lsn, done = self._wal.submit(int(rtype), record.SerializeToString(), sync=False)
-        except Exception as e:
+            lsn, done = self._wal.submit(int(rtype), record.SerializeToString(), sync=sync)
+        except Exception as e:  # WalFatalError and friends: the log cannot take it
             raise Unavailable(f"cannot make the change durable: {e}") from e
-        done.add_done_callback(_ignore_outcome)
         self._records_since_checkpoint += 1
         if self._records_since_checkpoint >= self._config.checkpoint_every:
             self._maybe_checkpoint()
-        return lsn
+        return lsn, done
 
     def publish(self, txn: Txn) -> None:
         self._watchers.publish(txn)
